@@ -1,0 +1,365 @@
+"""Parse a mergekit YAML config into frozen dataclasses, reporting every problem at once.
+
+Imports errors, dtypes and params (and PyYAML). Structure only: whether a parameter suits
+the chosen method is checked by `check_parameters`, given the method's specs by the plan.
+Each problem names its path in the file, e.g. `models[3].parameters.density`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .dtypes import CONFIG_DTYPES, config_dtype_code
+from .errors import ConfigError
+from .params import Conditional, CondList, Gradient, ParamSpec, ParamTypeError, Setting, evaluate
+
+TOP_KEYS = (
+    "merge_method", "models", "slices", "modules", "base_model", "parameters", "dtype",
+    "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name",
+)
+
+
+class ConfigWarning(UserWarning):
+    """Something in a config is ignored; the message says what and why."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model: a local folder or a Hugging Face id, with an optional revision."""
+
+    path: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return self.path + (f"@{self.revision}" if self.revision else "")
+
+
+Params = tuple[tuple[str, Setting], ...]  # frozen (name, setting) pairs in file order
+
+
+def param(params: Params, name: str) -> Setting | None:
+    """The setting named `name` in `params`, or None."""
+    for k, v in params:
+        if k == name:
+            return v
+    return None
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of a slice: a model, its layer range [start, end), its parameters."""
+
+    model: ModelRef
+    layer_range: tuple[int, int] | None  # None: all layers (the `models:` form)
+    parameters: Params = ()
+    path: str = ""  # where it was written, e.g. "slices[0].sources[1]"
+
+
+@dataclass(frozen=True)
+class Slice:
+    """An output slice: its sources, optional base and parameters."""
+
+    sources: tuple[Source, ...]
+    base_model: ModelRef | None = None
+    parameters: Params = ()
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A whole config. Exactly one of `models` (as one slice) or `slices` is given."""
+
+    merge_method: str
+    slices: tuple[Slice, ...]
+    uses_slices: bool  # written with `slices:` (the output layer count is rewritten)
+    base_model: ModelRef | None
+    parameters: Params
+    dtype: str | None  # safetensors code applied to inputs at load
+    out_dtype: str | None  # code applied to outputs before writing
+    tokenizer_source: str | ModelRef | None  # "base" or a model
+    name: str | None = None
+    text: str = field(default="", compare=False)  # the YAML verbatim, for the output folder
+
+
+def parse_config(text: str, source: str = "config") -> MergeConfig:
+    """Parse the YAML `text` of one mergekit config.
+
+    Args:
+        text: the YAML document.
+        source: a name for messages (the file path).
+    Returns:
+        The config, frozen.
+    Raises:
+        ConfigError: listing every problem found, each with its path in the file.
+    Example:
+        >>> cfg = parse_config("merge_method: linear\\nmodels: [{model: a, parameters: {weight: 1}}]")
+        >>> cfg.slices[0].sources[0].model.path
+        'a'
+    """
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], source) from e
+    p = _Parser(source)
+    cfg = p.document(doc, text)
+    if p.problems:
+        raise ConfigError(p.problems, source)
+    assert cfg is not None
+    return cfg
+
+
+class _Parser:
+    def __init__(self, source: str) -> None:
+        self.origin = source
+        self.problems: list[str] = []
+
+    def fail(self, path: str, what: str) -> None:
+        self.problems.append(f"{path}: {what}" if path else what)
+
+    def warn(self, path: str, what: str) -> None:
+        warnings.warn(f"{self.origin}: {path}: {what}", ConfigWarning, stacklevel=4)
+
+    def document(self, doc: Any, text: str) -> MergeConfig | None:
+        if not isinstance(doc, dict):
+            self.fail("", "expected a mapping with merge_method and models or slices at the top level")
+            return None
+        self.unknown_keys(doc, TOP_KEYS, "")
+        method = doc.get("merge_method")
+        if not isinstance(method, str) or not method:
+            self.fail("merge_method", "required: a method name such as linear, ties, dare_ties or slerp")
+            method = ""
+        if "modules" in doc and doc["modules"]:
+            self.fail("modules", "the per-module form is not supported yet; use models: or slices:")
+        has_models, has_slices = bool(doc.get("models")), bool(doc.get("slices"))
+        if has_models == has_slices:
+            self.fail("", "exactly one of 'models' or 'slices' must be present")
+        base = self.model_ref(doc["base_model"], "base_model") if doc.get("base_model") else None
+        slices: tuple[Slice, ...] = ()
+        if has_models and not has_slices:
+            slices = (self.models(doc["models"]),)
+        elif has_slices and not has_models:
+            slices = self.slices(doc["slices"])
+        name = doc.get("name")
+        if name is not None and not isinstance(name, str):
+            self.fail("name", f"expected a string, got {name!r}")
+            name = None
+        return MergeConfig(
+            merge_method=method,
+            slices=slices,
+            uses_slices=has_slices,
+            base_model=base,
+            parameters=self.params(doc.get("parameters"), "parameters"),
+            dtype=self.dtype(doc.get("dtype"), "dtype"),
+            out_dtype=self.dtype(doc.get("out_dtype"), "out_dtype"),
+            tokenizer_source=self.tokenizer(doc),
+            name=name,
+            text=text,
+        )
+
+    def unknown_keys(self, obj: dict[str, Any], known: tuple[str, ...], path: str) -> None:
+        for key in obj:
+            if key not in known:
+                near = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                self.warn(f"{path}{'.' if path else ''}{key}", f"unknown key, ignored{hint}")
+
+    def model_ref(self, value: Any, path: str) -> ModelRef | None:
+        if isinstance(value, dict):
+            inner = value.get("model", value)
+            if isinstance(inner, dict) and isinstance(inner.get("path"), str):
+                if value.get("lora"):
+                    self.fail(path, "LoRA adapters are not supported yet; merge the adapter first")
+                rev = inner.get("revision")
+                return ModelRef(inner["path"], str(rev) if rev is not None else None)
+            self.fail(path, f"expected a model reference like org/name or a folder, got {value!r}")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            self.fail(path, f"expected a model reference like org/name or a folder, got {value!r}")
+            return None
+        if "+" in value:
+            self.fail(path, f"{value!r}: LoRA adapters (model+lora) are not supported yet; "
+                      "merge the adapter into the model first")
+            return None
+        parts = value.split("@")
+        if len(parts) > 2:
+            self.fail(path, f"{value!r}: more than one '@' in a model reference")
+            return None
+        return ModelRef(parts[0], parts[1] if len(parts) == 2 and parts[1] else None)
+
+    def models(self, items: Any) -> Slice:
+        if not isinstance(items, list):
+            self.fail("models", "expected a list of {model: ..., parameters: ...}")
+            return Slice(())
+        sources = []
+        for i, item in enumerate(items):
+            path = f"models[{i}]"
+            if isinstance(item, str):
+                item = {"model": item}
+            if not isinstance(item, dict) or "model" not in item:
+                self.fail(path, "expected {model: ..., parameters: ...}")
+                continue
+            self.unknown_keys(item, ("model", "parameters"), path)
+            ref = self.model_ref(item["model"], f"{path}.model")
+            if ref is not None:
+                params = self.params(item.get("parameters"), f"{path}.parameters")
+                sources.append(Source(ref, None, params, path))
+        return Slice(tuple(sources), path="models")
+
+    def slices(self, items: Any) -> tuple[Slice, ...]:
+        if not isinstance(items, list):
+            self.fail("slices", "expected a list of {sources: [...]}")
+            return ()
+        out = []
+        for i, item in enumerate(items):
+            path = f"slices[{i}]"
+            if not isinstance(item, dict) or not isinstance(item.get("sources"), list) or not item["sources"]:
+                self.fail(path, "expected {sources: [{model: ..., layer_range: [start, end]}, ...]}")
+                continue
+            self.unknown_keys(item, ("sources", "base_model", "parameters", "residual_weight"), path)
+            parsed = [self.source(s, f"{path}.sources[{j}]") for j, s in enumerate(item["sources"])]
+            sources = [s for s in parsed if s is not None]
+            base = self.model_ref(item["base_model"], f"{path}.base_model") if item.get("base_model") else None
+            out.append(Slice(tuple(sources), base, self.params(item.get("parameters"), f"{path}.parameters"), path))
+        return tuple(out)
+
+    def source(self, item: Any, path: str) -> Source | None:
+        if not isinstance(item, dict) or "model" not in item:
+            self.fail(path, "expected {model: ..., layer_range: [start, end]}")
+            return None
+        self.unknown_keys(item, ("model", "layer_range", "parameters"), path)
+        ref = self.model_ref(item["model"], f"{path}.model")
+        lr = item.get("layer_range")
+        if not (isinstance(lr, list) and len(lr) == 2 and all(type(x) is int and x >= 0 for x in lr)
+                and lr[0] < lr[1]):
+            self.fail(f"{path}.layer_range", f"expected [start, end] with 0 <= start < end, got {lr!r}")
+            return None
+        if ref is None:
+            return None
+        return Source(ref, (lr[0], lr[1]), self.params(item.get("parameters"), f"{path}.parameters"), path)
+
+    def params(self, obj: Any, path: str) -> Params:
+        if obj is None:
+            return ()
+        if not isinstance(obj, dict):
+            self.fail(path, f"expected a mapping of parameter names to values, got {obj!r}")
+            return ()
+        out = []
+        for k, v in obj.items():
+            s = self.setting(v, f"{path}.{k}")
+            if s is not None:
+                out.append((str(k), s))
+        return tuple(out)
+
+    def setting(self, v: Any, path: str) -> Setting | None:
+        if isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, dict):
+            c = self.conditional(v, path)
+            return CondList((c,)) if c else None
+        if isinstance(v, list):
+            if all(isinstance(x, dict) for x in v) and v:
+                conds = [self.conditional(x, f"{path}[{i}]") for i, x in enumerate(v)]
+                return CondList(tuple(c for c in conds if c))
+            if all(isinstance(x, (bool, int, float, str)) for x in v):
+                return Gradient(tuple(v))
+            self.fail(path, "a list must hold either plain values (a gradient) or {filter, value} entries")
+            return None
+        self.fail(path, f"expected a number, true/false, a list or {{filter, value}}, got {v!r}")
+        return None
+
+    def conditional(self, v: dict[str, Any], path: str) -> Conditional | None:
+        if "value" not in v:
+            self.fail(path, "a conditional needs a 'value' (and optionally a 'filter')")
+            return None
+        self.unknown_keys(v, ("filter", "value"), path)
+        flt = v.get("filter")
+        if flt is not None and not isinstance(flt, str):
+            self.fail(f"{path}.filter", f"expected a string, got {flt!r}")
+            return None
+        val = v["value"]
+        if isinstance(val, list) and all(isinstance(x, (bool, int, float, str)) for x in val):
+            return Conditional(flt, Gradient(tuple(val)))
+        if isinstance(val, (bool, int, float, str)):
+            return Conditional(flt, val)
+        self.fail(f"{path}.value", f"expected a value or a list of values, got {val!r}")
+        return None
+
+    def dtype(self, v: Any, path: str) -> str | None:
+        if v is None:
+            return None
+        code = config_dtype_code(v) if isinstance(v, str) else None
+        if code is None:
+            self.fail(path, f"unknown dtype {v!r}; use one of {', '.join(CONFIG_DTYPES)}")
+        return code
+
+    def tokenizer(self, doc: dict[str, Any]) -> str | ModelRef | None:
+        if doc.get("tokenizer") is not None and doc.get("tokenizer_source") is not None:
+            self.fail("tokenizer", "give either tokenizer or tokenizer_source, not both")
+            return None
+        if doc.get("chat_template") is not None:
+            self.fail("chat_template", "chat templates are not supported yet; remove the key")
+        tok = doc.get("tokenizer")
+        if tok is not None:
+            if not (isinstance(tok, dict) and set(tok) <= {"source"}):
+                self.fail("tokenizer", "only {source: base | <model>} is supported yet")
+                return None
+            return self.tokenizer_value(tok.get("source", "union"), "tokenizer.source")
+        src = doc.get("tokenizer_source")
+        return None if src is None else self.tokenizer_value(src, "tokenizer_source")
+
+    def tokenizer_value(self, v: Any, path: str) -> str | ModelRef | None:
+        if v == "union":
+            self.fail(path, "'union' tokenizers are not supported yet; use base or a model")
+            return None
+        if v == "base":
+            return "base"
+        return self.model_ref(v, path)
+
+
+def check_parameters(cfg: MergeConfig, specs: dict[str, ParamSpec]) -> list[str]:
+    """Problems with parameter values for the chosen method; warns about ignored names.
+
+    Every scalar and gradient element is validated with the declared type; names the method
+    does not declare, and shared parameters written under a model, are warned about
+    (mergekit ignores both silently).
+    """
+    problems: list[str] = []
+    scopes: list[tuple[str, Params, bool]] = [("parameters", cfg.parameters, False)]
+    for sl in cfg.slices:
+        scopes.append((f"{sl.path}.parameters", sl.parameters, False))
+        scopes += [(f"{s.path}.parameters", s.parameters, True) for s in sl.sources]
+    for path, params, per_model in scopes:
+        for name, setting in params:
+            spec = specs.get(name)
+            if spec is None:
+                near = difflib.get_close_matches(name, list(specs), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                known = ", ".join(sorted(specs)) or "none"
+                warnings.warn(f"{path}.{name}: {cfg.merge_method} has no parameter {name!r}, ignored "
+                              f"(it takes: {known}){hint}", ConfigWarning, stacklevel=2)
+                continue
+            if per_model and spec.scope == "shared":
+                warnings.warn(f"{path}.{name}: {name!r} is shared by all models and is ignored here; "
+                              "write it under the top-level or slice parameters", ConfigWarning, stacklevel=2)
+            problems += _check_setting(setting, spec, f"{path}.{name}")
+    return problems
+
+
+def _check_setting(setting: Setting, spec: ParamSpec, path: str) -> list[str]:
+    if isinstance(setting, CondList):
+        return [p for i, c in enumerate(setting.items)
+                for p in _check_setting(c.value, spec, f"{path}[{i}].value")]
+    values = setting.values if isinstance(setting, Gradient) else (setting,)
+    out = []
+    for i, v in enumerate(values):
+        try:
+            evaluate(v, "", 0.0, spec.kind)
+        except ParamTypeError as e:
+            where = f"{path}[{i}]" if isinstance(setting, Gradient) else path
+            out.append(f"{where}: {e}")
+    return out

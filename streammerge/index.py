@@ -1,0 +1,153 @@
+"""The lazy tensor index of one model: shard headers now, row ranges through mmaps later.
+
+Imports errors, format, dtypes (and torch, numpy, xxhash). Only headers are read when an
+index is built; tensor data is reached through read-only memory maps, one row range at a
+time, and the mapped pages are dropped (madvise) once copied out so RSS stays honest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xxhash
+
+from .dtypes import itemsize, torch_dtype
+from .errors import InputError
+from .format import FileHeader, TensorEntry, read_header
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one input tensor lives, and how it is seen as rows."""
+
+    shard: str  # absolute path
+    entry: TensorEntry
+
+    @property
+    def rows(self) -> int:
+        """Rows as streamed: shape[0] for >= 2-D tensors, one row for 0-D and 1-D."""
+        return self.entry.shape[0] if len(self.entry.shape) >= 2 else 1
+
+    @property
+    def cols(self) -> int:
+        return self.entry.numel // self.rows if self.rows else math.prod(self.entry.shape[1:])
+
+
+class ModelIndex:
+    """Headers of every shard of one model folder; data read lazily, by rows.
+
+    Example:
+        >>> idx = ModelIndex("/models/base")
+        >>> idx.read_rows("model.embed_tokens.weight", 0, 8).shape
+        torch.Size([8, 4096])
+    """
+
+    def __init__(self, folder: str, label: str | None = None) -> None:
+        self.folder = folder
+        self.label = label or folder
+        self.headers: dict[str, FileHeader] = {}
+        self.tensors: dict[str, TensorRef] = {}
+        self._maps: dict[str, mmap.mmap] = {}
+        self._lock = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        index_path = os.path.join(self.folder, INDEX_FILE)
+        single = os.path.join(self.folder, SINGLE_FILE)
+        if os.path.isfile(index_path):
+            weight_map = self._weight_map(index_path)
+            shards = sorted(set(weight_map.values()))
+        elif os.path.isfile(single):
+            weight_map, shards = None, [SINGLE_FILE]
+        else:
+            bins = [f for f in os.listdir(self.folder) if f.startswith("pytorch_model") and f.endswith(".bin")]
+            what = ("only PyTorch .bin files, which streammerge cannot read yet; convert them to "
+                    "safetensors first") if bins else f"no {SINGLE_FILE} and no {INDEX_FILE}"
+            raise InputError(f"model {self.label}: {self.folder} has {what}")
+        for shard in shards:
+            path = os.path.join(self.folder, shard)
+            if not os.path.isfile(path):
+                raise InputError(f"model {self.label}: shard {path} is listed in {INDEX_FILE} but missing; "
+                                 "re-download the model")
+            hdr = read_header(path)
+            self.headers[shard] = hdr
+            for name, entry in hdr.tensors.items():
+                if weight_map is None or weight_map.get(name) == shard:
+                    self.tensors[name] = TensorRef(path, entry)
+        if weight_map is not None:
+            missing = [n for n in weight_map if n not in self.tensors]
+            if missing:
+                raise InputError(f"model {self.label}: {INDEX_FILE} lists {len(missing)} tensors missing from "
+                                 f"their shards, e.g. {missing[0]!r} in {weight_map[missing[0]]}")
+
+    def _weight_map(self, path: str) -> dict[str, str]:
+        try:
+            with open(path) as f:
+                wm = json.load(f)["weight_map"]
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise ValueError("weight_map is not a map of names to files")
+            return {str(k): v for k, v in wm.items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"model {self.label}: {path} is not a valid shard index ({e}); "
+                             "re-download the model") from e
+
+    def identity(self) -> dict[str, object]:
+        """What identifies this input: per shard its name, size, mtime and header hash."""
+        shards = {}
+        for name, hdr in sorted(self.headers.items()):
+            st = os.stat(hdr.path)
+            with open(hdr.path, "rb") as f:
+                head = f.read(hdr.data_start)
+            shards[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                            "header_xxh3_128": xxhash.xxh3_128_hexdigest(head)}
+        return {"folder": self.folder, "shards": shards}
+
+    def read_rows(self, name: str, row0: int, row1: int) -> torch.Tensor:
+        """Rows [row0, row1) of tensor `name`, copied out of the map, as (rows, cols) in its dtype."""
+        ref = self.tensors[name]
+        width = ref.cols * itemsize(ref.entry.dtype)  # bytes per row
+        begin = ref.entry.begin + row0 * width
+        nbytes = (row1 - row0) * width
+        mm = self._map(ref.shard)
+        try:
+            raw = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=begin).copy()
+        except ValueError as e:
+            raise InputError(f"{ref.shard}: cannot read {name!r} bytes {begin}..{begin + nbytes} "
+                             f"({e}); the file changed or was truncated during the merge") from e
+        self._drop(mm, begin, begin + nbytes)
+        return torch.from_numpy(raw).view(torch_dtype(ref.entry.dtype)).reshape(row1 - row0, ref.cols)
+
+    def _map(self, path: str) -> mmap.mmap:
+        with self._lock:
+            mm = self._maps.get(path)
+            if mm is None:
+                with open(path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps[path] = mm
+            return mm
+
+    @staticmethod
+    def _drop(mm: mmap.mmap, begin: int, end: int) -> None:
+        # Only whole pages inside the consumed range; the page cache keeps the data.
+        lo = (begin + PAGE - 1) // PAGE * PAGE
+        hi = end // PAGE * PAGE
+        if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def close(self) -> None:
+        """Unmap every shard."""
+        with self._lock:
+            for mm in self._maps.values():
+                mm.close()
+            self._maps.clear()

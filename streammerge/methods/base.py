@@ -1,0 +1,103 @@
+"""What a merge method is: its contract, parameters, and a per-tensor operation on row chunks.
+
+Imports params and torch only; methods know nothing about files. The executor feeds an
+operation aligned row chunks of all inputs, `x` of shape (n_inputs, rows, cols) in the
+compute dtype: first `stat_passes` statistics passes (observe ... end_pass), then the
+apply pass, in row order. Results must not depend on where chunk boundaries fall: every
+reduction is exact or made of per-row float64 sums combined with math.fsum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..params import ParamSpec, Scalar
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Everything one output tensor's operation needs to know, resolved at plan time."""
+
+    tensor: str  # output tensor name
+    shape: tuple[int, ...]
+    base: int | None  # index of the base among the inputs
+    input_params: tuple[dict[str, Scalar], ...]  # per input, per-model parameters
+    shared: dict[str, Scalar]  # shared parameters
+    seed: int = 0
+    input_positions: tuple[int, ...] = ()  # position of each input in the config (for RNG keys)
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.input_params)
+
+    @property
+    def others(self) -> list[int]:
+        """Indices of the non-base inputs, in config order."""
+        return [i for i in range(self.n_inputs) if i != self.base]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class MergeOp:
+    """One output tensor's merge, fed row chunks. Subclasses override what they need."""
+
+    stat_passes = 0
+    # float32 row-buffers the kernel allocates beyond the inputs, per input row and per
+    # output row: the executor's memory model is rows·cols·(n_inputs·(1 + per_input) + fixed)
+    temp_per_input = 0.0
+    temp_fixed = 1.0
+
+    def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
+        """Statistics pass `pass_idx` sees rows row0.. of every input."""
+
+    def end_pass(self, pass_idx: int) -> None:
+        """Statistics pass `pass_idx` has seen every row."""
+
+    def apply(self, x: torch.Tensor, row0: int) -> torch.Tensor:
+        """The merged rows (rows, cols) for input rows x (n, rows, cols); may overwrite x."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class MethodDef:
+    """A registered merge method: name, parameters, input contract, and its operation."""
+
+    name: str
+    params: tuple[ParamSpec, ...]
+    base: Literal["required", "optional", "ignored"]
+    min_inputs: int
+    max_inputs: int | None
+    make: Callable[[TaskContext], MergeOp] = field(compare=False)
+    min_others: int = 0  # non-base inputs required (task-arithmetic family: >= 1 ... )
+    pretty: str = ""
+    url: str = ""
+
+    @property
+    def specs(self) -> dict[str, ParamSpec]:
+        return {p.name: p for p in self.params}
+
+
+class RowSums:
+    """A whole-tensor float64 sum made chunk-independent: per-row sums, combined by fsum."""
+
+    def __init__(self) -> None:
+        self._parts: list[float] = []
+
+    def add(self, row_sums: torch.Tensor) -> None:
+        """Add per-row sums (rows,) float64."""
+        self._parts.extend(row_sums.tolist())
+
+    def total(self) -> float:
+        return math.fsum(self._parts)
+
+
+def row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per-row sums of x (rows, cols) in float64, the same for a row whatever the chunk."""
+    return x.sum(dim=1, dtype=torch.float64)

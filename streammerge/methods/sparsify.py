@@ -1,0 +1,153 @@
+"""Sparsifiers of task vectors, streamed: exact top-k by magnitude, DARE random drop, L1 rescale.
+
+Imports base and rng (and torch). Each sparsifier is a small state machine over one
+input's delta rows: statistics passes (`observe`, `end_pass`), then `mask` for a chunk.
+
+Exact top-k (SEMANTICS deviation 3): |δ| as float32 has a bit pattern that orders like
+the value, so a two-pass radix selection finds the k-th largest exactly: pass 1 counts
+the high 16 bits, pass 2 the low 16 bits inside the bin holding the k-th element. Among
+elements equal to the threshold the lowest flat indices are kept, so exactly k survive;
+the apply pass counts the threshold ties seen so far, which needs chunks in row order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import RowSums, row_sums
+from .rng import bernoulli_mask
+
+_BINS = 1 << 16
+
+
+def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
+    """|δ| rounded to float32, as int64 bit patterns that order like the magnitudes."""
+    return delta.abs().to(torch.float32).view(torch.int32).to(torch.int64)
+
+
+def l1_factor(total: float, kept: float) -> float:
+    """L1 rescale: Σ|δ| / Σ|δ⊙mask|, or 1 when either is below 1e-7 (SEMANTICS §2.8)."""
+    return 1.0 if total < 1e-7 or kept < 1e-7 else total / kept
+
+
+class Sparsifier:
+    """No sparsification: keep everything, factor 1."""
+
+    stat_passes = 0
+    factor = 1.0
+
+    def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
+        pass
+
+    def end_pass(self, pass_idx: int) -> None:
+        pass
+
+    def mask(self, delta: torch.Tensor, flat0: int) -> torch.Tensor | None:
+        """Keep-mask for delta rows starting at flat index flat0; None = keep all."""
+        return None
+
+
+class Magnitude(Sparsifier):
+    """Keep the k = max(1, floor(density·N)) largest |δ| exactly; optional L1 rescale."""
+
+    def __init__(self, density: float, numel: int, rescale: bool) -> None:
+        self.numel = numel
+        self.zero_all = density <= 0 or numel == 0
+        self.keep_all = density >= 1 and not self.zero_all
+        self.k = max(1, math.floor(density * numel)) if not (self.zero_all or self.keep_all) else 0
+        self.rescale = rescale
+        self.stat_passes = 0 if (self.zero_all or self.keep_all) else 2
+        self._hist = torch.zeros(_BINS, dtype=torch.int64)
+        self._total = RowSums()  # Σ|δ|
+        self._above = RowSums()  # Σ|δ| over high bins above the threshold's
+        self._hi = 0
+        self._need = 0  # elements still to select inside the threshold's high bin
+        self.threshold = 0  # int bit pattern of the k-th largest |δ|
+        self.ties_keep = 0
+        self._ties_seen = 0
+
+    def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
+        bits = magnitude_bits(delta)
+        if pass_idx == 0:
+            self._hist += torch.bincount((bits >> 16).flatten(), minlength=_BINS)
+            if self.rescale:
+                self._total.add(row_sums(delta.abs()))
+        else:
+            hi = bits >> 16
+            inside = bits[hi == self._hi] & 0xFFFF
+            self._hist += torch.bincount(inside, minlength=_BINS)
+            if self.rescale:
+                self._above.add(row_sums(torch.where(hi > self._hi, delta.abs(), 0)))
+
+    def end_pass(self, pass_idx: int) -> None:
+        hist = self._hist.tolist()
+        self._hist = torch.zeros(_BINS, dtype=torch.int64)
+        need = self.k if pass_idx == 0 else self._need
+        b, above = _select_from_top(hist, need)
+        if pass_idx == 0:
+            self._hi, self._need = b, need - above
+            return
+        self.threshold = (self._hi << 16) | b
+        self.ties_keep = self._need - above
+        if self.rescale:
+            terms = [self._above.total()]
+            terms += [hist[lo] * _as_float((self._hi << 16) | lo) for lo in range(b + 1, _BINS) if hist[lo]]
+            terms.append(self.ties_keep * _as_float(self.threshold))
+            self.factor = l1_factor(self._total.total(), math.fsum(terms))
+
+    def mask(self, delta: torch.Tensor, flat0: int) -> torch.Tensor | None:
+        if self.keep_all:
+            return None
+        if self.zero_all:
+            return torch.zeros(delta.shape, dtype=torch.bool)
+        bits = magnitude_bits(delta)
+        keep = bits > self.threshold
+        ties = bits == self.threshold
+        if self.ties_keep > self._ties_seen:
+            rank = torch.cumsum(ties.flatten(), 0).view(ties.shape) + self._ties_seen
+            keep |= ties & (rank <= self.ties_keep)
+        self._ties_seen += int(ties.sum())
+        return keep
+
+
+def _select_from_top(hist: list[int], need: int) -> tuple[int, int]:
+    """The bin holding the need-th largest element, and how many lie in higher bins."""
+    above = 0
+    for b in range(_BINS - 1, -1, -1):
+        if above + hist[b] >= need:
+            return b, above
+        above += hist[b]
+    return 0, above
+
+
+def _as_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
+
+
+class RandomDrop(Sparsifier):
+    """DARE: keep each element with probability density (counter-based draws); L1 rescale."""
+
+    def __init__(self, density: float, key: int, rescale: bool) -> None:
+        self.density = density
+        self.key = key
+        self.keep_all = density >= 1
+        self.rescale = rescale and not self.keep_all
+        self.stat_passes = 1 if self.rescale else 0
+        self._total = RowSums()
+        self._kept = RowSums()
+
+    def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
+        keep = self.mask(delta, flat0)
+        mag = delta.abs()
+        self._total.add(row_sums(mag))
+        self._kept.add(row_sums(mag * keep))
+
+    def end_pass(self, pass_idx: int) -> None:
+        self.factor = l1_factor(self._total.total(), self._kept.total())
+
+    def mask(self, delta: torch.Tensor, flat0: int) -> torch.Tensor | None:
+        if self.keep_all:
+            return None
+        return bernoulli_mask(self.key, flat0, delta.numel(), self.density, delta.device).view(delta.shape)

@@ -1,0 +1,117 @@
+"""The task-arithmetic family: task_arithmetic, ties, dare_linear, dare_ties (SEMANTICS §2.7).
+
+For each non-base input: δ = x − base, sparsified (none / exact top-k / DARE), L1-rescaled
+if `rescale`, times its weight; then summed, with TIES sign consensus for the *_ties
+methods, optionally normalised by the (masked) weight sum, scaled by lambda, added to base.
+Passes over the inputs: the sparsifier's statistics passes (top-k: 2, DARE with rescale: 1),
+then the apply pass.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ..params import ParamSpec
+from .base import MergeOp, MethodDef, TaskContext
+from .rng import stream_key
+from .sparsify import Magnitude, RandomDrop, Sparsifier
+
+
+class TaskArithmetic(MergeOp):
+    temp_per_input = 0.5  # masks, bit patterns of one input at a time
+    temp_fixed = 4.0  # sum, consensus sign, divisor, output
+
+    def __init__(self, ctx: TaskContext, sparsify: str, consensus: bool) -> None:
+        self.base = ctx.base
+        self.others = ctx.others
+        self.consensus = consensus
+        self.weights = [float(ctx.input_params[i]["weight"]) for i in self.others]
+        self.normalize = bool(ctx.shared["normalize"])
+        self.lam = float(ctx.shared["lambda"])
+        rescale = bool(ctx.shared["rescale"])
+        self.sparsifiers: list[Sparsifier] = []
+        for i in self.others:
+            density = float(ctx.input_params[i].get("density", 1.0))
+            if sparsify == "magnitude":
+                self.sparsifiers.append(Magnitude(density, ctx.numel, rescale))
+            elif sparsify == "random":
+                key = stream_key(ctx.seed, ctx.input_positions[i], ctx.tensor)
+                self.sparsifiers.append(RandomDrop(density, key, rescale))
+            else:
+                self.sparsifiers.append(Sparsifier())
+        self.stat_passes = max([s.stat_passes for s in self.sparsifiers] + [0])
+
+    def _delta(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        return x[self.others[j]] - x[self.base]
+
+    def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
+        flat0 = row0 * x.shape[2]
+        for j, sp in enumerate(self.sparsifiers):
+            if pass_idx < sp.stat_passes:
+                sp.observe(pass_idx, self._delta(x, j), flat0)
+
+    def end_pass(self, pass_idx: int) -> None:
+        for sp in self.sparsifiers:
+            if pass_idx < sp.stat_passes:
+                sp.end_pass(pass_idx)
+
+    def apply(self, x: torch.Tensor, row0: int) -> torch.Tensor:
+        flat0 = row0 * x.shape[2]
+        base = x[self.base]
+        for j, (sp, w) in enumerate(zip(self.sparsifiers, self.weights)):
+            d = x[self.others[j]]
+            d -= base  # δ in place: x is ours to overwrite
+            keep = sp.mask(d, flat0)
+            if keep is not None:
+                d *= keep
+            d *= sp.factor * w if sp.factor != 1.0 else w
+        deltas = [x[i] for i in self.others]  # views: weighted, sparsified δ (rows, cols)
+        total = torch.zeros_like(base)
+        for d in deltas:
+            total += d
+        divisor: torch.Tensor | float
+        if not self.consensus:
+            divisor = sum(self.weights)
+            if abs(divisor) < 1e-8:
+                divisor = 1.0
+        else:
+            # majority sign of the weighted sum (0 counts as +); zeros never agree (sign 0)
+            sign = torch.where(total >= 0, 1.0, -1.0)
+            total.zero_()
+            div = torch.zeros_like(base)
+            for d, w in zip(deltas, self.weights):
+                agree = torch.sign(d) == sign
+                total += d * agree
+                div += agree * w
+            divisor = torch.where(div == 0, 1.0, div)
+        if self.normalize:
+            total /= divisor
+        if self.lam != 1.0:
+            total *= self.lam
+        return base + total
+
+
+def _family(name: str, sparsify: str, consensus: bool, normalize: bool, rescale: bool,
+            pretty: str, url: str) -> MethodDef:
+    params = (
+        ParamSpec("weight", "float", "nonbase", required=True),
+        ParamSpec("density", "float", "nonbase", default=1.0),
+        ParamSpec("int8_mask", "bool", "shared", default=False),
+        ParamSpec("normalize", "bool", "shared", default=normalize),
+        ParamSpec("rescale", "bool", "shared", default=rescale),
+        ParamSpec("lambda", "float", "shared", default=1.0),
+    )
+    return MethodDef(name=name, params=params, base="required", min_inputs=1, max_inputs=None,
+                     make=partial(TaskArithmetic, sparsify=sparsify, consensus=consensus),
+                     pretty=pretty, url=url)
+
+
+TASK_ARITHMETIC = _family("task_arithmetic", "none", False, False, False,
+                          "Task Arithmetic", "https://arxiv.org/abs/2212.04089")
+TIES = _family("ties", "magnitude", True, True, False, "TIES", "https://arxiv.org/abs/2306.01708")
+DARE_LINEAR = _family("dare_linear", "random", False, False, True,
+                      "Linear DARE", "https://arxiv.org/abs/2311.03099")
+DARE_TIES = _family("dare_ties", "random", True, False, True,
+                    "DARE TIES", "https://arxiv.org/abs/2311.03099")

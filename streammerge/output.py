@@ -1,0 +1,136 @@
+"""Finish an output folder: config.json, tokenizer, card, manifest, shard renames, index — in that order.
+
+Imports plan, writer, dtypes, errors. An output that looks complete is complete: the
+manifest is written after every shard is synced, then shards are renamed from .partial,
+then `model.safetensors.index.json` (several shards) is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import xxhash
+
+from . import __version__
+from .dtypes import config_name, torch_dtype
+from .errors import InputError
+from .plan import Plan
+from .writer import PARTIAL, fsync_dir, write_file_atomic
+
+MANIFEST = "streammerge.manifest.json"
+INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                   "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json")
+OWNED_FILES = (MANIFEST, INDEX, "config.json", "generation_config.json", "README.md", "mergekit_config.yml",
+               *TOKENIZER_FILES)
+
+
+def finished_output(out: str) -> bool:
+    """True if `out` holds a finished streammerge output."""
+    return os.path.isfile(os.path.join(out, MANIFEST))
+
+
+def finalize(plan: Plan, out: str, hashes: dict[str, str], shard_hashes: dict[str, str]) -> str:
+    """Write everything but the weights, then the manifest, rename shards, write the index.
+
+    Returns:
+        The xxh3-128 of the manifest file, the output's one-line identity.
+    """
+    _write_config(plan, out)
+    _copy_tokenizer(plan, out)
+    write_file_atomic(os.path.join(out, "mergekit_config.yml"), plan.config.text.encode())
+    write_file_atomic(os.path.join(out, "README.md"), model_card(plan, os.path.basename(os.path.abspath(out))).encode())
+    manifest = json.dumps(make_manifest(plan, hashes, shard_hashes), indent=2, sort_keys=True).encode() + b"\n"
+    write_file_atomic(os.path.join(out, MANIFEST), manifest)
+    for shard in plan.shards:
+        os.replace(os.path.join(out, shard.name + PARTIAL), os.path.join(out, shard.name))
+    fsync_dir(out)
+    if len(plan.shards) > 1:
+        write_file_atomic(os.path.join(out, INDEX), json.dumps(shard_index(plan), indent=2).encode() + b"\n")
+        fsync_dir(out)
+    return xxhash.xxh3_128_hexdigest(manifest)
+
+
+def shard_index(plan: Plan) -> dict[str, object]:
+    """The Hugging Face shard index: total size and which shard holds each tensor."""
+    return {"metadata": {"total_size": plan.total_bytes, "streammerge_version": __version__},
+            "weight_map": {t.name: plan.shards[t.shard].name for t in plan.tasks}}
+
+
+def make_manifest(plan: Plan, hashes: dict[str, str], shard_hashes: dict[str, str]) -> dict[str, object]:
+    """The manifest: what was merged from what, and the xxh3-128 of every tensor and shard."""
+    return {
+        "format": "streammerge-manifest/1",
+        "streammerge_version": __version__,
+        "plan_fingerprint": plan.fingerprint,
+        "seed": plan.seed,
+        "merge_method": plan.method.name,
+        "config": plan.config.text,
+        "inputs": [{"model": str(m.ref), "folder": m.folder, "identity_xxh3_128": m.identity} for m in plan.models],
+        "shards": {s.name: {"size": s.size, "header_bytes": len(s.header), "xxh3_128": shard_hashes[s.name]}
+                   for s in plan.shards},
+        "tensors": {t.name: {"shard": plan.shards[t.shard].name, "offset": t.begin, "nbytes": t.nbytes,
+                             "dtype": t.out_dtype, "shape": list(t.shape), "xxh3_128": hashes[t.name]}
+                    for t in plan.tasks},
+    }
+
+
+def _write_config(plan: Plan, out: str) -> None:
+    donor = plan.models[plan.donor]
+    path = os.path.join(donor.folder, "config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read the donor model's config.json ({e}); the output needs one") from e
+    dtypes = {t.out_dtype for t in plan.tasks}
+    if len(dtypes) == 1:
+        name = config_name(dtypes.pop())
+        cfg["torch_dtype" if "torch_dtype" in cfg and "dtype" not in cfg else "dtype"] = name
+    if plan.out_num_layers is not None:
+        cfg["num_hidden_layers"] = plan.out_num_layers
+    write_file_atomic(os.path.join(out, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
+
+
+def _copy_tokenizer(plan: Plan, out: str) -> None:
+    src = plan.models[plan.tokenizer_donor].folder
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(out, name) + ".tmp")
+            os.replace(os.path.join(out, name) + ".tmp", os.path.join(out, name))
+
+
+def _is_hub_id(ref: str) -> bool:
+    return not ref.startswith(("/", "~", ".")) and ref.count("/") == 1
+
+
+def model_card(plan: Plan, title: str) -> str:
+    """A README.md with front matter the Hugging Face Hub understands."""
+    refs = [str(m.ref) for m in plan.models]
+    base = plan.config.base_model
+    hub = sorted({r.split("@")[0] for r in refs if _is_hub_id(r)})
+    front = ["---", "base_model:"] + [f"- {r}" for r in hub] if hub else ["---"]
+    front += ["base_model_relation: merge", "library_name: transformers", "tags:", "- merge", "- mergekit",
+              "- streammerge", "---"]
+    m = plan.method
+    using = f" using {base} as a base" if base is not None and m.name != "slerp" else ""
+    others = [r for r in refs if base is None or r != str(base)]
+    dtype = torch_dtype(plan.tasks[0].out_dtype) if plan.tasks else None
+    lines = front + [
+        f"# {title}", "",
+        "This is a merge of pre-trained language models created with streammerge, a memory-frugal "
+        "streaming merger that reads mergekit configurations.", "",
+        "## Merge Method", "",
+        f"This model was merged using the [{m.pretty or m.name}]({m.url}) merge method{using}.", "",
+        "### Models Merged", "", "The following models were included in the merge:",
+        *[f"* {r}" for r in others], "",
+        "### Configuration", "", "```yaml", plan.config.text.rstrip("\n"), "```", "",
+        "### Verifying this download", "",
+        f"`{MANIFEST}` holds the xxh3-128 hash of every tensor and shard"
+        + (f" (weights stored as {dtype})" if dtype else "") + ". Check the files with:", "",
+        "```", "streammerge verify .", "```", "",
+    ]
+    return "\n".join(lines)

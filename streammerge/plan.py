@@ -1,0 +1,369 @@
+"""Turn a config and the inputs' headers into a Plan: one task per output tensor, and the layout.
+
+Imports config, params, index, hub, arch, methods, format, dtypes, errors. Reads no tensor
+data. Every task carries its inputs, its method's resolved parameters (gradients evaluated
+at its layer, filters matched), its output dtype and its byte range in an output shard; a
+fingerprint (xxh3-128) covers each task, and the plan's covers all of them plus the layout.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import xxhash
+
+from .arch import TIED, Layout, layout_of
+from .config import MergeConfig, ModelRef, Params, Slice, Source, check_parameters, param
+from .dtypes import compute_dtype, is_float, itemsize, promote
+from .errors import ConfigError, PlanError
+from .format import build_header
+from .hub import resolve_model
+from .index import ModelIndex
+from .methods import METHODS, PLANNED, MethodDef, TaskContext
+from .params import ParamSpec, Scalar, evaluate
+
+DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default `5B`, counted in bytes
+DEFAULT_SEED = 0
+RANDOM_METHODS = ("dare_linear", "dare_ties")
+
+
+@dataclass(frozen=True)
+class Model:
+    """One input model: its reference, folder and lazy index."""
+
+    ref: ModelRef
+    folder: str
+    index: ModelIndex = field(compare=False, repr=False)
+    identity: str = ""  # xxh3-128 of its shards' names, sizes, mtimes and headers
+
+
+@dataclass(frozen=True)
+class TaskInput:
+    model: int  # index into Plan.models
+    tensor: str  # name in that model
+    dtype: str  # safetensors code on disk
+
+
+@dataclass(frozen=True)
+class Task:
+    """One output tensor: what to read, how to merge it, where its bytes go."""
+
+    name: str
+    shape: tuple[int, ...]
+    inputs: tuple[TaskInput, ...]
+    ctx: TaskContext
+    load_dtype: str | None  # config `dtype`: inputs are cast to it when read
+    compute: str  # "F32" or "F64"
+    out_dtype: str
+    copy_exact: bool  # non-float tensors: inputs must agree, the first is written
+    shard: int = 0
+    begin: int = 0  # absolute byte offset in the shard
+    fingerprint: str = ""
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if len(self.shape) >= 2 else 1
+
+    @property
+    def cols(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n // self.rows if self.rows else 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.cols * itemsize(self.out_dtype)
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    header: bytes
+    size: int  # final file size
+    tasks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: MergeConfig
+    method: MethodDef
+    models: tuple[Model, ...]
+    tasks: tuple[Task, ...]
+    shards: tuple[Shard, ...]
+    donor: int  # model whose config.json and tokenizer are copied
+    tokenizer_donor: int
+    out_num_layers: int | None  # rewritten layer count (slices: syntax), else None
+    seed: int
+    fingerprint: str
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tasks)
+
+
+def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+              seed: int = DEFAULT_SEED) -> Plan:
+    """Plan the merge `cfg` describes, reading only headers.
+
+    Raises:
+        ConfigError: unknown method or bad parameter values, each with its config path.
+        InputError: a model cannot be found or a shard is corrupt.
+        PlanError: config and inputs do not fit (missing tensors, shapes, layers, contract).
+    Example:
+        >>> plan = make_plan(parse_config(open("merge.yml").read()))
+        >>> len(plan.tasks), plan.shards[0].name
+    """
+    method = _method(cfg)
+    problems = check_parameters(cfg, method.specs)
+    if problems:
+        raise ConfigError(problems)
+    b = _Builder(cfg, method, seed)
+    b.build()
+    if b.problems:
+        raise PlanError(_dedupe(b.problems))
+    identities = [m.identity for m in b.models]
+    tasks, shards = _layout(b.tasks, max_shard_bytes, method.name, identities)
+    fp = xxhash.xxh3_128()
+    for t in tasks:
+        fp.update(t.fingerprint.encode())
+    for s in shards:
+        fp.update(s.name.encode() + s.header)
+    return Plan(cfg, method, tuple(b.models), tuple(tasks), tuple(shards), b.donor(), b.tokenizer_donor(),
+                b.out_num_layers(), seed, fp.hexdigest())
+
+
+def _method(cfg: MergeConfig) -> MethodDef:
+    if cfg.merge_method in METHODS:
+        return METHODS[cfg.merge_method]
+    if cfg.merge_method in PLANNED:
+        raise ConfigError([f"merge_method: {cfg.merge_method!r} is a mergekit method streammerge does not "
+                           f"implement yet; available: {', '.join(METHODS)}"])
+    near = difflib.get_close_matches(cfg.merge_method, list(METHODS) + list(PLANNED), n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise ConfigError([f"merge_method: unknown method {cfg.merge_method!r}{hint} "
+                       f"(available: {', '.join(METHODS)})"])
+
+
+def _union(lists: Iterable[tuple[str, ...]]) -> list[str]:
+    out: dict[str, None] = {}
+    for names in lists:
+        out.update(dict.fromkeys(names))
+    return list(out)
+
+
+def _dedupe(items: list[str], limit: int = 20) -> list[str]:
+    out = list(dict.fromkeys(items))
+    return out if len(out) <= limit else out[:limit] + [f"... and {len(out) - limit} more"]
+
+
+class _Builder:
+    def __init__(self, cfg: MergeConfig, method: MethodDef, seed: int) -> None:
+        self.cfg, self.method, self.seed = cfg, method, seed
+        self.models: list[Model] = []
+        self._by_ref: dict[ModelRef, int] = {}
+        self._layouts: dict[int, Layout] = {}
+        self.tasks: list[Task] = []
+        self.problems: list[str] = []
+        self.slices: list[tuple[Slice, tuple[Source, ...], ModelRef | None]] = []
+
+    def model(self, ref: ModelRef) -> int:
+        if ref not in self._by_ref:
+            folder = resolve_model(ref)
+            index = ModelIndex(folder, str(ref))
+            ident = xxhash.xxh3_128_hexdigest(json.dumps(index.identity(), sort_keys=True).encode())
+            self._by_ref[ref] = len(self.models)
+            self.models.append(Model(ref, folder, index, ident))
+            self._layouts[self._by_ref[ref]] = layout_of(index)
+        return self._by_ref[ref]
+
+    def layout(self, ref: ModelRef) -> Layout:
+        return self._layouts[self.model(ref)]
+
+    def build(self) -> None:
+        for sl in self.cfg.slices:
+            self.slices.append(self._normalize(sl))
+        if self.problems:
+            return
+        first, last = self.slices[0], self.slices[-1]
+        # post-weights pair the first slice's source count with the last slice's models (§3.4)
+        post_sources = last[1][: len(first[1])]
+        lay0 = self.layout(first[1][0].model)
+        for name in _union(self.layout(s.model).pre for s in first[1]):
+            self._task(name, first[0], first[1], first[2], [name] * len(first[1]), 0.0)
+        out_layer = 0
+        for sl, sources, base in self.slices:
+            n = sources[0].layer_range[1] - sources[0].layer_range[0]  # type: ignore[index]
+            template = self.layout(sources[0].model).template
+            for i in range(n):
+                t = i / (n - 1) if n > 1 else 1.0
+                for suffix in template:
+                    names = [self.layout(s.model).layer_name(s.layer_range[0] + i, suffix)  # type: ignore[index]
+                             for s in sources]
+                    self._task(lay0.layer_name(out_layer, suffix), sl, sources, base, names, t)
+                out_layer += 1
+        for name in _union(self.layout(s.model).post for s in post_sources):
+            self._task(name, last[0], post_sources, last[2], [name] * len(post_sources), 0.0)
+
+    def _normalize(self, sl: Slice) -> tuple[Slice, tuple[Source, ...], ModelRef | None]:
+        base = sl.base_model or self.cfg.base_model
+        sources = list(sl.sources)
+        if not self.cfg.uses_slices:
+            if base is not None and base not in [s.model for s in sources]:
+                sources.append(Source(base, None, (), "base_model"))
+            sources = [Source(s.model, (0, self.layout(s.model).num_layers), s.parameters, s.path)
+                       for s in sources]
+        seen = set()
+        for s in sources:
+            if s.model in seen:
+                self.problems.append(f"{s.path}: model {s.model} is listed twice in one slice (duplicate "
+                                     "merge inputs); list each model once")
+            seen.add(s.model)
+            avail = self.layout(s.model).num_layers
+            assert s.layer_range is not None
+            if s.layer_range[1] > avail:
+                self.problems.append(f"{s.path}.layer_range: [{s.layer_range[0]}, {s.layer_range[1]}] goes past "
+                                     f"the {avail} layers of {s.model}")
+        spans = {s.layer_range[1] - s.layer_range[0] for s in sources}  # type: ignore[index]
+        if len(spans) > 1:
+            self.problems.append(f"{sl.path}: all sources of a slice must span the same number of layers "
+                                 f"(got {sorted(spans)})")
+        if base is not None and self.method.base != "ignored" and base not in [s.model for s in sources]:
+            self.problems.append(f"{sl.path}: base model {base} is not one of the slice's sources; add it "
+                                 "as a source")
+        return sl, tuple(sources), base
+
+    def _task(self, out: str, sl: Slice, sources: tuple[Source, ...], base: ModelRef | None,
+              names: list[str], t: float) -> None:
+        inputs, keep = [], []
+        for k, (s, name) in enumerate(zip(sources, names)):
+            idx = self.models[self.model(s.model)].index
+            if name not in idx.tensors and name in TIED and TIED[name] in idx.tensors:
+                name = TIED[name]  # a tied model uses its embeddings as its head
+            elif name not in idx.tensors:
+                if name in TIED:
+                    continue  # optional: written only if some input has it
+                self.problems.append(f"tensor {name!r} required but not present in model {s.model} "
+                                     f"({idx.folder})")
+                return
+            inputs.append(TaskInput(self.model(s.model), name, idx.tensors[name].entry.dtype))
+            keep.append(k)
+        if out in TIED and not any(
+                i.tensor == out for i in inputs):
+            return  # no input has its own head: tied output, nothing to write
+        srcs = [sources[k] for k in keep]
+        shapes = {self.models[i.model].index.tensors[i.tensor].entry.shape for i in inputs}
+        if len(shapes) > 1:
+            detail = ", ".join(f"{self.models[i.model].ref}: {list(self.models[i.model].index.tensors[i.tensor].entry.shape)}"
+                               for i in inputs)
+            self.problems.append(f"tensor {out!r}: input shapes differ ({detail}); the models are not the "
+                                 "same architecture or vocabulary")
+            return
+        base_idx = next((k for k, s in enumerate(srcs) if s.model == base), None)
+        if not self._contract(out, srcs, base_idx):
+            return
+        shared = {p.name: self._resolve(p, [sl.parameters, self.cfg.parameters], out, t, out)
+                  for p in self.method.params if p.scope == "shared"}
+        per_input = []
+        for k, (s, inp) in enumerate(zip(srcs, inputs)):
+            scopes = [x.parameters for x in sources if x.model == s.model] + [sl.parameters, self.cfg.parameters]
+            per_input.append({p.name: self._resolve(p, scopes, inp.tensor, t, f"{s.model}.{inp.tensor}")
+                              for p in self.method.params
+                              if p.scope == "input" or (p.scope == "nonbase" and k != base_idx)})
+        codes = [self.cfg.dtype or i.dtype for i in inputs]
+        promoted = promote(codes)
+        ctx = TaskContext(out, shapes.pop(), base_idx, tuple(per_input), shared, self.seed,
+                          tuple(self._position(sources, s) for s in srcs))
+        task = Task(out, ctx.shape, tuple(inputs), ctx, self.cfg.dtype,
+                    "F64" if compute_dtype(promoted).itemsize == 8 else "F32",
+                    self.cfg.out_dtype or promoted, not all(is_float(c) for c in codes))
+        self.tasks.append(task)
+
+    @staticmethod
+    def _position(sources: tuple[Source, ...], s: Source) -> int:
+        return [x.model for x in sources].index(s.model)
+
+    def _contract(self, out: str, srcs: list[Source], base_idx: int | None) -> bool:
+        m, n = self.method, len(srcs)
+        why = None
+        if m.base == "required" and base_idx is None:
+            why = f"{m.name} needs a base_model among its inputs"
+        elif n < m.min_inputs or (m.max_inputs is not None and n > m.max_inputs):
+            want = (f"exactly {m.min_inputs}" if m.max_inputs == m.min_inputs
+                    else f"at least {m.min_inputs}" if m.max_inputs is None else f"{m.min_inputs}..{m.max_inputs}")
+            why = f"{m.name} takes {want} inputs, got {n}"
+        if why:
+            self.problems.append(f"tensor {out!r}: {why} ({', '.join(str(s.model) for s in srcs)})")
+            return False
+        return True
+
+    def _resolve(self, spec: ParamSpec, scopes: list[Params], name: str, t: float, where: str) -> Scalar:
+        for params in scopes:
+            setting = param(params, spec.name)
+            if setting is not None:
+                value = evaluate(setting, name, t, spec.kind)
+                if value is not None:
+                    return value
+        if spec.required:
+            self.problems.append(f"missing required parameter {spec.name!r} for {where}; set it under the "
+                                 "model's parameters or the top-level parameters")
+            return 0.0
+        assert spec.default is not None or spec.nullable
+        return spec.default  # type: ignore[return-value]
+
+    def donor(self) -> int:
+        ref = self.cfg.base_model or self.slices[0][1][0].model
+        return self.model(ref)
+
+    def tokenizer_donor(self) -> int:
+        src = self.cfg.tokenizer_source
+        if src is None or src == "base":
+            return self.donor()
+        assert isinstance(src, ModelRef)
+        return self.model(src)
+
+    def out_num_layers(self) -> int | None:
+        if not self.cfg.uses_slices:
+            return None
+        return sum(s[1][0].layer_range[1] - s[1][0].layer_range[0] for s in self.slices)  # type: ignore[index]
+
+
+def _layout(tasks: list[Task], max_shard_bytes: int, method: str,
+            identities: list[str]) -> tuple[list[Task], list[Shard]]:
+    """Assign tasks to shards in order (mergekit's rule) and fix every byte offset."""
+    groups: list[list[int]] = []
+    size = 0
+    for i, t in enumerate(tasks):
+        if not groups or (max_shard_bytes > 0 and size > 0 and size + t.nbytes > max_shard_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += t.nbytes
+    n = len(groups)
+    out = list(tasks)
+    shards = []
+    for s, idxs in enumerate(groups):
+        name = "model.safetensors" if n == 1 else f"model-{s + 1:05d}-of-{n:05d}.safetensors"
+        header, ranges = build_header([(tasks[i].name, tasks[i].out_dtype, tasks[i].shape) for i in idxs],
+                                      {"format": "pt"})
+        for i, (begin, _) in zip(idxs, ranges):
+            t = tasks[i]
+            fp = _fingerprint(t, name, begin, method, [identities[i.model] for i in t.inputs])
+            out[i] = Task(t.name, t.shape, t.inputs, t.ctx, t.load_dtype, t.compute, t.out_dtype, t.copy_exact,
+                          s, begin, fp)
+        shards.append(Shard(name, header, ranges[-1][1] if ranges else len(header), tuple(idxs)))
+    return out, shards
+
+
+def _fingerprint(t: Task, shard: str, begin: int, method: str, identities: list[str]) -> str:
+    canon = {
+        "method": method, "input_identities": identities, "name": t.name, "shape": list(t.shape), "out_dtype": t.out_dtype, "load_dtype": t.load_dtype,
+        "compute": t.compute, "copy_exact": t.copy_exact, "shard": shard, "begin": begin,
+        "inputs": [[i.model, i.tensor, i.dtype] for i in t.inputs],
+        "base": t.ctx.base, "shared": t.ctx.shared, "per_input": list(t.ctx.input_params),
+        "seed": t.ctx.seed, "positions": list(t.ctx.input_positions),
+    }
+    return xxhash.xxh3_128_hexdigest(json.dumps(canon, sort_keys=True).encode())

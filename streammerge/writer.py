@@ -1,0 +1,104 @@
+"""Write output shards in place: NAME.partial created with its header and final size, then pwrite.
+
+Imports errors and plan. Never truncates or overwrites an existing file: a shard is
+created once, sized by extending it, filled at planned offsets, fsynced, and renamed to its
+final name only when every tensor in it is written (truncating a file something has mmapped
+silently turns its pages into zeros).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from .errors import OutputError
+from .plan import Shard
+
+PARTIAL = ".partial"
+
+
+def disk_error(path: str, e: OSError) -> OutputError:
+    """An OutputError for a failed write, saying what to do (disk full is the common case)."""
+    if e.errno == errno.ENOSPC:
+        return OutputError(f"{path}: disk full; free some space and run the same command again to resume")
+    return OutputError(f"{path}: cannot write ({e.strerror}); check the folder's permissions and space")
+
+
+class ShardWriter:
+    """One output shard being filled. Use as a context manager.
+
+    Example:
+        >>> with ShardWriter(out_dir, shard) as w:
+        ...     w.write(offset, data)
+        ...     w.sync()
+    """
+
+    def __init__(self, out_dir: str, shard: Shard) -> None:
+        self.shard = shard
+        self.path = os.path.join(out_dir, shard.name + PARTIAL)
+        self.final_path = os.path.join(out_dir, shard.name)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            size = os.fstat(self.fd).st_size
+            if size == 0:
+                os.pwrite(self.fd, shard.header, 0)
+                os.ftruncate(self.fd, shard.size)  # extends: the file is empty
+            elif size != shard.size or os.pread(self.fd, len(shard.header), 0) != shard.header:
+                os.close(self.fd)
+                raise OutputError(f"{self.path}: an unfinished shard from another plan is in the way; run "
+                                  "again with --restart to start this output over")
+        except OSError as e:
+            raise disk_error(self.path, e) from e
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        """Write `data` at absolute `offset`."""
+        try:
+            view = memoryview(data)
+            while len(view):
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:
+            raise disk_error(self.path, e) from e
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        """Bytes already written (to re-hash journaled tensors on resume)."""
+        return os.pread(self.fd, nbytes, offset)
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise disk_error(self.path, e) from e
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fsync_dir(path: str) -> None:
+    """Make renames and creations in folder `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Write a small file via a temporary sibling and a rename: it appears whole or not at all."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise disk_error(path, e) from e

@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Make Mistral-shaped model sets for tests and benchmarks: a base plus fine-tunes (base + seeded deltas).
+
+Each model is a Hugging Face folder: config.json, a small word-level tokenizer,
+generation_config.json, and bf16 safetensors shards with model.safetensors.index.json.
+Tensors are generated one at a time and written in place, so making a set of 15
+560 MB models needs a few tensors of memory, not a model.
+
+  python tools/make_models.py set OUT --preset small --count 3
+  python tools/make_models.py seed CACHE --preset tiny     # the seed configs' 16 models, as an HF cache
+  python tools/make_models.py link CACHE org/name FOLDER    # put a folder into an HF cache under an id
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from streammerge.dtypes import code_of  # noqa: E402
+from streammerge.format import build_header  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tie: bool = False
+
+
+PRESETS = {
+    "tiny": Shape(64, 160, 4, 4, 2, 128),  # ~0.2 MB: unit tests
+    "tiny32": Shape(32, 96, 32, 4, 2, 96),  # ~0.7 MB, 32 layers: the seed configs end to end
+    "small": Shape(384, 1344, 32, 6, 2, 32000),  # ~174 MB per model in bf16, 32 layers
+    "medium": Shape(1024, 3584, 16, 32, 8, 32000),  # ~560 MB per model in bf16
+}
+
+SEED_STAGE1 = [
+    "mistralai/Mistral-7B-v0.1", "ehartford/dolphin-2.2.1-mistral-7b", "SciPhi/SciPhi-Mistral-7B-32k",
+    "ehartford/samantha-1.2-mistral-7b", "Arc53/docsgpt-7b-mistral", "berkeley-nest/Starling-LM-7B-alpha",
+    "Q-bert/MetaMath-Cybertron-Starling", "Open-Orca/Mistral-7B-OpenOrca",
+    "v1olet/v1olet_marcoroni-go-bruins-merge-7B", "beowolx/MistralHermes-CodePro-7B-v1",
+    "TIGER-Lab/MAmmoTH-7B-Mistral", "teknium/OpenHermes-2.5-Mistral-7B",
+    "Weyaxi/OpenHermes-2.5-neural-chat-v3-3-Slerp", "mlabonne/NeuralHermes-2.5-Mistral-7B",
+    "mistralai/Mistral-7B-Instruct-v0.2",
+]
+SEED_OTHER = "janai-hq/trinity-v1"
+
+
+def tensor_specs(s: Shape) -> list[tuple[str, tuple[int, ...]]]:
+    """Hugging Face Mistral tensor names and shapes, in model order."""
+    hd = s.hidden // s.heads
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (s.vocab, s.hidden))]
+    for i in range(s.layers):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "input_layernorm.weight", (s.hidden,)),
+            (p + "self_attn.q_proj.weight", (s.heads * hd, s.hidden)),
+            (p + "self_attn.k_proj.weight", (s.kv_heads * hd, s.hidden)),
+            (p + "self_attn.v_proj.weight", (s.kv_heads * hd, s.hidden)),
+            (p + "self_attn.o_proj.weight", (s.hidden, s.heads * hd)),
+            (p + "post_attention_layernorm.weight", (s.hidden,)),
+            (p + "mlp.gate_proj.weight", (s.intermediate, s.hidden)),
+            (p + "mlp.up_proj.weight", (s.intermediate, s.hidden)),
+            (p + "mlp.down_proj.weight", (s.hidden, s.intermediate)),
+        ]
+    out.append(("model.norm.weight", (s.hidden,)))
+    if not s.tie:
+        out.append(("lm_head.weight", (s.vocab, s.hidden)))
+    return out
+
+
+def _gen(seed: int, name: str) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:7], "little"))
+    return g
+
+
+def base_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = _gen(seed, name)
+    if len(shape) == 1:  # norms: around 1
+        return 1.0 + 0.05 * torch.randn(shape, generator=g)
+    return 0.02 * torch.randn(shape, generator=g)
+
+
+def delta_tensor(name: str, shape: tuple[int, ...], seed: int, model: int) -> torch.Tensor:
+    """A fine-tune's change: small dense noise plus a few larger entries, seeded per (model, tensor)."""
+    g = _gen(seed * 1000 + model, name)
+    d = 0.002 * torch.randn(shape, generator=g)
+    big = torch.rand(shape, generator=g) < 0.01
+    return d + big * 0.02 * torch.randn(shape, generator=g)
+
+
+def write_set(folders: list[str], shape: Shape, seed: int = 0, shard_bytes: int = 2_000_000_000,
+              dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write models: folders[0] is the base, folders[k] is the base plus delta k."""
+    specs = tensor_specs(shape)
+    code = code_of(dtype)
+    isz = torch.tensor([], dtype=dtype).element_size()
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shp in specs:
+        nbytes = math.prod(shp) * isz
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shp))
+        size += nbytes
+    n = len(groups)
+    shard_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+        _write_meta(folder, shape, specs, shard_names, groups, isz)
+    for shard_name, group in zip(shard_names, groups):
+        group = sorted(group)  # the safetensors library writes names sorted
+        header, ranges = build_header([(nm, code, shp) for nm, shp in group], {"format": "pt"})
+        fds = []
+        for folder in folders:
+            fd = os.open(os.path.join(folder, shard_name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, header)
+            os.ftruncate(fd, ranges[-1][1])
+            fds.append(fd)
+        for (name, shp), (begin, _) in zip(group, ranges):
+            base = base_tensor(name, shp, seed)
+            for k, fd in enumerate(fds):
+                t = base if k == 0 else base + delta_tensor(name, shp, seed, k)
+                os.pwrite(fd, t.to(dtype).contiguous().view(torch.uint8).numpy().tobytes(), begin)
+        for fd in fds:
+            os.close(fd)
+
+
+def _write_meta(folder: str, s: Shape, specs: list[tuple[str, tuple[int, ...]]], shard_names: list[str],
+                groups: list[list[tuple[str, tuple[int, ...]]]], isz: int) -> None:
+    cfg = {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": s.hidden,
+        "intermediate_size": s.intermediate, "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads, "head_dim": s.hidden // s.heads, "vocab_size": s.vocab,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
+        "hidden_act": "silu", "tie_word_embeddings": s.tie, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+    }
+    _dump(os.path.join(folder, "config.json"), cfg)
+    weight_map = {name: shard_names[i] for i, g in enumerate(groups) for name, _ in g}
+    total = sum(math.prod(shp) * isz for _, shp in specs)
+    _dump(os.path.join(folder, "model.safetensors.index.json"),
+          {"metadata": {"total_size": total}, "weight_map": weight_map})
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, s.vocab)})
+    _dump(os.path.join(folder, "tokenizer.json"), {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for t, i in list(vocab.items())[:3]],
+        "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    })
+    _dump(os.path.join(folder, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "model_max_length": 4096})
+    _dump(os.path.join(folder, "special_tokens_map.json"),
+          {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    _dump(os.path.join(folder, "generation_config.json"), {"bos_token_id": 1, "eos_token_id": 2})
+
+
+def _dump(path: str, obj: object) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def cache_folder(cache: str, repo_id: str) -> str:
+    """Where a model with id `repo_id` lives in an HF cache: a snapshot folder (created, with refs/main)."""
+    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(commit)
+    return os.path.join(repo, "snapshots", commit)
+
+
+def link(cache: str, repo_id: str, folder: str) -> str:
+    """Make `folder` appear in the HF cache `cache` as model `repo_id` (a symlinked snapshot)."""
+    snap = cache_folder(cache, repo_id)
+    os.makedirs(os.path.dirname(snap), exist_ok=True)
+    if os.path.lexists(snap):
+        os.unlink(snap)
+    os.symlink(os.path.abspath(folder), snap)
+    return snap
+
+
+def make_seed_cache(cache: str, shape: Shape, seed: int = 0, shard_bytes: int = 2_000_000_000) -> list[str]:
+    """The seed configs' 16 input models in an HF cache layout; returns their snapshot folders."""
+    folders = [cache_folder(cache, rid) for rid in SEED_STAGE1 + [SEED_OTHER]]
+    write_set(folders, shape, seed, shard_bytes)
+    return folders
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("set", "seed"):
+        p = sub.add_parser(name)
+        p.add_argument("out", help="folder for the set (set) or HF cache folder (seed)")
+        p.add_argument("--preset", choices=sorted(PRESETS), default="tiny32" if name == "seed" else "tiny")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--shard-mb", type=int, default=2000, help="largest input shard, MB")
+        if name == "set":
+            p.add_argument("--count", type=int, default=3, help="models: the base and count-1 fine-tunes")
+    p = sub.add_parser("link")
+    p.add_argument("cache")
+    p.add_argument("repo_id")
+    p.add_argument("folder")
+    a = ap.parse_args()
+    if a.cmd == "link":
+        print(link(a.cache, a.repo_id, a.folder))
+        return
+    shape = PRESETS[a.preset]
+    if a.cmd == "set":
+        folders = [os.path.join(a.out, "base")] + [os.path.join(a.out, f"ft{k}") for k in range(1, a.count)]
+        write_set(folders, shape, a.seed, a.shard_mb * 1_000_000)
+    else:
+        folders = make_seed_cache(a.out, shape, a.seed, a.shard_mb * 1_000_000)
+    for f in folders:
+        print(f)
+
+
+if __name__ == "__main__":
+    main()
