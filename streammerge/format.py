@@ -94,13 +94,13 @@ def parse_header(path: str, raw: bytes, file_size: int) -> FileHeader:
     if not isinstance(metadata, dict):
         raise InputError(_bad(path, "__metadata__ is not an object"))
     entries = [_entry(path, name, spec, data_start) for name, spec in obj.items()]
-    entries.sort(key=lambda e: (e.begin, e.end))
+    entries.sort(key=lambda t: (t.begin, t.end))
     pos = data_start
-    for e in entries:
-        if e.begin != pos:
-            what = "overlaps the previous tensor" if e.begin < pos else "leaves a gap before it"
-            raise InputError(_bad(path, f"tensor {e.name!r} at bytes {e.begin}..{e.end} {what}"))
-        pos = e.end
+    for t in entries:
+        if t.begin != pos:
+            what = "overlaps the previous tensor" if t.begin < pos else "leaves a gap before it"
+            raise InputError(_bad(path, f"tensor {t.name!r} at bytes {t.begin}..{t.end} {what}"))
+        pos = t.end
     if pos > file_size:
         raise InputError(
             _bad(path, f"data ends at byte {pos} but the file has {file_size} bytes (truncated?)")

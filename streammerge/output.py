@@ -88,7 +88,9 @@ def _write_config(plan: Plan, out: str) -> None:
     dtypes = {t.out_dtype for t in plan.tasks}
     if len(dtypes) == 1:
         name = config_name(dtypes.pop())
-        cfg["torch_dtype" if "torch_dtype" in cfg and "dtype" not in cfg else "dtype"] = name
+        cfg["dtype"] = name  # transformers v5's key (SEMANTICS §1.5)
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = name  # older readers: keep the two consistent
     if plan.out_num_layers is not None:
         cfg["num_hidden_layers"] = plan.out_num_layers
     write_file_atomic(os.path.join(out, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 Kind = Literal["float", "int", "bool", "str"]
 Scope = Literal["shared", "input", "nonbase"]
 
@@ -38,7 +38,7 @@ class CondList:
     items: tuple[Conditional, ...]
 
 
-Setting = Union[Scalar, Gradient, CondList]
+Setting = Scalar | Gradient | CondList
 
 
 @dataclass(frozen=True)

@@ -255,10 +255,10 @@ class _Builder:
                 i.tensor == out for i in inputs):
             return  # no input has its own head: tied output, nothing to write
         srcs = [sources[k] for k in keep]
-        shapes = {self.models[i.model].index.tensors[i.tensor].entry.shape for i in inputs}
+        shape_of = [self.models[i.model].index.tensors[i.tensor].entry.shape for i in inputs]
+        shapes = set(shape_of)
         if len(shapes) > 1:
-            detail = ", ".join(f"{self.models[i.model].ref}: {list(self.models[i.model].index.tensors[i.tensor].entry.shape)}"
-                               for i in inputs)
+            detail = ", ".join(f"{self.models[i.model].ref}: {list(s)}" for i, s in zip(inputs, shape_of))
             self.problems.append(f"tensor {out!r}: input shapes differ ({detail}); the models are not the "
                                  "same architecture or vocabulary")
             return
@@ -328,7 +328,8 @@ class _Builder:
     def out_num_layers(self) -> int | None:
         if not self.cfg.uses_slices:
             return None
-        return sum(s[1][0].layer_range[1] - s[1][0].layer_range[0] for s in self.slices)  # type: ignore[index]
+        spans = [s[1][0].layer_range for s in self.slices]
+        return sum(r[1] - r[0] for r in spans if r is not None)
 
 
 def _layout(tasks: list[Task], max_shard_bytes: int, method: str,
@@ -360,7 +361,8 @@ def _layout(tasks: list[Task], max_shard_bytes: int, method: str,
 
 def _fingerprint(t: Task, shard: str, begin: int, method: str, identities: list[str]) -> str:
     canon = {
-        "method": method, "input_identities": identities, "name": t.name, "shape": list(t.shape), "out_dtype": t.out_dtype, "load_dtype": t.load_dtype,
+        "method": method, "input_identities": identities,
+        "name": t.name, "shape": list(t.shape), "out_dtype": t.out_dtype, "load_dtype": t.load_dtype,
         "compute": t.compute, "copy_exact": t.copy_exact, "shard": shard, "begin": begin,
         "inputs": [[i.model, i.tensor, i.dtype] for i in t.inputs],
         "base": t.ctx.base, "shared": t.ctx.shared, "per_input": list(t.ctx.input_params),

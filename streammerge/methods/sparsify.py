@@ -50,18 +50,20 @@ class Sparsifier:
 
 
 class Magnitude(Sparsifier):
-    """Keep the k = max(1, floor(density·N)) largest |δ| exactly; optional L1 rescale."""
+    """Keep the k = max(1, floor(density·N)) largest |δ| exactly; optional L1 rescale.
+
+    Passes: two radix passes find the threshold; with rescale a third sums the kept |δ|.
+    """
 
     def __init__(self, density: float, numel: int, rescale: bool) -> None:
-        self.numel = numel
         self.zero_all = density <= 0 or numel == 0
         self.keep_all = density >= 1 and not self.zero_all
         self.k = max(1, math.floor(density * numel)) if not (self.zero_all or self.keep_all) else 0
         self.rescale = rescale
-        self.stat_passes = 0 if (self.zero_all or self.keep_all) else 2
+        self.stat_passes = 0 if (self.zero_all or self.keep_all) else (3 if rescale else 2)
         self._hist = torch.zeros(_BINS, dtype=torch.int64)
         self._total = RowSums()  # Σ|δ|
-        self._above = RowSums()  # Σ|δ| over high bins above the threshold's
+        self._kept = RowSums()  # Σ|δ⊙mask|
         self._hi = 0
         self._need = 0  # elements still to select inside the threshold's high bin
         self.threshold = 0  # int bit pattern of the k-th largest |δ|
@@ -69,43 +71,44 @@ class Magnitude(Sparsifier):
         self._ties_seen = 0
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
+        if pass_idx == 2:
+            keep = self.mask(delta, flat0)
+            assert keep is not None  # pass 2 runs only when selecting
+            self._kept.add(row_sums(delta.abs() * keep))
+            return
         bits = magnitude_bits(delta)
         if pass_idx == 0:
             self._hist += torch.bincount((bits >> 16).flatten(), minlength=_BINS)
             if self.rescale:
                 self._total.add(row_sums(delta.abs()))
         else:
-            hi = bits >> 16
-            inside = bits[hi == self._hi] & 0xFFFF
+            inside = bits[(bits >> 16) == self._hi] & 0xFFFF
             self._hist += torch.bincount(inside, minlength=_BINS)
-            if self.rescale:
-                self._above.add(row_sums(torch.where(hi > self._hi, delta.abs(), 0)))
 
     def end_pass(self, pass_idx: int) -> None:
-        hist = self._hist.tolist()
-        self._hist = torch.zeros(_BINS, dtype=torch.int64)
-        need = self.k if pass_idx == 0 else self._need
-        b, above = _select_from_top(hist, need)
-        if pass_idx == 0:
-            self._hi, self._need = b, need - above
+        if pass_idx == 2:
+            self.factor = l1_factor(self._total.total(), self._kept.total())
+            self._ties_seen = 0  # the apply pass counts ties again from the start
             return
-        self.threshold = (self._hi << 16) | b
-        self.ties_keep = self._need - above
-        if self.rescale:
-            terms = [self._above.total()]
-            terms += [hist[lo] * _as_float((self._hi << 16) | lo) for lo in range(b + 1, _BINS) if hist[lo]]
-            terms.append(self.ties_keep * _as_float(self.threshold))
-            self.factor = l1_factor(self._total.total(), math.fsum(terms))
+        hist = self._hist.tolist()
+        self._hist.zero_()
+        b, above = _select_from_top(hist, self.k if pass_idx == 0 else self._need)
+        if pass_idx == 0:
+            self._hi, self._need = b, self.k - above
+        else:
+            self.threshold = (self._hi << 16) | b
+            self.ties_keep = self._need - above
 
     def mask(self, delta: torch.Tensor, flat0: int) -> torch.Tensor | None:
         if self.keep_all:
             return None
         if self.zero_all:
-            return torch.zeros(delta.shape, dtype=torch.bool)
+            return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
         bits = magnitude_bits(delta)
         keep = bits > self.threshold
         ties = bits == self.threshold
         if self.ties_keep > self._ties_seen:
+            # the lowest flat indices among the ties are kept (SEMANTICS deviation 3)
             rank = torch.cumsum(ties.flatten(), 0).view(ties.shape) + self._ties_seen
             keep |= ties & (rank <= self.ties_keep)
         self._ties_seen += int(ties.sum())
@@ -122,10 +125,6 @@ def _select_from_top(hist: list[int], need: int) -> tuple[int, int]:
     return 0, above
 
 
-def _as_float(bits: int) -> float:
-    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
-
-
 class RandomDrop(Sparsifier):
     """DARE: keep each element with probability density (counter-based draws); L1 rescale."""
 
@@ -140,6 +139,7 @@ class RandomDrop(Sparsifier):
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
         keep = self.mask(delta, flat0)
+        assert keep is not None  # the statistics pass runs only when dropping
         mag = delta.abs()
         self._total.add(row_sums(mag))
         self._kept.add(row_sums(mag * keep))

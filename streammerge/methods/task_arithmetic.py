@@ -73,18 +73,17 @@ class TaskArithmetic(MergeOp):
             total += d
         divisor: torch.Tensor | float
         if not self.consensus:
-            divisor = sum(self.weights)
-            if abs(divisor) < 1e-8:
-                divisor = 1.0
+            weight_sum = sum(self.weights)
+            divisor = 1.0 if abs(weight_sum) < 1e-8 else weight_sum
         else:
             # majority sign of the weighted sum (0 counts as +); zeros never agree (sign 0)
-            sign = torch.where(total >= 0, 1.0, -1.0)
+            sign = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
             total.zero_()
             div = torch.zeros_like(base)
             for d, w in zip(deltas, self.weights):
                 agree = torch.sign(d) == sign
                 total += d * agree
-                div += agree * w
+                div += agree.to(div.dtype) * w
             divisor = torch.where(div == 0, 1.0, div)
         if self.normalize:
             total /= divisor

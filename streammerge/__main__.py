@@ -1,0 +1,5 @@
+"""`python -m streammerge`: the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,34 @@
+"""Helpers shared by the tests: build a method's context, feed an operation in row chunks."""
+
+from __future__ import annotations
+
+import torch
+
+from streammerge.methods import METHODS, TaskContext
+
+
+def context(method: str, input_params: list[dict], shared: dict | None = None, base: int | None = None,
+            tensor: str = "t", shape: tuple[int, ...] = (2, 3), seed: int = 0) -> TaskContext:
+    """A TaskContext with the method's defaults for unset shared and per-model parameters."""
+    m = METHODS[method]
+    sh = {p.name: p.default for p in m.params if p.scope == "shared"}
+    sh.update(shared or {})
+    per = []
+    for k, ip in enumerate(input_params):
+        full = {p.name: p.default for p in m.params
+                if p.scope == "input" or (p.scope == "nonbase" and k != base)}
+        full.update(ip)
+        per.append(full)
+    return TaskContext(tensor, shape, base, tuple(per), sh, seed, tuple(range(len(input_params))))
+
+
+def run_chunked(method: str, ctx: TaskContext, x: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """Feed x (n, rows, cols) through the method's operation in chunks of chunk_rows rows."""
+    op = METHODS[method].make(ctx)
+    rows = x.shape[1]
+    spans = [(r, min(rows, r + chunk_rows)) for r in range(0, rows, chunk_rows)]
+    for p in range(op.stat_passes):
+        for r0, r1 in spans:
+            op.observe(p, x[:, r0:r1].clone(), r0)
+        op.end_pass(p)
+    return torch.cat([op.apply(x[:, r0:r1].clone(), r0) for r0, r1 in spans])

@@ -1,0 +1,93 @@
+"""Independent whole-tensor references, written from SEMANTICS.md in numpy float64.
+
+Nothing here imports streammerge: these are the yardsticks the kernels are checked against.
+The DARE draw is the documented counter-based rule, re-derived in plain Python integers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import xxhash
+
+MASK64 = (1 << 64) - 1
+
+
+def linear(xs: list[np.ndarray], ws: list[float], normalize: bool = True) -> np.ndarray:
+    out = sum(w * x for w, x in zip(ws, xs))
+    return out / sum(ws) if normalize else out
+
+
+def slerp(t: float, v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
+    """§2.3: whole tensor as one vector; 0.9995 threshold; zero-norm vectors not normalised."""
+    a, b = v0.ravel().astype(np.float64), v1.ravel().astype(np.float64)
+    n0, n1 = np.linalg.norm(a), np.linalg.norm(b)
+    n0 = 1.0 if n0 <= 1e-8 else n0
+    n1 = 1.0 if n1 <= 1e-8 else n1
+    d = float(np.clip(np.dot(a / n0, b / n1), -1, 1))
+    if abs(d) > 0.9995:
+        out = (1 - t) * a + t * b
+    else:
+        th = math.acos(d)
+        out = math.sin((1 - t) * th) / math.sin(th) * a + math.sin(t * th) / math.sin(th) * b
+    return out.reshape(v0.shape)
+
+
+def splitmix_draw(key: int, i: int) -> int:
+    """The 53-bit draw for flat element i: splitmix64 output of key + (i+1)·γ, top 53 bits."""
+    z = (key + (i + 1) * 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    z ^= z >> 31
+    return z >> 11
+
+
+def dare_keep(seed: int, position: int, tensor: str, numel: int, density: float) -> np.ndarray:
+    key = xxhash.xxh3_64_intdigest(f"{seed}\x00{position}\x00{tensor}".encode())
+    thr = int(density * (1 << 53))
+    return np.array([splitmix_draw(key, i) < thr for i in range(numel)], dtype=bool)
+
+
+def topk_keep(delta: np.ndarray, density: float) -> np.ndarray:
+    """k = max(1, floor(d·N)) largest |δ| ranked as float32; ties by lower flat index (deviation 3)."""
+    n = delta.size
+    if density >= 1:
+        return np.ones(delta.shape, bool)
+    if density <= 0 or n == 0:
+        return np.zeros(delta.shape, bool)
+    k = max(1, math.floor(density * n))
+    mag = np.abs(delta.ravel()).astype(np.float32)
+    order = np.lexsort((np.arange(n), -mag))
+    keep = np.zeros(n, bool)
+    keep[order[:k]] = True
+    return keep.reshape(delta.shape)
+
+
+def l1_rescaled(delta: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    m = delta * keep
+    a, a2 = np.abs(delta).sum(), np.abs(m).sum()
+    return m if a < 1e-7 or a2 < 1e-7 else m * (a / a2)
+
+
+def task_arithmetic(base: np.ndarray, others: list[np.ndarray], weights: list[float], keeps: list[np.ndarray],
+                    consensus: bool, normalize: bool, rescale: bool, lam: float = 1.0) -> np.ndarray:
+    """§2.7 given each model's keep-mask (all-true for no sparsification)."""
+    deltas = []
+    for x, w, keep in zip(others, weights, keeps):
+        d = x - base
+        d = l1_rescaled(d, keep) if (rescale and not keep.all()) else d * keep
+        deltas.append(d * w)
+    if consensus:
+        sign = np.where(sum(deltas) >= 0, 1.0, -1.0)
+        masks = [np.sign(d) == sign for d in deltas]
+        s = sum(d * m for d, m in zip(deltas, masks))
+        div = sum(m * w for m, w in zip(masks, weights))
+        div = np.where(div == 0, 1.0, div)
+    else:
+        s = sum(deltas)
+        div = sum(weights)
+        div = 1.0 if abs(div) < 1e-8 else div
+    if normalize:
+        s = s / div
+    return base + lam * s

@@ -1,0 +1,189 @@
+"""Merge kernels: SEMANTICS.md §9 reference vectors, and every method against the independent
+float64 reference (tests/reference.py) on random tensors, for chunks of one row, an odd number
+of rows and the whole tensor, with bit-identical results across chunk sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+from helpers import context, run_chunked
+
+A = [[1, 2, 3], [4, 5, 6]]
+B = [[2, 0, -1], [3, 7, 1]]
+C = [[0.5, 1, 2], [3, 4, 5.5]]
+dA = np.array([[0.5, -1.25, 2], [-0.125, 3, 0.75]])
+dB = np.array([[-1.5, 0.25, 2.5], [1, -0.375, -2.25]])
+A2, B2 = np.array(C) + dA, np.array(C) + dB
+
+
+def t64(*xs: object) -> torch.Tensor:
+    return torch.tensor(np.array(xs, dtype=np.float64))
+
+
+def merged(method: str, xs: torch.Tensor, params: list[dict], shared: dict | None = None,
+           base: int | None = None) -> np.ndarray:
+    ctx = context(method, params, shared, base, shape=tuple(xs.shape[1:]))
+    outs = [run_chunked(method, ctx, xs, rows) for rows in (1, xs.shape[1])]
+    assert torch.equal(outs[0], outs[1])
+    return outs[0].numpy()
+
+
+VECTORS = [
+    ("linear", [A, B], [{"weight": 0.3}, {"weight": 0.7}], {}, None, [[1.7, 0.6, 0.2], [3.3, 6.4, 2.5]]),
+    ("linear", [A, B], [{"weight": 1}, {"weight": 2}], {"normalize": False}, None, [[5, 2, 1], [10, 19, 8]]),
+    ("slerp", [A, B], [{}, {}], {"t": 0.3}, 0,
+     [[1.40913976679, 1.4855809517, 1.89519678208], [3.97068583981, 6.04617489754, 4.78991750058]]),
+    ("slerp", [A, B], [{}, {}], {"t": 0.3}, 1,
+     [[1.81875559717, 0.666349290938, 0.256733460556], [3.56107000943, 6.8654065583, 2.74183834867]]),
+    ("slerp", [A, (2 * np.array(A)).tolist()], [{}, {}], {"t": 0.25}, 0, [[1.25, 2.5, 3.75], [5, 6.25, 7.5]]),
+    ("task_arithmetic", [C, A2, B2], [{}, {"weight": 0.5}, {"weight": 0.8}], {}, 0,
+     [[-0.45, 0.575, 5], [3.7375, 5.2, 4.075]]),
+    ("task_arithmetic", [C, A2, B2], [{}, {"weight": 0.5}, {"weight": 0.8}], {"normalize": True, "lambda": 0.5}, 0,
+     [[0.134615384615, 0.836538461538, 3.15384615385], [3.28365384615, 4.46153846154, 4.95192307692]]),
+    ("ties", [C, A2, B2], [{}, {"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.5}], {}, 0,
+     [[-1, -0.25, 4.25], [3, 7, 3.25]]),
+    ("ties", [C, A2, B2], [{}, {"weight": 0.7, "density": 0.5}, {"weight": 0.3, "density": 0.5}], {}, 0,
+     [[-1, -0.25, 4.15], [3, 7, 3.25]]),
+    ("ties", [C, A2, B2], [{}, {"weight": 0.7, "density": 0.5}, {"weight": 0.3, "density": 0.5}],
+     {"normalize": False}, 0, [[0.05, 0.125, 4.15], [3, 6.1, 4.825]]),
+    ("ties", [C, A2, B2], [{}, {"weight": 1, "density": 1.0}, {"weight": -1, "density": 1.0}], {}, 0,
+     [[2.5, -0.5, 4.5], [1.875, 7.375, 8.5]]),
+    ("ties", [C, A2, B2], [{}, {"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.34}], {"rescale": True}, 0,
+     [[0.5, -0.525, 5.29236842105], [3, 7.66, 1.76973684211]]),
+    # base listed last, as mergekit appends an unlisted base_model
+    ("ties", [A2, B2, C], [{"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.5}, {}], {}, 2,
+     [[-1, -0.25, 4.25], [3, 7, 3.25]]),
+]
+
+
+@pytest.mark.parametrize("method,xs,params,shared,base,expected", VECTORS)
+def test_reference_vectors(method, xs, params, shared, base, expected) -> None:
+    out = merged(method, t64(*xs), params, shared, base)
+    np.testing.assert_allclose(out, np.array(expected), rtol=0, atol=1e-9)
+
+
+def test_dare_linear_density_one_is_task_arithmetic() -> None:
+    xs = t64(C, A2, B2)
+    params = [{}, {"weight": 0.5, "density": 1.0}, {"weight": 0.8, "density": 1.0}]
+    np.testing.assert_allclose(merged("dare_linear", xs, params, {}, 0),
+                               merged("task_arithmetic", xs, params, {}, 0), atol=1e-12)
+
+
+def test_ties_worked_example_divisor() -> None:
+    """SEMANTICS §9 worked TIES check: the masked divisor is [[1,1,2],[0->1,1,1]]."""
+    out = merged("ties", t64(C, A2, B2), [{}, {"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.5}],
+                 {"normalize": False}, 0)
+    np.testing.assert_allclose(out - np.array(C), [[-1.5, -1.25, 4.5], [0, 3, -2.25]], atol=1e-12)
+
+
+# --- every method against the float64 reference, on random tensors ---------------------------
+
+SHAPES = [(1,), (7,), (5, 3), (13, 9), (4, 2, 3)]  # 1-D = one row; 3-D rows are axis 0
+
+
+def rand_inputs(n: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+    g = np.random.default_rng(seed)
+    base = g.normal(0, 1, shape)
+    xs = [base] + [base + g.normal(0, 0.3, shape) for _ in range(n - 1)]
+    rows = shape[0] if len(shape) >= 2 else 1
+    x = torch.tensor(np.stack([a.reshape(rows, -1) for a in xs]), dtype=torch.float32)
+    return x, [a.astype(np.float32).astype(np.float64) for a in xs]
+
+
+def chunked_all(method: str, ctx, x: torch.Tensor) -> torch.Tensor:
+    rows = x.shape[1]
+    outs = [run_chunked(method, ctx, x, r) for r in sorted({1, 3, max(1, rows // 2 + 1), rows})]
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0]), "result depends on chunk size"
+    return outs[0]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_vs_reference(shape, normalize) -> None:
+    x, xs = rand_inputs(3, shape, 1)
+    ws = [0.2, 0.5, -0.1]
+    ctx = context("linear", [{"weight": w} for w in ws], {"normalize": normalize}, shape=shape)
+    out = chunked_all("linear", ctx, x)
+    want = ref.linear(xs, ws, normalize)
+    np.testing.assert_allclose(out.numpy().reshape(shape), want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 1.4])
+def test_slerp_vs_reference(shape, t) -> None:
+    x, xs = rand_inputs(2, shape, 2)
+    ctx = context("slerp", [{}, {}], {"t": t}, base=1, shape=shape)
+    out = chunked_all("slerp", ctx, x)
+    np.testing.assert_allclose(out.numpy().reshape(shape), ref.slerp(t, xs[1], xs[0]), rtol=2e-5, atol=2e-6)
+
+
+def test_slerp_zero_vector_and_colinear() -> None:
+    zero = torch.zeros(1, 4, 5)
+    v = torch.randn(1, 4, 5, generator=torch.Generator().manual_seed(0))
+    for pair in (torch.cat([zero, v]), torch.cat([v, 3 * v])):
+        ctx = context("slerp", [{}, {}], {"t": 0.25}, base=0, shape=(4, 5))
+        out = chunked_all("slerp", ctx, pair)
+        want = ref.slerp(0.25, pair[0].double().numpy(), pair[1].double().numpy())
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+FAMILY = {  # method: (sparsify, consensus)
+    "task_arithmetic": ("none", False), "ties": ("magnitude", True),
+    "dare_linear": ("random", False), "dare_ties": ("random", True),
+}
+
+
+@pytest.mark.parametrize("method", list(FAMILY))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("normalize,rescale", [(False, False), (True, True), (False, True)])
+def test_task_arithmetic_family_vs_reference(method, shape, normalize, rescale) -> None:
+    x, xs = rand_inputs(4, shape, 3)
+    weights, densities = [0.7, -0.2, 0.5], [0.6, 0.35, 1.0]
+    params = [{}] + [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    ctx = context(method, params, {"normalize": normalize, "rescale": rescale, "lambda": 0.8}, base=0,
+                  tensor="model.layers.3.mlp.up_proj.weight", shape=shape, seed=7)
+    out = chunked_all(method, ctx, x)
+    sparsify, consensus = FAMILY[method]
+    keeps = []
+    for k, (xi, d) in enumerate(zip(xs[1:], densities), start=1):
+        if sparsify == "magnitude":
+            keeps.append(ref.topk_keep(xi - xs[0], d))
+        elif sparsify == "random" and d < 1:
+            keeps.append(ref.dare_keep(7, k, ctx.tensor, xi.size, d).reshape(shape))
+        else:
+            keeps.append(np.ones(shape, bool))
+    want = ref.task_arithmetic(xs[0], xs[1:], weights, keeps, consensus, normalize, rescale, 0.8)
+    np.testing.assert_allclose(out.numpy().reshape(shape), want, rtol=1e-4, atol=1e-5)
+
+
+def test_topk_ties_keep_exactly_k_lowest_indices() -> None:
+    """All-equal magnitudes: exactly k survive, the lowest flat indices, whatever the chunking."""
+    base = torch.zeros(1, 6, 5)
+    other = torch.where(torch.arange(30).view(1, 6, 5) % 2 == 0, 1.0, -1.0)
+    ctx = context("ties", [{}, {"weight": 1.0, "density": 0.3}], {"normalize": False}, base=0, shape=(6, 5))
+    out = chunked_all("ties", ctx, torch.cat([base, other]))
+    kept = out.flatten().nonzero().flatten().tolist()
+    assert kept == list(range(9))  # k = floor(0.3 * 30) = 9
+
+
+def test_dare_density_and_rescale_statistics() -> None:
+    """DARE keeps a fraction ≈ density, and the L1 rescale restores Σ|δ| exactly."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.zeros(1, 200, 100)
+    other = torch.randn(1, 200, 100, generator=g)
+    ctx = context("dare_linear", [{}, {"weight": 1.0, "density": 0.4}], {}, base=0, shape=(200, 100),
+                  tensor="model.layers.0.mlp.up_proj.weight")
+    out = chunked_all("dare_linear", ctx, torch.cat([base, other]))
+    kept = (out != 0).double().mean().item()
+    assert abs(kept - 0.4) < 0.01
+    assert out.abs().double().sum().item() == pytest.approx(other.abs().double().sum().item(), rel=1e-5)
+
+
+def test_dare_masks_differ_per_input_and_tensor() -> None:
+    a = ref.dare_keep(0, 1, "x", 256, 0.5)
+    assert (a != ref.dare_keep(0, 2, "x", 256, 0.5)).any()
+    assert (a != ref.dare_keep(0, 1, "y", 256, 0.5)).any()
+    assert (a != ref.dare_keep(1, 1, "x", 256, 0.5)).any()

@@ -1,0 +1,156 @@
+"""Planning against real (tiny) models: parameter resolution per tensor (gradients over layers,
+t = 0 for non-layer tensors, precedence, filters on input names in frankenmerges), layout and
+naming of shards, and plan-time errors for every mismatch — all before reading tensor data."""
+
+from __future__ import annotations
+
+import os
+
+import make_models
+import pytest
+
+from streammerge.config import ModelRef, parse_config
+from streammerge.errors import ConfigError, InputError, PlanError
+from streammerge.hub import resolve_model
+from streammerge.plan import make_plan
+
+
+def plan_of(text: str, **kw):
+    return make_plan(parse_config(text), **kw)
+
+
+def by_name(plan):
+    return {t.name: t for t in plan.tasks}
+
+
+def test_linear_gradient_per_layer_and_zero_for_non_layers(tiny_set) -> None:
+    """SEMANTICS §9: weights A:[0,1], B:[1,0] over 4 layers; embed and lm_head take t = 0."""
+    base, ft1 = tiny_set[:2]
+    p = plan_of(f"""
+merge_method: linear
+models:
+  - model: {ft1}
+    parameters: {{weight: [0, 1]}}
+  - model: {base}
+    parameters: {{weight: [1, 0]}}
+""")
+    t = by_name(p)
+    assert t["model.embed_tokens.weight"].ctx.input_params[0]["weight"] == 0
+    assert t["lm_head.weight"].ctx.input_params[0]["weight"] == 0
+    for i in range(4):
+        assert t[f"model.layers.{i}.mlp.up_proj.weight"].ctx.input_params[0]["weight"] == pytest.approx(i / 3)
+        assert t[f"model.layers.{i}.mlp.up_proj.weight"].ctx.input_params[1]["weight"] == pytest.approx(1 - i / 3)
+    names = [x.name for x in p.tasks]
+    assert names[0] == "model.embed_tokens.weight" and names[-1] == "lm_head.weight"
+    assert [n.split(".")[2] for n in names[1:-2]] == sorted((n.split(".")[2] for n in names[1:-2]), key=int)
+
+
+def test_precedence_model_over_slice_over_global_and_base_appended(tiny_set) -> None:
+    base, ft1, ft2 = tiny_set[:3]
+    p = plan_of(f"""
+merge_method: ties
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.3, density: [{{filter: mlp, value: 0.9}}]}}
+  - model: {ft2}
+    parameters: {{weight: 0.6}}
+parameters: {{density: 0.5, normalize: false}}
+""")
+    t = by_name(p)["model.layers.1.mlp.down_proj.weight"]
+    assert t.ctx.base == 2 and len(t.inputs) == 3  # the unlisted base is appended last
+    assert t.ctx.input_params[0] == {"weight": 0.3, "density": 0.9}
+    assert t.ctx.input_params[1] == {"weight": 0.6, "density": 0.5}
+    assert t.ctx.input_params[2] == {}  # nonbase parameters are never resolved for the base
+    assert by_name(p)["model.layers.1.self_attn.q_proj.weight"].ctx.input_params[0]["density"] == 0.5
+    assert t.ctx.shared == {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0}
+
+
+def test_frankenmerge_filters_on_input_names_and_rewrites_layer_count(tiny_set) -> None:
+    base, ft1 = tiny_set[:2]
+    p = plan_of(f"""
+merge_method: linear
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [2, 4]
+        parameters: {{weight: [{{filter: layers.2., value: 0.9}}, {{value: 0.1}}]}}
+      - model: {ft1}
+        layer_range: [0, 2]
+        parameters: {{weight: 1.0}}
+""")
+    t = by_name(p)
+    assert t["model.layers.0.mlp.up_proj.weight"].inputs[0].tensor == "model.layers.2.mlp.up_proj.weight"
+    assert t["model.layers.0.mlp.up_proj.weight"].inputs[1].tensor == "model.layers.0.mlp.up_proj.weight"
+    assert t["model.layers.0.mlp.up_proj.weight"].ctx.input_params[0]["weight"] == 0.9
+    assert t["model.layers.1.mlp.up_proj.weight"].ctx.input_params[0]["weight"] == 0.1
+    assert "model.layers.2.mlp.up_proj.weight" not in t
+    assert p.out_num_layers == 2
+
+
+def test_shards_split_by_bytes_and_named_like_mergekit(tiny_set) -> None:
+    base, ft1 = tiny_set[:2]
+    text = f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 1}}}}\n" \
+           f"  - {{model: {ft1}, parameters: {{weight: 1}}}}\n"
+    one = plan_of(text)
+    assert [s.name for s in one.shards] == ["model.safetensors"]
+    many = plan_of(text, max_shard_bytes=60_000)
+    n = len(many.shards)
+    assert n > 2 and many.shards[0].name == f"model-00001-of-{n:05d}.safetensors"
+    assert all(s.size - len(s.header) <= 60_000 for s in many.shards)
+    assert many.fingerprint != one.fingerprint
+    assert plan_of(text, max_shard_bytes=60_000).fingerprint == many.fingerprint
+
+
+def test_plan_errors_are_collected_and_specific(tiny_set, tmp_path) -> None:
+    base, ft1 = tiny_set[:2]
+    with pytest.raises(PlanError, match="missing required parameter 'weight'"):
+        plan_of(f"merge_method: linear\nmodels: [{{model: {base}}}, {{model: {ft1}, parameters: {{weight: 1}}}}]\n")
+    with pytest.raises(PlanError, match=r"goes past the 4 layers"):
+        plan_of(f"merge_method: linear\nslices: [{{sources: [{{model: {base}, layer_range: [0, 6]}}]}}]\n"
+                "parameters: {weight: 1}\n")
+    with pytest.raises(PlanError, match="slerp takes exactly 2 inputs"):
+        plan_of(f"merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {ft1}}}, "
+                f"{{model: {tiny_set[2]}}}]\nparameters: {{t: 0.5}}\n")
+    with pytest.raises(PlanError, match="listed twice"):
+        plan_of(f"merge_method: linear\nmodels: [{{model: {base}}}, {{model: {base}}}]\nparameters: {{weight: 1}}\n")
+    with pytest.raises(ConfigError, match="did you mean 'dare_ties'"):
+        plan_of(f"merge_method: dare_tie\nmodels: [{{model: {base}}}]\n")
+    with pytest.raises(ConfigError, match="does not implement yet"):
+        plan_of(f"merge_method: karcher\nmodels: [{{model: {base}}}]\n")
+
+
+def test_shape_mismatch_names_tensor_and_models(tiny_set, tmp_path) -> None:
+    other = str(tmp_path / "wide")
+    make_models.write_set([other], make_models.Shape(64, 160, 4, 4, 2, 200), seed=1)
+    with pytest.raises(PlanError) as e:
+        plan_of(f"merge_method: linear\nmodels: [{{model: {tiny_set[0]}}}, {{model: {other}}}]\n"
+                "parameters: {weight: 1}\n")
+    msg = str(e.value)
+    assert "model.embed_tokens.weight" in msg and "[128, 64]" in msg and "[200, 64]" in msg
+
+
+def test_missing_tensor_names_model(tiny_set, tmp_path) -> None:
+    small = str(tmp_path / "short")
+    make_models.write_set([small], make_models.Shape(64, 160, 4, 4, 2, 128, tie=True), seed=1)
+    p = plan_of(f"merge_method: linear\nmodels: [{{model: {small}}}, {{model: {tiny_set[1]}}}]\n"
+                "parameters: {weight: 1}\n")
+    head = by_name(p)["lm_head.weight"]  # the tied model contributes its embeddings (§3.5)
+    assert [i.tensor for i in head.inputs] == ["model.embed_tokens.weight", "lm_head.weight"]
+    os.remove(os.path.join(small, "model.safetensors.index.json"))
+    with pytest.raises(InputError, match="no model.safetensors"):
+        plan_of(f"merge_method: linear\nmodels: [{{model: {small}}}]\nparameters: {{weight: 1}}\n")
+
+
+def test_hub_ids_resolve_from_cache_with_revisions(tmp_path, monkeypatch) -> None:
+    cache = tmp_path / "hub"
+    snap = make_models.cache_folder(str(cache), "org/model")
+    os.makedirs(snap)
+    (cache / "models--org--model" / "refs" / "v2").write_text("feedbeef")
+    os.makedirs(cache / "models--org--model" / "snapshots" / "feedbeef")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert resolve_model(ModelRef("org/model")) == os.path.abspath(snap)
+    assert resolve_model(ModelRef("org/model", "v2")).endswith("feedbeef")
+    with pytest.raises(InputError) as e:
+        resolve_model(ModelRef("org/missing"))
+    assert str(cache / "models--org--missing") in str(e.value) and "huggingface-cli download" in str(e.value)

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""The seed merge end to end on models this script makes itself, printing each command it runs.
+
+1. makes the seed configs' 16 input models (Mistral-shaped, tiny by default) in a Hugging Face
+   cache layout under DEMO_DIR/hf-cache, so the configs run verbatim with no network;
+2. stage 1: `streammerge run mistral-7b-merge-14-v0.yml` (14-model DARE-TIES);
+3. registers the stage-1 output in the cache under the id stage 2 refers to;
+4. stage 2: `streammerge run mistral-7b-merge-14-v0.1.yml` (gradient SLERP);
+5. loads the result with transformers (if installed) and runs a forward pass.
+
+  python tools/demo.py [--dir demo] [--preset tiny32|small] [--max-memory 1GiB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import make_models  # noqa: E402
+
+EXAMPLES = [os.path.join(HERE, "..", "examples")]
+
+
+def find_example(name: str) -> str:
+    for d in EXAMPLES:
+        if os.path.isfile(os.path.join(d, name)):
+            return os.path.abspath(os.path.join(d, name))
+    raise SystemExit(f"cannot find {name} in {EXAMPLES}")
+
+
+def sh(args: list[str], env: dict[str, str]) -> None:
+    print("$ HF_HUB_CACHE=" + env["HF_HUB_CACHE"] + " " + shlex.join(args), flush=True)
+    subprocess.run(args, env=env, check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="demo")
+    ap.add_argument("--preset", default="tiny32", choices=["tiny32", "small"])
+    ap.add_argument("--max-memory", default=None)
+    a = ap.parse_args()
+    root = os.path.abspath(a.dir)
+    cache = os.path.join(root, "hf-cache")
+    env = dict(os.environ, HF_HUB_CACHE=cache)
+    if not os.path.isdir(cache):
+        print(f"making the 16 seed input models ({a.preset}) in {cache}", flush=True)
+        make_models.make_seed_cache(cache, make_models.PRESETS[a.preset])
+    mem = ["--max-memory", a.max_memory] if a.max_memory else []
+    exe = [sys.executable, "-m", "streammerge"]
+    stage1, stage2 = os.path.join(root, "stage1"), os.path.join(root, "stage2")
+    sh(exe + ["run", find_example("mistral-7b-merge-14-v0.yml"), stage1, "--overwrite", *mem], env)
+    make_models.link(cache, "EmbeddedLLM/Mistral-7B-Merge-14-v0", stage1)
+    sh(exe + ["run", find_example("mistral-7b-merge-14-v0.1.yml"), stage2, "--overwrite", *mem], env)
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        print("transformers is not installed; skipping the forward pass (pip install -e '.[test]')")
+        return
+    model = transformers.AutoModelForCausalLM.from_pretrained(stage2)
+    tok = transformers.AutoTokenizer.from_pretrained(stage2)
+    ids = tok("w5 w17 w40", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    print(f"transformers loaded {stage2}: {model.config.num_hidden_layers} layers, logits {tuple(logits.shape)}, "
+          f"finite: {bool(torch.isfinite(logits).all())}")
+
+
+if __name__ == "__main__":
+    main()
