@@ -74,6 +74,18 @@ def chunk_rows(plan: Plan, task: Task, budget_bytes: int) -> int:
     return max(1, min(task.rows, budget_bytes // cost))
 
 
+def peak_rss() -> int:
+    """The process's peak resident memory (the kernel's high-water mark where it keeps one)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(psutil.Process().memory_info().rss)
+
+
 def default_max_memory() -> int:
     """Half of the memory available now: leaves room for the page cache and other programs."""
     return psutil.virtual_memory().available // 2
@@ -95,7 +107,6 @@ class Executor:
         self.chunk_bytes = chunk_bytes
         self.progress = progress or (lambda _msg: None)
         self.overwrite, self.restart = overwrite, restart
-        self.peak_rss = 0
 
     def run(self) -> RunStats:
         start = time.monotonic()
@@ -139,8 +150,8 @@ class Executor:
                 m.index.close()
         manifest_hash = finalize(self.plan, self.out_dir, hashes, shard_hashes)
         shutil.rmtree(os.path.join(self.out_dir, WORK_DIR), ignore_errors=True)
-        return RunStats(time.monotonic() - start, len(self.plan.tasks), resumed, written,
-                        max(self.peak_rss, psutil.Process().memory_info().rss), manifest_hash)
+        return RunStats(time.monotonic() - start, len(self.plan.tasks), resumed, written, peak_rss(),
+                        manifest_hash)
 
     def _prepare_output(self) -> None:
         out = self.out_dir
@@ -187,7 +198,6 @@ class Executor:
             h.update(data)
             shard_hash.update(data)
             offset += data.nbytes
-            self.peak_rss = max(self.peak_rss, psutil.Process().memory_info().rss)
         if offset != task.begin + task.nbytes:
             raise RuntimeError(f"internal error: {task.name} wrote {offset - task.begin} of {task.nbytes} bytes")
         w.sync()

@@ -30,18 +30,28 @@ def stream_key(seed: int, input_position: int, tensor_name: str) -> int:
     return _signed(digest)
 
 
-def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
-    return (z >> s) & ((1 << (64 - s)) - 1)
-
-
 def draws53(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """53-bit uniform integers in [0, 2^53) for flat indices start..start+count-1 (int64)."""
-    idx = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
-    z = idx * _signed(_GAMMA) + key
-    z = (z ^ _shr(z, 30)) * _signed(_M1)
-    z = (z ^ _shr(z, 27)) * _signed(_M2)
-    z = z ^ _shr(z, 31)
-    return _shr(z, 11)
+    """53-bit uniform integers in [0, 2^53) for flat indices start..start+count-1 (int64).
+
+    In-place arithmetic on one scratch buffer: fresh temporaries per step cost more in page
+    faults than the arithmetic itself.
+    """
+    z = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
+    z.mul_(_signed(_GAMMA)).add_(key)
+    tmp = torch.empty_like(z)
+    for shift, mult in ((30, _M1), (27, _M2)):
+        _xor_shr(z, shift, tmp)
+        z.mul_(_signed(mult))
+    _xor_shr(z, 31, tmp)
+    torch.bitwise_right_shift(z, 11, out=tmp)
+    return tmp.bitwise_and_((1 << 53) - 1)
+
+
+def _xor_shr(z: torch.Tensor, s: int, tmp: torch.Tensor) -> None:
+    """z ^= z >>> s (logical shift), using tmp as scratch."""
+    torch.bitwise_right_shift(z, s, out=tmp)
+    tmp.bitwise_and_((1 << (64 - s)) - 1)
+    z.bitwise_xor_(tmp)
 
 
 def keep_threshold(probability: float) -> int:
