@@ -105,7 +105,8 @@ _verbose = click.option("-v", "--verbose", count=True, help="Show tracebacks for
 def run(config_path: str, out: str, max_memory: int | None, out_shard_size: int, seed: int, overwrite: bool,
         restart: bool, quiet: bool, verbose: int) -> None:
     """Merge the models CONFIG describes into the folder OUT."""
-    from .executor import Executor, default_max_memory
+    from .budget import default_max_memory
+    from .executor import Executor
 
     plan = make_plan(_load(config_path), out_shard_size, seed)
     budget = max_memory or default_max_memory()
@@ -127,21 +128,26 @@ def run(config_path: str, out: str, max_memory: int | None, out_shard_size: int,
 def plan(config_path: str, max_memory: int | None, out_shard_size: int, seed: int, as_json: bool,
          verbose: int) -> None:
     """Show what merging CONFIG will do, reading no tensor data."""
-    from .executor import default_max_memory, min_budget
+    from .budget import baseline_bytes, chunk_budget, default_max_memory, expected_peak, smallest_budget, widest_row
 
     p = make_plan(_load(config_path), out_shard_size, seed)
-    need, worst = min_budget(p)
+    need, worst = widest_row(p)
     budget = max_memory or default_max_memory()
+    base = baseline_bytes()
+    smallest = smallest_budget(p, base)
+    peak = expected_peak(p, chunk_budget(p, budget, base), base)
     if as_json:
-        click.echo(json.dumps(_plan_json(p, need, budget), indent=2))
+        click.echo(json.dumps(_plan_json(p, budget, peak, smallest), indent=2))
         return
     click.echo(f"method: {p.method.name}    models: {len(p.models)}    tensors: {len(p.tasks)}")
     for i, m in enumerate(p.models):
         click.echo(f"  model {i}: {m.ref}  ({m.folder})")
     click.echo(f"output: {p.total_bytes / 1e9:.3f} GB in {len(p.shards)} shard(s): "
                + ", ".join(s.name for s in p.shards))
-    click.echo(f"memory: budget {budget / 2**20:.0f} MiB; one row of the widest task "
-               f"({worst.name if worst else '-'}) needs {need / 2**20:.2f} MiB")
+    default = "" if max_memory else " (default: half the available RAM)"
+    click.echo(f"memory: --max-memory {budget / 2**20:.0f} MiB{default}"
+               f", expected peak {peak / 2**20:.0f} MiB; smallest that works {-(-smallest // 2**20)} MiB "
+               f"(one row of {worst.name if worst else '-'} needs {need / 2**20:.2f} MiB)")
     click.echo("tensors:")
     for t in p.tasks:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.ctx.shared.items())
@@ -153,11 +159,12 @@ def _fmt(v: object) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def _plan_json(p: Plan, need: int, budget: int) -> dict[str, object]:
+def _plan_json(p: Plan, budget: int, peak: int, smallest: int) -> dict[str, object]:
     return {
         "fingerprint": p.fingerprint, "method": p.method.name, "seed": p.seed,
         "models": [{"ref": str(m.ref), "folder": m.folder} for m in p.models],
-        "output_bytes": p.total_bytes, "min_row_bytes": need, "budget_bytes": budget,
+        "output_bytes": p.total_bytes, "max_memory_bytes": budget, "expected_peak_bytes": peak,
+        "smallest_max_memory_bytes": smallest,
         "shards": [{"name": s.name, "size": s.size, "tensors": len(s.tasks)} for s in p.shards],
         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.out_dtype, "shard": p.shards[t.shard].name,
                      "offset": t.begin, "inputs": [[str(p.models[i.model].ref), i.tensor] for i in t.inputs],

@@ -12,21 +12,20 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psutil
 import torch
 import xxhash
 
-from .dtypes import itemsize, torch_dtype
+from .budget import chunk_budget, chunk_rows, widest_row
+from .dtypes import torch_dtype
 from .errors import OutputError, PlanError
 from .journal import WORK_DIR, Entry, Journal
 from .output import MANIFEST, OWNED_FILES, finalize, finished_output
 from .plan import Plan, Task
 from .writer import ShardWriter
-
-RESERVE_BYTES = 64 << 20  # allocator slack and small objects beyond the chunk buffers
 
 
 @dataclass(frozen=True)
@@ -44,36 +43,6 @@ class RunStats:
 Progress = Callable[[str], None]
 
 
-def row_cost(plan: Plan, task: Task) -> int:
-    """Bytes held per row of a chunk: inputs raw and in compute dtype, temporaries, output."""
-    op = plan.method.make(task.ctx) if not task.copy_exact else None
-    csize = 8 if task.compute == "F64" else 4
-    n = len(task.inputs)
-    raw = max(itemsize(i.dtype) for i in task.inputs)
-    per_input = csize * (1 + (op.temp_per_input if op else 0)) + raw
-    fixed = csize * (op.temp_fixed if op else 1) + itemsize(task.out_dtype)
-    return int(task.cols * (n * per_input + fixed)) + 64
-
-
-def min_budget(plan: Plan) -> tuple[int, Task | None]:
-    """The smallest chunk budget that fits one row of every task, and the task that needs it."""
-    worst, which = 0, None
-    for t in plan.tasks:
-        c = row_cost(plan, t)
-        if c > worst:
-            worst, which = c, t
-    return worst, which
-
-
-def chunk_rows(plan: Plan, task: Task, budget_bytes: int) -> int:
-    """Rows per chunk for `task` within `budget_bytes` of chunk buffers."""
-    cost = row_cost(plan, task)
-    if budget_bytes < cost:
-        raise PlanError(f"tensor {task.name!r}: one row needs {cost} bytes of working memory but the budget "
-                        f"leaves {budget_bytes}; raise --max-memory")
-    return max(1, min(task.rows, budget_bytes // cost))
-
-
 def peak_rss() -> int:
     """The process's peak resident memory (the kernel's high-water mark where it keeps one)."""
     try:
@@ -84,16 +53,6 @@ def peak_rss() -> int:
     except OSError:
         pass
     return int(psutil.Process().memory_info().rss)
-
-
-def default_max_memory() -> int:
-    """Half of the memory available now: leaves room for the page cache and other programs."""
-    return psutil.virtual_memory().available // 2
-
-
-def chunk_budget(max_memory: int) -> int:
-    """What chunk buffers may use: the budget less what the process already holds."""
-    return max_memory - psutil.Process().memory_info().rss - RESERVE_BYTES
 
 
 class Executor:
@@ -111,13 +70,10 @@ class Executor:
     def run(self) -> RunStats:
         start = time.monotonic()
         self._prepare_output()
-        budget = self.chunk_bytes if self.chunk_bytes is not None else chunk_budget(self.max_memory)
-        need, task = min_budget(self.plan)
-        if budget < need:
-            assert task is not None
-            raise PlanError(f"--max-memory {self.max_memory} leaves {max(budget, 0)} bytes for merging, but tensor "
-                            f"{task.name!r} needs {need} per row; raise --max-memory to at least "
-                            f"{self.max_memory - budget + need}")
+        if self.chunk_bytes is not None:
+            budget = max(self.chunk_bytes, widest_row(self.plan)[0])
+        else:
+            budget = chunk_budget(self.plan, self.max_memory)
         summary = {"config": self.plan.config.text, "seed": self.plan.seed}
         journal = Journal(self.out_dir, self.plan.fingerprint, summary)
         resumed = sum(1 for t in self.plan.tasks if journal.done(t.name, t.fingerprint))
@@ -194,18 +150,28 @@ class Executor:
             chunks = self._merge_chunks(task, rows)
         for y in chunks:
             data = y.to(out_dt).contiguous().view(torch.uint8).numpy()
+            del y  # the next chunk is read while this loop variable would still hold it
             w.write(offset, data)
             h.update(data)
             shard_hash.update(data)
             offset += data.nbytes
+            del data
         if offset != task.begin + task.nbytes:
             raise RuntimeError(f"internal error: {task.name} wrote {offset - task.begin} of {task.nbytes} bytes")
         w.sync()
         return Entry(task.name, task.fingerprint, self.plan.shards[task.shard].name, task.begin, task.nbytes,
                      h.hexdigest())
 
-    def _merge_chunks(self, task: Task, rows: int):  # type: ignore[no-untyped-def]
+    def _merge_chunks(self, task: Task, rows: int) -> Iterator[torch.Tensor]:
         op = self.plan.method.make(task.ctx)
+        if rows >= task.rows:
+            # The whole tensor fits: read it once; statistics passes leave x untouched.
+            x = self._read(task, 0, task.rows)
+            for p in range(op.stat_passes):
+                op.observe(p, x, 0)
+                op.end_pass(p)
+            yield op.apply(x, 0)
+            return
         spans = [(r, min(task.rows, r + rows)) for r in range(0, task.rows, rows)]
         for p in range(op.stat_passes):
             for r0, r1 in spans:
@@ -214,7 +180,7 @@ class Executor:
         for r0, r1 in spans:
             yield op.apply(self._read(task, r0, r1), r0)
 
-    def _copy_chunks(self, task: Task, rows: int):  # type: ignore[no-untyped-def]
+    def _copy_chunks(self, task: Task, rows: int) -> Iterator[torch.Tensor]:
         for r0 in range(0, task.rows, rows):
             r1 = min(task.rows, r0 + rows)
             parts = [self.plan.models[i.model].index.read_rows(i.tensor, r0, r1) for i in task.inputs]

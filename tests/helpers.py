@@ -29,6 +29,8 @@ def run_chunked(method: str, ctx: TaskContext, x: torch.Tensor, chunk_rows: int)
     spans = [(r, min(rows, r + chunk_rows)) for r in range(0, rows, chunk_rows)]
     for p in range(op.stat_passes):
         for r0, r1 in spans:
-            op.observe(p, x[:, r0:r1].clone(), r0)
+            chunk = x[:, r0:r1].clone()
+            op.observe(p, chunk, r0)
+            assert torch.equal(chunk, x[:, r0:r1]), "a statistics pass modified its input"
         op.end_pass(p)
     return torch.cat([op.apply(x[:, r0:r1].clone(), r0) for r0, r1 in spans])

@@ -17,9 +17,10 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
+from streammerge.budget import widest_row
 from streammerge.cli import main
 from streammerge.config import parse_config
-from streammerge.executor import Executor, min_budget
+from streammerge.executor import Executor
 from streammerge.plan import make_plan
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
@@ -151,7 +152,7 @@ def test_output_bytes_do_not_depend_on_chunking(seed_cache, stage1, tmp_path) ->
         outs = []
         for k, factor in enumerate([1, 3, None]):
             plan = make_plan(parse_config(read(STAGE1)), max_shard_bytes=300_000)
-            need, _ = min_budget(plan)
+            need, _ = widest_row(plan)
             out = str(tmp_path / f"o{k}")
             Executor(plan, out, 1 << 34, chunk_bytes=need * factor if factor else 1 << 30).run()
             outs.append(out)

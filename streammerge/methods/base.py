@@ -49,13 +49,12 @@ class MergeOp:
     """One output tensor's merge, fed row chunks. Subclasses override what they need."""
 
     stat_passes = 0
-    # float32 row-buffers the kernel allocates beyond the inputs, per input row and per
-    # output row: the executor's memory model is rows·cols·(n_inputs·(1 + per_input) + fixed)
-    temp_per_input = 0.0
+    # compute-dtype rows the kernel holds beyond its inputs, at its peak in any pass, measured
+    # with tools/calibrate_memory.py: the budget's cost model is rows·cols·(n_inputs + temp_fixed)
     temp_fixed = 1.0
 
     def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
-        """Statistics pass `pass_idx` sees rows row0.. of every input."""
+        """Statistics pass `pass_idx` sees rows row0.. of every input; must not modify x."""
 
     def end_pass(self, pass_idx: int) -> None:
         """Statistics pass `pass_idx` has seen every row."""

@@ -18,11 +18,12 @@ from .base import MergeOp, MethodDef, TaskContext
 from .rng import stream_key
 from .sparsify import Magnitude, RandomDrop, Sparsifier
 
+# float32 rows held beyond the inputs, measured per sparsifier (tools/calibrate_memory.py)
+# and rounded up: sums, signs and divisors; int64 draws or bit patterns of one input at a time.
+_TEMP_ROWS = {"none": 3.0, "magnitude": 8.0, "magnitude_rescale": 9.0, "random": 7.0}
+
 
 class TaskArithmetic(MergeOp):
-    temp_per_input = 0.5  # masks, bit patterns of one input at a time
-    temp_fixed = 4.0  # sum, consensus sign, divisor, output
-
     def __init__(self, ctx: TaskContext, sparsify: str, consensus: bool) -> None:
         self.base = ctx.base
         self.others = ctx.others
@@ -42,6 +43,7 @@ class TaskArithmetic(MergeOp):
             else:
                 self.sparsifiers.append(Sparsifier())
         self.stat_passes = max([s.stat_passes for s in self.sparsifiers] + [0])
+        self.temp_fixed = _TEMP_ROWS[sparsify + ("_rescale" if rescale and sparsify == "magnitude" else "")]
 
     def _delta(self, x: torch.Tensor, j: int) -> torch.Tensor:
         return x[self.others[j]] - x[self.base]
