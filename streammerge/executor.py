@@ -149,7 +149,8 @@ class Executor:
         else:
             chunks = self._merge_chunks(task, rows)
         for y in chunks:
-            data = y.to(out_dt).contiguous().view(torch.uint8).numpy()
+            # ndarray has the buffer protocol; numpy's stubs for Python 3.11 do not say so
+            data = memoryview(y.to(out_dt).contiguous().view(torch.uint8).numpy().reshape(-1))  # type: ignore[arg-type]
             del y  # the next chunk is read while this loop variable would still hold it
             w.write(offset, data)
             h.update(data)
