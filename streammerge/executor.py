@@ -69,11 +69,11 @@ class Executor:
 
     def run(self) -> RunStats:
         start = time.monotonic()
-        self._prepare_output()
         if self.chunk_bytes is not None:
             budget = max(self.chunk_bytes, widest_row(self.plan)[0])
         else:
-            budget = chunk_budget(self.plan, self.max_memory)
+            budget = chunk_budget(self.plan, self.max_memory)  # fails before OUT is touched
+        self._prepare_output()
         summary = {"config": self.plan.config.text, "seed": self.plan.seed}
         journal = Journal(self.out_dir, self.plan.fingerprint, summary)
         resumed = sum(1 for t in self.plan.tasks if journal.done(t.name, t.fingerprint))

@@ -1,0 +1,60 @@
+"""The command line (click's CliRunner): plan output and JSON, byte-size options, the budget
+check at plan time, and exit codes with messages instead of tracebacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from streammerge.cli import ByteSize, main
+
+
+def config(tmp_path, folders: list[str], method: str = "ties") -> str:
+    models = "\n".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5}}" for f in folders[1:])
+    path = tmp_path / "merge.yml"
+    path.write_text(f"merge_method: {method}\nbase_model: {folders[0]}\nmodels:\n  - model: {folders[0]}\n{models}\n")
+    return str(path)
+
+
+def test_plan_shows_tensors_shards_and_memory(tiny_set, tmp_path) -> None:
+    r = CliRunner().invoke(main, ["plan", config(tmp_path, tiny_set), "--max-memory", "2GiB"])
+    assert r.exit_code == 0, r.output
+    assert "method: ties    models: 4    tensors: 39" in r.output
+    assert "--max-memory 2048 MiB, expected peak" in r.output and "smallest that works" in r.output
+    assert "model.layers.3.mlp.up_proj.weight  [160, 64] BF16" in r.output
+
+
+def test_plan_json(tiny_set, tmp_path) -> None:
+    r = CliRunner().invoke(main, ["plan", config(tmp_path, tiny_set), "--json", "--out-shard-size", "100K"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.output)
+    assert p["method"] == "ties" and len(p["tensors"]) == 39 and len(p["shards"]) > 1
+    assert p["smallest_max_memory_bytes"] <= p["expected_peak_bytes"]
+    assert p["tensors"][0]["per_input"][1] == {"weight": 0.5, "density": 0.5}
+
+
+def test_budget_too_small_fails_at_plan_time_naming_tensor(tiny_set, tmp_path) -> None:
+    out = tmp_path / "out"
+    for cmd in (["plan", config(tmp_path, tiny_set)], ["run", config(tmp_path, tiny_set), str(out)]):
+        r = CliRunner().invoke(main, [*cmd, "--max-memory", "10M"])
+        assert r.exit_code == 5
+        assert "--max-memory 9MiB is too small: tensor" in r.output and "use at least --max-memory" in r.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text,value", [("512M", 512 * 10**6), ("2GiB", 2 * 2**30), ("5B", 5 * 10**9),
+                                        ("1000", 1000), ("1.5kib", 1536)])
+def test_byte_sizes(text, value) -> None:
+    assert ByteSize().convert(text, None, None) == value
+
+
+def test_bad_byte_size_is_a_usage_error(tiny_set, tmp_path) -> None:
+    r = CliRunner().invoke(main, ["plan", config(tmp_path, tiny_set), "--max-memory", "lots"])
+    assert r.exit_code == 2 and "'lots' is not a size" in r.output
+
+
+def test_missing_config_file(tmp_path) -> None:
+    r = CliRunner().invoke(main, ["plan", str(tmp_path / "nope.yml")])
+    assert r.exit_code == 3 and "cannot read the config file" in r.output
