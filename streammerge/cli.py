@@ -16,8 +16,9 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import ConfigWarning, MergeConfig, parse_config
-from .errors import ConfigError, StreamMergeError
+from .config import ConfigWarning, MergeConfig, parse_documents
+from .errors import ConfigError, OutputError, StreamMergeError
+from .executor import RunStats
 from .plan import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, make_plan
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "b": 10**9,
@@ -39,13 +40,14 @@ class ByteSize(click.ParamType):
         return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _load(config_path: str) -> MergeConfig:
+def _load(config_path: str) -> list[MergeConfig]:
+    """The configs in a file: one, or a pipeline's stages."""
     try:
         with open(config_path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError([f"cannot read the config file ({e.strerror})"], config_path) from e
-    return parse_config(text, config_path)
+    return parse_documents(text, config_path)
 
 
 def _guard(fn: Callable[..., None]) -> Callable[..., None]:
@@ -99,22 +101,82 @@ _verbose = click.option("-v", "--verbose", count=True, help="Show tracebacks for
 @_seed
 @click.option("--overwrite", is_flag=True, help="Replace a finished output in OUT.")
 @click.option("--restart", is_flag=True, help="Discard an unfinished run in OUT instead of resuming it.")
+@click.option("--intermediate-dir", type=click.Path(file_okay=False), default=None,
+              help="Pipelines: where earlier stages are written (default: OUT.stages/).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and the final summary.")
 @_verbose
 @_guard
 def run(config_path: str, out: str, max_memory: int | None, out_shard_size: int, seed: int, overwrite: bool,
-        restart: bool, quiet: bool, verbose: int) -> None:
-    """Merge the models CONFIG describes into the folder OUT."""
+        restart: bool, intermediate_dir: str | None, quiet: bool, verbose: int) -> None:
+    """Merge the models CONFIG describes into the folder OUT.
+
+    Rerunning the same command after an interruption resumes where it stopped. CONFIG may be
+    a pipeline: several YAML documents, each with a `name` later ones can use as a model.
+    """
     from .budget import default_max_memory
     from .executor import Executor
+    from .pipeline import run_pipeline
 
-    plan = make_plan(_load(config_path), out_shard_size, seed)
+    configs = _load(config_path)
     budget = max_memory or default_max_memory()
     progress = None if quiet else (lambda msg: click.echo(msg, err=True))
-    stats = Executor(plan, out, budget, progress, overwrite=overwrite, restart=restart).run()
-    click.echo(f"done: {stats.tensors} tensors ({stats.resumed} resumed), {plan.total_bytes / 1e9:.3f} GB in "
-               f"{len(plan.shards)} shard(s), {stats.seconds:.1f} s, peak RSS {stats.peak_rss / 2**20:.0f} MiB, "
-               f"manifest xxh3-128 {stats.manifest_hash}", err=True)
+    if len(configs) > 1:
+        results = run_pipeline(configs, out, budget, progress, intermediate_dir, overwrite, restart,
+                               out_shard_size, seed)
+        for i, st in enumerate(results):
+            _summary(st, f"stage {i + 1}: ")
+        return
+    plan = make_plan(configs[0], out_shard_size, seed)
+    _summary(Executor(plan, out, budget, progress, overwrite=overwrite, restart=restart).run(), "", plan)
+
+
+def _summary(stats: RunStats, prefix: str, plan: Plan | None = None) -> None:
+    if stats.up_to_date:
+        click.echo(f"{prefix}up to date: {stats.tensors} tensors, nothing to do", err=True)
+        return
+    size = f", {plan.total_bytes / 1e9:.3f} GB in {len(plan.shards)} shard(s)" if plan else ""
+    click.echo(f"{prefix}done: {stats.tensors} tensors ({stats.resumed} resumed){size}, {stats.seconds:.1f} s, "
+               f"peak RSS {stats.peak_rss / 2**20:.0f} MiB, manifest xxh3-128 {stats.manifest_hash}", err=True)
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, exists=True))
+@click.option("--inputs", "check_inputs", is_flag=True, help="Also check the inputs still hold what the merge read.")
+@_verbose
+@_guard
+def verify(out: str, check_inputs: bool, verbose: int) -> None:
+    """Re-hash every tensor and shard of OUT against its streammerge.manifest.json."""
+    from .verify import verify as run_verify
+
+    rep = run_verify(out, check_inputs)
+    extra = f", {rep.inputs_checked} input model(s)" if check_inputs else ""
+    click.echo(f"ok: {rep.tensors} tensors in {rep.shards} shard(s){extra} match the manifest")
+
+
+@main.command("hash")
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--sha256", is_flag=True, help="Also the sha256 of each shard, as the Hugging Face Hub shows it.")
+@click.option("--write", "write_to", is_flag=True,
+              help=f"Write MODEL_DIR/{'streammerge.manifest.json'} (so `streammerge verify` can check it later).")
+@_verbose
+@_guard
+def hash_cmd(model_dir: str, sha256: bool, write_to: bool, verbose: int) -> None:
+    """Print (or write) a manifest of any safetensors model folder: xxh3-128 per tensor and shard."""
+    import os
+
+    from .output import MANIFEST
+    from .verify import hash_folder
+
+    text = json.dumps(hash_folder(model_dir, sha256), indent=2, sort_keys=True) + "\n"
+    if not write_to:
+        click.echo(text, nl=False)
+        return
+    path = os.path.join(model_dir, MANIFEST)
+    if os.path.exists(path):
+        raise OutputError(f"{path} exists; remove it first if you mean to replace it")
+    with open(path, "w") as f:
+        f.write(text)
+    click.echo(f"wrote {path}")
 
 
 @main.command()
@@ -130,7 +192,11 @@ def plan(config_path: str, max_memory: int | None, out_shard_size: int, seed: in
     """Show what merging CONFIG will do, reading no tensor data."""
     from .budget import baseline_bytes, chunk_budget, default_max_memory, expected_peak, smallest_budget, widest_row
 
-    p = make_plan(_load(config_path), out_shard_size, seed)
+    configs = _load(config_path)
+    if len(configs) > 1:
+        click.echo(f"pipeline of {len(configs)} stages: {', '.join(c.name or '?' for c in configs)}; "
+                   "planning the first (later stages read earlier outputs)")
+    p = make_plan(configs[0], out_shard_size, seed)
     need, worst = widest_row(p)
     budget = max_memory or default_max_memory()
     base = baseline_bytes()

@@ -8,6 +8,7 @@ Each problem names its path in the file, e.g. `models[3].parameters.density`.
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -319,6 +320,42 @@ class _Parser:
         if v == "base":
             return "base"
         return self.model_ref(v, path)
+
+
+_DOC_SEPARATOR = re.compile(r"^---[ \t]*(?:#.*)?$\n?", re.MULTILINE)
+
+
+def parse_documents(text: str, source: str = "config") -> list[MergeConfig]:
+    """Parse one config, or a pipeline: several YAML documents (`---`), each with a `name`.
+
+    In a pipeline (mergekit-multi's format) a later document may use an earlier one's name
+    as a model; every document but the last must be named, names are unique.
+
+    Raises:
+        ConfigError: every problem of every document, each prefixed with its document.
+    """
+    parts = [p for p in _DOC_SEPARATOR.split(text) if _has_content(p)]
+    if len(parts) <= 1:
+        return [parse_config(parts[0] if parts else text, source)]
+    configs, problems = [], []
+    for i, part in enumerate(parts):
+        try:
+            configs.append(parse_config(part, source))
+        except ConfigError as e:
+            problems += [f"document {i + 1}: {p}" for p in e.problems]
+    names = [c.name for c in configs]
+    for i, c in enumerate(configs[:-1]):
+        if not c.name:
+            problems.append(f"document {i + 1}: name: required in a pipeline, so later stages can refer to it")
+    dupes = sorted({n for n in names if n and names.count(n) > 1})
+    problems += [f"name: {n!r} is used by more than one document" for n in dupes]
+    if problems:
+        raise ConfigError(problems, source)
+    return configs
+
+
+def _has_content(doc: str) -> bool:
+    return any(line.strip() and not line.lstrip().startswith("#") for line in doc.splitlines())
 
 
 def check_parameters(cfg: MergeConfig, specs: dict[str, ParamSpec]) -> list[str]:

@@ -1,10 +1,11 @@
 """Run a Plan: stream each task's row chunks through its method and into the output shards.
 
-Imports plan, methods, index, writer, journal, output, dtypes, errors (and torch, psutil,
-xxhash). The only module that does both I/O and compute. Tasks run in output-file order;
-each picks `chunk_rows` from the budget and its per-row cost, runs its statistics passes,
-then the apply pass, casting each chunk to the output dtype and handing its bytes to the
-writer while a streaming xxh3-128 hasher sees them. Journaled tensors are skipped.
+Imports plan, budget, methods, index, writer, journal, output, dtypes, errors (and torch,
+psutil, xxhash). The only module that does both I/O and compute. Tasks run in output-file
+order; each picks `chunk_rows` from the budget and its per-row cost, runs its statistics
+passes, then the apply pass, casting each chunk to the output dtype and handing its bytes to
+the writer while a streaming xxh3-128 hasher sees them. The pass that reads every input row
+once also hashes the input bytes. Journaled tensors are skipped on a rerun.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import xxhash
 from .budget import chunk_budget, chunk_rows, widest_row
 from .dtypes import torch_dtype
 from .errors import OutputError, PlanError
-from .journal import WORK_DIR, Entry, Journal
-from .output import MANIFEST, OWNED_FILES, finalize, finished_output
+from .journal import WORK_DIR, Entry, Journal, RunLock, crash_point
+from .output import INPUT_KEY_SEP, MANIFEST, OWNED_FILES, finalize, finished_output, manifest_fingerprint
 from .plan import Plan, Task
-from .writer import ShardWriter
+from .writer import PARTIAL, ShardWriter
+
+HASH_READ_BYTES = 64 << 20  # re-hashing journaled tensors on resume reads this much at a time
 
 
 @dataclass(frozen=True)
@@ -34,10 +37,11 @@ class RunStats:
 
     seconds: float
     tensors: int
-    resumed: int  # tensors taken from the journal
+    resumed: int  # tensors kept from an earlier, interrupted run
     bytes_written: int
     peak_rss: int
     manifest_hash: str
+    up_to_date: bool = False  # OUT already held this exact merge; nothing was done
 
 
 Progress = Callable[[str], None]
@@ -56,11 +60,22 @@ def peak_rss() -> int:
 
 
 class Executor:
-    """Runs one plan into one output folder."""
+    """Runs one plan into one output folder.
+
+    Example:
+        >>> stats = Executor(make_plan(cfg), "merged", max_memory=2 << 30).run()
+    """
 
     def __init__(self, plan: Plan, out_dir: str, max_memory: int, progress: Progress | None = None,
-                 overwrite: bool = False, restart: bool = False, chunk_bytes: int | None = None) -> None:
-        """`chunk_bytes`, if given, is the chunk budget itself (tests and benchmarks fix chunking with it)."""
+                 overwrite: bool = False, restart: bool = False, chunk_bytes: int | None = None,
+                 replace_changed: bool = False) -> None:
+        """Args:
+            overwrite: replace a finished output, even an identical one.
+            restart: discard an unfinished run in OUT instead of resuming it.
+            chunk_bytes: the chunk budget itself (tests and benchmarks fix chunking with it).
+            replace_changed: replace a finished output made from another plan (a pipeline's own stages).
+        """
+        self.replace_changed = replace_changed
         self.plan, self.out_dir = plan, out_dir
         self.max_memory = max_memory
         self.chunk_bytes = chunk_bytes
@@ -73,101 +88,142 @@ class Executor:
             budget = max(self.chunk_bytes, widest_row(self.plan)[0])
         else:
             budget = chunk_budget(self.plan, self.max_memory)  # fails before OUT is touched
-        self._prepare_output()
-        summary = {"config": self.plan.config.text, "seed": self.plan.seed}
-        journal = Journal(self.out_dir, self.plan.fingerprint, summary)
-        resumed = sum(1 for t in self.plan.tasks if journal.done(t.name, t.fingerprint))
-        if resumed:
-            self.progress(f"resuming: {resumed} of {len(self.plan.tasks)} tensors already done")
-        hashes: dict[str, str] = {}
+        if self._up_to_date():
+            return RunStats(time.monotonic() - start, len(self.plan.tasks), 0, 0, peak_rss(), "", up_to_date=True)
+        lock = self._prepare_output()
+        try:
+            summary = {"config": self.plan.config.text, "seed": self.plan.seed}
+            journal = Journal(self.out_dir, self.plan.fingerprint, self.plan.layout_fingerprint, summary)
+            try:
+                kept, written, entries, shard_hashes = self._run_tasks(journal, budget)
+            finally:
+                journal.close()
+                for m in self.plan.models:
+                    m.index.close()
+            crash_point("tasks-done")
+            manifest_hash = finalize(self.plan, self.out_dir, entries, shard_hashes)
+            shutil.rmtree(os.path.join(self.out_dir, WORK_DIR))
+            crash_point("finished")
+        finally:
+            lock.release()
+        return RunStats(time.monotonic() - start, len(self.plan.tasks), kept, written, peak_rss(), manifest_hash)
+
+    def _run_tasks(self, journal: Journal, budget: int) -> tuple[int, int, dict[str, Entry], dict[str, str]]:
+        tasks = self.plan.tasks
+        kept = sum(1 for t in tasks if journal.done(t.name, t.fingerprint))
+        if journal.resumed:
+            changed = sum(1 for t in tasks if t.name in journal.entries and not journal.done(t.name, t.fingerprint))
+            self.progress(f"resuming an interrupted run: {kept} of {len(tasks)} tensors already done"
+                          + (f", {changed} changed since and recomputed" if changed else "")
+                          + f", {len(tasks) - kept - changed} still to do")
+        entries: dict[str, Entry] = {}
         shard_hashes: dict[str, str] = {}
         written = 0
-        try:
-            for shard in self.plan.shards:
-                with ShardWriter(self.out_dir, shard) as w:
-                    h = xxhash.xxh3_128(shard.header)
-                    for ti in shard.tasks:
-                        t = self.plan.tasks[ti]
-                        entry = journal.done(t.name, t.fingerprint)
-                        if entry is None:
-                            entry = self._run_task(t, w, h, budget)
-                            journal.append(entry)
-                            written += t.nbytes
-                            self.progress(f"[{ti + 1}/{len(self.plan.tasks)}] {t.name}")
-                        else:
-                            for off in range(0, t.nbytes, 64 << 20):
-                                h.update(w.read(t.begin + off, min(64 << 20, t.nbytes - off)))
-                        hashes[t.name] = entry.xxh3_128
-                    w.sync()
-                    shard_hashes[shard.name] = h.hexdigest()
-        finally:
-            journal.close()
-            for m in self.plan.models:
-                m.index.close()
-        manifest_hash = finalize(self.plan, self.out_dir, hashes, shard_hashes)
-        shutil.rmtree(os.path.join(self.out_dir, WORK_DIR), ignore_errors=True)
-        return RunStats(time.monotonic() - start, len(self.plan.tasks), resumed, written, peak_rss(),
-                        manifest_hash)
+        for shard in self.plan.shards:
+            self._unrename(shard.name)
+            with ShardWriter(self.out_dir, shard) as w:
+                h = xxhash.xxh3_128(shard.header)
+                for ti in shard.tasks:
+                    t = tasks[ti]
+                    entry = journal.done(t.name, t.fingerprint)
+                    if entry is None:
+                        entry = self._run_task(t, w, h, budget)
+                        journal.append(entry)
+                        written += t.nbytes
+                        self.progress(f"[{ti + 1}/{len(tasks)}] {t.name}")
+                    else:
+                        for off in range(0, t.nbytes, HASH_READ_BYTES):
+                            h.update(w.read(t.begin + off, min(HASH_READ_BYTES, t.nbytes - off)))
+                    entries[t.name] = entry
+                w.sync()
+                shard_hashes[shard.name] = h.hexdigest()
+                crash_point("shard-synced")
+        return kept, written, entries, shard_hashes
 
-    def _prepare_output(self) -> None:
+    def _unrename(self, shard_name: str) -> None:
+        """A kill during finalisation may have renamed a shard already; it is still ours to finish."""
+        final = os.path.join(self.out_dir, shard_name)
+        partial = final + PARTIAL
+        if os.path.exists(final) and not os.path.exists(partial):
+            os.replace(final, partial)
+
+    def _up_to_date(self) -> bool:
+        if not finished_output(self.out_dir):
+            return False
+        if manifest_fingerprint(self.out_dir) == self.plan.fingerprint and not self.overwrite:
+            self.progress(f"{self.out_dir} already holds this exact merge (plan {self.plan.fingerprint[:12]}); "
+                          "nothing to do")
+            return True
+        if not (self.overwrite or self.replace_changed):
+            raise OutputError(f"{self.out_dir} already holds a finished merge ({MANIFEST}) of a different config or "
+                              "inputs; pass --overwrite to replace it, or choose another output folder")
+        return False
+
+    def _prepare_output(self) -> RunLock:
         out = self.out_dir
         if os.path.exists(out) and not os.path.isdir(out):
             raise OutputError(f"{out} exists and is not a folder; choose another output path")
-        os.makedirs(out, exist_ok=True)
-        if finished_output(out):
-            if not self.overwrite:
-                raise OutputError(f"{out} already holds a finished merge ({MANIFEST}); pass --overwrite to "
-                                  "replace it, or choose another output folder")
-            _remove_outputs(out)
-        work = os.path.join(out, WORK_DIR)
-        if self.restart and os.path.isdir(work):
-            _remove_outputs(out)
-        if not os.path.isdir(work) and any(not n.startswith(".") for n in os.listdir(out)):
-            raise OutputError(f"{out} is not empty and holds no streammerge run; choose an empty or new folder "
-                              "(nothing there was changed)")
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{out}: cannot create the output folder ({e.strerror})") from e
         if not os.access(out, os.W_OK):
             raise OutputError(f"{out} is not writable; choose a folder you can write to")
+        work = os.path.join(out, WORK_DIR)
+        finished = finished_output(out)
+        if not finished and not os.path.isdir(work) and any(not n.startswith(".") for n in os.listdir(out)):
+            raise OutputError(f"{out} is not empty and holds no streammerge run; choose an empty or new folder "
+                              "(nothing there was changed)")
+        lock = RunLock(out)
+        if finished or self.restart:
+            _remove_outputs(out)
+        return lock
 
-    def _read(self, task: Task, row0: int, row1: int) -> torch.Tensor:
+    def _read(self, task: Task, row0: int, row1: int,
+              hashers: list[xxhash.xxh3_128] | None = None) -> torch.Tensor:
         """Rows [row0, row1) of every input, cast as the config asks, in the compute dtype."""
         dt = torch.float64 if task.compute == "F64" else torch.float32
         x = torch.empty((len(task.inputs), row1 - row0, task.cols), dtype=dt)
         for k, inp in enumerate(task.inputs):
             raw = self.plan.models[inp.model].index.read_rows(inp.tensor, row0, row1)
+            if hashers is not None:
+                hashers[k].update(_bytes_of(raw))
             if task.load_dtype is not None:
                 raw = raw.to(torch_dtype(task.load_dtype))
             x[k].copy_(raw)
         return x
 
     def _run_task(self, task: Task, w: ShardWriter, shard_hash: xxhash.xxh3_128, budget: int) -> Entry:
+        crash_point("task-start")
         rows = chunk_rows(self.plan, task, budget)
         h = xxhash.xxh3_128()
+        inputs = [xxhash.xxh3_128() for _ in task.inputs]
         out_dt = torch_dtype(task.out_dtype)
         offset = task.begin
-        if task.copy_exact:
-            chunks = self._copy_chunks(task, rows)
-        else:
-            chunks = self._merge_chunks(task, rows)
+        chunks = self._copy_chunks(task, rows, inputs) if task.copy_exact else self._merge_chunks(task, rows, inputs)
         for y in chunks:
-            # ndarray has the buffer protocol; numpy's stubs for Python 3.11 do not say so
-            data = memoryview(y.to(out_dt).contiguous().view(torch.uint8).numpy().reshape(-1))  # type: ignore[arg-type]
+            data = _bytes_of(y.to(out_dt))
             del y  # the next chunk is read while this loop variable would still hold it
             w.write(offset, data)
             h.update(data)
             shard_hash.update(data)
             offset += data.nbytes
             del data
+            crash_point("chunk-written")
         if offset != task.begin + task.nbytes:
             raise RuntimeError(f"internal error: {task.name} wrote {offset - task.begin} of {task.nbytes} bytes")
         w.sync()
+        crash_point("tensor-synced")
+        read = {f"{self.plan.models[i.model].ref}{INPUT_KEY_SEP}{i.tensor}": hi.hexdigest()
+                for i, hi in zip(task.inputs, inputs)}
         return Entry(task.name, task.fingerprint, self.plan.shards[task.shard].name, task.begin, task.nbytes,
-                     h.hexdigest())
+                     h.hexdigest(), read)
 
-    def _merge_chunks(self, task: Task, rows: int) -> Iterator[torch.Tensor]:
+    def _merge_chunks(self, task: Task, rows: int, hashers: list[xxhash.xxh3_128]) -> Iterator[torch.Tensor]:
         op = self.plan.method.make(task.ctx)
         if rows >= task.rows:
             # The whole tensor fits: read it once; statistics passes leave x untouched.
-            x = self._read(task, 0, task.rows)
+            x = self._read(task, 0, task.rows, hashers)
             for p in range(op.stat_passes):
                 op.observe(p, x, 0)
                 op.end_pass(p)
@@ -179,23 +235,36 @@ class Executor:
                 op.observe(p, self._read(task, r0, r1), r0)
             op.end_pass(p)
         for r0, r1 in spans:
-            yield op.apply(self._read(task, r0, r1), r0)
+            yield op.apply(self._read(task, r0, r1, hashers), r0)
 
-    def _copy_chunks(self, task: Task, rows: int) -> Iterator[torch.Tensor]:
+    def _copy_chunks(self, task: Task, rows: int, hashers: list[xxhash.xxh3_128]) -> Iterator[torch.Tensor]:
         for r0 in range(0, task.rows, rows):
             r1 = min(task.rows, r0 + rows)
             parts = [self.plan.models[i.model].index.read_rows(i.tensor, r0, r1) for i in task.inputs]
+            for hi, part in zip(hashers, parts):
+                hi.update(_bytes_of(part))
             if any(not torch.equal(parts[0], p) for p in parts[1:]):
                 raise PlanError(f"tensor {task.name!r}: non-floating buffer differs between inputs; such tensors "
                                 "cannot be merged, only copied when identical")
             yield parts[0]
 
 
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor, without a copy when it is contiguous."""
+    arr = t.contiguous().view(torch.uint8).numpy().reshape(-1)
+    return memoryview(arr)  # type: ignore[arg-type]  # ndarray has the buffer protocol; numpy's 3.11 stubs omit it
+
+
 def _remove_outputs(out: str) -> None:
-    """Unlink (never truncate) what a previous run wrote, so mmapped readers keep their pages."""
+    """Unlink (never truncate) what a previous run wrote, so mmapped readers keep their pages.
+
+    Keeps the work folder's lock, which the caller holds.
+    """
     for name in os.listdir(out):
         path = os.path.join(out, name)
         if name == WORK_DIR:
-            shutil.rmtree(path)
+            for inner in os.listdir(path):
+                if inner != "lock":
+                    os.unlink(os.path.join(path, inner))
         elif name in OWNED_FILES or (name.startswith("model") and ".safetensors" in name):
             os.unlink(path)

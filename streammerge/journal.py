@@ -1,15 +1,19 @@
-"""The run journal in OUT/.streammerge/: the plan's fingerprint, and one line per finished tensor.
+"""The run journal in OUT/.streammerge/: a lock, the plan, and one line per finished tensor.
 
 Imports errors and writer. Protocol (DESIGN.md): tensor bytes written → data synced →
 journal line appended and synced. So every journaled tensor is on disk; anything not
-journaled is redone. A torn last line (a kill mid-append) is ignored.
+journaled is redone. A torn last line (a kill mid-append) is ignored. The lock is an
+flock, which the kernel releases when its holder dies: a killed run leaves no live lock.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
-from dataclasses import dataclass
+import signal
+from dataclasses import asdict, dataclass, field
 
 from .errors import OutputError
 from .writer import disk_error, write_file_atomic
@@ -17,11 +21,12 @@ from .writer import disk_error, write_file_atomic
 WORK_DIR = ".streammerge"
 PLAN_FILE = "plan.json"
 JOURNAL_FILE = "journal.jsonl"
+LOCK_FILE = "lock"
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One finished tensor."""
+    """One finished tensor, and the content hashes of the input tensors it read."""
 
     name: str
     fingerprint: str
@@ -29,32 +34,66 @@ class Entry:
     offset: int
     nbytes: int
     xxh3_128: str
+    inputs: dict[str, str] = field(default_factory=dict)  # "model-index/tensor" -> xxh3-128 of its bytes
+
+
+class RunLock:
+    """An exclusive lock on an output folder's work directory, held for the whole run."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.dir = os.path.join(out_dir, WORK_DIR)
+        path = os.path.join(self.dir, LOCK_FILE)
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise disk_error(path, e) from e
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise OutputError(f"{out_dir}: another streammerge run (pid {holder}) is writing this folder; wait for "
+                              "it to finish or stop it, then run again") from e
+        os.ftruncate(self.fd, 0)  # the lock file is ours alone now
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
 
 
 class Journal:
-    """Open (or start) the journal of output folder `out_dir` for a plan."""
+    """The journal of output folder `out_dir` for a plan; reopens a compatible earlier run.
 
-    def __init__(self, out_dir: str, plan_fingerprint: str, plan_summary: dict[str, object]) -> None:
+    An earlier run is compatible when its layout fingerprint (shard names and header bytes)
+    equals this plan's: then each journaled tensor whose task fingerprint is unchanged is
+    kept, and the rest are redone. Otherwise OutputError, unless `restart`.
+    """
+
+    def __init__(self, out_dir: str, fingerprint: str, layout: str, summary: dict[str, object]) -> None:
         self.dir = os.path.join(out_dir, WORK_DIR)
         self.entries: dict[str, Entry] = {}
+        self.resumed = False
         plan_path = os.path.join(self.dir, PLAN_FILE)
         try:
-            os.makedirs(self.dir, exist_ok=True)
-            if os.path.exists(plan_path):
-                with open(plan_path) as f:
-                    old = json.load(f)
-                if old.get("fingerprint") != plan_fingerprint:
-                    raise OutputError(f"{out_dir} holds an unfinished merge of a different plan; run again with "
-                                      "--restart to discard it, or choose another output folder")
+            old = _read_json(plan_path)
+            if old is not None:
+                if old.get("layout") != layout:
+                    raise OutputError(f"{out_dir} holds an unfinished merge whose output layout differs from this "
+                                      "config's (other tensors, shapes, dtypes or shards); run again with --restart to "
+                                      "discard it, or choose another output folder")
                 self._read()
-            else:
-                body = {"fingerprint": plan_fingerprint, **plan_summary}
+                self.resumed = True
+            if old is None or old.get("fingerprint") != fingerprint:
+                body = {"fingerprint": fingerprint, "layout": layout, **summary}
                 write_file_atomic(plan_path, json.dumps(body, indent=2, sort_keys=True).encode())
             self.fd = os.open(os.path.join(self.dir, JOURNAL_FILE), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as e:
             raise disk_error(self.dir, e) from e
-        except ValueError as e:
-            raise OutputError(f"{plan_path}: unreadable ({e}); run again with --restart") from e
 
     def _read(self) -> None:
         path = os.path.join(self.dir, JOURNAL_FILE)
@@ -77,13 +116,47 @@ class Journal:
 
     def append(self, entry: Entry) -> None:
         """Record a finished tensor (its bytes must already be synced)."""
-        line = json.dumps(entry.__dict__, sort_keys=True).encode() + b"\n"
+        line = json.dumps(asdict(entry), sort_keys=True).encode() + b"\n"
         try:
+            crash_point("journal-append")
             os.write(self.fd, line)
             os.fsync(self.fd)
         except OSError as e:
             raise disk_error(os.path.join(self.dir, JOURNAL_FILE), e) from e
         self.entries[entry.name] = entry
+        crash_point("journal-synced")
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _read_json(path: str) -> dict[str, object] | None:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else {}
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}  # unreadable: treated as a different layout
+
+
+# --- fault injection, for the kill tests ------------------------------------------------
+# STREAMMERGE_CRASH_AT=N makes the process SIGKILL itself at the N-th crash point it
+# reaches; STREAMMERGE_CRASH_TRACE=FILE appends each point's name to FILE. Unset (always, in
+# normal use) a crash point costs one dictionary lookup.
+_crash = {"count": 0}
+
+
+def crash_point(name: str) -> None:
+    """A named place where the kill tests may kill this process for real."""
+    at = os.environ.get("STREAMMERGE_CRASH_AT")
+    trace = os.environ.get("STREAMMERGE_CRASH_TRACE")
+    if at is None and trace is None:
+        return
+    _crash["count"] += 1
+    if trace:
+        with open(trace, "a") as f:
+            f.write(f"{_crash['count']} {name}\n")
+    if at is not None and _crash["count"] == int(at):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -16,10 +16,13 @@ import xxhash
 from . import __version__
 from .dtypes import config_name, torch_dtype
 from .errors import InputError
+from .journal import WORK_DIR, Entry, crash_point
 from .plan import Plan
 from .writer import PARTIAL, fsync_dir, write_file_atomic
 
 MANIFEST = "streammerge.manifest.json"
+MANIFEST_FORMAT = "streammerge-manifest/1"
+INPUT_KEY_SEP = "::"  # journal keys of input tensors: "<model ref>::<tensor name>"
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json")
@@ -28,12 +31,25 @@ OWNED_FILES = (MANIFEST, INDEX, "config.json", "generation_config.json", "README
 
 
 def finished_output(out: str) -> bool:
-    """True if `out` holds a finished streammerge output."""
-    return os.path.isfile(os.path.join(out, MANIFEST))
+    """True if `out` holds a finished streammerge output: a manifest and no run in progress."""
+    return os.path.isfile(os.path.join(out, MANIFEST)) and not os.path.exists(os.path.join(out, WORK_DIR))
 
 
-def finalize(plan: Plan, out: str, hashes: dict[str, str], shard_hashes: dict[str, str]) -> str:
+def manifest_fingerprint(out: str) -> str | None:
+    """The plan fingerprint recorded in `out`'s manifest, if readable."""
+    try:
+        with open(os.path.join(out, MANIFEST)) as f:
+            fp = json.load(f).get("plan_fingerprint")
+        return fp if isinstance(fp, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def finalize(plan: Plan, out: str, entries: dict[str, Entry], shard_hashes: dict[str, str]) -> str:
     """Write everything but the weights, then the manifest, rename shards, write the index.
+
+    Each step can be repeated after a kill: files are replaced atomically and a shard
+    already renamed by an earlier attempt stays renamed.
 
     Returns:
         The xxh3-128 of the manifest file, the output's one-line identity.
@@ -42,14 +58,19 @@ def finalize(plan: Plan, out: str, hashes: dict[str, str], shard_hashes: dict[st
     _copy_tokenizer(plan, out)
     write_file_atomic(os.path.join(out, "mergekit_config.yml"), plan.config.text.encode())
     write_file_atomic(os.path.join(out, "README.md"), model_card(plan, os.path.basename(os.path.abspath(out))).encode())
-    manifest = json.dumps(make_manifest(plan, hashes, shard_hashes), indent=2, sort_keys=True).encode() + b"\n"
+    crash_point("card-written")
+    manifest = json.dumps(make_manifest(plan, entries, shard_hashes), indent=2, sort_keys=True).encode() + b"\n"
     write_file_atomic(os.path.join(out, MANIFEST), manifest)
+    crash_point("manifest-written")
     for shard in plan.shards:
-        os.replace(os.path.join(out, shard.name + PARTIAL), os.path.join(out, shard.name))
+        partial = os.path.join(out, shard.name + PARTIAL)
+        if os.path.exists(partial):
+            os.replace(partial, os.path.join(out, shard.name))
+            crash_point("shard-renamed")
     fsync_dir(out)
     if len(plan.shards) > 1:
         write_file_atomic(os.path.join(out, INDEX), json.dumps(shard_index(plan), indent=2).encode() + b"\n")
-        fsync_dir(out)
+        crash_point("index-written")
     return xxhash.xxh3_128_hexdigest(manifest)
 
 
@@ -59,20 +80,32 @@ def shard_index(plan: Plan) -> dict[str, object]:
             "weight_map": {t.name: plan.shards[t.shard].name for t in plan.tasks}}
 
 
-def make_manifest(plan: Plan, hashes: dict[str, str], shard_hashes: dict[str, str]) -> dict[str, object]:
-    """The manifest: what was merged from what, and the xxh3-128 of every tensor and shard."""
+def make_manifest(plan: Plan, entries: dict[str, Entry], shard_hashes: dict[str, str]) -> dict[str, object]:
+    """The manifest: what was merged from what, and the xxh3-128 of every tensor and shard.
+
+    Inputs carry the xxh3-128 of every input tensor's bytes as the merge read them, so
+    `streammerge verify --inputs` can tell whether the inputs still hold the same data.
+    """
+    read: dict[str, dict[str, str]] = {}
+    for e in entries.values():
+        for key, digest in e.inputs.items():
+            ref, tensor = key.split(INPUT_KEY_SEP, 1)
+            read.setdefault(ref, {})[tensor] = digest
     return {
-        "format": "streammerge-manifest/1",
+        "format": MANIFEST_FORMAT,
         "streammerge_version": __version__,
         "plan_fingerprint": plan.fingerprint,
+        "layout_fingerprint": plan.layout_fingerprint,
         "seed": plan.seed,
         "merge_method": plan.method.name,
         "config": plan.config.text,
-        "inputs": [{"model": str(m.ref), "folder": m.folder, "identity_xxh3_128": m.identity} for m in plan.models],
+        "inputs": [{"model": str(m.ref), "folder": m.folder, "identity_xxh3_128": m.identity,
+                    "tensors": dict(sorted(read.get(str(m.ref), {}).items()))} for m in plan.models],
         "shards": {s.name: {"size": s.size, "header_bytes": len(s.header), "xxh3_128": shard_hashes[s.name]}
                    for s in plan.shards},
         "tensors": {t.name: {"shard": plan.shards[t.shard].name, "offset": t.begin, "nbytes": t.nbytes,
-                             "dtype": t.out_dtype, "shape": list(t.shape), "xxh3_128": hashes[t.name]}
+                             "dtype": t.out_dtype, "shape": list(t.shape), "xxh3_128": entries[t.name].xxh3_128,
+                             "fingerprint": t.fingerprint}
                     for t in plan.tasks},
     }
 

@@ -99,6 +99,7 @@ class Plan:
     out_num_layers: int | None  # rewritten layer count (slices: syntax), else None
     seed: int
     fingerprint: str
+    layout_fingerprint: str  # shard names and header bytes: what a resume must keep
 
     @property
     def total_bytes(self) -> int:
@@ -106,8 +107,10 @@ class Plan:
 
 
 def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-              seed: int = DEFAULT_SEED) -> Plan:
+              seed: int = DEFAULT_SEED, aliases: dict[str, str] | None = None) -> Plan:
     """Plan the merge `cfg` describes, reading only headers.
+
+    `aliases` maps names to folders: a pipeline's earlier stages, by name.
 
     Raises:
         ConfigError: unknown method or bad parameter values, each with its config path.
@@ -121,19 +124,20 @@ def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     problems = check_parameters(cfg, method.specs)
     if problems:
         raise ConfigError(problems)
-    b = _Builder(cfg, method, seed)
+    b = _Builder(cfg, method, seed, aliases or {})
     b.build()
     if b.problems:
         raise PlanError(_dedupe(b.problems))
     identities = [m.identity for m in b.models]
     tasks, shards = _layout(b.tasks, max_shard_bytes, method.name, identities)
-    fp = xxhash.xxh3_128()
+    layout = xxhash.xxh3_128()
+    for s in shards:
+        layout.update(s.name.encode() + b"\0" + s.header)
+    fp = xxhash.xxh3_128(layout.digest())
     for t in tasks:
         fp.update(t.fingerprint.encode())
-    for s in shards:
-        fp.update(s.name.encode() + s.header)
     return Plan(cfg, method, tuple(b.models), tuple(tasks), tuple(shards), b.donor(), b.tokenizer_donor(),
-                b.out_num_layers(), seed, fp.hexdigest())
+                b.out_num_layers(), seed, fp.hexdigest(), layout.hexdigest())
 
 
 def _method(cfg: MergeConfig) -> MethodDef:
@@ -161,8 +165,8 @@ def _dedupe(items: list[str], limit: int = 20) -> list[str]:
 
 
 class _Builder:
-    def __init__(self, cfg: MergeConfig, method: MethodDef, seed: int) -> None:
-        self.cfg, self.method, self.seed = cfg, method, seed
+    def __init__(self, cfg: MergeConfig, method: MethodDef, seed: int, aliases: dict[str, str]) -> None:
+        self.cfg, self.method, self.seed, self.aliases = cfg, method, seed, aliases
         self.models: list[Model] = []
         self._by_ref: dict[ModelRef, int] = {}
         self._layouts: dict[int, Layout] = {}
@@ -172,7 +176,8 @@ class _Builder:
 
     def model(self, ref: ModelRef) -> int:
         if ref not in self._by_ref:
-            folder = resolve_model(ref)
+            alias = self.aliases.get(ref.path) if ref.revision is None else None
+            folder = alias or resolve_model(ref)
             index = ModelIndex(folder, str(ref))
             ident = xxhash.xxh3_128_hexdigest(json.dumps(index.identity(), sort_keys=True).encode())
             self._by_ref[ref] = len(self.models)

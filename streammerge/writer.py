@@ -37,17 +37,19 @@ class ShardWriter:
         self.shard = shard
         self.path = os.path.join(out_dir, shard.name + PARTIAL)
         self.final_path = os.path.join(out_dir, shard.name)
+        self.fd = -1
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             size = os.fstat(self.fd).st_size
             if size == 0:
                 os.pwrite(self.fd, shard.header, 0)
-                os.ftruncate(self.fd, shard.size)  # extends: the file is empty
+                _reserve(self.fd, shard.size)
             elif size != shard.size or os.pread(self.fd, len(shard.header), 0) != shard.header:
-                os.close(self.fd)
+                self.close()
                 raise OutputError(f"{self.path}: an unfinished shard from another plan is in the way; run "
                                   "again with --restart to start this output over")
         except OSError as e:
+            self.close()
             raise disk_error(self.path, e) from e
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
@@ -80,6 +82,18 @@ class ShardWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give an empty file its final size, with its blocks allocated where the filesystem can:
+    a full disk is then reported when the shard is created, not halfway through the merge."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            os.ftruncate(fd, 0)  # our own empty file: leave it as it was
+            raise
+        os.ftruncate(fd, size)  # extends; the file was empty
 
 
 def fsync_dir(path: str) -> None:

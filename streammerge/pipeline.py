@@ -1,0 +1,52 @@
+"""Run a pipeline: several configs in order, later ones using earlier outputs by name.
+
+Imports executor, plan, config. Each stage is an ordinary, resumable run into its own
+folder; a finished stage whose plan fingerprint is unchanged is skipped, and one whose
+config or inputs changed (an earlier stage was redone) is redone. The last stage writes OUT.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .config import MergeConfig
+from .executor import Executor, Progress, RunStats
+from .plan import DEFAULT_SEED, DEFAULT_SHARD_BYTES, make_plan
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: MergeConfig
+    out: str
+
+
+def stages(configs: list[MergeConfig], out: str, intermediate_dir: str | None = None) -> list[Stage]:
+    """Where each stage writes: intermediates in `intermediate_dir` (default OUT.stages/), the last in OUT."""
+    inter = intermediate_dir or os.path.abspath(out).rstrip("/") + ".stages"
+    result = []
+    for i, cfg in enumerate(configs):
+        last = i == len(configs) - 1
+        name = cfg.name or f"stage{i + 1}"
+        result.append(Stage(name, cfg, out if last else os.path.join(inter, name)))
+    return result
+
+
+def run_pipeline(configs: list[MergeConfig], out: str, max_memory: int, progress: Progress | None = None,
+                 intermediate_dir: str | None = None, overwrite: bool = False, restart: bool = False,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, seed: int = DEFAULT_SEED) -> list[RunStats]:
+    """Run every stage in order; returns each stage's RunStats."""
+    say = progress or (lambda _msg: None)
+    aliases: dict[str, str] = {}
+    results = []
+    plan_stages = stages(configs, out, intermediate_dir)
+    for i, st in enumerate(plan_stages):
+        last = i == len(plan_stages) - 1
+        say(f"stage {i + 1}/{len(plan_stages)} {st.name} -> {st.out}")
+        plan = make_plan(st.config, max_shard_bytes, seed, aliases)
+        ex = Executor(plan, st.out, max_memory, progress, overwrite=overwrite and last, restart=restart,
+                      replace_changed=not last)
+        results.append(ex.run())
+        aliases[st.name] = os.path.abspath(st.out)
+    return results
