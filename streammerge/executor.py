@@ -24,7 +24,7 @@ from .budget import chunk_budget, chunk_rows, widest_row
 from .dtypes import torch_dtype
 from .errors import OutputError, PlanError
 from .journal import WORK_DIR, Entry, Journal, RunLock, crash_point
-from .output import INPUT_KEY_SEP, MANIFEST, OWNED_FILES, finalize, finished_output, manifest_fingerprint
+from .output import INPUT_KEY_SEP, MANIFEST, OWNED_FILES, finalize, finished_output, manifest_field
 from .plan import Plan, Task
 from .writer import PARTIAL, ShardWriter
 
@@ -150,7 +150,7 @@ class Executor:
     def _up_to_date(self) -> bool:
         if not finished_output(self.out_dir):
             return False
-        if manifest_fingerprint(self.out_dir) == self.plan.fingerprint and not self.overwrite:
+        if manifest_field(self.out_dir, "plan_fingerprint") == self.plan.fingerprint and not self.overwrite:
             self.progress(f"{self.out_dir} already holds this exact merge (plan {self.plan.fingerprint[:12]}); "
                           "nothing to do")
             return True

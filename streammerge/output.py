@@ -14,7 +14,7 @@ import shutil
 import xxhash
 
 from . import __version__
-from .dtypes import config_name, torch_dtype
+from .dtypes import config_name
 from .errors import InputError
 from .journal import WORK_DIR, Entry, crash_point
 from .plan import Plan
@@ -35,12 +35,12 @@ def finished_output(out: str) -> bool:
     return os.path.isfile(os.path.join(out, MANIFEST)) and not os.path.exists(os.path.join(out, WORK_DIR))
 
 
-def manifest_fingerprint(out: str) -> str | None:
-    """The plan fingerprint recorded in `out`'s manifest, if readable."""
+def manifest_field(out: str, key: str) -> str | None:
+    """A string field of `out`'s manifest (plan_fingerprint, config, ...), if readable."""
     try:
         with open(os.path.join(out, MANIFEST)) as f:
-            fp = json.load(f).get("plan_fingerprint")
-        return fp if isinstance(fp, str) else None
+            value = json.load(f).get(key)
+        return value if isinstance(value, str) else None
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -153,7 +153,7 @@ def model_card(plan: Plan, title: str) -> str:
     m = plan.method
     using = f" using {base} as a base" if base is not None and m.name != "slerp" else ""
     others = [r for r in refs if base is None or r != str(base)]
-    dtype = torch_dtype(plan.tasks[0].out_dtype) if plan.tasks else None
+    dtype = config_name(plan.tasks[0].out_dtype) if plan.tasks else None
     lines = front + [
         f"# {title}", "",
         "This is a merge of pre-trained language models created with streammerge, a memory-frugal "

@@ -1,6 +1,6 @@
 """Run a pipeline: several configs in order, later ones using earlier outputs by name.
 
-Imports executor, plan, config. Each stage is an ordinary, resumable run into its own
+Imports executor, output, plan, config. Each stage is an ordinary, resumable run into its own
 folder; a finished stage whose plan fingerprint is unchanged is skipped, and one whose
 config or inputs changed (an earlier stage was redone) is redone. The last stage writes OUT.
 """
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .config import MergeConfig
 from .executor import Executor, Progress, RunStats
+from .output import manifest_field
 from .plan import DEFAULT_SEED, DEFAULT_SHARD_BYTES, make_plan
 
 
@@ -45,8 +46,11 @@ def run_pipeline(configs: list[MergeConfig], out: str, max_memory: int, progress
         last = i == len(plan_stages) - 1
         say(f"stage {i + 1}/{len(plan_stages)} {st.name} -> {st.out}")
         plan = make_plan(st.config, max_shard_bytes, seed, aliases)
+        # Intermediates are the pipeline's own; OUT is replaced without --overwrite only when it
+        # holds this very stage's recipe, made from inputs that have changed since.
+        own = not last or manifest_field(st.out, "config") == st.config.text
         ex = Executor(plan, st.out, max_memory, progress, overwrite=overwrite and last, restart=restart,
-                      replace_changed=not last)
+                      replace_changed=own)
         results.append(ex.run())
         aliases[st.name] = os.path.abspath(st.out)
     return results

@@ -1,0 +1,104 @@
+"""Pipelines (mergekit-multi's multi-document format): stages run in order, later ones using
+earlier outputs by name; killed in its second stage and rerun, the first stage is skipped and
+the second resumed, ending with the bytes of an uninterrupted run; a changed first stage is
+redone and so is everything after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+
+def pipeline(tmp_path, folders: list[str], density: float = 0.5) -> str:
+    text = f"""name: blend
+merge_method: ties
+base_model: {folders[0]}
+models:
+  - model: {folders[0]}
+  - model: {folders[1]}
+    parameters: {{weight: 0.6, density: {density}}}
+  - model: {folders[2]}
+    parameters: {{weight: 0.4, density: {density}}}
+dtype: bfloat16
+---
+name: final
+merge_method: slerp
+base_model: blend
+slices:
+  - sources:
+      - model: blend
+        layer_range: [0, 4]
+      - model: {folders[3]}
+        layer_range: [0, 4]
+parameters:
+  t: [{{filter: self_attn, value: [0, 1]}}, {{value: 0.3}}]
+"""
+    path = tmp_path / f"pipe-{density}.yml"
+    path.write_text(text)
+    return str(path)
+
+
+def run(cfg: str, out: str, crash_at: int | None = None, trace: str | None = None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMMERGE_CRASH")}
+    if crash_at is not None:
+        env["STREAMMERGE_CRASH_AT"] = str(crash_at)
+    if trace:
+        env["STREAMMERGE_CRASH_TRACE"] = trace
+    return subprocess.run([sys.executable, "-m", "streammerge", "run", cfg, out, "--out-shard-size", "60K"],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def files(out: str) -> dict[str, object]:
+    """Every file's bytes; of the manifest, the tensor and shard hashes (it also records where
+    and when its inputs were written, and stage 2's input is stage 1's folder)."""
+    out_files: dict[str, object] = {}
+    for n in sorted(os.listdir(out)):
+        with open(os.path.join(out, n), "rb") as f:
+            data = f.read()
+        if n == "streammerge.manifest.json":
+            m = json.loads(data)
+            out_files[n] = ({k: v["xxh3_128"] for k, v in m["tensors"].items()}, m["shards"])
+        else:
+            out_files[n] = data
+    return out_files
+
+
+def test_pipeline_killed_in_second_stage_resumes(tiny_set, tmp_path) -> None:
+    cfg = pipeline(tmp_path, tiny_set)
+    clean = str(tmp_path / "clean" / "out")
+    trace = str(tmp_path / "trace")
+    r = run(cfg, clean, trace=trace)
+    assert r.returncode == 0, r.stderr
+    assert os.path.isdir(clean + ".stages/blend") and "stage 2/2 final" in r.stderr
+    with open(trace) as f:
+        points = [line.split()[1] for line in f]
+    first_stage_end = points.index("finished")
+    kill_at = first_stage_end + 1 + (len(points) - first_stage_end) // 2  # mid second stage
+    out = str(tmp_path / "o" / "out")
+    assert run(cfg, out, crash_at=kill_at).returncode == -signal.SIGKILL
+    assert os.path.isfile(out + ".stages/blend/streammerge.manifest.json")
+    r = run(cfg, out)
+    assert r.returncode == 0, r.stderr
+    assert "stage 1: up to date" in r.stderr and "resuming an interrupted run" in r.stderr
+    assert files(out) == files(clean)
+    assert files(out + ".stages/blend") == files(clean + ".stages/blend")
+
+
+def test_changed_first_stage_redoes_both(tiny_set, tmp_path) -> None:
+    out = str(tmp_path / "out")
+    assert run(pipeline(tmp_path, tiny_set, 0.5), out).returncode == 0
+    before = files(out)
+    r = run(pipeline(tmp_path, tiny_set, 0.7), out)
+    assert r.returncode == 0, r.stderr
+    assert "stage 1: done" in r.stderr and "stage 2: done" in r.stderr
+    first = sorted(n for n in before if n.endswith(".safetensors"))[0]
+    assert files(out)[first] != before[first]
+    r = run(pipeline(tmp_path, tiny_set, 0.7), out)
+    assert "stage 1: up to date" in r.stderr and "stage 2: up to date" in r.stderr
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "streammerge.manifest.json").write_text('{"config": "something else"}')
+    r = run(pipeline(tmp_path, tiny_set, 0.7), str(tmp_path / "mine"))
+    assert r.returncode == 6 and "--overwrite" in r.stderr  # an output of another recipe is not replaced
