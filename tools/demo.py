@@ -3,10 +3,10 @@
 
 1. makes the seed configs' 16 input models (Mistral-shaped, tiny by default) in a Hugging Face
    cache layout under DEMO_DIR/hf-cache, so the configs run verbatim with no network;
-2. stage 1: `streammerge run mistral-7b-merge-14-v0.yml` (14-model DARE-TIES);
-3. registers the stage-1 output in the cache under the id stage 2 refers to;
-4. stage 2: `streammerge run mistral-7b-merge-14-v0.1.yml` (gradient SLERP);
-5. loads the result with transformers (if installed) and runs a forward pass.
+2. runs both seed stages as one pipeline: `streammerge run mistral-7b-merge-14-pipeline.yml`
+   (the 14-model DARE-TIES, then the gradient SLERP of its result with trinity-v1);
+3. verifies every output byte against the manifest: `streammerge verify --inputs`;
+4. loads the result with transformers (if installed) and runs a forward pass.
 
   python tools/demo.py [--dir demo] [--preset tiny32|small] [--max-memory 1GiB]
 """
@@ -52,22 +52,21 @@ def main() -> None:
         make_models.make_seed_cache(cache, make_models.PRESETS[a.preset])
     mem = ["--max-memory", a.max_memory] if a.max_memory else []
     exe = [sys.executable, "-m", "streammerge"]
-    stage1, stage2 = os.path.join(root, "stage1"), os.path.join(root, "stage2")
-    sh(exe + ["run", find_example("mistral-7b-merge-14-v0.yml"), stage1, "--overwrite", *mem], env)
-    make_models.link(cache, "EmbeddedLLM/Mistral-7B-Merge-14-v0", stage1)
-    sh(exe + ["run", find_example("mistral-7b-merge-14-v0.1.yml"), stage2, "--overwrite", *mem], env)
+    out = os.path.join(root, "merged")
+    sh(exe + ["run", find_example("mistral-7b-merge-14-pipeline.yml"), out, *mem], env)
+    sh(exe + ["verify", out, "--inputs"], env)
     try:
         import torch
         import transformers
     except ImportError:
         print("transformers is not installed; skipping the forward pass (pip install -e '.[test]')")
         return
-    model = transformers.AutoModelForCausalLM.from_pretrained(stage2)
-    tok = transformers.AutoTokenizer.from_pretrained(stage2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
     ids = tok("w5 w17 w40", return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(ids).logits
-    print(f"transformers loaded {stage2}: {model.config.num_hidden_layers} layers, logits {tuple(logits.shape)}, "
+    print(f"transformers loaded {out}: {model.config.num_hidden_layers} layers, logits {tuple(logits.shape)}, "
           f"finite: {bool(torch.isfinite(logits).all())}")
 
 
