@@ -13,7 +13,7 @@ import psutil
 
 from .dtypes import itemsize
 from .errors import PlanError
-from .plan import Plan, Task
+from .planner import Plan, Task
 
 RESERVE_BYTES = 64 << 20  # hashing, journal, small tensors, torch's per-thread buffers, allocator slack
 # Chunk buffers get this share of what the budget leaves: the heap's peak exceeds live

@@ -1,13 +1,18 @@
-"""The `streammerge` command line: run, plan. The only module that imports click.
+"""The `streammerge` command line: run (the default), plan, verify, hash. The only module that
+imports click (and tqdm).
 
 Exit codes belong to error classes (errors.py); bad option values are usage errors (2).
+`streammerge CONFIG OUT --cuda ...` works like `mergekit-yaml CONFIG OUT --cuda ...`: every
+mergekit-yaml flag is accepted, doing what it means here or saying once why it is not needed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -15,11 +20,11 @@ from typing import Any
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .config import ConfigWarning, MergeConfig, parse_documents
 from .errors import ConfigError, OutputError, StreamMergeError
-from .executor import RunStats
-from .plan import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, make_plan
+from .executor import Progress, RunStats
+from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, Task, make_plan
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "b": 10**9,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -78,10 +83,22 @@ def _show_warning(message: Any, category: Any, *_: Any, **__: Any) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _DefaultRun(click.Group):
+    """`streammerge CONFIG OUT ...` means `streammerge run CONFIG OUT ...` (mergekit-yaml's shape)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultRun, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="streammerge")
 def main() -> None:
-    """Merge large language models with mergekit configs, streaming, inside a memory budget."""
+    """Merge large language models with mergekit configs, streaming, inside a memory budget.
+
+    `streammerge CONFIG OUT` is short for `streammerge run CONFIG OUT`.
+    """
 
 
 _shard = click.option("--out-shard-size", type=ByteSize(), default=DEFAULT_SHARD_BYTES, show_default="5B",
@@ -89,8 +106,149 @@ _shard = click.option("--out-shard-size", type=ByteSize(), default=DEFAULT_SHARD
 _seed = click.option("--random-seed", "--seed", "seed", type=int, default=DEFAULT_SEED, show_default=True,
                      help="Seed of the DARE keep-masks (counter-based: the same bytes every run).")
 _mem = click.option("--max-memory", type=ByteSize(), default=None,
-                    help="Memory budget for the merge (e.g. 1GiB). Default: half the available RAM.")
+                    help="Memory budget for the whole process (e.g. 1GiB). Default: half the available RAM.")
 _verbose = click.option("-v", "--verbose", count=True, help="Show tracebacks for errors.")
+
+# mergekit-yaml flags that have nothing to do here, and why (said once when given)
+_NOT_NEEDED = {
+    "allow_crimes": "--allow-crimes: not needed, streammerge checks tensor names and shapes, not architecture names",
+    "lazy_unpickle": "--lazy-unpickle: not needed, safetensors shards are memory-mapped and read by rows",
+    "low_cpu_memory": "--low-cpu-memory: not needed, memory is bounded by --max-memory",
+    "read_to_gpu": "--read-to-gpu: not needed, row chunks are moved to the device as they are merged",
+    "trust_remote_code": "--trust-remote-code: not needed, streammerge never runs model code",
+    "clone_tensors": "--clone-tensors: not needed, every output tensor is written from its own buffer",
+    "async_write": "--async-write: not needed, output is written in place as it is merged",
+    "write_threads": "--write-threads: not needed, output is written in place as it is merged",
+    "multi_gpu": "--multi-gpu: streammerge uses one device; merging continues on it",
+    "lora_merge_cache": "--lora-merge-cache: LoRA references are not supported yet (the config says where)",
+    "lora_merge_dtype": "--lora-merge-dtype: LoRA references are not supported yet",
+    "unsafe_truncate_embeddings": "--unsafe-truncate-embeddings: not supported yet; mismatched vocabularies "
+                                  "remain an error",
+}
+
+
+def _mergekit_options(fn: Callable[..., None]) -> Callable[..., None]:
+    opts = [
+        click.option("--cuda", is_flag=True, help="Merge on the GPU (same as --device cuda)."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--gpu-rich", is_flag=True, help="mergekit's all-GPU switch: here, --device cuda."),
+        click.option("-j", "--num-threads", type=int, default=None, help="CPU threads for the kernels."),
+        click.option("--transformers-cache", type=click.Path(file_okay=False), default=None,
+                     help="A Hugging Face cache folder to look in first."),
+        click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
+                     help="Copy the donor's tokenizer files."),
+        click.option("--write-model-card/--no-write-model-card", default=True, show_default=True,
+                     help="Write README.md and mergekit_config.yml."),
+        click.option("--safe-serialization/--no-safe-serialization", default=True, hidden=True),
+        click.option("--allow-crimes", is_flag=True, hidden=True),
+        click.option("--lazy-unpickle", is_flag=True, hidden=True),
+        click.option("--low-cpu-memory", is_flag=True, hidden=True),
+        click.option("--read-to-gpu", is_flag=True, hidden=True),
+        click.option("--trust-remote-code", is_flag=True, hidden=True),
+        click.option("--clone-tensors", is_flag=True, hidden=True),
+        click.option("--async-write", is_flag=True, hidden=True),
+        click.option("--write-threads", type=int, default=None, hidden=True),
+        click.option("--multi-gpu", is_flag=True, hidden=True),
+        click.option("--lora-merge-cache", default=None, hidden=True),
+        click.option("--lora-merge-dtype", default=None, hidden=True),
+        click.option("--unsafe-truncate-embeddings", is_flag=True, hidden=True),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _apply_mergekit_options(opts: dict[str, Any]) -> str:
+    """Do what the mergekit flags mean; say once why the others are not needed. Returns the device."""
+    for key, why in _NOT_NEEDED.items():
+        if opts.get(key):
+            click.echo(f"note: {why}", err=True)
+    if not opts.get("safe_serialization", True):
+        click.echo("note: --no-safe-serialization: streammerge writes safetensors only", err=True)
+    if opts.get("num_threads"):
+        import torch
+
+        torch.set_num_threads(opts["num_threads"])
+    if opts.get("transformers_cache"):
+        os.environ["HF_HUB_CACHE"] = os.path.abspath(opts["transformers_cache"])
+    device = "cuda" if opts.get("cuda") or opts.get("gpu_rich") else opts.get("device", "cpu")
+    if device != "cpu":
+        click.echo(f"note: --device {device}: GPU merging is not available in this version; merging on the CPU",
+                   err=True)
+    return "cpu"
+
+
+class _Bar(Progress):
+    """A tqdm bar on a terminal: tensors, bytes, throughput and ETA."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def note(self, msg: str) -> None:
+        (self.bar.write if self.bar is not None else lambda m: click.echo(m, err=True))(msg)
+
+    def start(self, tensors: int, nbytes: int, done_tensors: int, done_bytes: int) -> None:
+        from tqdm import tqdm
+
+        self.tensors, self.done = tensors, done_tensors
+        self.bar = tqdm(total=nbytes, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                        file=sys.stderr, dynamic_ncols=True, desc="merging")
+        self.bar.set_postfix_str(f"{done_tensors}/{tensors} tensors")
+
+    def advance(self, name: str, nbytes: int) -> None:
+        self.done += 1
+        self.bar.set_postfix_str(f"{self.done}/{self.tensors} tensors", refresh=False)
+        self.bar.update(nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _Lines(Progress):
+    """Plain progress lines, at most every `every_s` seconds, when stderr is not a terminal."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+
+    def note(self, msg: str) -> None:
+        click.echo(msg, err=True)
+
+    def start(self, tensors: int, nbytes: int, done_tensors: int, done_bytes: int) -> None:
+        self.tensors, self.nbytes = tensors, nbytes
+        self.done, self.done_bytes, self.start_bytes = done_tensors, done_bytes, done_bytes
+        self.t0 = self.last = time.monotonic()
+        self._line()
+
+    def advance(self, name: str, nbytes: int) -> None:
+        self.done += 1
+        self.done_bytes += nbytes
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.done == self.tensors:
+            self.last = now
+            self._line()
+
+    def _line(self) -> None:
+        secs = max(1e-9, time.monotonic() - self.t0)
+        rate = (self.done_bytes - self.start_bytes) / secs
+        left = self.nbytes - self.done_bytes
+        eta = f", ETA {left / rate:.0f} s" if rate > 0 and left > 0 else ""
+        click.echo(f"progress: {self.done}/{self.tensors} tensors, {_size(self.done_bytes)} of {_size(self.nbytes)}, "
+                   f"{_size(rate)}/s{eta}", err=True)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _progress(quiet: bool) -> Progress:
+    if quiet:
+        return Progress()
+    return _Bar() if sys.stderr.isatty() else _Lines()
 
 
 @main.command()
@@ -104,10 +262,11 @@ _verbose = click.option("-v", "--verbose", count=True, help="Show tracebacks for
 @click.option("--intermediate-dir", type=click.Path(file_okay=False), default=None,
               help="Pipelines: where earlier stages are written (default: OUT.stages/).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and the final summary.")
+@_mergekit_options
 @_verbose
 @_guard
 def run(config_path: str, out: str, max_memory: int | None, out_shard_size: int, seed: int, overwrite: bool,
-        restart: bool, intermediate_dir: str | None, quiet: bool, verbose: int) -> None:
+        restart: bool, intermediate_dir: str | None, quiet: bool, verbose: int, **mk: Any) -> None:
     """Merge the models CONFIG describes into the folder OUT.
 
     Rerunning the same command after an interruption resumes where it stopped. CONFIG may be
@@ -117,17 +276,19 @@ def run(config_path: str, out: str, max_memory: int | None, out_shard_size: int,
     from .executor import Executor
     from .pipeline import run_pipeline
 
+    _apply_mergekit_options(mk)
     configs = _load(config_path)
     budget = max_memory or default_max_memory()
-    progress = None if quiet else (lambda msg: click.echo(msg, err=True))
+    progress = _progress(quiet)
+    files = {"copy_tokenizer": mk["copy_tokenizer"], "write_card": mk["write_model_card"]}
     if len(configs) > 1:
         results = run_pipeline(configs, out, budget, progress, intermediate_dir, overwrite, restart,
-                               out_shard_size, seed)
+                               out_shard_size, seed, **files)
         for i, st in enumerate(results):
             _summary(st, f"stage {i + 1}: ")
         return
     plan = make_plan(configs[0], out_shard_size, seed)
-    _summary(Executor(plan, out, budget, progress, overwrite=overwrite, restart=restart).run(), "", plan)
+    _summary(Executor(plan, out, budget, progress, overwrite=overwrite, restart=restart, **files).run(), "", plan)
 
 
 def _summary(stats: RunStats, prefix: str, plan: Plan | None = None) -> None:
@@ -140,55 +301,19 @@ def _summary(stats: RunStats, prefix: str, plan: Plan | None = None) -> None:
 
 
 @main.command()
-@click.argument("out", type=click.Path(file_okay=False, exists=True))
-@click.option("--inputs", "check_inputs", is_flag=True, help="Also check the inputs still hold what the merge read.")
-@_verbose
-@_guard
-def verify(out: str, check_inputs: bool, verbose: int) -> None:
-    """Re-hash every tensor and shard of OUT against its streammerge.manifest.json."""
-    from .verify import verify as run_verify
-
-    rep = run_verify(out, check_inputs)
-    extra = f", {rep.inputs_checked} input model(s)" if check_inputs else ""
-    click.echo(f"ok: {rep.tensors} tensors in {rep.shards} shard(s){extra} match the manifest")
-
-
-@main.command("hash")
-@click.argument("model_dir", type=click.Path(file_okay=False, exists=True))
-@click.option("--sha256", is_flag=True, help="Also the sha256 of each shard, as the Hugging Face Hub shows it.")
-@click.option("--write", "write_to", is_flag=True,
-              help=f"Write MODEL_DIR/{'streammerge.manifest.json'} (so `streammerge verify` can check it later).")
-@_verbose
-@_guard
-def hash_cmd(model_dir: str, sha256: bool, write_to: bool, verbose: int) -> None:
-    """Print (or write) a manifest of any safetensors model folder: xxh3-128 per tensor and shard."""
-    import os
-
-    from .output import MANIFEST
-    from .verify import hash_folder
-
-    text = json.dumps(hash_folder(model_dir, sha256), indent=2, sort_keys=True) + "\n"
-    if not write_to:
-        click.echo(text, nl=False)
-        return
-    path = os.path.join(model_dir, MANIFEST)
-    if os.path.exists(path):
-        raise OutputError(f"{path} exists; remove it first if you mean to replace it")
-    with open(path, "w") as f:
-        f.write(text)
-    click.echo(f"wrote {path}")
-
-
-@main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @_mem
 @_shard
 @_seed
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Where the output would go (for the disk-space check; default: here).")
+@click.option("--explain", "explain", metavar="TENSOR", default=None,
+              help="Show where every parameter of one output tensor comes from.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_verbose
 @_guard
-def plan(config_path: str, max_memory: int | None, out_shard_size: int, seed: int, as_json: bool,
-         verbose: int) -> None:
+def plan(config_path: str, max_memory: int | None, out_shard_size: int, seed: int, out: str | None,
+         explain: str | None, as_json: bool, verbose: int) -> None:
     """Show what merging CONFIG will do, reading no tensor data."""
     from .budget import baseline_bytes, chunk_budget, default_max_memory, expected_peak, smallest_budget, widest_row
 
@@ -197,19 +322,30 @@ def plan(config_path: str, max_memory: int | None, out_shard_size: int, seed: in
         click.echo(f"pipeline of {len(configs)} stages: {', '.join(c.name or '?' for c in configs)}; "
                    "planning the first (later stages read earlier outputs)")
     p = make_plan(configs[0], out_shard_size, seed)
+    if explain is not None:
+        click.echo(_explain(p, explain))
+        return
     need, worst = widest_row(p)
     budget = max_memory or default_max_memory()
     base = baseline_bytes()
     smallest = smallest_budget(p, base)
     peak = expected_peak(p, chunk_budget(p, budget, base), base)
+    free = _free_space(out or ".")
     if as_json:
-        click.echo(json.dumps(_plan_json(p, budget, peak, smallest), indent=2))
+        click.echo(json.dumps(_plan_json(p, budget, peak, smallest, free), indent=2))
         return
-    click.echo(f"method: {p.method.name}    models: {len(p.models)}    tensors: {len(p.tasks)}")
+    counts: dict[int, int] = {}
+    for t in p.tasks:
+        counts[len(t.inputs)] = counts.get(len(t.inputs), 0) + 1
+    shape = ", ".join(f"{n} with {k} input(s)" for k, n in sorted(counts.items()))
+    click.echo(f"method: {p.method.name}    models: {len(p.models)}    tensors: {len(p.tasks)} ({shape})")
     for i, m in enumerate(p.models):
         click.echo(f"  model {i}: {m.ref}  ({m.folder})")
     click.echo(f"output: {p.total_bytes / 1e9:.3f} GB in {len(p.shards)} shard(s): "
                + ", ".join(s.name for s in p.shards))
+    enough = "enough" if free >= p.total_bytes else "NOT ENOUGH: free some space first"
+    click.echo(f"disk: needs {p.total_bytes / 1e9:.3f} GB, {free / 1e9:.3f} GB free at {os.path.abspath(out or '.')}"
+               f" ({enough})")
     default = "" if max_memory else " (default: half the available RAM)"
     click.echo(f"memory: --max-memory {budget / 2**20:.0f} MiB{default}"
                f", expected peak {peak / 2**20:.0f} MiB; smallest that works {-(-smallest // 2**20)} MiB "
@@ -221,19 +357,93 @@ def plan(config_path: str, max_memory: int | None, out_shard_size: int, seed: in
         click.echo(f"  {t.name}  {list(t.shape)} {t.out_dtype}  {params}{'  [' + per + ']' if per else ''}")
 
 
+def _free_space(path: str) -> int:
+    import shutil
+
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free
+
+
+def _explain(p: Plan, name: str) -> str:
+    task = next((t for t in p.tasks if t.name == name), None)
+    if task is None:
+        import difflib
+
+        near = difflib.get_close_matches(name, [t.name for t in p.tasks], n=3)
+        raise ConfigError([f"--explain: no output tensor {name!r}"
+                           + (f"; did you mean {', '.join(repr(n) for n in near)}?" if near else "")])
+    return "\n".join(_explain_lines(p, task))
+
+
+def _explain_lines(p: Plan, t: Task) -> list[str]:
+    where = "a non-layer tensor, t = 0" if ".layers." not in t.name else f"gradient position t = {t.t:.6g}"
+    lines = [f"{t.name}  {list(t.shape)} -> {t.out_dtype}  ({where})", f"method: {p.method.name}", "inputs:"]
+    for k, inp in enumerate(t.inputs):
+        role = " (base)" if k == t.ctx.base else ""
+        lines.append(f"  {k}: {p.models[inp.model].ref} :: {inp.tensor} [{inp.dtype}]{role}")
+    lines.append("parameters:")
+    for key, value in t.ctx.shared.items():
+        lines.append(f"  {key} = {_fmt(value)}    from {t.provenance.get(key, '?')}")
+    for k, ip in enumerate(t.ctx.input_params):
+        for key, value in ip.items():
+            lines.append(f"  {key}[{k}] = {_fmt(value)}    from {t.provenance.get(f'{k}.{key}', '?')}")
+    return lines
+
+
 def _fmt(v: object) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def _plan_json(p: Plan, budget: int, peak: int, smallest: int) -> dict[str, object]:
+def _plan_json(p: Plan, budget: int, peak: int, smallest: int, free: int) -> dict[str, object]:
     return {
         "fingerprint": p.fingerprint, "method": p.method.name, "seed": p.seed,
         "models": [{"ref": str(m.ref), "folder": m.folder} for m in p.models],
-        "output_bytes": p.total_bytes, "max_memory_bytes": budget, "expected_peak_bytes": peak,
-        "smallest_max_memory_bytes": smallest,
+        "output_bytes": p.total_bytes, "disk_free_bytes": free, "max_memory_bytes": budget,
+        "expected_peak_bytes": peak, "smallest_max_memory_bytes": smallest,
         "shards": [{"name": s.name, "size": s.size, "tensors": len(s.tasks)} for s in p.shards],
         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.out_dtype, "shard": p.shards[t.shard].name,
                      "offset": t.begin, "inputs": [[str(p.models[i.model].ref), i.tensor] for i in t.inputs],
-                     "base": t.ctx.base, "shared": t.ctx.shared, "per_input": list(t.ctx.input_params)}
+                     "base": t.ctx.base, "t": t.t, "shared": t.ctx.shared, "per_input": list(t.ctx.input_params),
+                     "provenance": t.provenance}
                     for t in p.tasks],
     }
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, exists=True))
+@click.option("--inputs", "check_inputs", is_flag=True, help="Also check the inputs still hold what the merge read.")
+@_verbose
+@_guard
+def verify(out: str, check_inputs: bool, verbose: int) -> None:
+    """Re-hash every tensor and shard of OUT against its streammerge.manifest.json."""
+    from .verifier import verify as run_verify
+
+    rep = run_verify(out, check_inputs)
+    extra = f", {rep.inputs_checked} input model(s)" if check_inputs else ""
+    click.echo(f"ok: {rep.tensors} tensors in {rep.shards} shard(s){extra} match the manifest")
+
+
+@main.command("hash")
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--sha256", is_flag=True, help="Also the sha256 of each shard, as the Hugging Face Hub shows it.")
+@click.option("--write", "write_to", is_flag=True,
+              help="Write MODEL_DIR/streammerge.manifest.json (so `streammerge verify` can check it later).")
+@_verbose
+@_guard
+def hash_cmd(model_dir: str, sha256: bool, write_to: bool, verbose: int) -> None:
+    """Print (or write) a manifest of any safetensors model folder: xxh3-128 per tensor and shard."""
+    from .output import MANIFEST
+    from .verifier import hash_folder
+
+    text = json.dumps(hash_folder(model_dir, sha256), indent=2, sort_keys=True) + "\n"
+    if not write_to:
+        click.echo(text, nl=False)
+        return
+    path = os.path.join(model_dir, MANIFEST)
+    if os.path.exists(path):
+        raise OutputError(f"{path} exists; remove it first if you mean to replace it")
+    with open(path, "w") as f:
+        f.write(text)
+    click.echo(f"wrote {path}")

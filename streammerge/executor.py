@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psutil
@@ -25,7 +25,7 @@ from .dtypes import torch_dtype
 from .errors import OutputError, PlanError
 from .journal import WORK_DIR, Entry, Journal, RunLock, crash_point
 from .output import INPUT_KEY_SEP, MANIFEST, OWNED_FILES, finalize, finished_output, manifest_field
-from .plan import Plan, Task
+from .planner import Plan, Task
 from .writer import PARTIAL, ShardWriter
 
 HASH_READ_BYTES = 64 << 20  # re-hashing journaled tensors on resume reads this much at a time
@@ -44,7 +44,20 @@ class RunStats:
     up_to_date: bool = False  # OUT already held this exact merge; nothing was done
 
 
-Progress = Callable[[str], None]
+class Progress:
+    """What a run reports as it goes; this base reports nothing. The CLI draws a bar or prints lines."""
+
+    def note(self, msg: str) -> None:
+        """A one-off message (resuming, up to date, a stage starting)."""
+
+    def start(self, tensors: int, nbytes: int, done_tensors: int, done_bytes: int) -> None:
+        """The work ahead: totals, and what an earlier run already did."""
+
+    def advance(self, name: str, nbytes: int) -> None:
+        """Tensor `name` (nbytes of output) is finished."""
+
+    def close(self) -> None:
+        """The run is over."""
 
 
 def peak_rss() -> int:
@@ -68,7 +81,7 @@ class Executor:
 
     def __init__(self, plan: Plan, out_dir: str, max_memory: int, progress: Progress | None = None,
                  overwrite: bool = False, restart: bool = False, chunk_bytes: int | None = None,
-                 replace_changed: bool = False) -> None:
+                 replace_changed: bool = False, copy_tokenizer: bool = True, write_card: bool = True) -> None:
         """Args:
             overwrite: replace a finished output, even an identical one.
             restart: discard an unfinished run in OUT instead of resuming it.
@@ -76,10 +89,11 @@ class Executor:
             replace_changed: replace a finished output made from another plan (a pipeline's own stages).
         """
         self.replace_changed = replace_changed
+        self.copy_tokenizer, self.write_card = copy_tokenizer, write_card
         self.plan, self.out_dir = plan, out_dir
         self.max_memory = max_memory
         self.chunk_bytes = chunk_bytes
-        self.progress = progress or (lambda _msg: None)
+        self.progress = progress or Progress()
         self.overwrite, self.restart = overwrite, restart
 
     def run(self) -> RunStats:
@@ -92,6 +106,7 @@ class Executor:
             return RunStats(time.monotonic() - start, len(self.plan.tasks), 0, 0, peak_rss(), "", up_to_date=True)
         lock = self._prepare_output()
         try:
+            self._check_disk_space()
             summary = {"config": self.plan.config.text, "seed": self.plan.seed}
             journal = Journal(self.out_dir, self.plan.fingerprint, self.plan.layout_fingerprint, summary)
             try:
@@ -101,7 +116,8 @@ class Executor:
                 for m in self.plan.models:
                     m.index.close()
             crash_point("tasks-done")
-            manifest_hash = finalize(self.plan, self.out_dir, entries, shard_hashes)
+            manifest_hash = finalize(self.plan, self.out_dir, entries, shard_hashes, self.copy_tokenizer,
+                                     self.write_card)
             shutil.rmtree(os.path.join(self.out_dir, WORK_DIR))
             crash_point("finished")
         finally:
@@ -113,12 +129,14 @@ class Executor:
         kept = sum(1 for t in tasks if journal.done(t.name, t.fingerprint))
         if journal.resumed:
             changed = sum(1 for t in tasks if t.name in journal.entries and not journal.done(t.name, t.fingerprint))
-            self.progress(f"resuming an interrupted run: {kept} of {len(tasks)} tensors already done"
+            self.progress.note(f"resuming an interrupted run: {kept} of {len(tasks)} tensors already done"
                           + (f", {changed} changed since and recomputed" if changed else "")
                           + f", {len(tasks) - kept - changed} still to do")
         entries: dict[str, Entry] = {}
         shard_hashes: dict[str, str] = {}
         written = 0
+        kept_bytes = sum(t.nbytes for t in tasks if journal.done(t.name, t.fingerprint))
+        self.progress.start(len(tasks), self.plan.total_bytes, kept, kept_bytes)
         for shard in self.plan.shards:
             self._unrename(shard.name)
             with ShardWriter(self.out_dir, shard) as w:
@@ -130,7 +148,7 @@ class Executor:
                         entry = self._run_task(t, w, h, budget)
                         journal.append(entry)
                         written += t.nbytes
-                        self.progress(f"[{ti + 1}/{len(tasks)}] {t.name}")
+                        self.progress.advance(t.name, t.nbytes)
                     else:
                         for off in range(0, t.nbytes, HASH_READ_BYTES):
                             h.update(w.read(t.begin + off, min(HASH_READ_BYTES, t.nbytes - off)))
@@ -138,7 +156,23 @@ class Executor:
                 w.sync()
                 shard_hashes[shard.name] = h.hexdigest()
                 crash_point("shard-synced")
+        self.progress.close()
         return kept, written, entries, shard_hashes
+
+    def _check_disk_space(self) -> None:
+        """Refuse before any work when the output's filesystem cannot hold the shards still to write."""
+        need = 0
+        for shard in self.plan.shards:
+            have = 0
+            for name in (shard.name + PARTIAL, shard.name):
+                path = os.path.join(self.out_dir, name)
+                if os.path.exists(path):
+                    have = os.stat(path).st_blocks * 512  # allocated, not apparent, size
+            need += max(0, shard.size - have)
+        free = shutil.disk_usage(self.out_dir).free
+        if need > free:
+            raise OutputError(f"{self.out_dir}: not enough disk space: the output needs {_gb(need)} more, "
+                              f"{_gb(free)} is free; free some space (or choose another folder) and run again")
 
     def _unrename(self, shard_name: str) -> None:
         """A kill during finalisation may have renamed a shard already; it is still ours to finish."""
@@ -151,7 +185,7 @@ class Executor:
         if not finished_output(self.out_dir):
             return False
         if manifest_field(self.out_dir, "plan_fingerprint") == self.plan.fingerprint and not self.overwrite:
-            self.progress(f"{self.out_dir} already holds this exact merge (plan {self.plan.fingerprint[:12]}); "
+            self.progress.note(f"{self.out_dir} already holds this exact merge (plan {self.plan.fingerprint[:12]}); "
                           "nothing to do")
             return True
         if not (self.overwrite or self.replace_changed):
@@ -247,6 +281,10 @@ class Executor:
                 raise PlanError(f"tensor {task.name!r}: non-floating buffer differs between inputs; such tensors "
                                 "cannot be merged, only copied when identical")
             yield parts[0]
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB"
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

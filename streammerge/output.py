@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import xxhash
 
-from . import __version__
+from ._version import __version__
 from .dtypes import config_name
 from .errors import InputError
 from .journal import WORK_DIR, Entry, crash_point
-from .plan import Plan
+from .planner import Plan
 from .writer import PARTIAL, fsync_dir, write_file_atomic
 
 MANIFEST = "streammerge.manifest.json"
@@ -45,7 +44,8 @@ def manifest_field(out: str, key: str) -> str | None:
         return None
 
 
-def finalize(plan: Plan, out: str, entries: dict[str, Entry], shard_hashes: dict[str, str]) -> str:
+def finalize(plan: Plan, out: str, entries: dict[str, Entry], shard_hashes: dict[str, str],
+             copy_tokenizer: bool = True, write_card: bool = True) -> str:
     """Write everything but the weights, then the manifest, rename shards, write the index.
 
     Each step can be repeated after a kill: files are replaced atomically and a shard
@@ -55,9 +55,12 @@ def finalize(plan: Plan, out: str, entries: dict[str, Entry], shard_hashes: dict
         The xxh3-128 of the manifest file, the output's one-line identity.
     """
     _write_config(plan, out)
-    _copy_tokenizer(plan, out)
-    write_file_atomic(os.path.join(out, "mergekit_config.yml"), plan.config.text.encode())
-    write_file_atomic(os.path.join(out, "README.md"), model_card(plan, os.path.basename(os.path.abspath(out))).encode())
+    if copy_tokenizer:
+        _copy_tokenizer(plan, out)
+    if write_card:
+        write_file_atomic(os.path.join(out, "mergekit_config.yml"), plan.config.text.encode())
+        title = os.path.basename(os.path.abspath(out))
+        write_file_atomic(os.path.join(out, "README.md"), model_card(plan, title).encode())
     crash_point("card-written")
     manifest = json.dumps(make_manifest(plan, entries, shard_hashes), indent=2, sort_keys=True).encode() + b"\n"
     write_file_atomic(os.path.join(out, MANIFEST), manifest)
@@ -134,8 +137,8 @@ def _copy_tokenizer(plan: Plan, out: str) -> None:
     for name in (*TOKENIZER_FILES, "generation_config.json"):
         path = os.path.join(src, name)
         if os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(out, name) + ".tmp")
-            os.replace(os.path.join(out, name) + ".tmp", os.path.join(out, name))
+            with open(path, "rb") as f:
+                write_file_atomic(os.path.join(out, name), f.read())
 
 
 def _is_hub_id(ref: str) -> bool:

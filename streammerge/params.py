@@ -106,14 +106,21 @@ def evaluate(setting: Setting, tensor_name: str, t: float, kind: Kind) -> Scalar
         >>> evaluate(Gradient((0.0, 1.0)), "model.layers.3.mlp.up_proj.weight", 0.25, "float")
         0.25
     """
+    return evaluate_traced(setting, tensor_name, t, kind)[0]
+
+
+def evaluate_traced(setting: Setting, tensor_name: str, t: float, kind: Kind) -> tuple[Scalar | None, str]:
+    """Like `evaluate`, with how the value was found: the filter that matched, the gradient used."""
     if isinstance(setting, CondList):
-        for cond in setting.items:
+        for i, cond in enumerate(setting.items):
             if filter_matches(cond.filter, tensor_name):
-                return evaluate(cond.value, tensor_name, t, kind)
-        return None
+                value, how = evaluate_traced(cond.value, tensor_name, t, kind)
+                which = "no filter" if cond.filter in (None, "*") else f"filter {cond.filter!r} matches"
+                return value, f"[{i}] ({which})" + (f", {how}" if how else "")
+        return None, f"no filter of {len(setting.items)} matches"
     if isinstance(setting, Gradient):
-        return interpolate(setting.values, t, kind)
-    return coerce(setting, kind)
+        return interpolate(setting.values, t, kind), f"gradient {list(setting.values)} at t={t:.6g}"
+    return coerce(setting, kind), ""
 
 
 def interpolate(values: tuple[Scalar, ...], t: float, kind: Kind) -> Scalar | None:

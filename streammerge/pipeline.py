@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .config import MergeConfig
 from .executor import Executor, Progress, RunStats
 from .output import manifest_field
-from .plan import DEFAULT_SEED, DEFAULT_SHARD_BYTES, make_plan
+from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, make_plan
 
 
 @dataclass(frozen=True)
@@ -36,21 +36,22 @@ def stages(configs: list[MergeConfig], out: str, intermediate_dir: str | None = 
 
 def run_pipeline(configs: list[MergeConfig], out: str, max_memory: int, progress: Progress | None = None,
                  intermediate_dir: str | None = None, overwrite: bool = False, restart: bool = False,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, seed: int = DEFAULT_SEED) -> list[RunStats]:
-    """Run every stage in order; returns each stage's RunStats."""
-    say = progress or (lambda _msg: None)
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, seed: int = DEFAULT_SEED,
+                 **options: bool) -> list[RunStats]:
+    """Run every stage in order; returns each stage's RunStats. `options` go to each Executor."""
+    progress = progress or Progress()
     aliases: dict[str, str] = {}
     results = []
     plan_stages = stages(configs, out, intermediate_dir)
     for i, st in enumerate(plan_stages):
         last = i == len(plan_stages) - 1
-        say(f"stage {i + 1}/{len(plan_stages)} {st.name} -> {st.out}")
+        progress.note(f"stage {i + 1}/{len(plan_stages)} {st.name} -> {st.out}")
         plan = make_plan(st.config, max_shard_bytes, seed, aliases)
         # Intermediates are the pipeline's own; OUT is replaced without --overwrite only when it
         # holds this very stage's recipe, made from inputs that have changed since.
         own = not last or manifest_field(st.out, "config") == st.config.text
         ex = Executor(plan, st.out, max_memory, progress, overwrite=overwrite and last, restart=restart,
-                      replace_changed=own)
+                      replace_changed=own, **options)
         results.append(ex.run())
         aliases[st.name] = os.path.abspath(st.out)
     return results

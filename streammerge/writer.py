@@ -12,7 +12,7 @@ import errno
 import os
 
 from .errors import OutputError
-from .plan import Shard
+from .planner import Shard
 
 PARTIAL = ".partial"
 

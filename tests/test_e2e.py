@@ -21,7 +21,7 @@ from streammerge.budget import widest_row
 from streammerge.cli import main
 from streammerge.config import parse_config
 from streammerge.executor import Executor
-from streammerge.plan import make_plan
+from streammerge.planner import make_plan
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 STAGE1 = os.path.join(EXAMPLES, "mistral-7b-merge-14-v0.yml")

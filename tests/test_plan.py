@@ -12,7 +12,7 @@ import pytest
 from streammerge.config import ModelRef, parse_config
 from streammerge.errors import ConfigError, InputError, PlanError
 from streammerge.hub import resolve_model
-from streammerge.plan import make_plan
+from streammerge.planner import make_plan
 
 
 def plan_of(text: str, **kw):

@@ -8,6 +8,7 @@ fingerprint (xxh3-128) covers each task, and the plan's covers all of them plus 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 from collections.abc import Iterable
@@ -23,7 +24,7 @@ from .format import build_header
 from .hub import resolve_model
 from .index import ModelIndex
 from .methods import METHODS, PLANNED, MethodDef, TaskContext
-from .params import ParamSpec, Scalar, evaluate
+from .params import ParamSpec, Scalar, evaluate_traced
 
 DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default `5B`, counted in bytes
 DEFAULT_SEED = 0
@@ -59,6 +60,8 @@ class Task:
     compute: str  # "F32" or "F64"
     out_dtype: str
     copy_exact: bool  # non-float tensors: inputs must agree, the first is written
+    t: float = 0.0  # gradient position: i/(L-1) in its slice, 0 for non-layer tensors
+    provenance: dict[str, str] = field(default_factory=dict, compare=False)  # "t", "1.weight" -> where from
     shard: int = 0
     begin: int = 0  # absolute byte offset in the shard
     fingerprint: str = ""
@@ -270,21 +273,28 @@ class _Builder:
         base_idx = next((k for k, s in enumerate(srcs) if s.model == base), None)
         if not self._contract(out, srcs, base_idx):
             return
-        shared = {p.name: self._resolve(p, [sl.parameters, self.cfg.parameters], out, t, out)
-                  for p in self.method.params if p.scope == "shared"}
+        provenance: dict[str, str] = {}
+        common = [(f"{sl.path}.parameters", sl.parameters), ("parameters", self.cfg.parameters)]
+        shared = {}
+        for p in self.method.params:
+            if p.scope == "shared":
+                shared[p.name], provenance[p.name] = self._resolve(p, common, out, t, out)
         per_input = []
         for k, (s, inp) in enumerate(zip(srcs, inputs)):
-            scopes = [x.parameters for x in sources if x.model == s.model] + [sl.parameters, self.cfg.parameters]
-            per_input.append({p.name: self._resolve(p, scopes, inp.tensor, t, f"{s.model}.{inp.tensor}")
-                              for p in self.method.params
-                              if p.scope == "input" or (p.scope == "nonbase" and k != base_idx)})
+            scopes = [(f"{x.path}.parameters", x.parameters) for x in sources if x.model == s.model] + common
+            values = {}
+            for p in self.method.params:
+                if p.scope == "input" or (p.scope == "nonbase" and k != base_idx):
+                    values[p.name], provenance[f"{k}.{p.name}"] = self._resolve(
+                        p, scopes, inp.tensor, t, f"{s.model}.{inp.tensor}")
+            per_input.append(values)
         codes = [self.cfg.dtype or i.dtype for i in inputs]
         promoted = promote(codes)
         ctx = TaskContext(out, shapes.pop(), base_idx, tuple(per_input), shared, self.seed,
                           tuple(self._position(sources, s) for s in srcs))
         task = Task(out, ctx.shape, tuple(inputs), ctx, self.cfg.dtype,
                     "F64" if compute_dtype(promoted).itemsize == 8 else "F32",
-                    self.cfg.out_dtype or promoted, not all(is_float(c) for c in codes))
+                    self.cfg.out_dtype or promoted, not all(is_float(c) for c in codes), t, provenance)
         self.tasks.append(task)
 
     @staticmethod
@@ -305,19 +315,21 @@ class _Builder:
             return False
         return True
 
-    def _resolve(self, spec: ParamSpec, scopes: list[Params], name: str, t: float, where: str) -> Scalar:
-        for params in scopes:
+    def _resolve(self, spec: ParamSpec, scopes: list[tuple[str, Params]], name: str, t: float,
+                 where: str) -> tuple[Scalar, str]:
+        """The value of one parameter, highest-precedence scope first, and where it came from."""
+        for path, params in scopes:
             setting = param(params, spec.name)
             if setting is not None:
-                value = evaluate(setting, name, t, spec.kind)
+                value, how = evaluate_traced(setting, name, t, spec.kind)
                 if value is not None:
-                    return value
+                    return value, f"{path}.{spec.name}" + (f" {how}" if how else "")
         if spec.required:
             self.problems.append(f"missing required parameter {spec.name!r} for {where}; set it under the "
                                  "model's parameters or the top-level parameters")
-            return 0.0
+            return 0.0, "missing"
         assert spec.default is not None or spec.nullable
-        return spec.default  # type: ignore[return-value]
+        return spec.default, f"default of {self.method.name}"  # type: ignore[return-value]
 
     def donor(self) -> int:
         ref = self.cfg.base_model or self.slices[0][1][0].model
@@ -358,8 +370,7 @@ def _layout(tasks: list[Task], max_shard_bytes: int, method: str,
         for i, (begin, _) in zip(idxs, ranges):
             t = tasks[i]
             fp = _fingerprint(t, name, begin, method, [identities[i.model] for i in t.inputs])
-            out[i] = Task(t.name, t.shape, t.inputs, t.ctx, t.load_dtype, t.compute, t.out_dtype, t.copy_exact,
-                          s, begin, fp)
+            out[i] = dataclasses.replace(t, shard=s, begin=begin, fingerprint=fp)
         shards.append(Shard(name, header, ranges[-1][1] if ranges else len(header), tuple(idxs)))
     return out, shards
 
