@@ -253,27 +253,38 @@ class Executor:
         return Entry(task.name, task.fingerprint, self.plan.shards[task.shard].name, task.begin, task.nbytes,
                      h.hexdigest(), read)
 
-    def _merge_chunks(self, task: Task, rows: int, hashers: list[xxhash.xxh3_128]) -> Iterator[torch.Tensor]:
+    def _merge_chunks(self, task: Task, rows: tuple[int, int],
+                      hashers: list[xxhash.xxh3_128]) -> Iterator[torch.Tensor]:
+        """Merged rows, in order: blocks of rows[0] rows are read, sub-chunks of rows[1] computed."""
         op = self.plan.method.make(task.ctx)
-        if rows >= task.rows:
+        block, sub = rows
+        blocks = _spans(0, task.rows, block)
+        if len(blocks) == 1:
             # The whole tensor fits: read it once; statistics passes leave x untouched.
             x = self._read(task, 0, task.rows, hashers)
             for p in range(op.stat_passes):
-                op.observe(p, x, 0)
+                for a, b in _spans(0, task.rows, sub):
+                    op.observe(p, x[:, a:b], a)
                 op.end_pass(p)
-            yield op.apply(x, 0)
+            for a, b in _spans(0, task.rows, sub):
+                yield op.apply(x[:, a:b], a)
             return
-        spans = [(r, min(task.rows, r + rows)) for r in range(0, task.rows, rows)]
         for p in range(op.stat_passes):
-            for r0, r1 in spans:
-                op.observe(p, self._read(task, r0, r1), r0)
+            for r0, r1 in blocks:
+                x = self._read(task, r0, r1)
+                for a, b in _spans(0, r1 - r0, sub):
+                    op.observe(p, x[:, a:b], r0 + a)
+                del x
             op.end_pass(p)
-        for r0, r1 in spans:
-            yield op.apply(self._read(task, r0, r1, hashers), r0)
+        for r0, r1 in blocks:
+            x = self._read(task, r0, r1, hashers)
+            for a, b in _spans(0, r1 - r0, sub):
+                yield op.apply(x[:, a:b], r0 + a)
+            del x
 
-    def _copy_chunks(self, task: Task, rows: int, hashers: list[xxhash.xxh3_128]) -> Iterator[torch.Tensor]:
-        for r0 in range(0, task.rows, rows):
-            r1 = min(task.rows, r0 + rows)
+    def _copy_chunks(self, task: Task, rows: tuple[int, int],
+                     hashers: list[xxhash.xxh3_128]) -> Iterator[torch.Tensor]:
+        for r0, r1 in _spans(0, task.rows, rows[0]):
             parts = [self.plan.models[i.model].index.read_rows(i.tensor, r0, r1) for i in task.inputs]
             for hi, part in zip(hashers, parts):
                 hi.update(_bytes_of(part))
@@ -281,6 +292,10 @@ class Executor:
                 raise PlanError(f"tensor {task.name!r}: non-floating buffer differs between inputs; such tensors "
                                 "cannot be merged, only copied when identical")
             yield parts[0]
+
+
+def _spans(start: int, stop: int, step: int) -> list[tuple[int, int]]:
+    return [(r, min(stop, r + step)) for r in range(start, stop, step)]
 
 
 def _gb(n: int) -> str:
