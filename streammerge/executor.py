@@ -219,12 +219,13 @@ class Executor:
         dt = torch.float64 if task.compute == "F64" else torch.float32
         x = torch.empty((len(task.inputs), row1 - row0, task.cols), dtype=dt)
         for k, inp in enumerate(task.inputs):
-            raw = self.plan.models[inp.model].index.read_rows(inp.tensor, row0, row1)
-            if hashers is not None:
-                hashers[k].update(_bytes_of(raw))
-            if task.load_dtype is not None:
-                raw = raw.to(torch_dtype(task.load_dtype))
-            x[k].copy_(raw)
+            index = self.plan.models[inp.model].index
+            hasher = hashers[k] if hashers is not None else None
+            if task.load_dtype is None or task.load_dtype == inp.dtype:
+                index.read_rows(inp.tensor, row0, row1, out=x[k], hasher=hasher)  # one copy, converting
+            else:
+                raw = index.read_rows(inp.tensor, row0, row1, hasher=hasher)
+                x[k].copy_(raw.to(torch_dtype(task.load_dtype)))
         return x
 
     def _run_task(self, task: Task, w: ShardWriter, shard_hash: xxhash.xxh3_128, budget: int) -> Entry:
@@ -285,9 +286,8 @@ class Executor:
     def _copy_chunks(self, task: Task, rows: tuple[int, int],
                      hashers: list[xxhash.xxh3_128]) -> Iterator[torch.Tensor]:
         for r0, r1 in _spans(0, task.rows, rows[0]):
-            parts = [self.plan.models[i.model].index.read_rows(i.tensor, r0, r1) for i in task.inputs]
-            for hi, part in zip(hashers, parts):
-                hi.update(_bytes_of(part))
+            parts = [self.plan.models[i.model].index.read_rows(i.tensor, r0, r1, hasher=hi)
+                     for i, hi in zip(task.inputs, hashers)]
             if any(not torch.equal(parts[0], p) for p in parts[1:]):
                 raise PlanError(f"tensor {task.name!r}: non-floating buffer differs between inputs; such tensors "
                                 "cannot be merged, only copied when identical")

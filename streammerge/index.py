@@ -14,7 +14,6 @@ import os
 import threading
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import xxhash
 
@@ -113,27 +112,41 @@ class ModelIndex:
                             "header_xxh3_128": xxhash.xxh3_128_hexdigest(head)}
         return {"folder": self.folder, "shards": shards}
 
-    def read_rows(self, name: str, row0: int, row1: int) -> torch.Tensor:
-        """Rows [row0, row1) of tensor `name`, copied out of the map, as (rows, cols) in its dtype."""
+    def read_rows(self, name: str, row0: int, row1: int, out: torch.Tensor | None = None,
+                  hasher: xxhash.xxh3_128 | None = None) -> torch.Tensor:
+        """Rows [row0, row1) of tensor `name` as (rows, cols).
+
+        Args:
+            out: if given, the rows are converted straight from the mapped file into it (one copy,
+                with the dtype conversion); otherwise a copy in the tensor's own dtype is returned.
+            hasher: fed the rows' raw bytes.
+        """
         ref = self.tensors[name]
         width = ref.cols * itemsize(ref.entry.dtype)  # bytes per row
         begin = ref.entry.begin + row0 * width
         nbytes = (row1 - row0) * width
         mm = self._map(ref.shard)
-        try:
-            raw = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=begin).copy()
-        except ValueError as e:
-            raise InputError(f"{ref.shard}: cannot read {name!r} bytes {begin}..{begin + nbytes} "
-                             f"({e}); the file changed or was truncated during the merge") from e
+        if begin + nbytes > len(mm):
+            raise InputError(f"{ref.shard}: cannot read {name!r} bytes {begin}..{begin + nbytes}; the file "
+                             "changed or was truncated during the merge")
+        with memoryview(mm) as whole, whole[begin:begin + nbytes] as raw:
+            if hasher is not None:
+                hasher.update(raw)
+            view = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+            view = view.view(torch_dtype(ref.entry.dtype)).reshape(row1 - row0, ref.cols)
+            result = view.clone() if out is None else out.copy_(view)
+            del view
         self._drop(mm, begin, begin + nbytes)
-        return torch.from_numpy(raw).view(torch_dtype(ref.entry.dtype)).reshape(row1 - row0, ref.cols)
+        return result
 
     def _map(self, path: str) -> mmap.mmap:
         with self._lock:
             mm = self._maps.get(path)
             if mm is None:
                 with open(path, "rb") as f:
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    # copy-on-write: torch takes a writable buffer without a copy or a warning; nothing
+                    # writes to it, so no page is ever copied and the file is never changed
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                 self._maps[path] = mm
             return mm
 

@@ -13,26 +13,15 @@ whether every per-tensor hash equals the unbounded run's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import make_models  # noqa: E402
+from bench_common import ensure_medium_set, measure, shard_files, tensor_hashes, warm  # noqa: E402
 
 MEMCAP = os.path.join(HERE, "memcap")
-
-
-def ensure_set(root: str, count: int = 15) -> list[str]:
-    folders = [os.path.join(root, "base")] + [os.path.join(root, f"ft{k}") for k in range(1, count)]
-    if not all(os.path.isfile(os.path.join(f, "model.safetensors.index.json")) for f in folders):
-        print(f"making the medium set in {root} (15 x ~560 MB) ...", flush=True)
-        make_models.write_set(folders, make_models.PRESETS["medium"])
-    return folders
 
 
 def write_config(root: str, folders: list[str]) -> str:
@@ -50,19 +39,16 @@ def run(cfg: str, out: str, cap: str | None) -> dict[str, object]:
     cmd = [sys.executable, "-m", "streammerge", "run", cfg, out, "-q", "--overwrite"]
     if cap:
         cmd = ["bash", MEMCAP, cap, "--", *cmd, "--max-memory", cap + "iB"]
-    t0 = time.monotonic()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.monotonic() - t0
-    rss = re.search(r"peak RSS (\d+) MiB", p.stderr)
-    cg = re.search(r"max_usage=(\d+)", p.stderr)
-    res: dict[str, object] = {"cap": cap or "none", "rc": p.returncode, "wall_s": round(wall, 1),
+    m = measure(cmd)
+    rss = re.search(r"peak RSS (\d+) MiB", m.stderr)
+    cg = re.search(r"max_usage=(\d+)", m.stderr)
+    res: dict[str, object] = {"cap": cap or "none", "rc": m.rc, "wall_s": round(m.wall_s, 1),
                               "peak_rss_mib": int(rss.group(1)) if rss else None,
                               "cgroup_peak_mib": int(cg.group(1)) // 2**20 if cg else None}
-    if p.returncode != 0:
-        res["error"] = p.stderr.strip().splitlines()[-3:]
+    if m.rc != 0:
+        res["error"] = m.stderr.strip().splitlines()[-3:]
     else:
-        with open(os.path.join(out, "streammerge.manifest.json")) as fh:
-            res["hashes"] = {k: v["xxh3_128"] for k, v in json.load(fh)["tensors"].items()}
+        res["hashes"] = tensor_hashes(out)
     return res
 
 
@@ -72,10 +58,9 @@ def main() -> None:
     ap.add_argument("--caps", default="2G,1G,512M")
     a = ap.parse_args()
     root = os.path.abspath(a.dir)
-    folders = ensure_set(root)
+    folders = ensure_medium_set(root)
     cfg = write_config(root, folders)
-    subprocess.run(["cat", *[os.path.join(f, n) for f in folders for n in sorted(os.listdir(f))
-                             if n.endswith(".safetensors")]], stdout=subprocess.DEVNULL, check=True)  # warm cache
+    warm([p for f in folders for p in shard_files(f)])
     results = [run(cfg, os.path.join(root, "out-unbounded"), None)]
     for cap in a.caps.split(","):
         results.append(run(cfg, os.path.join(root, f"out-{cap}"), cap))

@@ -1,0 +1,78 @@
+"""What the benchmarks share: the medium model set, and running a command with its wall time and peak RSS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import make_models  # noqa: E402
+
+_MEASURE = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc, file=sys.stderr)")
+
+
+@dataclass(frozen=True)
+class Measured:
+    rc: int
+    wall_s: float
+    peak_rss_mib: int  # of the command's process tree's largest process
+    stderr: str
+
+
+def ensure_medium_set(root: str, count: int = 15) -> list[str]:
+    """The medium set (hidden 1024, intermediate 3584, 16 layers, vocab 32000, ~560 MB each), made if missing."""
+    folders = [os.path.join(root, "base")] + [os.path.join(root, f"ft{k}") for k in range(1, count)]
+    if not all(os.path.isfile(os.path.join(f, "model.safetensors.index.json")) for f in folders):
+        print(f"making the medium set in {root} ({count} x ~560 MB) ...", flush=True)
+        make_models.write_set(folders, make_models.PRESETS["medium"])
+    return folders
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> Measured:
+    """Run `cmd` in a fresh wrapper process, so RUSAGE_CHILDREN's peak is this command's alone."""
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, env=env)
+    wall = time.monotonic() - t0
+    rss_kb, rc = p.stderr.strip().splitlines()[-1].split()
+    return Measured(int(rc), wall, int(rss_kb) // 1024, p.stderr)
+
+
+def shard_files(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".safetensors"))
+
+
+def warm(paths: list[str]) -> float:
+    """Read every byte of `paths` once (filling the page cache); returns the seconds it took."""
+    t0 = time.monotonic()
+    buf = bytearray(16 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.monotonic() - t0
+
+
+def write_floor(path: str, nbytes: int) -> float:
+    """Seconds to write and fsync `nbytes` to a new file at `path` (then removed)."""
+    block = b"\0" * (16 << 20)
+    t0 = time.monotonic()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(block[: min(len(block), left)])
+        f.flush()
+        os.fsync(f.fileno())
+    took = time.monotonic() - t0
+    os.unlink(path)
+    return took
+
+
+def tensor_hashes(out: str) -> dict[str, str]:
+    with open(os.path.join(out, "streammerge.manifest.json")) as f:
+        return {k: v["xxh3_128"] for k, v in json.load(f)["tensors"].items()}

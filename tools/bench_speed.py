@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Speed benchmark on the medium set, side by side in one run: streammerge against the I/O floor
+and, when given, mergekit 0.1.5 (installed in a separate environment).
+
+For each of linear (3 models), the seed's gradient slerp, ties (3 models) and the 14-model
+dare_ties it prints wall time and peak RSS, and the I/O floor measured in the same run: reading
+every input byte once from a warm page cache plus writing and syncing the output's size.
+
+  python tools/bench_speed.py --dir /work/bench/medium [--max-memory 1GiB] [--mergekit /venv/bin/mergekit-yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_common import ensure_medium_set, measure, shard_files, warm, write_floor  # noqa: E402
+
+SLERP_T = """parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+"""
+
+
+def configs(folders: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """name -> (YAML, the input folders it reads)."""
+    base, ft = folders[0], folders[1:]
+    linear = (f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 0.5}}}}\n"
+              f"  - {{model: {ft[0]}, parameters: {{weight: 0.3}}}}\n"
+              f"  - {{model: {ft[1]}, parameters: {{weight: 0.2}}}}\n"
+              "dtype: bfloat16\n")
+    slerp = (f"slices:\n  - sources:\n      - {{model: {base}, layer_range: [0, 16]}}\n"
+             f"      - {{model: {ft[0]}, layer_range: [0, 16]}}\nmerge_method: slerp\nbase_model: {base}\n"
+             + SLERP_T + "dtype: bfloat16\n")
+    ties = (f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {base}\n"
+            + "".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for f in ft[:2])
+            + "dtype: bfloat16\n")
+    dare = (f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {base}\n"
+            + "".join(f"  - model: {f}\n    parameters: {{weight: 0.08, density: {0.5 if k == 13 else 0.4}}}\n"
+                      for k, f in enumerate(ft[:14]))
+            + "parameters:\n  int8_mask: true\ndtype: bfloat16\n")
+    return {"linear (3 models)": (linear, folders[:3]), "slerp (gradient)": (slerp, folders[:2]),
+            "ties (3 models)": (ties, folders[:3]), "dare_ties (15 models)": (dare, folders[:15])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="bench/medium")
+    ap.add_argument("--max-memory", default="1GiB")
+    ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml of a separate environment")
+    ap.add_argument("--only", default=None, help="run only configs whose name contains this")
+    a = ap.parse_args()
+    root = os.path.abspath(a.dir)
+    folders = ensure_medium_set(root)
+    rows = []
+    for name, (yaml_text, inputs) in configs(folders).items():
+        if a.only and a.only not in name:
+            continue
+        cfg = os.path.join(root, "bench-" + name.split()[0] + ".yml")
+        with open(cfg, "w") as f:
+            f.write(yaml_text)
+        files = [p for d in inputs for p in shard_files(d)]
+        warm(files)  # fill the cache, then measure a warm read
+        read_s = warm(files)
+        out = os.path.join(root, "out-" + name.split()[0])
+        shutil.rmtree(out, ignore_errors=True)
+        sm = measure([sys.executable, "-m", "streammerge", "run", cfg, out, "-q", "--max-memory", a.max_memory])
+        if sm.rc != 0:
+            raise SystemExit(f"streammerge failed on {name}:\n{sm.stderr}")
+        out_bytes = sum(os.path.getsize(p) for p in shard_files(out))
+        floor = read_s + write_floor(os.path.join(root, "floor.tmp"), out_bytes)
+        row = {"name": name, "sm": sm, "floor": floor, "read": read_s}
+        if a.mergekit:
+            mk_out = os.path.join(root, "mk-" + name.split()[0])
+            shutil.rmtree(mk_out, ignore_errors=True)
+            row["mk"] = measure([a.mergekit, cfg, mk_out])
+        rows.append(row)
+        print(f"{name}: streammerge {sm.wall_s:.1f} s, floor {floor:.1f} s"
+              + (f", mergekit {row['mk'].wall_s:.1f} s" if "mk" in row else ""), flush=True)
+    print(f"\nmedium set, {os.cpu_count()} cores, warm page cache, streammerge --max-memory {a.max_memory}")
+    head = f"{'merge':<22} {'streammerge s':>13} {'peak RSS MiB':>12} {'I/O floor s':>11} {'x floor':>8}"
+    if a.mergekit:
+        head += f" {'mergekit s':>10} {'mk RSS MiB':>10} {'sm/mk':>6}"
+    print(head)
+    for r in rows:
+        sm = r["sm"]
+        line = (f"{r['name']:<22} {sm.wall_s:>13.1f} {sm.peak_rss_mib:>12} {r['floor']:>11.1f} "
+                f"{sm.wall_s / r['floor']:>8.2f}")
+        if "mk" in r:
+            mk = r["mk"]
+            ok = "" if mk.rc == 0 else " (failed)"
+            line += f" {mk.wall_s:>10.1f} {mk.peak_rss_mib:>10} {sm.wall_s / mk.wall_s:>6.2f}{ok}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
