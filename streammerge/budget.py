@@ -26,13 +26,15 @@ CHUNK_SHARE = 0.8
 COMPUTE_ELEMENTS = 128 * 1024
 
 
-def input_row_bytes(task: Task) -> int:
-    """Bytes one row of a block holds: every input in the compute dtype, one raw row being read."""
+def input_row_bytes(plan: Plan, task: Task) -> int:
+    """Bytes one row of a block holds: every input in the compute dtype, one raw row being read,
+    and what the op keeps between passes (DARE's packed masks)."""
     csize = 8 if task.compute == "F64" else 4
     raw = max(itemsize(i.dtype) for i in task.inputs)
     cast = itemsize(task.load_dtype) if task.load_dtype else 0
+    kept = 0.0 if task.copy_exact else plan.method.make(task.ctx).remember_between_passes()
     # a raw row is both mapped (until dropped) and copied out while it is read
-    return task.cols * (len(task.inputs) * csize + 2 * raw + cast) + 64
+    return int(task.cols * (len(task.inputs) * csize + 2 * raw + cast + kept)) + 64
 
 
 def compute_row_bytes(plan: Plan, task: Task) -> int:
@@ -49,7 +51,7 @@ def sub_rows(task: Task) -> int:
 
 def row_cost(plan: Plan, task: Task) -> int:
     """Bytes the smallest workable chunk needs: one row read, one row computed."""
-    return input_row_bytes(task) + compute_row_bytes(plan, task)
+    return input_row_bytes(plan, task) + compute_row_bytes(plan, task)
 
 
 def widest_row(plan: Plan) -> tuple[int, Task | None]:
@@ -101,16 +103,16 @@ def chunk_rows(plan: Plan, task: Task, budget_bytes: int) -> tuple[int, int]:
     """
     sub = sub_rows(task)
     compute = compute_row_bytes(plan, task)
-    if budget_bytes < sub * compute + input_row_bytes(task):
-        sub = max(1, (budget_bytes - input_row_bytes(task)) // compute)
-    block = (budget_bytes - sub * compute) // input_row_bytes(task)
+    if budget_bytes < sub * compute + input_row_bytes(plan, task):
+        sub = max(1, (budget_bytes - input_row_bytes(plan, task)) // compute)
+    block = (budget_bytes - sub * compute) // input_row_bytes(plan, task)
     return max(1, min(task.rows, block)), max(1, min(sub, task.rows))
 
 
 def chunk_bytes_used(plan: Plan, task: Task, budget_bytes: int) -> int:
     """Bytes `task`'s chunks hold at their peak within `budget_bytes`."""
     block, sub = chunk_rows(plan, task, budget_bytes)
-    return block * input_row_bytes(task) + sub * compute_row_bytes(plan, task)
+    return block * input_row_bytes(plan, task) + sub * compute_row_bytes(plan, task)
 
 
 def expected_peak(plan: Plan, budget_bytes: int, baseline: int | None = None) -> int:

@@ -261,7 +261,9 @@ class Executor:
         block, sub = rows
         blocks = _spans(0, task.rows, block)
         if len(blocks) == 1:
-            # The whole tensor fits: read it once; statistics passes leave x untouched.
+            # The whole tensor fits: read it once; statistics passes leave x untouched, and the
+            # op may keep per-element state (DARE masks) for the apply pass, as budgeted.
+            op.remember_between_passes()
             x = self._read(task, 0, task.rows, hashers)
             for p in range(op.stat_passes):
                 for a, b in _spans(0, task.rows, sub):

@@ -22,9 +22,13 @@ def context(method: str, input_params: list[dict], shared: dict | None = None, b
     return TaskContext(tensor, shape, base, tuple(per), sh, seed, tuple(range(len(input_params))))
 
 
-def run_chunked(method: str, ctx: TaskContext, x: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    """Feed x (n, rows, cols) through the method's operation in chunks of chunk_rows rows."""
+def run_chunked(method: str, ctx: TaskContext, x: torch.Tensor, chunk_rows: int,
+                remember: bool = False) -> torch.Tensor:
+    """Feed x (n, rows, cols) through the method's operation in chunks of chunk_rows rows;
+    with `remember`, the op keeps state between passes as the executor allows for one block."""
     op = METHODS[method].make(ctx)
+    if remember:
+        op.remember_between_passes()
     rows = x.shape[1]
     spans = [(r, min(rows, r + chunk_rows)) for r in range(0, rows, chunk_rows)]
     for p in range(op.stat_passes):

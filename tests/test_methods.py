@@ -95,6 +95,7 @@ def rand_inputs(n: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor
 def chunked_all(method: str, ctx, x: torch.Tensor) -> torch.Tensor:
     rows = x.shape[1]
     outs = [run_chunked(method, ctx, x, r) for r in sorted({1, 3, max(1, rows // 2 + 1), rows})]
+    outs += [run_chunked(method, ctx, x, r, remember=True) for r in (1, rows)]
     for o in outs[1:]:
         assert torch.equal(o, outs[0]), "result depends on chunk size"
     return outs[0]

@@ -53,6 +53,12 @@ class MergeOp:
     # with tools/calibrate_memory.py: the budget's cost model is rows·cols·(n_inputs + temp_fixed)
     temp_fixed = 1.0
 
+    def remember_between_passes(self) -> float:
+        """Ask the op to keep per-element state from its statistics passes for the apply pass
+        (the executor does so when apply will see the same chunks); returns the bytes per
+        element of one input row it will keep, 0 if it keeps nothing."""
+        return 0.0
+
     def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
         """Statistics pass `pass_idx` sees rows row0.. of every input; must not modify x."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .base import RowSums, row_sums
@@ -23,8 +24,9 @@ _BINS = 1 << 16
 
 
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
-    """|δ| rounded to float32, as int64 bit patterns that order like the magnitudes."""
-    return delta.abs().to(torch.float32).view(torch.int32).to(torch.int64)
+    """|δ| rounded to float32, as int32 bit patterns that order like the magnitudes (sign bit clear)."""
+    mag = delta.abs()
+    return (mag if mag.dtype == torch.float32 else mag.to(torch.float32)).view(torch.int32)
 
 
 def l1_factor(total: float, kept: float) -> float:
@@ -78,7 +80,7 @@ class Magnitude(Sparsifier):
             return
         bits = magnitude_bits(delta)
         if pass_idx == 0:
-            self._hist += torch.bincount((bits >> 16).flatten(), minlength=_BINS)
+            self._hist += torch.bincount((bits >> 16).flatten(), minlength=_BINS)  # high bits, 0..32767
             if self.rescale:
                 self._total.add(row_sums(delta.abs()))
         else:
@@ -126,7 +128,12 @@ def _select_from_top(hist: list[int], need: int) -> tuple[int, int]:
 
 
 class RandomDrop(Sparsifier):
-    """DARE: keep each element with probability density (counter-based draws); L1 rescale."""
+    """DARE: keep each element with probability density (counter-based draws); L1 rescale.
+
+    With `remember`, the statistics pass keeps each chunk's mask bit-packed (1/8 byte per
+    element) for the apply pass, which then need not draw again: the executor sets it when the
+    apply pass will see the very same chunks, and counts the bytes in the budget.
+    """
 
     def __init__(self, density: float, key: int, rescale: bool) -> None:
         self.density = density
@@ -136,10 +143,13 @@ class RandomDrop(Sparsifier):
         self.stat_passes = 1 if self.rescale else 0
         self._total = RowSums()
         self._kept = RowSums()
+        self.remember = False
+        self._packed: dict[int, np.ndarray] = {}
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
-        keep = self.mask(delta, flat0)
-        assert keep is not None  # the statistics pass runs only when dropping
+        keep = self._draw(delta, flat0)
+        if self.remember and delta.device.type == "cpu":
+            self._packed[flat0] = np.packbits(keep.numpy().reshape(-1))
         mag = delta.abs()
         self._total.add(row_sums(mag))
         self._kept.add(row_sums(mag * keep))
@@ -150,4 +160,11 @@ class RandomDrop(Sparsifier):
     def mask(self, delta: torch.Tensor, flat0: int) -> torch.Tensor | None:
         if self.keep_all:
             return None
+        packed = self._packed.pop(flat0, None)
+        if packed is not None:
+            bits = np.unpackbits(packed, count=delta.numel())
+            return torch.from_numpy(bits).view(torch.bool).view(delta.shape)
+        return self._draw(delta, flat0)
+
+    def _draw(self, delta: torch.Tensor, flat0: int) -> torch.Tensor:
         return bernoulli_mask(self.key, flat0, delta.numel(), self.density, delta.device).view(delta.shape)

@@ -45,6 +45,12 @@ class TaskArithmetic(MergeOp):
         self.stat_passes = max([s.stat_passes for s in self.sparsifiers] + [0])
         self.temp_fixed = _TEMP_ROWS[sparsify + ("_rescale" if rescale and sparsify == "magnitude" else "")]
 
+    def remember_between_passes(self) -> float:
+        drops = [sp for sp in self.sparsifiers if isinstance(sp, RandomDrop) and sp.stat_passes]
+        for sp in drops:
+            sp.remember = True
+        return len(drops) / 8  # one packed bit per element per dropping input
+
     def _delta(self, x: torch.Tensor, j: int) -> torch.Tensor:
         return x[self.others[j]] - x[self.base]
 
