@@ -64,6 +64,22 @@ def topk_keep(delta: np.ndarray, density: float) -> np.ndarray:
     return keep.reshape(delta.shape)
 
 
+def band_keep(delta: np.ndarray, density: float, gamma: float) -> np.ndarray:
+    """Breadcrumbs (§2.8): sort |δ| ascending, keep positions [bot, bot+keep). Ascending order is the
+    reverse of the top-k order (magnitude, then lower flat index first)."""
+    n = delta.size
+    if density >= 1:
+        return np.ones(delta.shape, bool)
+    keep, top = math.floor(density * n), math.floor(gamma * n)
+    bot = max(0, n - keep - top)
+    mag = np.abs(delta.ravel()).astype(np.float32)
+    descending = np.lexsort((np.arange(n), -mag))
+    ascending = descending[::-1]
+    out = np.zeros(n, bool)
+    out[ascending[bot:bot + keep]] = True
+    return out.reshape(delta.shape)
+
+
 def l1_rescaled(delta: np.ndarray, keep: np.ndarray) -> np.ndarray:
     m = delta * keep
     a, a2 = np.abs(delta).sum(), np.abs(m).sum()

@@ -52,6 +52,11 @@ VECTORS = [
      [[2.5, -0.5, 4.5], [1.875, 7.375, 8.5]]),
     ("ties", [C, A2, B2], [{}, {"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.34}], {"rescale": True}, 0,
      [[0.5, -0.525, 5.29236842105], [3, 7.66, 1.76973684211]]),
+    ("breadcrumbs", [C, A2, B2], [{}, {"weight": 1, "density": 0.5, "gamma": 0.2},
+                                  {"weight": 1, "density": 0.5, "gamma": 0.2}], {}, 0, [[-1, -0.25, 4], [4, 4, 4]]),
+    ("breadcrumbs_ties", [C, A2, B2], [{}, {"weight": 1, "density": 0.5, "gamma": 0.2},
+                                       {"weight": 1, "density": 0.5, "gamma": 0.2}], {}, 0,
+     [[-1, -0.25, 4], [4, 4, 3.25]]),
     # base listed last, as mergekit appends an unlisted base_model
     ("ties", [A2, B2, C], [{"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.5}, {}], {}, 2,
      [[-1, -0.25, 4.25], [3, 7, 3.25]]),
@@ -134,6 +139,7 @@ def test_slerp_zero_vector_and_colinear() -> None:
 FAMILY = {  # method: (sparsify, consensus)
     "task_arithmetic": ("none", False), "ties": ("magnitude", True),
     "dare_linear": ("random", False), "dare_ties": ("random", True),
+    "breadcrumbs": ("outliers", False), "breadcrumbs_ties": ("outliers", True),
 }
 
 
@@ -144,6 +150,8 @@ def test_task_arithmetic_family_vs_reference(method, shape, normalize, rescale) 
     x, xs = rand_inputs(4, shape, 3)
     weights, densities = [0.7, -0.2, 0.5], [0.6, 0.35, 1.0]
     params = [{}] + [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    if FAMILY[method][0] == "outliers":
+        params = [{}] + [{**p, "gamma": 0.1} for p in params[1:]]
     ctx = context(method, params, {"normalize": normalize, "rescale": rescale, "lambda": 0.8}, base=0,
                   tensor="model.layers.3.mlp.up_proj.weight", shape=shape, seed=7)
     out = chunked_all(method, ctx, x)
@@ -152,6 +160,8 @@ def test_task_arithmetic_family_vs_reference(method, shape, normalize, rescale) 
     for k, (xi, d) in enumerate(zip(xs[1:], densities), start=1):
         if sparsify == "magnitude":
             keeps.append(ref.topk_keep(xi - xs[0], d))
+        elif sparsify == "outliers":
+            keeps.append(ref.band_keep(xi - xs[0], d, 0.1))
         elif sparsify == "random" and d < 1:
             keeps.append(ref.dare_keep(7, k, ctx.tensor, xi.size, d).reshape(shape))
         else:
@@ -168,6 +178,19 @@ def test_topk_ties_keep_exactly_k_lowest_indices() -> None:
     out = chunked_all("ties", ctx, torch.cat([base, other]))
     kept = out.flatten().nonzero().flatten().tolist()
     assert kept == list(range(9))  # k = floor(0.3 * 30) = 9
+
+
+def test_breadcrumbs_band_with_ties_and_edges() -> None:
+    """All-equal magnitudes: the band is ascending ranks [bot, bot+keep); density 0 keeps nothing."""
+    base = torch.zeros(1, 5, 4)
+    other = torch.ones(1, 5, 4)
+    x = torch.cat([base, other])
+    ctx = context("breadcrumbs", [{}, {"weight": 1.0, "density": 0.5, "gamma": 0.2}], {}, base=0, shape=(5, 4))
+    kept = chunked_all("breadcrumbs", ctx, x).flatten().nonzero().flatten().tolist()
+    want = ref.band_keep(other[0].double().numpy(), 0.5, 0.2).ravel().nonzero()[0].tolist()
+    assert kept == want and len(kept) == 10
+    ctx = context("breadcrumbs", [{}, {"weight": 1.0, "density": 0.0, "gamma": 0.2}], {}, base=0, shape=(5, 4))
+    assert not chunked_all("breadcrumbs", ctx, x).any()
 
 
 def test_dare_density_and_rescale_statistics() -> None:

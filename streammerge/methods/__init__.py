@@ -9,14 +9,15 @@ from __future__ import annotations
 from .base import MergeOp, MethodDef, TaskContext
 from .linear import LINEAR
 from .slerp import SLERP
-from .task_arithmetic import DARE_LINEAR, DARE_TIES, TASK_ARITHMETIC, TIES
+from .task_arithmetic import BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, TASK_ARITHMETIC, TIES
 
 METHODS: dict[str, MethodDef] = {
-    m.name: m for m in (LINEAR, SLERP, TASK_ARITHMETIC, TIES, DARE_LINEAR, DARE_TIES)
+    m.name: m
+    for m in (LINEAR, SLERP, TASK_ARITHMETIC, TIES, DARE_LINEAR, DARE_TIES, BREADCRUMBS, BREADCRUMBS_TIES)
 }
 
 # mergekit methods that exist but are not implemented here yet (issue: every mergekit method)
-PLANNED = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce",
+PLANNED = ("della", "della_linear", "model_stock", "sce",
            "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl",
            "passthrough")
 

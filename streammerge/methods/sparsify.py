@@ -51,26 +51,77 @@ class Sparsifier:
         return None
 
 
-class Magnitude(Sparsifier):
-    """Keep the k = max(1, floor(density·N)) largest |δ| exactly; optional L1 rescale.
+class TopK:
+    """Exact selection of the k largest |δ| (ties: lower flat index first), by radix passes.
 
-    Passes: two radix passes find the threshold; with rescale a third sums the kept |δ|.
+    Passes 0 and 1 find the threshold; `mask` then keeps the elements above it and the first
+    `ties_keep` equal to it, counting ties seen so far, so chunks must come in row order.
+    `k` may be set as late as the end of pass 0 (SCE learns it from the first pass).
     """
 
-    def __init__(self, density: float, numel: int, rescale: bool) -> None:
-        self.zero_all = density <= 0 or numel == 0
-        self.keep_all = density >= 1 and not self.zero_all
-        self.k = max(1, math.floor(density * numel)) if not (self.zero_all or self.keep_all) else 0
-        self.rescale = rescale
-        self.stat_passes = 0 if (self.zero_all or self.keep_all) else (3 if rescale else 2)
+    passes = 2
+
+    def __init__(self, k: int | None) -> None:
+        self.k = k
         self._hist = torch.zeros(_BINS, dtype=torch.int64)
-        self._total = RowSums()  # Σ|δ|
-        self._kept = RowSums()  # Σ|δ⊙mask|
         self._hi = 0
         self._need = 0  # elements still to select inside the threshold's high bin
         self.threshold = 0  # int bit pattern of the k-th largest |δ|
         self.ties_keep = 0
         self._ties_seen = 0
+
+    def observe(self, pass_idx: int, bits: torch.Tensor) -> None:
+        """`bits`: magnitude_bits of a chunk."""
+        if pass_idx == 0:
+            self._hist += torch.bincount((bits >> 16).flatten(), minlength=_BINS).cpu()  # high bits
+        else:
+            inside = bits[(bits >> 16) == self._hi] & 0xFFFF
+            self._hist += torch.bincount(inside, minlength=_BINS).cpu()
+
+    def end_pass(self, pass_idx: int) -> None:
+        assert self.k is not None
+        hist = self._hist.tolist()
+        self._hist.zero_()
+        if self.k <= 0:
+            self.threshold, self.ties_keep = 1 << 31, 0  # above every bit pattern: keep nothing
+            return
+        b, above = _select_from_top(hist, self.k if pass_idx == 0 else self._need)
+        if pass_idx == 0:
+            self._hi, self._need = b, self.k - above
+        else:
+            self.threshold = (self._hi << 16) | b
+            self.ties_keep = self._need - above
+
+    def mask(self, bits: torch.Tensor) -> torch.Tensor:
+        keep = bits > self.threshold if self.threshold < 1 << 31 else torch.zeros_like(bits, dtype=torch.bool)
+        ties = bits == self.threshold
+        if self.ties_keep > self._ties_seen:
+            # the lowest flat indices among the ties are kept (SEMANTICS deviation 3)
+            rank = torch.cumsum(ties.flatten(), 0).view(ties.shape) + self._ties_seen
+            keep |= ties & (rank <= self.ties_keep)
+        self._ties_seen += int(ties.sum())
+        return keep
+
+    def restart(self) -> None:
+        """Count ties from the first chunk again (a new pass over the tensor)."""
+        self._ties_seen = 0
+
+
+class Ranked(Sparsifier):
+    """Keeps elements by magnitude rank: TIES's top k, breadcrumbs's band, with optional L1 rescale.
+
+    A band keeps descending ranks [skip, skip + keep): the top (skip + keep) minus the top skip.
+    Passes: two radix passes select; with rescale a third sums the kept |δ|.
+    """
+
+    def __init__(self, keep: int, skip: int, numel: int, rescale: bool) -> None:
+        self.zero_all = keep <= 0 or numel == 0
+        self.keep_all = skip == 0 and keep >= numel and not self.zero_all
+        self.rescale = rescale
+        self.selectors = [TopK(skip + keep)] + ([TopK(skip)] if skip > 0 else [])
+        self.stat_passes = 0 if (self.zero_all or self.keep_all) else (3 if rescale else 2)
+        self._total = RowSums()  # Σ|δ|
+        self._kept = RowSums()  # Σ|δ⊙mask|
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
         if pass_idx == 2:
@@ -79,27 +130,20 @@ class Magnitude(Sparsifier):
             self._kept.add(row_sums(delta.abs() * keep))
             return
         bits = magnitude_bits(delta)
-        if pass_idx == 0:
-            self._hist += torch.bincount((bits >> 16).flatten(), minlength=_BINS)  # high bits, 0..32767
-            if self.rescale:
-                self._total.add(row_sums(delta.abs()))
-        else:
-            inside = bits[(bits >> 16) == self._hi] & 0xFFFF
-            self._hist += torch.bincount(inside, minlength=_BINS)
+        for sel in self.selectors:
+            sel.observe(pass_idx, bits)
+        if pass_idx == 0 and self.rescale:
+            self._total.add(row_sums(delta.abs()))
 
     def end_pass(self, pass_idx: int) -> None:
         if pass_idx == 2:
             self.factor = l1_factor(self._total.total(), self._kept.total())
-            self._ties_seen = 0  # the apply pass counts ties again from the start
-            return
-        hist = self._hist.tolist()
-        self._hist.zero_()
-        b, above = _select_from_top(hist, self.k if pass_idx == 0 else self._need)
-        if pass_idx == 0:
-            self._hi, self._need = b, self.k - above
         else:
-            self.threshold = (self._hi << 16) | b
-            self.ties_keep = self._need - above
+            for sel in self.selectors:
+                sel.end_pass(pass_idx)
+        if pass_idx >= 1:
+            for sel in self.selectors:
+                sel.restart()  # the next pass (rescale or apply) counts ties from the start
 
     def mask(self, delta: torch.Tensor, flat0: int) -> torch.Tensor | None:
         if self.keep_all:
@@ -107,14 +151,27 @@ class Magnitude(Sparsifier):
         if self.zero_all:
             return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
         bits = magnitude_bits(delta)
-        keep = bits > self.threshold
-        ties = bits == self.threshold
-        if self.ties_keep > self._ties_seen:
-            # the lowest flat indices among the ties are kept (SEMANTICS deviation 3)
-            rank = torch.cumsum(ties.flatten(), 0).view(ties.shape) + self._ties_seen
-            keep |= ties & (rank <= self.ties_keep)
-        self._ties_seen += int(ties.sum())
+        keep = self.selectors[0].mask(bits)
+        if len(self.selectors) > 1:
+            keep &= ~self.selectors[1].mask(bits)
         return keep
+
+
+def magnitude(density: float, numel: int, rescale: bool) -> Ranked:
+    """TIES: the k = max(1, floor(density·N)) largest; density >= 1 keeps all, <= 0 none."""
+    if density >= 1:
+        return Ranked(numel, 0, numel, rescale)
+    return Ranked(0 if density <= 0 else max(1, math.floor(density * numel)), 0, numel, rescale)
+
+
+def outliers(density: float, gamma: float, numel: int, rescale: bool) -> Ranked:
+    """Breadcrumbs: drop the `bot` smallest and the largest above them, keep floor(density·N)."""
+    if density >= 1:
+        return Ranked(numel, 0, numel, rescale)
+    keep = math.floor(density * numel)
+    top = math.floor(gamma * numel)
+    bot = max(0, numel - keep - top)
+    return Ranked(keep, numel - bot - keep, numel, rescale)
 
 
 def _select_from_top(hist: list[int], need: int) -> tuple[int, int]:

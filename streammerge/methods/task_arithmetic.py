@@ -1,10 +1,11 @@
-"""The task-arithmetic family: task_arithmetic, ties, dare_linear, dare_ties (SEMANTICS §2.7).
+"""The task-arithmetic family: task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
+breadcrumbs_ties (SEMANTICS §2.7, §2.8).
 
-For each non-base input: δ = x − base, sparsified (none / exact top-k / DARE), L1-rescaled
+For each non-base input: δ = x − base, sparsified (none / exact top-k / DARE / breadcrumbs band), L1-rescaled
 if `rescale`, times its weight; then summed, with TIES sign consensus for the *_ties
 methods, optionally normalised by the (masked) weight sum, scaled by lambda, added to base.
-Passes over the inputs: the sparsifier's statistics passes (top-k: 2, DARE with rescale: 1),
-then the apply pass.
+Passes over the inputs: the sparsifier's statistics passes (top-k and breadcrumbs: 2, 3 with
+rescale; DARE with rescale: 1), then the apply pass; one read in all when the tensor fits.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import torch
 from ..params import ParamSpec
 from .base import MergeOp, MethodDef, TaskContext
 from .rng import stream_key
-from .sparsify import Magnitude, RandomDrop, Sparsifier
+from .sparsify import RandomDrop, Sparsifier, magnitude, outliers
 
 # float32 rows held beyond the inputs, measured per sparsifier (tools/calibrate_memory.py)
 # and rounded up: sums, signs and divisors; int64 draws or bit patterns of one input at a time.
-_TEMP_ROWS = {"none": 3.0, "magnitude": 8.0, "magnitude_rescale": 9.0, "random": 7.0}
+_TEMP_ROWS = {"none": 3.0, "magnitude": 8.0, "magnitude_rescale": 9.0, "outliers": 10.0, "outliers_rescale": 11.0,
+              "random": 7.0}
 
 
 class TaskArithmetic(MergeOp):
@@ -36,14 +38,18 @@ class TaskArithmetic(MergeOp):
         for i in self.others:
             density = float(ctx.input_params[i].get("density", 1.0))
             if sparsify == "magnitude":
-                self.sparsifiers.append(Magnitude(density, ctx.numel, rescale))
+                self.sparsifiers.append(magnitude(density, ctx.numel, rescale))
+            elif sparsify == "outliers":
+                gamma = float(ctx.input_params[i]["gamma"])
+                self.sparsifiers.append(outliers(density, gamma, ctx.numel, rescale))
             elif sparsify == "random":
                 key = stream_key(ctx.seed, ctx.input_positions[i], ctx.tensor)
                 self.sparsifiers.append(RandomDrop(density, key, rescale))
             else:
                 self.sparsifiers.append(Sparsifier())
         self.stat_passes = max([s.stat_passes for s in self.sparsifiers] + [0])
-        self.temp_fixed = _TEMP_ROWS[sparsify + ("_rescale" if rescale and sparsify == "magnitude" else "")]
+        ranked = sparsify in ("magnitude", "outliers")
+        self.temp_fixed = _TEMP_ROWS[sparsify + ("_rescale" if rescale and ranked else "")]
 
     def remember_between_passes(self) -> float:
         drops = [sp for sp in self.sparsifiers if isinstance(sp, RandomDrop) and sp.stat_passes]
@@ -102,7 +108,7 @@ class TaskArithmetic(MergeOp):
 
 def _family(name: str, sparsify: str, consensus: bool, normalize: bool, rescale: bool,
             pretty: str, url: str) -> MethodDef:
-    params = (
+    params: tuple[ParamSpec, ...] = (
         ParamSpec("weight", "float", "nonbase", required=True),
         ParamSpec("density", "float", "nonbase", default=1.0),
         ParamSpec("int8_mask", "bool", "shared", default=False),
@@ -110,6 +116,8 @@ def _family(name: str, sparsify: str, consensus: bool, normalize: bool, rescale:
         ParamSpec("rescale", "bool", "shared", default=rescale),
         ParamSpec("lambda", "float", "shared", default=1.0),
     )
+    if sparsify == "outliers":
+        params += (ParamSpec("gamma", "float", "nonbase", default=0.01),)
     return MethodDef(name=name, params=params, base="required", min_inputs=1, max_inputs=None,
                      make=partial(TaskArithmetic, sparsify=sparsify, consensus=consensus),
                      pretty=pretty, url=url)
@@ -122,3 +130,7 @@ DARE_LINEAR = _family("dare_linear", "random", False, False, True,
                       "Linear DARE", "https://arxiv.org/abs/2311.03099")
 DARE_TIES = _family("dare_ties", "random", True, False, True,
                     "DARE TIES", "https://arxiv.org/abs/2311.03099")
+BREADCRUMBS = _family("breadcrumbs", "outliers", False, False, False,
+                      "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795")
+BREADCRUMBS_TIES = _family("breadcrumbs_ties", "outliers", True, False, False,
+                           "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795")
