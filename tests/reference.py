@@ -107,3 +107,46 @@ def task_arithmetic(base: np.ndarray, others: list[np.ndarray], weights: list[fl
     if normalize:
         s = s / div
     return base + lam * s
+
+
+def nearswap(t: float, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    w = np.clip(t / np.maximum(np.abs(a - b), 1e-6), 0, 1)
+    return w * b + (1 - w) * a
+
+
+def ram(base: np.ndarray, others: list[np.ndarray], eps: float = 1e-5, plus: bool = False,
+        r: float = 0.1, alpha: float = 0.2) -> np.ndarray:
+    taus = [x - base for x in others]
+    act = [np.abs(t) > eps for t in taus]
+    c = sum(a.astype(int) for a in act)
+    u, o = (c == 1), (c > 1)
+    out = base.copy()
+    for t, a in zip(taus, act):
+        lam = 1.0
+        if plus:
+            shared, unique = int((a & o).sum()), int((a & u).sum())
+            rho = np.float32(shared) / np.float32(max(unique, eps))
+            lam = float(np.float32(1) + np.float32(r) * np.clip(rho, np.float32(0), np.float32(alpha)))
+        out = out + t * a * (lam * u + o / np.maximum(c, 1))
+    return out
+
+
+def model_stock(base: np.ndarray, others: list[np.ndarray], filter_wise: bool = False) -> np.ndarray:
+    k = len(others)
+    offs = [x - base for x in others]
+    if filter_wise:
+        last = base.shape[-1] if base.ndim >= 2 else base.size
+        offs = [o.reshape(-1, last) for o in offs]
+        dot = lambda a, b: (a * b).sum(-1)  # noqa: E731
+    else:
+        offs = [o.ravel() for o in offs]
+        dot = lambda a, b: float(np.dot(a, b))  # noqa: E731
+    cos = [np.clip(dot(offs[i], offs[j]) / np.maximum(np.sqrt(dot(offs[i], offs[i]) * dot(offs[j], offs[j])),
+                                                       1e-6), -1, 1)
+           for i in range(k) for j in range(i + 1, k)]
+    c = np.mean(cos, axis=0)
+    den = 1 + (k - 1) * c
+    t = np.where(np.abs(den) < 1e-6, 0.0, k * c / np.where(np.abs(den) < 1e-6, 1.0, den))
+    if filter_wise:
+        t = np.repeat(np.atleast_1d(t)[:, None], base.shape[-1] if base.ndim >= 2 else base.size, 1).reshape(base.shape)
+    return t * np.mean(others, axis=0) + (1 - t) * base

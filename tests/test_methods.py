@@ -13,9 +13,12 @@ from helpers import context, run_chunked
 A = [[1, 2, 3], [4, 5, 6]]
 B = [[2, 0, -1], [3, 7, 1]]
 C = [[0.5, 1, 2], [3, 4, 5.5]]
+E = [[1.5, -1, 2.5], [2, 6, 4]]
+R0, R1, R2 = [[0, 0, 0], [0, 0, 0]], [[1, 0, 2], [0, 0, -1]], [[3, 0, 0], [4, 0, 1]]
 dA = np.array([[0.5, -1.25, 2], [-0.125, 3, 0.75]])
 dB = np.array([[-1.5, 0.25, 2.5], [1, -0.375, -2.25]])
-A2, B2 = np.array(C) + dA, np.array(C) + dB
+dE = np.array([[0.3, 0.6, -0.9], [1.2, -1.5, 0.45]])
+A2, B2, E2 = np.array(C) + dA, np.array(C) + dB, np.array(C) + dE
 
 
 def t64(*xs: object) -> torch.Tensor:
@@ -57,6 +60,19 @@ VECTORS = [
     ("breadcrumbs_ties", [C, A2, B2], [{}, {"weight": 1, "density": 0.5, "gamma": 0.2},
                                        {"weight": 1, "density": 0.5, "gamma": 0.2}], {}, 0,
      [[-1, -0.25, 4], [4, 4, 3.25]]),
+    ("nearswap", [A, B], [{}, {}], {"t": 0.5}, 0, [[1.5, 1.5, 2.5], [3.5, 5.5, 5.5]]),
+    ("ram", [R0, R1, R2], [{}, {}, {}], {}, 0, [[2, 0, 2], [4, 0, 0]]),
+    ("ramplus_tl", [R0, R1, R2], [{}, {}, {}], {"r": 0.5, "alpha": 1.0}, 0, [[2, 0, 3], [6, 0, 0]]),
+    ("ramplus_tl", [R0, R1, R2], [{}, {}, {}], {}, 0, [[2, 0, 2.03999996185], [4.07999992371, 0, 0]]),
+    ("passthrough", [A], [{"scale": 0.5}], {}, None, [[0.5, 1, 1.5], [2, 2.5, 3]]),
+    ("model_stock", [C, A, B, E], [{}] * 4, {}, 0,
+     [[0.793351334074, 0.80443244395, 1.85332433296], [3, 4.58670266815, 4.96218922086]]),
+    ("model_stock", [C, A, B, E], [{}] * 4, {"filter_wise": True}, 0,
+     [[-0.680527356646, 1.78701823776, 2.59026367832], [3, 5.22126866287, 4.3805037257]]),
+    ("model_stock", [C, A2, B2, E2], [{}] * 4, {}, 0,
+     [[1.01607178993, 1.29489816568, -0.654083491092], [1.47021576555, 3.17059890903, 6.2741076849]]),
+    ("model_stock", [C, A2, B2, E2], [{}] * 4, {"filter_wise": True}, 0,
+     [[1.4792779228, 1.55958738446, -3.0362864601], [1.28434337438, 3.06982472105, 6.36816359369]]),
     # base listed last, as mergekit appends an unlisted base_model
     ("ties", [A2, B2, C], [{"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.5}, {}], {}, 2,
      [[-1, -0.25, 4.25], [3, 7, 3.25]]),
@@ -211,3 +227,26 @@ def test_dare_masks_differ_per_input_and_tensor() -> None:
     assert (a != ref.dare_keep(0, 2, "x", 256, 0.5)).any()
     assert (a != ref.dare_keep(0, 1, "y", 256, 0.5)).any()
     assert (a != ref.dare_keep(1, 1, "x", 256, 0.5)).any()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_elementwise_methods_vs_reference(shape) -> None:
+    x, xs = rand_inputs(4, shape, 11)
+    ctx = context("nearswap", [{}, {}], {"t": 0.2}, base=1, shape=shape)
+    out = chunked_all("nearswap", ctx, x[:2])
+    np.testing.assert_allclose(out.numpy().reshape(shape), ref.nearswap(0.2, xs[1], xs[0]), rtol=1e-5, atol=1e-6)
+    for plus, method in ((False, "ram"), (True, "ramplus_tl")):
+        ctx = context(method, [{}] * 4, {"epsilon": 0.2}, base=0, shape=shape)
+        out = chunked_all(method, ctx, x)
+        want = ref.ram(xs[0], xs[1:], eps=0.2, plus=plus)
+        np.testing.assert_allclose(out.numpy().reshape(shape), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_vs_reference(shape, filter_wise) -> None:
+    x, xs = rand_inputs(4, shape, 12)
+    ctx = context("model_stock", [{}] * 4, {"filter_wise": filter_wise}, base=0, shape=shape)
+    out = chunked_all("model_stock", ctx, x)
+    want = ref.model_stock(xs[0], xs[1:], filter_wise)
+    np.testing.assert_allclose(out.numpy().reshape(shape), want, rtol=2e-4, atol=2e-5)

@@ -7,18 +7,19 @@ Imports the method modules only. Each method is a MethodDef (contract, parameter
 from __future__ import annotations
 
 from .base import MergeOp, MethodDef, TaskContext
+from .elementwise import NEARSWAP, PASSTHROUGH, RAM, RAMPLUS_TL
 from .linear import LINEAR
+from .model_stock import MODEL_STOCK
 from .slerp import SLERP
 from .task_arithmetic import BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, TASK_ARITHMETIC, TIES
 
 METHODS: dict[str, MethodDef] = {
     m.name: m
-    for m in (LINEAR, SLERP, TASK_ARITHMETIC, TIES, DARE_LINEAR, DARE_TIES, BREADCRUMBS, BREADCRUMBS_TIES)
+    for m in (LINEAR, SLERP, TASK_ARITHMETIC, TIES, DARE_LINEAR, DARE_TIES, BREADCRUMBS, BREADCRUMBS_TIES,
+              PASSTHROUGH, NEARSWAP, RAM, RAMPLUS_TL, MODEL_STOCK)
 }
 
 # mergekit methods that exist but are not implemented here yet (issue: every mergekit method)
-PLANNED = ("della", "della_linear", "model_stock", "sce",
-           "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl",
-           "passthrough")
+PLANNED = ("della", "della_linear", "sce", "nuslerp", "multislerp", "karcher", "arcee_fusion")
 
 __all__ = ["METHODS", "PLANNED", "MergeOp", "MethodDef", "TaskContext"]
