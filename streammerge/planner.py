@@ -310,6 +310,11 @@ class _Builder:
             want = (f"exactly {m.min_inputs}" if m.max_inputs == m.min_inputs
                     else f"at least {m.min_inputs}" if m.max_inputs is None else f"{m.min_inputs}..{m.max_inputs}")
             why = f"{m.name} takes {want} inputs, got {n}"
+        else:
+            others = n - (base_idx is not None)
+            if others < m.min_others or (m.max_others is not None and others > m.max_others):
+                want = f"exactly {m.min_others}" if m.max_others == m.min_others else f"at least {m.min_others}"
+                why = f"{m.name} takes {want} non-base inputs, got {others}"
         if why:
             self.problems.append(f"tensor {out!r}: {why} ({', '.join(str(s.model) for s in srcs)})")
             return False

@@ -150,3 +150,87 @@ def model_stock(base: np.ndarray, others: list[np.ndarray], filter_wise: bool = 
     if filter_wise:
         t = np.repeat(np.atleast_1d(t)[:, None], base.shape[-1] if base.ndim >= 2 else base.size, 1).reshape(base.shape)
     return t * np.mean(others, axis=0) + (1 - t) * base
+
+
+def multislerp(xs: list[np.ndarray], ws: list[float], base: np.ndarray | None = None, normalize: bool = True,
+               eps: float = 1e-8) -> np.ndarray:
+    """§2.5, on flattened vectors."""
+    if len(xs) == 1:
+        return xs[0]
+    shape = xs[0].shape
+    v = [(x - base if base is not None else x).ravel() for x in xs]
+    w = np.array(ws, float)
+    if normalize:
+        w = w / w.sum()
+    r = np.array([np.linalg.norm(x) for x in v])
+    u = [x / (ri + eps) for x, ri in zip(v, r)]
+    m = sum(wi * ui for wi, ui in zip(w, u))
+    if np.linalg.norm(m) < eps:
+        out = w[0] * v[0] + w[1] * v[1]
+    else:
+        m = m / np.linalg.norm(m)
+        g = sum(wi * (ui - np.dot(ui, m) * m) for wi, ui in zip(w, u))
+        s = np.linalg.norm(g) + eps
+        out = (m * np.cos(s) + g * np.sin(s) / s) * np.dot(w, r)
+    out = out.reshape(shape)
+    return out + base if base is not None else out
+
+
+def karcher(xs: list[np.ndarray], max_iter: int = 10, tol: float = 1e-5) -> np.ndarray:
+    """§2.6, on flattened vectors."""
+    if len(xs) == 1:
+        return xs[0]
+    shape, n = xs[0].shape, len(xs)
+    v = [x.ravel() for x in xs]
+    r = np.array([np.linalg.norm(x) for x in v])
+    u = [x / ri if ri > 0 else np.zeros_like(x) for x, ri in zip(v, r)]
+    valid = [i for i in range(n) if r[i] > tol]
+    if not valid:
+        return np.zeros(shape)
+    beta = 1 / len(valid)
+    m = sum(beta * u[i] for i in valid)
+    m = u[valid[0]] if np.linalg.norm(m) < tol else m / np.linalg.norm(m)
+    for _ in range(max_iter):
+        t = np.zeros_like(m)
+        for i in valid:
+            c = float(np.clip(np.dot(m, u[i]), -1, 1))
+            th = math.acos(c)
+            if th < tol:
+                continue
+            t += beta * (th / math.sin(th)) * (u[i] - c * m)
+        tn = np.linalg.norm(t)
+        if tn < tol:
+            break
+        m = math.cos(tn) * m + math.sin(tn) * t / tn
+        if np.linalg.norm(m) > tol:
+            m = m / np.linalg.norm(m)
+    return (r.sum() / n * m).reshape(shape)
+
+
+def nuslerp(a: np.ndarray, b: np.ndarray, wa: float, wb: float, base: np.ndarray | None = None,
+            flatten: bool = True, row_wise: bool = False) -> np.ndarray:
+    """§2.4: vectors are the whole tensor, each row (last axis), or each column (axis 0)."""
+    t = 0.5 if abs(wa + wb) < 1e-6 else wb / (wa + wb)
+    x, y = (a - base, b - base) if base is not None else (a, b)
+    if flatten:
+        xv, yv = x.reshape(1, -1), y.reshape(1, -1)
+    elif row_wise:
+        xv, yv = np.moveaxis(x, 0, -1).reshape(-1, x.shape[0]), np.moveaxis(y, 0, -1).reshape(-1, y.shape[0])
+    else:
+        xv, yv = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    out = np.empty_like(xv)
+    for k in range(xv.shape[0]):
+        p, q = xv[k], yv[k]
+        c = float(np.clip(np.dot(p / max(np.linalg.norm(p), 1e-7), q / max(np.linalg.norm(q), 1e-7)), -1, 1))
+        if 1 - c * c <= 1e-16:
+            out[k] = (1 - t) * p + t * q
+        else:
+            th = math.acos(c)
+            out[k] = (math.sin((1 - t) * th) * p + math.sin(t * th) * q) / math.sin(th)
+    if flatten:
+        res = out.reshape(x.shape)
+    elif row_wise:
+        res = np.moveaxis(out.reshape(*x.shape[1:], x.shape[0]), -1, 0)
+    else:
+        res = out.reshape(x.shape)
+    return res + base if base is not None else res

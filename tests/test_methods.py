@@ -73,6 +73,20 @@ VECTORS = [
      [[1.01607178993, 1.29489816568, -0.654083491092], [1.47021576555, 3.17059890903, 6.2741076849]]),
     ("model_stock", [C, A2, B2, E2], [{}] * 4, {"filter_wise": True}, 0,
      [[1.4792779228, 1.55958738446, -3.0362864601], [1.28434337438, 3.06982472105, 6.36816359369]]),
+    ("multislerp", [A, B, E], [{"weight": 1}] * 3, {}, None,
+     [[1.65552471478, 0.263871023964, 1.52746822346], [3.19181710991, 6.56027665638, 3.82555521999]]),
+    ("multislerp", [C, A, B], [{}, {"weight": 1}, {"weight": 2}], {}, 0,
+     [[2.1981017554, 1.38965313204, 0.886377942653], [4.14129072673, 7.39620351081, 2.68827618725]]),
+    ("karcher", [A, B, E], [{}] * 3, {}, None,
+     [[1.65797418061, 0.270442907075, 1.51229009842], [3.19861532503, 6.56614244285, 3.81430760638]]),
+    ("nuslerp", [A, B], [{"weight": 0.4}, {"weight": 0.6}], {}, None,
+     [[1.73319773064, 0.881464693263, 0.67596434789], [3.70162746254, 6.72729057719, 3.29062677179]]),
+    ("nuslerp", [A, B], [{"weight": 0.4}, {"weight": 0.6}], {"nuslerp_flatten": False}, None,
+     [[2.34093674654, 1.2607712295, 1.03588127835], [3.59340816077, 6.53823061298, 3.18622102821]]),
+    ("nuslerp", [A, B], [{"weight": 0.4}, {"weight": 0.6}], {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+     None, [[1.62191266445, 0.816474922284, 0.796948662129], [3.44955536977, 6.30699127977, 3.74810325715]]),
+    ("nuslerp", [C, A, B], [{}, {"weight": 0.4}, {"weight": 0.6}], {}, 0,
+     [[2.1540184219, 0.773001307054, 0.00548353868156], [3.65676019124, 7.3080368438, 1.85146511678]]),
     # base listed last, as mergekit appends an unlisted base_model
     ("ties", [A2, B2, C], [{"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.5}, {}], {}, 2,
      [[-1, -0.25, 4.25], [3, 7, 3.25]]),
@@ -250,3 +264,56 @@ def test_model_stock_vs_reference(shape, filter_wise) -> None:
     out = chunked_all("model_stock", ctx, x)
     want = ref.model_stock(xs[0], xs[1:], filter_wise)
     np.testing.assert_allclose(out.numpy().reshape(shape), want, rtol=2e-4, atol=2e-5)
+
+
+SHAPES_2D = [(1,), (7,), (5, 3), (13, 9)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_base", [False, True])
+def test_multislerp_and_karcher_vs_reference(shape, with_base) -> None:
+    x, xs = rand_inputs(4, shape, 13)
+    ws = [0.5, 1.5, 1.0]
+    params = ([{}] if with_base else []) + [{"weight": w} for w in ws]
+    xin = x if with_base else x[1:]
+    ctx = context("multislerp", params, {}, base=0 if with_base else None, shape=shape)
+    out = chunked_all("multislerp", ctx, xin)
+    want = ref.multislerp(xs[1:], ws, xs[0] if with_base else None)
+    np.testing.assert_allclose(out.numpy().reshape(shape), want, rtol=1e-4, atol=1e-5)
+    if not with_base:
+        ctx = context("karcher", [{}] * 3, {}, shape=shape)
+        out = chunked_all("karcher", ctx, x[1:])
+        np.testing.assert_allclose(out.numpy().reshape(shape), ref.karcher(xs[1:]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES_2D)
+@pytest.mark.parametrize("flatten,row_wise", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_nuslerp_vs_reference(shape, flatten, row_wise, with_base) -> None:
+    x, xs = rand_inputs(3, shape, 14)
+    params = ([{}] if with_base else []) + [{"weight": 0.3}, {"weight": 0.9}]
+    xin = x if with_base else x[1:]
+    ctx = context("nuslerp", params, {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise},
+                  base=0 if with_base else None, shape=shape)
+    out = chunked_all("nuslerp", ctx, xin)
+    want = ref.nuslerp(xs[1], xs[2], 0.3, 0.9, xs[0] if with_base else None, flatten, row_wise)
+    np.testing.assert_allclose(out.numpy().reshape(shape), want, rtol=1e-4, atol=1e-5)
+
+
+def test_karcher_regressions() -> None:
+    """mergekit's cases (SEMANTICS §7): [1,0],[2,0] -> [1.5,0]; near-zero inputs -> zeros."""
+    x = torch.tensor([[[1.0, 0.0]], [[2.0, 0.0]]], dtype=torch.float64)
+    ctx = context("karcher", [{}, {}], {}, shape=(1, 2))
+    np.testing.assert_allclose(run_chunked("karcher", ctx, x, 1).numpy(), [[1.5, 0.0]], atol=1e-12)
+    tiny = torch.full((2, 1, 2), 1e-9, dtype=torch.float64)
+    assert not run_chunked("karcher", ctx, tiny, 1).any()
+
+
+def test_nuslerp_colinear_rows_stay_finite() -> None:
+    """mergekit's regression: rows that are colinear in one input pair, not in another."""
+    a = torch.tensor([[[1.0, 2.0], [1.0, 0.0]]], dtype=torch.float64)
+    b = torch.tensor([[[2.0, 4.0], [0.0, 1.0]]], dtype=torch.float64)
+    ctx = context("nuslerp", [{"weight": 0.5}, {"weight": 0.5}], {"nuslerp_flatten": False}, shape=(2, 2))
+    out = run_chunked("nuslerp", ctx, torch.cat([a, b]), 1).numpy()
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[0], [1.5, 3.0], atol=1e-12)

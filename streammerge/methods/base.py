@@ -80,7 +80,8 @@ class MethodDef:
     min_inputs: int
     max_inputs: int | None
     make: Callable[[TaskContext], MergeOp] = field(compare=False)
-    min_others: int = 0  # non-base inputs required (task-arithmetic family: >= 1 ... )
+    min_others: int = 0  # non-base inputs required
+    max_others: int | None = None
     pretty: str = ""
     url: str = ""
 
