@@ -234,3 +234,20 @@ def nuslerp(a: np.ndarray, b: np.ndarray, wa: float, wb: float, base: np.ndarray
     else:
         res = out.reshape(x.shape)
     return res + base if base is not None else res
+
+
+def della_keep(delta: np.ndarray, density: float, eps: float, seed: int, position: int, tensor: str) -> np.ndarray:
+    """§2.8 della_magprune: ranks along axis 1 (whole tensor for 0/1-D), ties by lower index;
+    keep iff draw/2^53 < (density − ε) + 2ε·(rank−1)/(n−1)."""
+    if density >= 1:
+        return np.ones(delta.shape, bool)
+    if density <= 0:
+        return np.zeros(delta.shape, bool)
+    arr = delta.reshape(1, -1, 1) if delta.ndim <= 1 else delta.reshape(delta.shape[0], delta.shape[1], -1)
+    mag = np.abs(arr).astype(np.float32)
+    rank = np.argsort(np.argsort(mag, axis=1, kind="stable"), axis=1, kind="stable")
+    n = arr.shape[1]
+    prob = (density - eps) + 2 * eps * rank / (n - 1)
+    key = xxhash.xxh3_64_intdigest(f"{seed}\x00{position}\x00{tensor}".encode())
+    u = np.array([splitmix_draw(key, i) for i in range(delta.size)], dtype=np.float64) / 2.0**53
+    return (u < prob.reshape(-1)).reshape(delta.shape)

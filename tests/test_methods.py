@@ -170,6 +170,7 @@ FAMILY = {  # method: (sparsify, consensus)
     "task_arithmetic": ("none", False), "ties": ("magnitude", True),
     "dare_linear": ("random", False), "dare_ties": ("random", True),
     "breadcrumbs": ("outliers", False), "breadcrumbs_ties": ("outliers", True),
+    "della": ("della", True), "della_linear": ("della", False),
 }
 
 
@@ -182,6 +183,16 @@ def test_task_arithmetic_family_vs_reference(method, shape, normalize, rescale) 
     params = [{}] + [{"weight": w, "density": d} for w, d in zip(weights, densities)]
     if FAMILY[method][0] == "outliers":
         params = [{}] + [{**p, "gamma": 0.1} for p in params[1:]]
+    if FAMILY[method][0] == "della":
+        params = [{}] + [{**p, "epsilon": 0.1} for p in params[1:]]
+        row_len = shape[1] if len(shape) >= 2 else int(np.prod(shape))
+        if row_len < 2:  # a row of one: mergekit fails (0/0 rank), so must we, clearly
+            from streammerge.errors import PlanError
+            from streammerge.methods import METHODS
+
+            with pytest.raises(PlanError, match="ranks along axis 1, which has length 1"):
+                METHODS[method].make(context(method, params, {}, base=0, shape=shape))
+            return
     ctx = context(method, params, {"normalize": normalize, "rescale": rescale, "lambda": 0.8}, base=0,
                   tensor="model.layers.3.mlp.up_proj.weight", shape=shape, seed=7)
     out = chunked_all(method, ctx, x)
@@ -192,6 +203,8 @@ def test_task_arithmetic_family_vs_reference(method, shape, normalize, rescale) 
             keeps.append(ref.topk_keep(xi - xs[0], d))
         elif sparsify == "outliers":
             keeps.append(ref.band_keep(xi - xs[0], d, 0.1))
+        elif sparsify == "della":
+            keeps.append(ref.della_keep(xi - xs[0], d, 0.1, 7, k, ctx.tensor))
         elif sparsify == "random" and d < 1:
             keeps.append(ref.dare_keep(7, k, ctx.tensor, xi.size, d).reshape(shape))
         else:
@@ -317,3 +330,21 @@ def test_nuslerp_colinear_rows_stay_finite() -> None:
     out = run_chunked("nuslerp", ctx, torch.cat([a, b]), 1).numpy()
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out[0], [1.5, 3.0], atol=1e-12)
+
+
+def test_della_checks_epsilon_and_keeps_expected_density() -> None:
+    from streammerge.errors import PlanError
+
+    with pytest.raises(PlanError, match="lower epsilon"):
+        context_op = context("della", [{}, {"weight": 1, "density": 0.1, "epsilon": 0.15}], {}, base=0, shape=(4, 4))
+        from streammerge.methods import METHODS
+
+        METHODS["della"].make(context_op)
+    base, other = torch.zeros(1, 300, 64), torch.randn(1, 300, 64, generator=torch.Generator().manual_seed(3))
+    ctx = context("della_linear", [{}, {"weight": 1, "density": 0.4, "epsilon": 0.2}], {"rescale": False}, base=0,
+                  shape=(300, 64), tensor="model.layers.1.mlp.up_proj.weight")
+    out = chunked_all("della_linear", ctx, torch.cat([base, other]))
+    kept = out != 0
+    assert abs(kept.double().mean().item() - 0.4) < 0.01
+    big = other[0].abs() > other[0].abs().median(dim=1, keepdim=True).values
+    assert kept[big].double().mean() > kept[~big].double().mean() + 0.15  # larger magnitudes kept more often

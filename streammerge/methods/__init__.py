@@ -12,15 +12,24 @@ from .linear import LINEAR
 from .model_stock import MODEL_STOCK
 from .slerp import SLERP
 from .spherical import KARCHER, MULTISLERP, NUSLERP
-from .task_arithmetic import BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, TASK_ARITHMETIC, TIES
+from .task_arithmetic import (
+    BREADCRUMBS,
+    BREADCRUMBS_TIES,
+    DARE_LINEAR,
+    DARE_TIES,
+    DELLA,
+    DELLA_LINEAR,
+    TASK_ARITHMETIC,
+    TIES,
+)
 
 METHODS: dict[str, MethodDef] = {
     m.name: m
     for m in (LINEAR, SLERP, TASK_ARITHMETIC, TIES, DARE_LINEAR, DARE_TIES, BREADCRUMBS, BREADCRUMBS_TIES,
-              PASSTHROUGH, NEARSWAP, RAM, RAMPLUS_TL, MODEL_STOCK, MULTISLERP, KARCHER, NUSLERP)
+              PASSTHROUGH, NEARSWAP, RAM, RAMPLUS_TL, MODEL_STOCK, MULTISLERP, KARCHER, NUSLERP, DELLA, DELLA_LINEAR)
 }
 
 # mergekit methods that exist but are not implemented here yet (issue: every mergekit method)
-PLANNED = ("della", "della_linear", "sce", "arcee_fusion")
+PLANNED = ("sce", "arcee_fusion")
 
 __all__ = ["METHODS", "PLANNED", "MergeOp", "MethodDef", "TaskContext"]

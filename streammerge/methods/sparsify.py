@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .base import RowSums, row_sums
-from .rng import bernoulli_mask
+from .rng import bernoulli_mask, draws53
 
 _BINS = 1 << 16
 
@@ -196,6 +196,7 @@ class RandomDrop(Sparsifier):
         self.density = density
         self.key = key
         self.keep_all = density >= 1
+        self.zero_all = False
         self.rescale = rescale and not self.keep_all
         self.stat_passes = 1 if self.rescale else 0
         self._total = RowSums()
@@ -225,3 +226,28 @@ class RandomDrop(Sparsifier):
 
     def _draw(self, delta: torch.Tensor, flat0: int) -> torch.Tensor:
         return bernoulli_mask(self.key, flat0, delta.numel(), self.density, delta.device).view(delta.shape)
+
+
+class RankedDrop(RandomDrop):
+    """DELLA's magprune: keep-probability rises with magnitude rank within each row (axis 1).
+
+    p = (density − ε) + 2ε·(rank − 1)/(n − 1) for ranks 1..n ascending by |δ| in float32
+    (ties: lower index ranks lower), drawn from the counter-based generator; L1 rescale over
+    the whole tensor. `row_len` is the length of axis 1 (the whole tensor for 0-D and 1-D).
+    """
+
+    def __init__(self, density: float, epsilon: float, key: int, rescale: bool, row_len: int) -> None:
+        super().__init__(density, key, rescale)
+        self.epsilon, self.row_len = epsilon, row_len
+        self.zero_all = density <= 0
+
+    def _draw(self, delta: torch.Tensor, flat0: int) -> torch.Tensor:
+        if self.zero_all:
+            return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+        mag = delta.abs().to(torch.float32).reshape(delta.shape[0], self.row_len, -1)  # rank along axis 1
+        order = torch.argsort(mag, dim=1, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(self.row_len, device=delta.device).view(1, -1, 1).expand_as(order))
+        prob = (self.density - self.epsilon) + 2 * self.epsilon * rank.double() / (self.row_len - 1)
+        u = draws53(self.key, flat0, delta.numel(), delta.device).double() / float(1 << 53)
+        return (u < prob.reshape(-1)).view(delta.shape)

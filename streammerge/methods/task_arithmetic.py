@@ -1,11 +1,12 @@
 """The task-arithmetic family: task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
-breadcrumbs_ties (SEMANTICS §2.7, §2.8).
+breadcrumbs_ties, della, della_linear (SEMANTICS §2.7, §2.8).
 
 For each non-base input: δ = x − base, sparsified (none / exact top-k / DARE / breadcrumbs band), L1-rescaled
 if `rescale`, times its weight; then summed, with TIES sign consensus for the *_ties
 methods, optionally normalised by the (masked) weight sum, scaled by lambda, added to base.
 Passes over the inputs: the sparsifier's statistics passes (top-k and breadcrumbs: 2, 3 with
-rescale; DARE with rescale: 1), then the apply pass; one read in all when the tensor fits.
+rescale; DARE and DELLA with rescale: 1), then the apply pass; one read in all when the
+tensor fits, and the random masks are then drawn once.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from functools import partial
 
 import torch
 
+from ..errors import PlanError
 from ..params import ParamSpec
 from .base import MergeOp, MethodDef, TaskContext
 from .rng import stream_key
-from .sparsify import RandomDrop, Sparsifier, magnitude, outliers
+from .sparsify import RandomDrop, RankedDrop, Sparsifier, magnitude, outliers
 
 # float32 rows held beyond the inputs, measured per sparsifier (tools/calibrate_memory.py)
 # and rounded up: sums, signs and divisors; int64 draws or bit patterns of one input at a time.
 _TEMP_ROWS = {"none": 3.0, "magnitude": 8.0, "magnitude_rescale": 9.0, "outliers": 10.0, "outliers_rescale": 11.0,
-              "random": 7.0}
+              "random": 7.0, "della": 12.0}
 
 
 class TaskArithmetic(MergeOp):
@@ -45,6 +47,17 @@ class TaskArithmetic(MergeOp):
             elif sparsify == "random":
                 key = stream_key(ctx.seed, ctx.input_positions[i], ctx.tensor)
                 self.sparsifiers.append(RandomDrop(density, key, rescale))
+            elif sparsify == "della":
+                key = stream_key(ctx.seed, ctx.input_positions[i], ctx.tensor)
+                eps = float(ctx.input_params[i]["epsilon"])
+                row_len = ctx.shape[1] if len(ctx.shape) >= 2 else max(1, ctx.numel)
+                if 0 < density < 1 and not (density - eps > 0 and density + eps < 1):
+                    raise PlanError(f"tensor {ctx.tensor!r}: della needs 0 < density - epsilon and density + "
+                                    f"epsilon < 1 (density {density}, epsilon {eps}); lower epsilon")
+                if 0 < density < 1 and row_len < 2:
+                    raise PlanError(f"tensor {ctx.tensor!r}: della ranks along axis 1, which has length "
+                                    f"{row_len}; mergekit fails here too — exclude it with a filter")
+                self.sparsifiers.append(RankedDrop(density, eps, key, rescale, row_len))
             else:
                 self.sparsifiers.append(Sparsifier())
         self.stat_passes = max([s.stat_passes for s in self.sparsifiers] + [0])
@@ -118,6 +131,8 @@ def _family(name: str, sparsify: str, consensus: bool, normalize: bool, rescale:
     )
     if sparsify == "outliers":
         params += (ParamSpec("gamma", "float", "nonbase", default=0.01),)
+    if sparsify == "della":
+        params += (ParamSpec("epsilon", "float", "nonbase", default=0.15),)
     return MethodDef(name=name, params=params, base="required", min_inputs=1, max_inputs=None,
                      make=partial(TaskArithmetic, sparsify=sparsify, consensus=consensus),
                      pretty=pretty, url=url)
@@ -130,6 +145,8 @@ DARE_LINEAR = _family("dare_linear", "random", False, False, True,
                       "Linear DARE", "https://arxiv.org/abs/2311.03099")
 DARE_TIES = _family("dare_ties", "random", True, False, True,
                     "DARE TIES", "https://arxiv.org/abs/2311.03099")
+DELLA = _family("della", "della", True, True, True, "DELLA", "https://arxiv.org/abs/2406.11617")
+DELLA_LINEAR = _family("della_linear", "della", False, False, True, "Linear DELLA", "https://arxiv.org/abs/2406.11617")
 BREADCRUMBS = _family("breadcrumbs", "outliers", False, False, False,
                       "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795")
 BREADCRUMBS_TIES = _family("breadcrumbs_ties", "outliers", True, False, False,
