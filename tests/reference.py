@@ -251,3 +251,23 @@ def della_keep(delta: np.ndarray, density: float, eps: float, seed: int, positio
     key = xxhash.xxh3_64_intdigest(f"{seed}\x00{position}\x00{tensor}".encode())
     u = np.array([splitmix_draw(key, i) for i in range(delta.size)], dtype=np.float64) / 2.0**53
     return (u < prob.reshape(-1)).reshape(delta.shape)
+
+
+def sce(base: np.ndarray, others: list[np.ndarray], select_topk: float = 1.0) -> np.ndarray:
+    """§2.10 with the top-k of |var| ranked as float32, ties by lower flat index."""
+    taus = np.stack([x - base for x in others])
+    n = len(others)
+    if select_topk <= 0:
+        return base.copy()
+    if select_topk < 1:
+        var = taus.var(axis=0)
+        k = math.floor(np.count_nonzero(var.astype(np.float32)) * select_topk)
+        flat = np.abs(var.ravel()).astype(np.float32)
+        keep = np.zeros(flat.size, bool)
+        keep[np.lexsort((np.arange(flat.size), -flat))[:k]] = True
+        taus = taus * keep.reshape(var.shape)
+    s = np.array([np.mean(t * t) for t in taus])
+    s = np.full(n, 1 / n) if abs(s.sum()) < 1e-6 else s / s.sum()
+    sign = np.where(taus.sum(0) >= 0, 1.0, -1.0)
+    m = [(np.sign(t) == sign) * w for t, w in zip(taus, s)]
+    return base + sum(mi * t for mi, t in zip(m, taus)) / np.maximum(sum(m), 1e-6)

@@ -87,6 +87,10 @@ VECTORS = [
      None, [[1.62191266445, 0.816474922284, 0.796948662129], [3.44955536977, 6.30699127977, 3.74810325715]]),
     ("nuslerp", [C, A, B], [{}, {"weight": 0.4}, {"weight": 0.6}], {}, 0,
      [[2.1540184219, 0.773001307054, 0.00548353868156], [3.65676019124, 7.3080368438, 1.85146511678]]),
+    ("sce", [C, A2, B2, E2], [{}] * 4, {"select_topk": 1.0}, 0,
+     [[-1, -0.25, 4.24481865285], [4.05173679751, 7, 3.25]]),
+    ("sce", [C, A2, B2, E2], [{}] * 4, {"select_topk": 0.5}, 0,
+     [[0.5, 1, 4.22891942536], [3, 7, 3.25]]),
     # base listed last, as mergekit appends an unlisted base_model
     ("ties", [A2, B2, C], [{"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.5}, {}], {}, 2,
      [[-1, -0.25, 4.25], [3, 7, 3.25]]),
@@ -348,3 +352,21 @@ def test_della_checks_epsilon_and_keeps_expected_density() -> None:
     assert abs(kept.double().mean().item() - 0.4) < 0.01
     big = other[0].abs() > other[0].abs().median(dim=1, keepdim=True).values
     assert kept[big].double().mean() > kept[~big].double().mean() + 0.15  # larger magnitudes kept more often
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("topk", [1.0, 0.5, 0.1, 0.0])
+def test_sce_vs_reference(shape, topk) -> None:
+    x, xs = rand_inputs(4, shape, 15)
+    ctx = context("sce", [{}] * 4, {"select_topk": topk}, base=0, shape=shape)
+    out = chunked_all("sce", ctx, x)
+    np.testing.assert_allclose(out.numpy().reshape(shape), ref.sce(xs[0], xs[1:], topk), rtol=1e-4, atol=1e-5)
+
+
+def test_sce_zero_variance_falls_back_to_uniform() -> None:
+    """mergekit's case: identical task vectors (zero variance) still merge, with uniform weights."""
+    base = torch.zeros(1, 3, 4, dtype=torch.float64)
+    same = torch.ones(2, 3, 4, dtype=torch.float64)
+    ctx = context("sce", [{}] * 3, {"select_topk": 0.5}, base=0, shape=(3, 4))
+    out = run_chunked("sce", ctx, torch.cat([base, same]), 1).numpy()
+    np.testing.assert_allclose(out, ref.sce(np.zeros((3, 4)), [np.ones((3, 4))] * 2, 0.5), atol=1e-12)

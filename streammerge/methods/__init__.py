@@ -10,6 +10,7 @@ from .base import MergeOp, MethodDef, TaskContext
 from .elementwise import NEARSWAP, PASSTHROUGH, RAM, RAMPLUS_TL
 from .linear import LINEAR
 from .model_stock import MODEL_STOCK
+from .sce import SCE
 from .slerp import SLERP
 from .spherical import KARCHER, MULTISLERP, NUSLERP
 from .task_arithmetic import (
@@ -26,10 +27,11 @@ from .task_arithmetic import (
 METHODS: dict[str, MethodDef] = {
     m.name: m
     for m in (LINEAR, SLERP, TASK_ARITHMETIC, TIES, DARE_LINEAR, DARE_TIES, BREADCRUMBS, BREADCRUMBS_TIES,
-              PASSTHROUGH, NEARSWAP, RAM, RAMPLUS_TL, MODEL_STOCK, MULTISLERP, KARCHER, NUSLERP, DELLA, DELLA_LINEAR)
+              PASSTHROUGH, NEARSWAP, RAM, RAMPLUS_TL, MODEL_STOCK, MULTISLERP, KARCHER, NUSLERP, DELLA, DELLA_LINEAR,
+              SCE)
 }
 
 # mergekit methods that exist but are not implemented here yet (issue: every mergekit method)
-PLANNED = ("sce", "arcee_fusion")
+PLANNED = ("arcee_fusion",)
 
 __all__ = ["METHODS", "PLANNED", "MergeOp", "MethodDef", "TaskContext"]
