@@ -23,7 +23,7 @@ from .errors import ConfigError, PlanError
 from .format import build_header
 from .hub import resolve_model
 from .index import ModelIndex
-from .methods import METHODS, PLANNED, MethodDef, TaskContext
+from .methods import METHODS, MethodDef, TaskContext
 from .params import ParamSpec, Scalar, evaluate_traced
 
 DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default `5B`, counted in bytes
@@ -146,10 +146,7 @@ def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 def _method(cfg: MergeConfig) -> MethodDef:
     if cfg.merge_method in METHODS:
         return METHODS[cfg.merge_method]
-    if cfg.merge_method in PLANNED:
-        raise ConfigError([f"merge_method: {cfg.merge_method!r} is a mergekit method streammerge does not "
-                           f"implement yet; available: {', '.join(METHODS)}"])
-    near = difflib.get_close_matches(cfg.merge_method, list(METHODS) + list(PLANNED), n=1)
+    near = difflib.get_close_matches(cfg.merge_method, list(METHODS), n=1)
     hint = f"; did you mean {near[0]!r}?" if near else ""
     raise ConfigError([f"merge_method: unknown method {cfg.merge_method!r}{hint} "
                        f"(available: {', '.join(METHODS)})"])

@@ -271,3 +271,35 @@ def sce(base: np.ndarray, others: list[np.ndarray], select_topk: float = 1.0) ->
     sign = np.where(taus.sum(0) >= 0, 1.0, -1.0)
     m = [(np.sign(t) == sign) * w for t, w in zip(taus, s)]
     return base + sum(mi * t for mi, t in zip(m, taus)) / np.maximum(sum(m), 1e-6)
+
+
+def splitmix_draws_np(key: int, count: int) -> np.ndarray:
+    """The same 53-bit draws as splitmix_draw, vectorised with numpy's wrapping uint64."""
+    i = np.arange(1, count + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + i * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.int64)
+
+
+def arcee_fusion(a: np.ndarray, b: np.ndarray, seed: int = 0, tensor: str = "t") -> np.ndarray:
+    """§2.12, the sample (over a million elements) drawn at key (seed, -1, tensor)."""
+    last = a.shape[-1] if a.ndim else 1
+    av, bv = a.reshape(-1, last), b.reshape(-1, last)
+
+    def softmax(v):  # noqa: ANN001, ANN202
+        e = np.exp(v - v.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q = softmax(bv) + 1e-8, softmax(av) + 1e-8
+    imp = (np.abs(bv - av) * (p * np.log(p / q)).sum(-1, keepdims=True)).ravel()
+    if imp.size > 1_000_000:
+        key = xxhash.xxh3_64_intdigest(f"{seed}\x00-1\x00{tensor}".encode())
+        imp_s = np.sort(imp[splitmix_draws_np(key, 1_000_000) % imp.size])
+    else:
+        imp_s = np.sort(imp)
+    qv = lambda x: imp_s[math.floor(x * (imp_s.size - 1))]  # noqa: E731
+    thr = qv(0.5) + 1.5 * (qv(0.75) - qv(0.25))
+    return (a + (b - a) * (imp >= thr).reshape(a.shape))

@@ -91,6 +91,7 @@ VECTORS = [
      [[-1, -0.25, 4.24481865285], [4.05173679751, 7, 3.25]]),
     ("sce", [C, A2, B2, E2], [{}] * 4, {"select_topk": 0.5}, 0,
      [[0.5, 1, 4.22891942536], [3, 7, 3.25]]),
+    ("arcee_fusion", [A, B], [{}, {}], {}, 0, [[1, 2, -1], [4, 5, 1]]),
     # base listed last, as mergekit appends an unlisted base_model
     ("ties", [A2, B2, C], [{"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.5}, {}], {}, 2,
      [[-1, -0.25, 4.25], [3, 7, 3.25]]),
@@ -370,3 +371,26 @@ def test_sce_zero_variance_falls_back_to_uniform() -> None:
     ctx = context("sce", [{}] * 3, {"select_topk": 0.5}, base=0, shape=(3, 4))
     out = run_chunked("sce", ctx, torch.cat([base, same]), 1).numpy()
     np.testing.assert_allclose(out, ref.sce(np.zeros((3, 4)), [np.ones((3, 4))] * 2, 0.5), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_arcee_fusion_vs_reference(shape) -> None:
+    x, xs = rand_inputs(2, shape, 16)
+    ctx = context("arcee_fusion", [{}, {}], {}, base=0, shape=shape)
+    out = chunked_all("arcee_fusion", ctx, x)
+    np.testing.assert_allclose(out.numpy().reshape(shape), ref.arcee_fusion(xs[0], xs[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_arcee_fusion_samples_large_tensors_reproducibly() -> None:
+    """Over a million elements the threshold comes from a million counter-based draws."""
+    g = torch.Generator().manual_seed(4)
+    shape = (1100, 1000)
+    x = torch.stack([torch.randn(shape, generator=g), torch.randn(shape, generator=g)])
+    ctx = context("arcee_fusion", [{}, {}], {}, base=0, shape=shape, tensor="model.embed_tokens.weight", seed=9)
+    outs = [run_chunked("arcee_fusion", ctx, x, rows) for rows in (1100, 37)]
+    assert torch.equal(outs[0], outs[1])
+    want = ref.arcee_fusion(x[0].double().numpy(), x[1].double().numpy(), 9, "model.embed_tokens.weight")
+    # a + (b - a) in float32 is b only up to rounding; a different mask would differ by |b - a|
+    flipped = (np.abs(outs[0].numpy() - want) > 1e-5).mean()
+    assert flipped < 1e-5  # float32 vs float64 importance: only elements at the threshold may differ
+    assert 0.01 < (np.abs(outs[0].numpy() - x[0].numpy()) > 0).mean() < 0.5

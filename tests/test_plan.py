@@ -116,8 +116,6 @@ def test_plan_errors_are_collected_and_specific(tiny_set, tmp_path) -> None:
         plan_of(f"merge_method: linear\nmodels: [{{model: {base}}}, {{model: {base}}}]\nparameters: {{weight: 1}}\n")
     with pytest.raises(ConfigError, match="did you mean 'dare_ties'"):
         plan_of(f"merge_method: dare_tie\nmodels: [{{model: {base}}}]\n")
-    with pytest.raises(ConfigError, match="does not implement yet"):
-        plan_of(f"merge_method: arcee_fusion\nmodels: [{{model: {base}}}]\n")
 
 
 def test_shape_mismatch_names_tensor_and_models(tiny_set, tmp_path) -> None:

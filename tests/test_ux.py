@@ -105,8 +105,8 @@ ERRORS = [  # (config body, exit code, message fragment)
      "missing required parameter 'weight'"),
     ("merge_method: linear\nmodels: [{model: /no/such/model}]\nparameters: {weight: 1}\n", 4,
      "model /no/such/model: not a local folder and not in the local Hugging Face cache"),
-    ("merge_method: arcee_fusion\nslices: [{sources: [{model: MODEL0, layer_range: [0, 9]}]}]\n", 3,
-     "'arcee_fusion' is a mergekit method streammerge does not implement yet"),
+    ("merge_method: arcee_fusion\nbase_model: MODEL0\nmodels: [{model: MODEL0}]\n", 5,
+     "arcee_fusion takes exactly 2 inputs, got 1"),
     ("merge_method: linear\nslices: [{sources: [{model: MODEL0, layer_range: [0, 9]}]}]\n"
      "parameters: {weight: 1}\n", 5, "slices[0].sources[0].layer_range: [0, 9] goes past the 4 layers"),
     ("merge_method: linear\nmodels: [{model: MODEL0}, {model: WIDE}]\nparameters: {weight: 1}\n", 5,

@@ -6,6 +6,7 @@ Imports the method modules only. Each method is a MethodDef (contract, parameter
 
 from __future__ import annotations
 
+from .arcee_fusion import ARCEE_FUSION
 from .base import MergeOp, MethodDef, TaskContext
 from .elementwise import NEARSWAP, PASSTHROUGH, RAM, RAMPLUS_TL
 from .linear import LINEAR
@@ -28,10 +29,7 @@ METHODS: dict[str, MethodDef] = {
     m.name: m
     for m in (LINEAR, SLERP, TASK_ARITHMETIC, TIES, DARE_LINEAR, DARE_TIES, BREADCRUMBS, BREADCRUMBS_TIES,
               PASSTHROUGH, NEARSWAP, RAM, RAMPLUS_TL, MODEL_STOCK, MULTISLERP, KARCHER, NUSLERP, DELLA, DELLA_LINEAR,
-              SCE)
+              SCE, ARCEE_FUSION)
 }
 
-# mergekit methods that exist but are not implemented here yet (issue: every mergekit method)
-PLANNED = ("arcee_fusion",)
-
-__all__ = ["METHODS", "PLANNED", "MergeOp", "MethodDef", "TaskContext"]
+__all__ = ["METHODS", "MergeOp", "MethodDef", "TaskContext"]
