@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 
 from .budget import default_max_memory
-from .config import MergeConfig, parse_documents
+from .config import MergeConfig
 from .executor import Executor, Progress, RunStats
 from .pipeline import run_pipeline
-from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, make_plan
+from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, make_plan, parse
 from .verifier import Report
 from .verifier import verify as _verify
 
@@ -23,8 +23,8 @@ def _configs(config: str | os.PathLike[str] | MergeConfig) -> list[MergeConfig]:
     text = str(config)
     if "\n" not in text and os.path.isfile(text):
         with open(text, encoding="utf-8") as f:
-            return parse_documents(f.read(), text)
-    return parse_documents(text, "config")
+            return parse(f.read(), text)
+    return parse(text, "config")
 
 
 def plan(config: str | os.PathLike[str] | MergeConfig, out_shard_size: int = DEFAULT_SHARD_BYTES,

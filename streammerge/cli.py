@@ -21,10 +21,10 @@ from typing import Any
 import click
 
 from ._version import __version__
-from .config import ConfigWarning, MergeConfig, parse_documents
+from .config import ConfigWarning, MergeConfig
 from .errors import ConfigError, OutputError, StreamMergeError
 from .executor import Progress, RunStats
-from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, Task, make_plan
+from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, Task, make_plan, parse
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "b": 10**9,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -52,7 +52,7 @@ def _load(config_path: str) -> list[MergeConfig]:
             text = f.read()
     except OSError as e:
         raise ConfigError([f"cannot read the config file ({e.strerror})"], config_path) from e
-    return parse_documents(text, config_path)
+    return parse(text, config_path)
 
 
 def _guard(fn: Callable[..., None]) -> Callable[..., None]:
@@ -353,8 +353,19 @@ def plan(config_path: str, max_memory: int | None, out_shard_size: int, seed: in
     click.echo("tensors:")
     for t in p.tasks:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.ctx.shared.items())
-        per = "; ".join(",".join(f"{k}={_fmt(v)}" for k, v in ip.items()) for ip in t.ctx.input_params if ip)
+        per = _runs([",".join(f"{k}={_fmt(v)}" for k, v in ip.items()) for ip in t.ctx.input_params if ip])
         click.echo(f"  {t.name}  {list(t.shape)} {t.out_dtype}  {params}{'  [' + per + ']' if per else ''}")
+
+
+def _runs(items: list[str]) -> str:
+    """Consecutive repeats collapsed: 'a ×13; b'."""
+    out: list[list[object]] = []
+    for item in items:
+        if out and out[-1][0] == item:
+            out[-1][1] = int(out[-1][1]) + 1  # type: ignore[call-overload]
+        else:
+            out.append([item, 1])
+    return "; ".join(f"{item} ×{n}" if n != 1 else str(item) for item, n in out)
 
 
 def _free_space(path: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,12 +88,15 @@ class MergeConfig:
     text: str = field(default="", compare=False)  # the YAML verbatim, for the output folder
 
 
-def parse_config(text: str, source: str = "config") -> MergeConfig:
+def parse_config(text: str, source: str = "config",
+                 methods: Mapping[str, Mapping[str, ParamSpec]] | None = None) -> MergeConfig:
     """Parse the YAML `text` of one mergekit config.
 
     Args:
         text: the YAML document.
         source: a name for messages (the file path).
+        methods: the parameter specs of every known method; given, the method name and every
+            parameter value are checked too, in the same report (planner.parse passes them).
     Returns:
         The config, frozen.
     Raises:
@@ -108,6 +112,17 @@ def parse_config(text: str, source: str = "config") -> MergeConfig:
         raise ConfigError([f"not valid YAML: {e}"], source) from e
     p = _Parser(source)
     cfg = p.document(doc, text)
+    if cfg is not None and methods is not None and cfg.merge_method:
+        if cfg.merge_method not in methods:
+            near = difflib.get_close_matches(cfg.merge_method, list(methods), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            p.problems.insert(0, f"merge_method: unknown method {cfg.merge_method!r}{hint} "
+                                 f"(available: {', '.join(methods)})")
+        else:
+            problems, notes = check_parameters(cfg, methods[cfg.merge_method])
+            p.problems += problems
+            for note in notes:
+                warnings.warn(f"{source}: {note}", ConfigWarning, stacklevel=2)
     if p.problems:
         raise ConfigError(p.problems, source)
     assert cfg is not None
@@ -325,7 +340,8 @@ class _Parser:
 _DOC_SEPARATOR = re.compile(r"^---[ \t]*(?:#.*)?$\n?", re.MULTILINE)
 
 
-def parse_documents(text: str, source: str = "config") -> list[MergeConfig]:
+def parse_documents(text: str, source: str = "config",
+                    methods: Mapping[str, Mapping[str, ParamSpec]] | None = None) -> list[MergeConfig]:
     """Parse one config, or a pipeline: several YAML documents (`---`), each with a `name`.
 
     In a pipeline (mergekit-multi's format) a later document may use an earlier one's name
@@ -336,11 +352,11 @@ def parse_documents(text: str, source: str = "config") -> list[MergeConfig]:
     """
     parts = [p for p in _DOC_SEPARATOR.split(text) if _has_content(p)]
     if len(parts) <= 1:
-        return [parse_config(parts[0] if parts else text, source)]
+        return [parse_config(parts[0] if parts else text, source, methods)]
     configs, problems = [], []
     for i, part in enumerate(parts):
         try:
-            configs.append(parse_config(part, source))
+            configs.append(parse_config(part, source, methods))
         except ConfigError as e:
             problems += [f"document {i + 1}: {p}" for p in e.problems]
     names = [c.name for c in configs]
@@ -358,14 +374,14 @@ def _has_content(doc: str) -> bool:
     return any(line.strip() and not line.lstrip().startswith("#") for line in doc.splitlines())
 
 
-def check_parameters(cfg: MergeConfig, specs: dict[str, ParamSpec]) -> list[str]:
-    """Problems with parameter values for the chosen method; warns about ignored names.
+def check_parameters(cfg: MergeConfig, specs: Mapping[str, ParamSpec]) -> tuple[list[str], list[str]]:
+    """(problems, notes) with the parameters for the chosen method.
 
-    Every scalar and gradient element is validated with the declared type; names the method
-    does not declare, and shared parameters written under a model, are warned about
-    (mergekit ignores both silently).
+    Problems: values that do not have the declared type. Notes: names the method does not
+    declare, and shared parameters written under a model (mergekit ignores both silently).
     """
     problems: list[str] = []
+    notes: list[str] = []
     scopes: list[tuple[str, Params, bool]] = [("parameters", cfg.parameters, False)]
     for sl in cfg.slices:
         scopes.append((f"{sl.path}.parameters", sl.parameters, False))
@@ -377,14 +393,14 @@ def check_parameters(cfg: MergeConfig, specs: dict[str, ParamSpec]) -> list[str]
                 near = difflib.get_close_matches(name, list(specs), n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
                 known = ", ".join(sorted(specs)) or "none"
-                warnings.warn(f"{path}.{name}: {cfg.merge_method} has no parameter {name!r}, ignored "
-                              f"(it takes: {known}){hint}", ConfigWarning, stacklevel=2)
+                notes.append(f"{path}.{name}: {cfg.merge_method} has no parameter {name!r}, ignored "
+                             f"(it takes: {known}){hint}")
                 continue
             if per_model and spec.scope == "shared":
-                warnings.warn(f"{path}.{name}: {name!r} is shared by all models and is ignored here; "
-                              "write it under the top-level or slice parameters", ConfigWarning, stacklevel=2)
+                notes.append(f"{path}.{name}: {name!r} is shared by all models and is ignored here; "
+                             "write it under the top-level or slice parameters")
             problems += _check_setting(setting, spec, f"{path}.{name}")
-    return problems
+    return problems, notes
 
 
 def _check_setting(setting: Setting, spec: ParamSpec, path: str) -> list[str]:

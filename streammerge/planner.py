@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from .arch import TIED, Layout, layout_of
-from .config import MergeConfig, ModelRef, Params, Slice, Source, check_parameters, param
+from .config import MergeConfig, ModelRef, Params, Slice, Source, check_parameters, param, parse_documents
 from .dtypes import compute_dtype, is_float, itemsize, promote
 from .errors import ConfigError, PlanError
 from .format import build_header
@@ -124,7 +124,7 @@ def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         >>> len(plan.tasks), plan.shards[0].name
     """
     method = _method(cfg)
-    problems = check_parameters(cfg, method.specs)
+    problems, _ = check_parameters(cfg, method.specs)  # notes were given when the text was parsed
     if problems:
         raise ConfigError(problems)
     b = _Builder(cfg, method, seed, aliases or {})
@@ -141,6 +141,12 @@ def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         fp.update(t.fingerprint.encode())
     return Plan(cfg, method, tuple(b.models), tuple(tasks), tuple(shards), b.donor(), b.tokenizer_donor(),
                 b.out_num_layers(), seed, fp.hexdigest(), layout.hexdigest())
+
+
+def parse(text: str, source: str = "config") -> list[MergeConfig]:
+    """Parse a config (or a pipeline's configs), checking method names and parameter values in
+    the same report as the structure, and warning once about ignored parameters."""
+    return parse_documents(text, source, {name: m.specs for name, m in METHODS.items()})
 
 
 def _method(cfg: MergeConfig) -> MethodDef:

@@ -50,7 +50,7 @@ models:
   - model: b
 parameters: {normalize: maybe, lambda: "1e-1"}
 """)
-    probs = check_parameters(cfg, METHODS["ties"].specs)
+    probs, _ = check_parameters(cfg, METHODS["ties"].specs)
     assert sorted(probs) == ["models[0].parameters.density: expected a number, got '0,4'",
                              "parameters.normalize: expected true or false, got 'maybe'"]
 
@@ -58,12 +58,11 @@ parameters: {normalize: maybe, lambda: "1e-1"}
 def test_unknown_keys_and_parameters_warn_with_suggestion() -> None:
     with pytest.warns(ConfigWarning, match="did you mean 'base_model'"):
         cfg = parse_config("merge_method: linear\nbase_modle: x\nmodels: [{model: a, parameters: {weight: 1}}]\n")
+    specs = {name: m.specs for name, m in METHODS.items()}
     with pytest.warns(ConfigWarning, match="did you mean 'density'"):
-        check_parameters(parse_config("merge_method: ties\nmodels: [{model: a, parameters: {densty: 1}}]\n"),
-                         METHODS["ties"].specs)
+        parse_config("merge_method: ties\nmodels: [{model: a, parameters: {densty: 1}}]\n", "c", specs)
     with pytest.warns(ConfigWarning, match="shared by all models and is ignored here"):
-        check_parameters(parse_config("merge_method: slerp\nmodels: [{model: a, parameters: {t: 1}}]\n"),
-                         METHODS["slerp"].specs)
+        parse_config("merge_method: slerp\nmodels: [{model: a, parameters: {t: 1}}]\n", "c", specs)
     assert cfg.slices[0].sources[0].model == ModelRef("a")
 
 
@@ -109,3 +108,15 @@ def test_filters_first_match_substring_and_fallthrough() -> None:
     assert evaluate(s, "model.norm.weight", 0.5, "float") == 0.7
     assert evaluate(CondList((Conditional("MLP", 1.0),)), "model.layers.0.mlp.x", 0, "float") is None
     assert evaluate(Gradient(()), "x", 0.5, "float") is None
+
+
+def test_method_and_values_join_the_structural_report() -> None:
+    specs = {name: m.specs for name, m in METHODS.items()}
+    with pytest.raises(ConfigError) as e:
+        parse_config("merge_method: dare_tie\nmodels: [{model: a}]\ndtype: bf16\n", "c", specs)
+    assert e.value.problems[0].startswith("merge_method: unknown method 'dare_tie'; did you mean 'dare_ties'?")
+    assert any(p.startswith("dtype:") for p in e.value.problems) and len(e.value.problems) == 2
+    with pytest.raises(ConfigError) as e:
+        parse_config("merge_method: ties\nmodels: [{model: a, parameters: {density: 'x'}}]\nout_dtype: fp8\n",
+                     "c", specs)
+    assert len(e.value.problems) == 2
