@@ -30,8 +30,13 @@ OWNED_FILES = (MANIFEST, INDEX, "config.json", "generation_config.json", "README
 
 
 def finished_output(out: str) -> bool:
-    """True if `out` holds a finished streammerge output: a manifest and no run in progress."""
-    return os.path.isfile(os.path.join(out, MANIFEST)) and not os.path.exists(os.path.join(out, WORK_DIR))
+    """True if `out` holds a finished streammerge merge: a merge's manifest and no run in progress.
+
+    A manifest written by `streammerge hash` has no plan fingerprint: that folder is somebody's
+    model, never ours to replace.
+    """
+    return (os.path.isfile(os.path.join(out, MANIFEST)) and not os.path.exists(os.path.join(out, WORK_DIR))
+            and manifest_field(out, "plan_fingerprint") is not None)
 
 
 def manifest_field(out: str, key: str) -> str | None:

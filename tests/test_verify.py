@@ -116,3 +116,14 @@ def test_hash_any_folder_then_verify(tiny_set, tmp_path) -> None:
         f.seek(-1, os.SEEK_END)
         f.write(b"\xff")
     assert verify(folder).exit_code == 7
+
+
+def test_a_hashed_model_folder_is_never_replaced(tiny_set, tmp_path) -> None:
+    folder = shutil.copytree(tiny_set[1], str(tmp_path / "someones-model"))
+    assert CliRunner().invoke(main, ["hash", folder, "--write"]).exit_code == 0
+    before = sorted(os.listdir(folder))
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(f"merge_method: linear\nmodels: [{{model: {tiny_set[0]}}}]\nparameters: {{weight: 1}}\n")
+    r = CliRunner().invoke(main, ["run", str(cfg), folder, "--overwrite"])
+    assert r.exit_code == 6 and "not empty and holds no streammerge run" in r.output
+    assert sorted(os.listdir(folder)) == before
