@@ -99,6 +99,7 @@ def test_changed_first_stage_redoes_both(tiny_set, tmp_path) -> None:
     r = run(pipeline(tmp_path, tiny_set, 0.7), out)
     assert "stage 1: up to date" in r.stderr and "stage 2: up to date" in r.stderr
     (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "streammerge.manifest.json").write_text('{"config": "something else"}')
+    (tmp_path / "mine" / "streammerge.manifest.json").write_text(
+        '{"config": "something else", "plan_fingerprint": "0123"}')  # a finished merge of another recipe
     r = run(pipeline(tmp_path, tiny_set, 0.7), str(tmp_path / "mine"))
     assert r.returncode == 6 and "--overwrite" in r.stderr  # an output of another recipe is not replaced
