@@ -21,6 +21,14 @@ _HEAD_HINTS = ("lm_head", "embed_out", "output.weight")
 TIED = {"lm_head.weight": "model.embed_tokens.weight"}
 
 
+_VOCAB_HINTS = ("embed_tokens", "wte", "word_embeddings", *_HEAD_HINTS)
+
+
+def is_vocab_tensor(name: str) -> bool:
+    """Tensors indexed by token id along axis 0: input embeddings and output heads."""
+    return any(h in name for h in _VOCAB_HINTS)
+
+
 @dataclass(frozen=True)
 class Layout:
     """The tensors of one model as pre-weights, a layer template, and post-weights."""

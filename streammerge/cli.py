@@ -122,8 +122,6 @@ _NOT_NEEDED = {
     "multi_gpu": "--multi-gpu: streammerge uses one device; merging continues on it",
     "lora_merge_cache": "--lora-merge-cache: LoRA references are not supported yet (the config says where)",
     "lora_merge_dtype": "--lora-merge-dtype: LoRA references are not supported yet",
-    "unsafe_truncate_embeddings": "--unsafe-truncate-embeddings: not supported yet; mismatched vocabularies "
-                                  "remain an error",
 }
 
 
@@ -151,7 +149,8 @@ def _mergekit_options(fn: Callable[..., None]) -> Callable[..., None]:
         click.option("--multi-gpu", is_flag=True, hidden=True),
         click.option("--lora-merge-cache", default=None, hidden=True),
         click.option("--lora-merge-dtype", default=None, hidden=True),
-        click.option("--unsafe-truncate-embeddings", is_flag=True, hidden=True),
+        click.option("--unsafe-truncate-embeddings", is_flag=True,
+                     help="Merge embeddings and heads of different vocabulary sizes over their common first rows."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -283,11 +282,11 @@ def run(config_path: str, out: str, max_memory: int | None, out_shard_size: int,
     files = {"copy_tokenizer": mk["copy_tokenizer"], "write_card": mk["write_model_card"]}
     if len(configs) > 1:
         results = run_pipeline(configs, out, budget, progress, intermediate_dir, overwrite, restart,
-                               out_shard_size, seed, **files)
+                               out_shard_size, seed, mk["unsafe_truncate_embeddings"], **files)
         for i, st in enumerate(results):
             _summary(st, f"stage {i + 1}: ")
         return
-    plan = make_plan(configs[0], out_shard_size, seed)
+    plan = make_plan(configs[0], out_shard_size, seed, truncate_vocab=mk["unsafe_truncate_embeddings"])
     _summary(Executor(plan, out, budget, progress, overwrite=overwrite, restart=restart, **files).run(), "", plan)
 
 

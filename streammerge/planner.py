@@ -11,13 +11,24 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import xxhash
 
-from .arch import TIED, Layout, layout_of
-from .config import MergeConfig, ModelRef, Params, Slice, Source, check_parameters, param, parse_documents
+from .arch import TIED, Layout, is_vocab_tensor, layout_of
+from .config import (
+    ConfigWarning,
+    MergeConfig,
+    ModelRef,
+    Params,
+    Slice,
+    Source,
+    check_parameters,
+    param,
+    parse_documents,
+)
 from .dtypes import compute_dtype, is_float, itemsize, promote
 from .errors import ConfigError, PlanError
 from .format import build_header
@@ -110,10 +121,13 @@ class Plan:
 
 
 def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-              seed: int = DEFAULT_SEED, aliases: dict[str, str] | None = None) -> Plan:
+              seed: int = DEFAULT_SEED, aliases: dict[str, str] | None = None,
+              truncate_vocab: bool = False) -> Plan:
     """Plan the merge `cfg` describes, reading only headers.
 
-    `aliases` maps names to folders: a pipeline's earlier stages, by name.
+    `aliases` maps names to folders: a pipeline's earlier stages, by name. `truncate_vocab`
+    (--unsafe-truncate-embeddings) merges vocabulary tensors of different sizes over the first
+    rows common to all (SEMANTICS §3.6).
 
     Raises:
         ConfigError: unknown method or bad parameter values, each with its config path.
@@ -128,6 +142,7 @@ def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     if problems:
         raise ConfigError(problems)
     b = _Builder(cfg, method, seed, aliases or {})
+    b.truncate_vocab = truncate_vocab
     b.build()
     if b.problems:
         raise PlanError(_dedupe(b.problems))
@@ -173,6 +188,7 @@ def _dedupe(items: list[str], limit: int = 20) -> list[str]:
 class _Builder:
     def __init__(self, cfg: MergeConfig, method: MethodDef, seed: int, aliases: dict[str, str]) -> None:
         self.cfg, self.method, self.seed, self.aliases = cfg, method, seed, aliases
+        self.truncate_vocab = False
         self.models: list[Model] = []
         self._by_ref: dict[ModelRef, int] = {}
         self._layouts: dict[int, Layout] = {}
@@ -269,10 +285,18 @@ class _Builder:
         shape_of = [self.models[i.model].index.tensors[i.tensor].entry.shape for i in inputs]
         shapes = set(shape_of)
         if len(shapes) > 1:
+            vocab = is_vocab_tensor(out) and len({s[1:] for s in shapes}) == 1 and len(shape_of[0]) >= 1
             detail = ", ".join(f"{self.models[i.model].ref}: {list(s)}" for i, s in zip(inputs, shape_of))
-            self.problems.append(f"tensor {out!r}: input shapes differ ({detail}); the models are not the "
-                                 "same architecture or vocabulary")
-            return
+            if not (vocab and self.truncate_vocab):
+                hint = (" (vocabulary sizes differ: --unsafe-truncate-embeddings keeps the first rows common to "
+                        "all)" if vocab else "; the models are not the same architecture")
+                self.problems.append(f"tensor {out!r}: input shapes differ ({detail}){hint}")
+                return
+            rows = min(s[0] for s in shape_of)
+            warnings.warn(f"tensor {out!r}: vocabulary sizes differ ({detail}); keeping the first {rows} rows of "
+                          "each (--unsafe-truncate-embeddings); the config's vocab_size is unchanged",
+                          ConfigWarning, stacklevel=2)
+            shapes = {(rows, *shape_of[0][1:])}
         base_idx = next((k for k, s in enumerate(srcs) if s.model == base), None)
         if not self._contract(out, srcs, base_idx):
             return

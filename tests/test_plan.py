@@ -152,3 +152,76 @@ def test_hub_ids_resolve_from_cache_with_revisions(tmp_path, monkeypatch) -> Non
     with pytest.raises(InputError) as e:
         resolve_model(ModelRef("org/missing"))
     assert str(cache / "models--org--missing") in str(e.value) and "huggingface-cli download" in str(e.value)
+
+
+def test_vocabulary_mismatch_error_or_truncation(tiny_set, tmp_path) -> None:
+    from streammerge.config import ConfigWarning
+
+    wide = str(tmp_path / "wide")
+    make_models.write_set([wide], make_models.Shape(64, 160, 4, 4, 2, 200), seed=1)
+    text = f"merge_method: linear\nmodels: [{{model: {tiny_set[0]}}}, {{model: {wide}}}]\nparameters: {{weight: 1}}\n"
+    with pytest.raises(PlanError, match="--unsafe-truncate-embeddings keeps the first rows"):
+        plan_of(text)
+    with pytest.warns(ConfigWarning, match="keeping the first 128 rows"):
+        p = plan_of(text, truncate_vocab=True)
+    assert by_name(p)["model.embed_tokens.weight"].shape == (128, 64)
+    assert by_name(p)["lm_head.weight"].shape == (128, 64)
+
+
+def test_truncated_merge_takes_the_first_rows(tiny_set, tmp_path) -> None:
+    import warnings
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from streammerge.executor import Executor
+
+    wide = str(tmp_path / "wide")
+    make_models.write_set([wide], make_models.Shape(64, 160, 4, 4, 2, 200), seed=5)
+    text = f"merge_method: linear\nmodels: [{{model: {tiny_set[0]}}}, {{model: {wide}}}]\nparameters: {{weight: 1}}\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = plan_of(text, truncate_vocab=True)
+    Executor(p, str(tmp_path / "out"), 1 << 33).run()
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))["model.embed_tokens.weight"].double().numpy()
+
+    def emb(folder: str) -> np.ndarray:
+        tensors = {}
+        for n in os.listdir(folder):
+            if n.endswith(".safetensors"):
+                tensors.update(load_file(os.path.join(folder, n)))
+        return tensors["model.embed_tokens.weight"].double().numpy()
+
+    want = (emb(tiny_set[0]) + emb(wide)[:128]) / 2
+    np.testing.assert_allclose(out, want, rtol=2**-8, atol=1e-6)
+
+
+def test_frankenmerge_loads_in_transformers_with_its_layer_count(tiny_set, tmp_path) -> None:
+    import torch
+    import transformers
+
+    from streammerge.executor import Executor
+
+    base, ft1 = tiny_set[:2]
+    p = plan_of(f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {base}, layer_range: [0, 3]}}]
+  - sources: [{{model: {ft1}, layer_range: [1, 4]}}]
+  - sources: [{{model: {base}, layer_range: [3, 4]}}]
+""")
+    out = str(tmp_path / "franken")
+    Executor(p, out, 1 << 33).run()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 7 and len(model.model.layers) == 7
+    with torch.no_grad():
+        logits = model(torch.tensor([[3, 17, 40, 5]])).logits
+    assert logits.shape == (1, 4, 128) and torch.isfinite(logits).all()
+    q = {n: t for n, t in model.state_dict().items() if n.endswith("self_attn.q_proj.weight")}
+    from safetensors.torch import load_file
+
+    src = {}
+    for n in os.listdir(ft1):
+        if n.endswith(".safetensors"):
+            src.update(load_file(os.path.join(ft1, n)))
+    assert torch.equal(q["model.layers.3.self_attn.q_proj.weight"], src["model.layers.1.self_attn.q_proj.weight"])
