@@ -37,6 +37,22 @@ class Shape:
     kv_heads: int
     vocab: int
     tie: bool = False
+    arch: str = "mistral"  # mistral, llama, qwen2 (q/k/v biases), gemma (tied, no lm_head)
+
+
+ARCHS = {  # arch: (architectures[0], model_type, extra config keys)
+    "mistral": ("MistralForCausalLM", "mistral", {"sliding_window": 4096, "hidden_act": "silu"}),
+    "llama": ("LlamaForCausalLM", "llama", {"hidden_act": "silu"}),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", {"hidden_act": "silu", "use_sliding_window": False}),
+    "gemma": ("GemmaForCausalLM", "gemma", {"hidden_act": "gelu_pytorch_tanh",
+                                            "hidden_activation": "gelu_pytorch_tanh"}),
+}
+
+
+def arch_shape(arch: str, base: Shape | None = None) -> Shape:
+    """A tiny model of another architecture (Gemma always ties its embeddings)."""
+    b = base or PRESETS["tiny"]
+    return Shape(b.hidden, b.intermediate, b.layers, b.heads, b.kv_heads, b.vocab, tie=arch == "gemma", arch=arch)
 
 
 PRESETS = {
@@ -69,6 +85,11 @@ def tensor_specs(s: Shape) -> list[tuple[str, tuple[int, ...]]]:
             (p + "self_attn.q_proj.weight", (s.heads * hd, s.hidden)),
             (p + "self_attn.k_proj.weight", (s.kv_heads * hd, s.hidden)),
             (p + "self_attn.v_proj.weight", (s.kv_heads * hd, s.hidden)),
+        ]
+        if s.arch == "qwen2":
+            out += [(p + "self_attn.q_proj.bias", (s.heads * hd,)), (p + "self_attn.k_proj.bias", (s.kv_heads * hd,)),
+                    (p + "self_attn.v_proj.bias", (s.kv_heads * hd,))]
+        out += [
             (p + "self_attn.o_proj.weight", (s.hidden, s.heads * hd)),
             (p + "post_attention_layernorm.weight", (s.hidden,)),
             (p + "mlp.gate_proj.weight", (s.intermediate, s.hidden)),
@@ -89,6 +110,8 @@ def _gen(seed: int, name: str) -> torch.Generator:
 
 def base_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     g = _gen(seed, name)
+    if len(shape) == 1 and name.endswith(".bias"):  # attention biases: small
+        return 0.02 * torch.randn(shape, generator=g)
     if len(shape) == 1:  # norms: around 1
         return 1.0 + 0.05 * torch.randn(shape, generator=g)
     return 0.02 * torch.randn(shape, generator=g)
@@ -142,13 +165,14 @@ def write_set(folders: list[str], shape: Shape, seed: int = 0, shard_bytes: int 
 
 def _write_meta(folder: str, s: Shape, specs: list[tuple[str, tuple[int, ...]]], shard_names: list[str],
                 groups: list[list[tuple[str, tuple[int, ...]]]], isz: int) -> None:
+    arch_name, model_type, extra = ARCHS[s.arch]
     cfg = {
-        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": s.hidden,
+        "architectures": [arch_name], "model_type": model_type, "hidden_size": s.hidden,
         "intermediate_size": s.intermediate, "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
         "num_key_value_heads": s.kv_heads, "head_dim": s.hidden // s.heads, "vocab_size": s.vocab,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
-        "hidden_act": "silu", "tie_word_embeddings": s.tie, "bos_token_id": 1, "eos_token_id": 2,
-        "torch_dtype": "bfloat16",
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": s.tie, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        "torch_dtype": "bfloat16", **extra,
     }
     _dump(os.path.join(folder, "config.json"), cfg)
     weight_map = {name: shard_names[i] for i, g in enumerate(groups) for name, _ in g}
@@ -212,6 +236,7 @@ def main() -> None:
         p = sub.add_parser(name)
         p.add_argument("out", help="folder for the set (set) or HF cache folder (seed)")
         p.add_argument("--preset", choices=sorted(PRESETS), default="tiny32" if name == "seed" else "tiny")
+        p.add_argument("--arch", choices=sorted(ARCHS), default="mistral")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--shard-mb", type=int, default=2000, help="largest input shard, MB")
         if name == "set":
@@ -224,7 +249,7 @@ def main() -> None:
     if a.cmd == "link":
         print(link(a.cache, a.repo_id, a.folder))
         return
-    shape = PRESETS[a.preset]
+    shape = arch_shape(a.arch, PRESETS[a.preset]) if a.arch != "mistral" else PRESETS[a.preset]
     if a.cmd == "set":
         folders = [os.path.join(a.out, "base")] + [os.path.join(a.out, f"ft{k}") for k in range(1, a.count)]
         write_set(folders, shape, a.seed, a.shard_mb * 1_000_000)
