@@ -83,7 +83,7 @@ class MergeConfig:
     parameters: Params
     dtype: str | None  # safetensors code applied to inputs at load
     out_dtype: str | None  # code applied to outputs before writing
-    tokenizer_source: str | ModelRef | None  # "base" or a model
+    tokenizer_source: str | ModelRef | None  # "base", "union" or a model
     name: str | None = None
     text: str = field(default="", compare=False)  # the YAML verbatim, for the output folder
 
@@ -322,18 +322,16 @@ class _Parser:
         tok = doc.get("tokenizer")
         if tok is not None:
             if not (isinstance(tok, dict) and set(tok) <= {"source"}):
-                self.fail("tokenizer", "only {source: base | <model>} is supported yet")
+                self.fail("tokenizer", "only {source: union | base | <model>} is supported yet (no tokens: or "
+                          "pad_to_multiple_of:)")
                 return None
             return self.tokenizer_value(tok.get("source", "union"), "tokenizer.source")
         src = doc.get("tokenizer_source")
         return None if src is None else self.tokenizer_value(src, "tokenizer_source")
 
     def tokenizer_value(self, v: Any, path: str) -> str | ModelRef | None:
-        if v == "union":
-            self.fail(path, "'union' tokenizers are not supported yet; use base or a model")
-            return None
-        if v == "base":
-            return "base"
+        if v in ("union", "base"):
+            return str(v)
         return self.model_ref(v, path)
 
 

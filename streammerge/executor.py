@@ -218,6 +218,8 @@ class Executor:
         """Rows [row0, row1) of every input, cast as the config asks, in the compute dtype."""
         dt = torch.float64 if task.compute == "F64" else torch.float32
         x = torch.empty((len(task.inputs), row1 - row0, task.cols), dtype=dt)
+        if task.vocab is not None:
+            return self._gather(task, row0, row1, x)
         for k, inp in enumerate(task.inputs):
             index = self.plan.models[inp.model].index
             hasher = hashers[k] if hashers is not None else None
@@ -226,6 +228,44 @@ class Executor:
             else:
                 raw = index.read_rows(inp.tensor, row0, row1, hasher=hasher)
                 x[k].copy_(raw.to(torch_dtype(task.load_dtype)))
+        return x
+
+    def _gather(self, task: Task, row0: int, row1: int, x: torch.Tensor) -> torch.Tensor:
+        """Vocabulary rows row0..row1 of every input, aligned to the output vocabulary: each input's
+        own row for a token it has, the token's default row (the base's, one holder's, or the
+        holders' average; zeros if none) otherwise. Contiguous runs are read at once."""
+        assert task.vocab is not None
+        models = [self.plan.models[i.model].index for i in task.inputs]
+
+        def row(k: int, r: int) -> torch.Tensor:
+            return models[k].read_rows(task.inputs[k].tensor, r, r + 1)[0].to(x.dtype)
+
+        for k, inp in enumerate(task.inputs):
+            rows = task.vocab.rows[k]
+            j = row0
+            while j < row1:
+                r = rows[j]
+                if r < 0:
+                    j += 1
+                    continue
+                end = j + 1
+                while end < row1 and rows[end] == rows[end - 1] + 1:
+                    end += 1
+                models[k].read_rows(inp.tensor, r, r + end - j, out=x[k, j - row0:end - row0])
+                j = end
+        for j, sources in task.vocab.defaults:
+            if not row0 <= j < row1:
+                continue
+            default = torch.zeros(task.cols, dtype=x.dtype)
+            for k, r in sources:
+                default += row(k, r)
+            if sources:
+                default /= len(sources)
+            for k in range(len(task.inputs)):
+                if task.vocab.rows[k][j] < 0:
+                    x[k, j - row0] = default
+        if task.load_dtype is not None:  # the config's dtype applies to gathered rows too
+            x = x.to(torch_dtype(task.load_dtype)).to(x.dtype)
         return x
 
     def _run_task(self, task: Task, w: ShardWriter, shard_hash: xxhash.xxh3_128, budget: int) -> Entry:

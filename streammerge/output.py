@@ -134,12 +134,18 @@ def _write_config(plan: Plan, out: str) -> None:
             cfg["torch_dtype"] = name  # older readers: keep the two consistent
     if plan.out_num_layers is not None:
         cfg["num_hidden_layers"] = plan.out_num_layers
+    if plan.vocab_size is not None:
+        cfg["vocab_size"] = plan.vocab_size
     write_file_atomic(os.path.join(out, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
 
 
 def _copy_tokenizer(plan: Plan, out: str) -> None:
     src = plan.models[plan.tokenizer_donor].folder
+    if plan.tokenizer_json is not None:  # rebuilt for the output vocabulary
+        write_file_atomic(os.path.join(out, "tokenizer.json"), plan.tokenizer_json.encode())
     for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if name == "tokenizer.json" and plan.tokenizer_json is not None:
+            continue
         path = os.path.join(src, name)
         if os.path.isfile(path):
             with open(path, "rb") as f:

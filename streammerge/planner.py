@@ -14,6 +14,7 @@ import json
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
 
@@ -36,6 +37,7 @@ from .hub import resolve_model
 from .index import ModelIndex
 from .methods import METHODS, MethodDef, TaskContext
 from .params import ParamSpec, Scalar, evaluate_traced
+from .vocab import Vocab, VocabRows, align, output_tokenizer, output_tokens, read_vocab
 
 DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default `5B`, counted in bytes
 DEFAULT_SEED = 0
@@ -72,6 +74,7 @@ class Task:
     out_dtype: str
     copy_exact: bool  # non-float tensors: inputs must agree, the first is written
     t: float = 0.0  # gradient position: i/(L-1) in its slice, 0 for non-layer tensors
+    vocab: VocabRows | None = field(default=None, compare=False)  # rows gathered per input (tokenizer source)
     provenance: dict[str, str] = field(default_factory=dict, compare=False)  # "t", "1.weight" -> where from
     shard: int = 0
     begin: int = 0  # absolute byte offset in the shard
@@ -114,6 +117,8 @@ class Plan:
     seed: int
     fingerprint: str
     layout_fingerprint: str  # shard names and header bytes: what a resume must keep
+    vocab_size: int | None = None  # the output vocabulary's size, when a tokenizer source rebuilt it
+    tokenizer_json: str | None = None  # the output tokenizer.json, when rebuilt
 
     @property
     def total_bytes(self) -> int:
@@ -154,8 +159,10 @@ def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     fp = xxhash.xxh3_128(layout.digest())
     for t in tasks:
         fp.update(t.fingerprint.encode())
+    tok = json.dumps(b.tokenizer_json, ensure_ascii=False) if b.tokenizer_json is not None else None
     return Plan(cfg, method, tuple(b.models), tuple(tasks), tuple(shards), b.donor(), b.tokenizer_donor(),
-                b.out_num_layers(), seed, fp.hexdigest(), layout.hexdigest())
+                b.out_num_layers(), seed, fp.hexdigest(), layout.hexdigest(),
+                len(b.out_tokens) if b.out_tokens is not None else None, tok)
 
 
 def parse(text: str, source: str = "config") -> list[MergeConfig]:
@@ -189,6 +196,9 @@ class _Builder:
     def __init__(self, cfg: MergeConfig, method: MethodDef, seed: int, aliases: dict[str, str]) -> None:
         self.cfg, self.method, self.seed, self.aliases = cfg, method, seed, aliases
         self.truncate_vocab = False
+        self.out_tokens: list[str] | None = None  # the output vocabulary, when a tokenizer source is set
+        self.vocabs: dict[int, Vocab] = {}
+        self.tokenizer_json: dict[str, Any] | None = None
         self.models: list[Model] = []
         self._by_ref: dict[ModelRef, int] = {}
         self._layouts: dict[int, Layout] = {}
@@ -215,6 +225,8 @@ class _Builder:
             self.slices.append(self._normalize(sl))
         if self.problems:
             return
+        if self.cfg.tokenizer_source is not None:
+            self._prepare_vocab()
         first, last = self.slices[0], self.slices[-1]
         # post-weights pair the first slice's source count with the last slice's models (§3.4)
         post_sources = last[1][: len(first[1])]
@@ -234,6 +246,25 @@ class _Builder:
                 out_layer += 1
         for name in _union(self.layout(s.model).post for s in post_sources):
             self._task(name, last[0], post_sources, last[2], [name] * len(post_sources), 0.0)
+
+    def _prepare_vocab(self) -> None:
+        """Every model's tokens, and the output vocabulary the tokenizer source builds (§3.6)."""
+        refs = list(dict.fromkeys(s.model for _, sources, _ in self.slices for s in sources))
+        idx = [self.model(r) for r in refs]
+        for i in idx:
+            index = self.models[i].index
+            emb = next((n for n in index.tensors if is_vocab_tensor(n)), None)
+            if emb is None:
+                self.problems.append(f"model {self.models[i].ref}: no embedding tensor to align with a tokenizer")
+                return
+            self.vocabs[i] = read_vocab(self.models[i].folder, index.tensors[emb].entry.shape[0])
+        base = self.donor()
+        src = self.cfg.tokenizer_source
+        source: str | int = src if isinstance(src, str) else idx.index(self.model(src))  # type: ignore[arg-type]
+        ordered = [self.vocabs[i] for i in idx]
+        self.out_tokens = output_tokens(ordered, source, idx.index(base) if base in idx else 0)
+        template = self.vocabs[base if src in ("base", "union") else self.model(src)].tokenizer  # type: ignore[arg-type]
+        self.tokenizer_json = output_tokenizer(template, self.out_tokens) if src == "union" else template
 
     def _normalize(self, sl: Slice) -> tuple[Slice, tuple[Source, ...], ModelRef | None]:
         base = sl.base_model or self.cfg.base_model
@@ -284,6 +315,16 @@ class _Builder:
         srcs = [sources[k] for k in keep]
         shape_of = [self.models[i.model].index.tensors[i.tensor].entry.shape for i in inputs]
         shapes = set(shape_of)
+        vocab_rows = None
+        if self.out_tokens is not None and is_vocab_tensor(out) and len({s[1:] for s in shapes}) == 1:
+            base_pos = next((k for k, s in enumerate(sources[j] for j in keep) if s.model == base), 0)
+            vocab_rows, orphans = align([self.vocabs[i.model] for i in inputs], self.out_tokens, base_pos)
+            if orphans:
+                warnings.warn(f"tensor {out!r}: {len(orphans)} token(s) no input has (e.g. {orphans[0]!r}) get "
+                              "zero rows", ConfigWarning, stacklevel=2)
+            shapes = {(len(self.out_tokens), *shape_of[0][1:])}
+            if vocab_rows.is_identity() and all(s[0] == len(self.out_tokens) for s in shape_of):
+                vocab_rows = None
         if len(shapes) > 1:
             vocab = is_vocab_tensor(out) and len({s[1:] for s in shapes}) == 1 and len(shape_of[0]) >= 1
             detail = ", ".join(f"{self.models[i.model].ref}: {list(s)}" for i, s in zip(inputs, shape_of))
@@ -321,7 +362,8 @@ class _Builder:
                           tuple(self._position(sources, s) for s in srcs))
         task = Task(out, ctx.shape, tuple(inputs), ctx, self.cfg.dtype,
                     "F64" if compute_dtype(promoted).itemsize == 8 else "F32",
-                    self.cfg.out_dtype or promoted, not all(is_float(c) for c in codes), t, provenance)
+                    self.cfg.out_dtype or promoted, not all(is_float(c) for c in codes), t=t,
+                    provenance=provenance, vocab=vocab_rows)
         self.tasks.append(task)
 
     @staticmethod
@@ -369,7 +411,7 @@ class _Builder:
 
     def tokenizer_donor(self) -> int:
         src = self.cfg.tokenizer_source
-        if src is None or src == "base":
+        if src is None or src in ("base", "union"):  # a union tokenizer is the base's, extended
             return self.donor()
         assert isinstance(src, ModelRef)
         return self.model(src)
@@ -415,5 +457,6 @@ def _fingerprint(t: Task, shard: str, begin: int, method: str, identities: list[
         "inputs": [[i.model, i.tensor, i.dtype] for i in t.inputs],
         "base": t.ctx.base, "shared": t.ctx.shared, "per_input": list(t.ctx.input_params),
         "seed": t.ctx.seed, "positions": list(t.ctx.input_positions),
+        "vocab": None if t.vocab is None else xxhash.xxh3_128_hexdigest(repr(t.vocab).encode()),
     }
     return xxhash.xxh3_128_hexdigest(json.dumps(canon, sort_keys=True).encode())

@@ -1,0 +1,87 @@
+"""Vocabularies (SEMANTICS §3.6): with `tokenizer_source: union` the output tokenizer is the base's
+plus every token the others add, and each model's embedding and head rows are aligned to it —
+a token a model lacks takes the default row (the only holder's, else the base's, else the
+holders' average). The ChatML token of the one model that has it gets exactly that model's rows,
+and transformers loads the result and tokenizes the new token to its new id."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import make_models
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from streammerge.config import parse_config
+from streammerge.executor import Executor
+from streammerge.planner import make_plan
+
+
+def tensors(folder: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for n in os.listdir(folder):
+        if n.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, n)))
+    return out
+
+
+@pytest.fixture
+def three_vocabs(tmp_path) -> list[str]:
+    base, extra, chat = (str(tmp_path / n) for n in ("base", "extra", "chat"))
+    tiny = make_models.PRESETS["tiny"]
+    make_models.write_set([base, chat], tiny, seed=3)
+    make_models.write_set([extra], make_models.Shape(64, 160, 4, 4, 2, 130), seed=4)  # w128, w129 more
+    path = os.path.join(chat, "tokenizer.json")
+    with open(path) as f:
+        tok = json.load(f)
+    vocab = tok["model"]["vocab"]
+    vocab["<|im_start|>"] = vocab.pop("w127")  # the chat model lacks w127 and has a ChatML token at 127
+    with open(path, "w") as f:
+        json.dump(tok, f)
+    return [base, extra, chat]
+
+
+def test_union_tokenizer_aligns_rows(three_vocabs, tmp_path) -> None:
+    base, extra, chat = three_vocabs
+    cfg = parse_config(f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {extra}\n"
+                       f"  - model: {chat}\nparameters: {{weight: 1.0}}\ntokenizer_source: union\ndtype: float32\n")
+    plan = make_plan(cfg)
+    assert plan.vocab_size == 131
+    out = str(tmp_path / "out")
+    Executor(plan, out, 1 << 33, chunk_bytes=1).run()  # one-row blocks: gathering crosses every boundary
+    got = tensors(out)
+    b, e, c = (tensors(f) for f in three_vocabs)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        g = got[name].double()
+        assert g.shape == (131, 64)
+        bb, ee, cc = b[name].double(), e[name].double(), c[name].double()
+        np.testing.assert_allclose(g[:127], (bb[:127] + ee[:127] + cc[:127]) / 3, rtol=1e-6)
+        np.testing.assert_allclose(g[127], (bb[127] + ee[127] + bb[127]) / 3, rtol=1e-6)  # chat lacks w127: base's row
+        np.testing.assert_allclose(g[128:130], ee[128:130], rtol=1e-6)  # only 'extra' has w128, w129
+        np.testing.assert_allclose(g[130], cc[127], rtol=1e-6)  # <|im_start|>: the chat model's own row
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["vocab_size"] == 131
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids(["<|im_start|>", "w129", "w5"]) == [130, 129, 5]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(torch.tensor([[5, 129, 130]])).logits
+    assert logits.shape == (1, 3, 131) and torch.isfinite(logits).all()
+
+
+def test_base_tokenizer_keeps_base_rows(three_vocabs, tmp_path) -> None:
+    base, extra, chat = three_vocabs
+    cfg = parse_config(f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {chat}\n"
+                       "parameters: {weight: 1.0}\ntokenizer_source: base\ndtype: float32\n")
+    plan = make_plan(cfg)
+    assert plan.vocab_size == 128
+    out = str(tmp_path / "out")
+    Executor(plan, out, 1 << 33).run()
+    g = tensors(out)["model.embed_tokens.weight"].double()
+    bb, cc = tensors(base)["model.embed_tokens.weight"].double(), tensors(chat)["model.embed_tokens.weight"].double()
+    np.testing.assert_allclose(g[:127], (bb[:127] + cc[:127]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(g[127], bb[127], rtol=1e-6)  # the chat model's w127 is missing: base's row
