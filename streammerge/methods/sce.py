@@ -34,17 +34,20 @@ class Sce(MergeOp):
         self._squares = [RowSums() for _ in self.others]
         self.weights = [1.0 / len(self.others)] * len(self.others)
 
-    def _taus(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([x[i] - x[self.base] for i in self.others])  # (n, rows, cols)
+    def _taus(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x[i] - x[self.base] for i in self.others]  # each (rows, cols)
 
-    def _var_bits(self, taus: torch.Tensor) -> torch.Tensor:
-        var = taus.var(dim=0, unbiased=False)  # population variance across models
+    def _var_bits(self, taus: list[torch.Tensor]) -> torch.Tensor:
+        """Population variance across models, element-wise (torch.var over the model axis is ~10x slower)."""
+        mean = sum(taus[1:], taus[0].clone()) / len(taus)
+        var = sum(((t - mean) ** 2 for t in taus[1:]), (taus[0] - mean) ** 2) / len(taus)
         return var.to(torch.float32).view(torch.int32)
 
-    def _selected(self, taus: torch.Tensor) -> torch.Tensor:
+    def _selected(self, taus: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self.select:
             return taus
-        return taus * self.selector.mask(self._var_bits(taus))
+        keep = self.selector.mask(self._var_bits(taus))
+        return [t * keep for t in taus]
 
     def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
         taus = self._taus(x)
@@ -75,7 +78,7 @@ class Sce(MergeOp):
         if self.zero:
             return base.clone()
         taus = self._selected(self._taus(x))
-        sign = torch.where(taus.sum(0) >= 0, 1.0, -1.0).to(x.dtype)
+        sign = torch.where(sum(taus[1:], taus[0].clone()) >= 0, 1.0, -1.0).to(x.dtype)
         num = torch.zeros_like(base)
         den = torch.zeros_like(base)
         for w, t in zip(self.weights, taus):
