@@ -394,3 +394,22 @@ def test_arcee_fusion_samples_large_tensors_reproducibly() -> None:
     flipped = (np.abs(outs[0].numpy() - want) > 1e-5).mean()
     assert flipped < 1e-5  # float32 vs float64 importance: only elements at the threshold may differ
     assert 0.01 < (np.abs(outs[0].numpy() - x[0].numpy()) > 0).mean() < 0.5
+
+
+def test_regressions_tiny_biases_and_zero_weight_sums() -> None:
+    """mergekit's cases (SEMANTICS §7, §2.15): TIES on a one-element bias with density 0 gives the
+    base; linear with a zero weight sum is IEEE division (NaN/inf); task arithmetic without
+    consensus uses divisor 1 when |Σw| < 1e-8; nuslerp with wa + wb = 0 takes t = 0.5."""
+    one = torch.tensor([[[0.5]], [[2.0]], [[-1.0]]], dtype=torch.float64)
+    ctx = context("ties", [{}, {"weight": 1, "density": 0.0}, {"weight": 1, "density": 0.0}], {}, base=0, shape=(1,))
+    assert run_chunked("ties", ctx, one, 1).item() == 0.5
+    x = torch.tensor([[[1.0, 0.0]], [[2.0, 0.0]]], dtype=torch.float64)
+    out = run_chunked("linear", context("linear", [{"weight": 1.0}, {"weight": -1.0}], {}, shape=(1, 2)), x, 1)
+    assert torch.isinf(out[0, 0]) and torch.isnan(out[0, 1])
+    ctx = context("task_arithmetic", [{}, {"weight": 1.0}, {"weight": -1.0}], {"normalize": True}, base=0,
+                  shape=(1, 1))
+    assert run_chunked("task_arithmetic", ctx, one, 1).item() == 0.5 + (2.0 - 0.5) - (-1.0 - 0.5)
+    a, b = np.array(A, float), np.array(B, float)
+    ctx = context("nuslerp", [{"weight": 1.0}, {"weight": -1.0}], {}, shape=(2, 3))
+    out = run_chunked("nuslerp", ctx, t64(A, B), 1).numpy()
+    np.testing.assert_allclose(out, ref.nuslerp(a, b, 0.5, 0.5), atol=1e-12)
