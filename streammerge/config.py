@@ -73,6 +73,18 @@ class Slice:
 
 
 @dataclass(frozen=True)
+class TokenSpec:
+    """`tokenizer.tokens.<token>`: where the token's embedding comes from, and whether it is forced."""
+
+    token: str
+    kind: str  # "default" (only ensure the token exists), "model", "model_token" or "zero"
+    model: ModelRef | None = None
+    source_token: str | None = None
+    source_id: int | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     """A whole config. Exactly one of `models` (as one slice) or `slices` is given."""
 
@@ -86,6 +98,8 @@ class MergeConfig:
     tokenizer_source: str | ModelRef | None  # "base", "union" or a model
     name: str | None = None
     text: str = field(default="", compare=False)  # the YAML verbatim, for the output folder
+    tokens: tuple[TokenSpec, ...] = ()  # tokenizer.tokens overrides
+    pad_to_multiple_of: int | None = None
 
 
 def parse_config(text: str, source: str = "config",
@@ -175,6 +189,8 @@ class _Parser:
             tokenizer_source=self.tokenizer(doc),
             name=name,
             text=text,
+            tokens=self.token_specs(doc),
+            pad_to_multiple_of=self.pad(doc),
         )
 
     def unknown_keys(self, obj: dict[str, Any], known: tuple[str, ...], path: str) -> None:
@@ -321,13 +337,62 @@ class _Parser:
             self.fail("chat_template", "chat templates are not supported yet; remove the key")
         tok = doc.get("tokenizer")
         if tok is not None:
-            if not (isinstance(tok, dict) and set(tok) <= {"source"}):
-                self.fail("tokenizer", "only {source: union | base | <model>} is supported yet (no tokens: or "
-                          "pad_to_multiple_of:)")
+            if not isinstance(tok, dict):
+                self.fail("tokenizer", "expected {source: ..., tokens: {...}, pad_to_multiple_of: N}")
                 return None
+            self.unknown_keys(tok, ("source", "tokens", "pad_to_multiple_of"), "tokenizer")
             return self.tokenizer_value(tok.get("source", "union"), "tokenizer.source")
         src = doc.get("tokenizer_source")
         return None if src is None else self.tokenizer_value(src, "tokenizer_source")
+
+    def token_specs(self, doc: dict[str, Any]) -> tuple[TokenSpec, ...]:
+        tok = doc.get("tokenizer")
+        tokens = tok.get("tokens") if isinstance(tok, dict) else None
+        if tokens is None:
+            return ()
+        if not isinstance(tokens, dict):
+            self.fail("tokenizer.tokens", "expected a mapping of tokens to {source: ..., force: ...}")
+            return ()
+        out = []
+        for t, spec in tokens.items():
+            path = f"tokenizer.tokens.{t}"
+            spec = spec or {}
+            if not isinstance(spec, dict):
+                self.fail(path, "expected {source: ..., force: true|false}")
+                continue
+            self.unknown_keys(spec, ("source", "force"), path)
+            force = spec.get("force", False)
+            if not isinstance(force, bool):
+                self.fail(f"{path}.force", f"expected true or false, got {force!r}")
+            src = spec.get("source")
+            if src is None:
+                out.append(TokenSpec(str(t), "default", force=bool(force)))
+            elif isinstance(src, str):
+                ref = self.model_ref(src, f"{path}.source")
+                if ref:
+                    out.append(TokenSpec(str(t), "model", ref, force=bool(force)))
+            elif isinstance(src, dict) and src.get("kind") == "zero":
+                out.append(TokenSpec(str(t), "zero", force=bool(force)))
+            elif isinstance(src, dict) and src.get("kind") == "model_token":
+                ref = self.model_ref(src.get("model"), f"{path}.source.model")
+                tid = src.get("token_id")
+                name = src.get("token")
+                if (tid is None) == (name is None) or (tid is not None and type(tid) is not int):
+                    self.fail(f"{path}.source", "a model_token source needs exactly one of token: or token_id:")
+                elif ref:
+                    out.append(TokenSpec(str(t), "model_token", ref, name, tid, bool(force)))
+            else:
+                self.fail(f"{path}.source", "expected a model, {kind: model_token, model, token | token_id} or "
+                          "{kind: zero}")
+        return tuple(out)
+
+    def pad(self, doc: dict[str, Any]) -> int | None:
+        tok = doc.get("tokenizer")
+        pad = tok.get("pad_to_multiple_of") if isinstance(tok, dict) else None
+        if pad is not None and not (type(pad) is int and pad > 0):
+            self.fail("tokenizer.pad_to_multiple_of", f"expected a positive whole number, got {pad!r}")
+            return None
+        return pad
 
     def tokenizer_value(self, v: Any, path: str) -> str | ModelRef | None:
         if v in ("union", "base"):

@@ -90,6 +90,7 @@ class Executor:
         """
         self.replace_changed = replace_changed
         self.copy_tokenizer, self.write_card = copy_tokenizer, write_card
+        self._means: dict[str, torch.Tensor] = {}  # padding rows per vocabulary tensor
         self.plan, self.out_dir = plan, out_dir
         self.max_memory = max_memory
         self.chunk_bytes = chunk_bytes
@@ -236,6 +237,11 @@ class Executor:
         holders' average; zeros if none) otherwise. Contiguous runs are read at once."""
         assert task.vocab is not None
         models = [self.plan.models[i.model].index for i in task.inputs]
+        real = len(task.vocab.rows[0])  # rows past the vocabulary are padding
+        if row1 > real:
+            means = self._pad_means(task)
+            x[:, max(0, real - row0):] = means.to(x.dtype).unsqueeze(1)
+            row1 = max(row0, min(row1, real))
 
         def row(k: int, r: int) -> torch.Tensor:
             return models[k].read_rows(task.inputs[k].tensor, r, r + 1)[0].to(x.dtype)
@@ -267,6 +273,22 @@ class Executor:
         if task.load_dtype is not None:  # the config's dtype applies to gathered rows too
             x = x.to(torch_dtype(task.load_dtype)).to(x.dtype)
         return x
+
+    def _pad_means(self, task: Task) -> torch.Tensor:
+        """Each input's mean aligned row (pad_to_multiple_of's padding rows), (n_inputs, cols) float64.
+
+        Sums absolute 64-row blocks in order, so the result is the same whatever the chunking."""
+        assert task.vocab is not None
+        cached = self._means.get(task.name)
+        if cached is not None:
+            return cached
+        real = len(task.vocab.rows[0])
+        total = torch.zeros(len(task.inputs), task.cols, dtype=torch.float64)
+        for r0 in range(0, real, 64):
+            block = torch.empty((len(task.inputs), min(real, r0 + 64) - r0, task.cols), dtype=torch.float32)
+            total += self._gather(task, r0, min(real, r0 + 64), block).double().sum(dim=1)
+        self._means[task.name] = total / max(1, real)
+        return self._means[task.name]
 
     def _run_task(self, task: Task, w: ShardWriter, shard_hash: xxhash.xxh3_128, budget: int) -> Entry:
         crash_point("task-start")

@@ -37,7 +37,7 @@ from .hub import resolve_model
 from .index import ModelIndex
 from .methods import METHODS, MethodDef, TaskContext
 from .params import ParamSpec, Scalar, evaluate_traced
-from .vocab import Vocab, VocabRows, align, output_tokenizer, output_tokens, read_vocab
+from .vocab import Vocab, VocabRows, align, output_tokenizer, output_tokens, override, read_vocab
 
 DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default `5B`, counted in bytes
 DEFAULT_SEED = 0
@@ -162,7 +162,7 @@ def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     tok = json.dumps(b.tokenizer_json, ensure_ascii=False) if b.tokenizer_json is not None else None
     return Plan(cfg, method, tuple(b.models), tuple(tasks), tuple(shards), b.donor(), b.tokenizer_donor(),
                 b.out_num_layers(), seed, fp.hexdigest(), layout.hexdigest(),
-                len(b.out_tokens) if b.out_tokens is not None else None, tok)
+                b.vocab_rows_out if b.out_tokens is not None else None, tok)
 
 
 def parse(text: str, source: str = "config") -> list[MergeConfig]:
@@ -197,6 +197,7 @@ class _Builder:
         self.cfg, self.method, self.seed, self.aliases = cfg, method, seed, aliases
         self.truncate_vocab = False
         self.out_tokens: list[str] | None = None  # the output vocabulary, when a tokenizer source is set
+        self.vocab_rows_out = 0  # its rows, padded to pad_to_multiple_of
         self.vocabs: dict[int, Vocab] = {}
         self.tokenizer_json: dict[str, Any] | None = None
         self.models: list[Model] = []
@@ -263,8 +264,43 @@ class _Builder:
         source: str | int = src if isinstance(src, str) else idx.index(self.model(src))  # type: ignore[arg-type]
         ordered = [self.vocabs[i] for i in idx]
         self.out_tokens = output_tokens(ordered, source, idx.index(base) if base in idx else 0)
+        added = [t.token for t in self.cfg.tokens if t.token not in set(self.out_tokens)]
+        self.out_tokens += list(dict.fromkeys(added))  # configured tokens that are missing are added
         template = self.vocabs[base if src in ("base", "union") else self.model(src)].tokenizer  # type: ignore[arg-type]
-        self.tokenizer_json = output_tokenizer(template, self.out_tokens) if src == "union" else template
+        changed = src == "union" or added
+        self.tokenizer_json = output_tokenizer(template, self.out_tokens) if changed else template
+        multiple = self.cfg.pad_to_multiple_of or 1
+        self.vocab_rows_out = -(-len(self.out_tokens) // multiple) * multiple
+
+    def _configured(self, inputs: list[TaskInput]) -> dict[int, tuple[tuple[tuple[int, int], ...], bool]]:
+        """tokenizer.tokens for one vocabulary task: output row -> ((input, row), ...) and force."""
+        assert self.out_tokens is not None
+        position: dict[int, int] = {}
+        for k, inp in enumerate(inputs):
+            position.setdefault(inp.model, k)  # a model's first input position
+        out: dict[int, tuple[tuple[tuple[int, int], ...], bool]] = {}
+        for spec in self.cfg.tokens:
+            j = self.out_tokens.index(spec.token)
+            if spec.kind == "default":
+                if spec.force:
+                    self.problems.append(f"tokenizer.tokens.{spec.token}: force needs a source")
+                continue
+            if spec.kind == "zero":
+                out[j] = ((), spec.force)
+                continue
+            assert spec.model is not None
+            pos = position.get(self.model(spec.model))
+            vocab = self.vocabs.get(self.model(spec.model))
+            want = spec.token if spec.kind == "model" else spec.source_token
+            row = spec.source_id if spec.source_id is not None else -1
+            if spec.source_id is None and vocab is not None and want is not None:
+                row = vocab.tokens.get(want, -1)
+            if pos is None or row < 0:
+                why = "is not an input of the merge" if pos is None else f"has no token {want!r}"
+                self.problems.append(f"tokenizer.tokens.{spec.token}.source: model {spec.model} {why}")
+                continue
+            out[j] = (((pos, row),), spec.force)
+        return out
 
     def _normalize(self, sl: Slice) -> tuple[Slice, tuple[Source, ...], ModelRef | None]:
         base = sl.base_model or self.cfg.base_model
@@ -319,11 +355,14 @@ class _Builder:
         if self.out_tokens is not None and is_vocab_tensor(out) and len({s[1:] for s in shapes}) == 1:
             base_pos = next((k for k, s in enumerate(sources[j] for j in keep) if s.model == base), 0)
             vocab_rows, orphans = align([self.vocabs[i.model] for i in inputs], self.out_tokens, base_pos)
+            configured = self._configured(inputs)
+            orphans = [t for t in orphans if self.out_tokens.index(t) not in configured]
             if orphans:
                 warnings.warn(f"tensor {out!r}: {len(orphans)} token(s) no input has (e.g. {orphans[0]!r}) get "
                               "zero rows", ConfigWarning, stacklevel=2)
-            shapes = {(len(self.out_tokens), *shape_of[0][1:])}
-            if vocab_rows.is_identity() and all(s[0] == len(self.out_tokens) for s in shape_of):
+            vocab_rows = override(vocab_rows, configured, self.vocab_rows_out - len(self.out_tokens))
+            shapes = {(self.vocab_rows_out, *shape_of[0][1:])}
+            if vocab_rows.is_identity() and all(s[0] == self.vocab_rows_out for s in shape_of):
                 vocab_rows = None
         if len(shapes) > 1:
             vocab = is_vocab_tensor(out) and len({s[1:] for s in shapes}) == 1 and len(shape_of[0]) >= 1

@@ -30,9 +30,10 @@ class VocabRows:
 
     rows: tuple[tuple[int, ...], ...]
     defaults: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]  # (output row, ((input, row), ...) averaged)
+    pad: int = 0  # rows after the vocabulary: each input's mean real row (pad_to_multiple_of)
 
     def is_identity(self) -> bool:
-        return not self.defaults and all(r == tuple(range(len(r))) for r in self.rows)
+        return not self.defaults and not self.pad and all(r == tuple(range(len(r))) for r in self.rows)
 
 
 def read_vocab(folder: str, rows: int) -> Vocab:
@@ -120,3 +121,17 @@ def read_vocab_dict(tok: dict[str, Any]) -> dict[str, int]:
     for a in tok.get("added_tokens", []) or []:
         out.setdefault(a["content"], a["id"])
     return out
+
+
+def override(rows: VocabRows, configured: dict[int, tuple[tuple[tuple[int, int], ...], bool]], pad: int) -> VocabRows:
+    """`rows` with configured sources per output row ((input, row) pairs; empty = zeros) and
+    whether they are forced on every input, and `pad` padding rows."""
+    per_input = [list(r) for r in rows.rows]
+    defaults = dict(rows.defaults)
+    for j, (sources, force) in configured.items():
+        defaults[j] = sources
+        if force:
+            for r in per_input:
+                r[j] = -1
+    kept = {j: d for j, d in defaults.items() if j in configured or any(r[j] < 0 for r in per_input)}
+    return VocabRows(tuple(tuple(r) for r in per_input), tuple(sorted(kept.items())), pad)

@@ -413,3 +413,22 @@ def test_regressions_tiny_biases_and_zero_weight_sums() -> None:
     ctx = context("nuslerp", [{"weight": 1.0}, {"weight": -1.0}], {}, shape=(2, 3))
     out = run_chunked("nuslerp", ctx, t64(A, B), 1).numpy()
     np.testing.assert_allclose(out, ref.nuslerp(a, b, 0.5, 0.5), atol=1e-12)
+
+
+def test_regressions_fusion_quantiles_scalar_fusion_and_stock_singularity() -> None:
+    """mergekit's cases (SEMANTICS §7): fusion quantiles of arange(12) are 2, 5, 8 and the threshold
+    14; a 0-D fusion takes the other input; model_stock with opposite offsets (1 + (k-1)c = 0)
+    keeps the base."""
+    from streammerge.methods.arcee_fusion import quantile
+
+    values = torch.arange(12, dtype=torch.float64)
+    qs = [quantile(values, q) for q in (0.25, 0.5, 0.75)]
+    assert qs == [2.0, 5.0, 8.0] and qs[1] + 1.5 * (qs[2] - qs[0]) == 14.0
+    scalars = torch.tensor([[[1.5]], [[-2.0]]], dtype=torch.float64)
+    ctx = context("arcee_fusion", [{}, {}], {}, base=0, shape=())
+    assert run_chunked("arcee_fusion", ctx, scalars, 1).item() == -2.0
+    base = torch.zeros(1, 2, 3, dtype=torch.float64)
+    off = torch.randn(1, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ctx = context("model_stock", [{}] * 3, {}, base=0, shape=(2, 3))
+    out = run_chunked("model_stock", ctx, torch.cat([base + 1, base + 1 + off, base + 1 - off]), 1)
+    np.testing.assert_allclose(out.numpy(), np.ones((2, 3)), atol=1e-12)

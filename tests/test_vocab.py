@@ -85,3 +85,45 @@ def test_base_tokenizer_keeps_base_rows(three_vocabs, tmp_path) -> None:
     bb, cc = tensors(base)["model.embed_tokens.weight"].double(), tensors(chat)["model.embed_tokens.weight"].double()
     np.testing.assert_allclose(g[:127], (bb[:127] + cc[:127]) / 2, rtol=1e-6)
     np.testing.assert_allclose(g[127], bb[127], rtol=1e-6)  # the chat model's w127 is missing: base's row
+
+
+def test_token_overrides_and_padding(three_vocabs, tmp_path) -> None:
+    base, extra, chat = three_vocabs
+    cfg = parse_config(f"""merge_method: linear
+base_model: {base}
+models:
+  - model: {base}
+  - model: {chat}
+parameters: {{weight: 1.0}}
+dtype: float32
+tokenizer:
+  source: base
+  pad_to_multiple_of: 48
+  tokens:
+    w5:
+      source: {{kind: model_token, model: {chat}, token: "<|im_start|>"}}
+      force: true
+    "<|im_start|>":
+      source: {chat}
+    "<new>":
+      source: {{kind: zero}}
+""")
+    plan = make_plan(cfg)
+    assert plan.vocab_size == 144  # 128 + <|im_start|> + <new> = 130 -> padded to 3 x 48
+    out = str(tmp_path / "out")
+    Executor(plan, out, 1 << 33, chunk_bytes=1).run()
+    g = tensors(out)["model.embed_tokens.weight"].double()
+    bb = tensors(base)["model.embed_tokens.weight"].double()
+    cc = tensors(chat)["model.embed_tokens.weight"].double()
+    assert g.shape == (144, 64)
+    np.testing.assert_allclose(g[5], cc[127], rtol=1e-6)  # forced for every model from the chat model's token
+    np.testing.assert_allclose(g[128], cc[127], rtol=1e-6)  # <|im_start|>: base lacks it, takes chat's row
+    assert not g[129].any()  # <new>: zeros
+    own = [bb.clone(), cc.clone()]  # each model's aligned matrix, for the padding means
+    own[0][5], own[1][5] = cc[127], cc[127]
+    own[1][127] = bb[127]  # chat lacks w127: the base's row
+    aligned = [torch.cat([m[:128], cc[127:128], torch.zeros(1, 64)]) for m in own]
+    want_pad = (aligned[0].mean(0) + aligned[1].mean(0)) / 2
+    np.testing.assert_allclose(g[130:], want_pad.expand(14, 64), rtol=1e-5, atol=1e-7)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["vocab_size"] == 144
