@@ -64,6 +64,9 @@ def test_union_tokenizer_aligns_rows(three_vocabs, tmp_path) -> None:
         np.testing.assert_allclose(g[130], cc[127], rtol=1e-6)  # <|im_start|>: the chat model's own row
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["vocab_size"] == 131
+    from streammerge.verifier import verify
+
+    assert verify(out, check_inputs=True).inputs_checked == 3  # gathered rows record no input hash
     transformers = pytest.importorskip("transformers")
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.convert_tokens_to_ids(["<|im_start|>", "w129", "w5"]) == [130, 129, 5]
