@@ -2,10 +2,12 @@
 
 Imports plan, budget, methods, index, writer, journal, output, dtypes, errors (and torch,
 psutil, xxhash). The only module that does both I/O and compute. Tasks run in output-file
-order; each picks `chunk_rows` from the budget and its per-row cost, runs its statistics
-passes, then the apply pass, casting each chunk to the output dtype and handing its bytes to
-the writer while a streaming xxh3-128 hasher sees them. The pass that reads every input row
-once also hashes the input bytes. Journaled tensors are skipped on a rerun.
+order; each reads its inputs in blocks of rows as large as the budget allows (the whole
+tensor when it fits, read once for every pass), runs its statistics passes and then the apply
+pass over cache-sized sub-chunks of each block, and casts each result to the output dtype,
+handing its bytes to the writer while a streaming xxh3-128 hasher sees them. The pass that
+reads every input row once also hashes the input bytes. Journaled tensors are skipped on a
+rerun.
 """
 
 from __future__ import annotations

@@ -49,8 +49,9 @@ class MergeOp:
     """One output tensor's merge, fed row chunks. Subclasses override what they need."""
 
     stat_passes = 0
-    # compute-dtype rows the kernel holds beyond its inputs, at its peak in any pass, measured
-    # with tools/calibrate_memory.py: the budget's cost model is rows·cols·(n_inputs + temp_fixed)
+    # compute-dtype rows the kernel holds beyond its inputs, per row of the sub-chunk it is given,
+    # at its peak in any pass (measured in a fresh process per kernel, rounded up): budget.py
+    # counts block rows · cols · n_inputs for the inputs plus sub-chunk rows · cols · temp_fixed
     temp_fixed = 1.0
 
     def remember_between_passes(self) -> float:

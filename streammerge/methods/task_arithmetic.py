@@ -21,7 +21,7 @@ from .base import MergeOp, MethodDef, TaskContext
 from .rng import stream_key
 from .sparsify import RandomDrop, RankedDrop, Sparsifier, magnitude, outliers
 
-# float32 rows held beyond the inputs, measured per sparsifier (tools/calibrate_memory.py)
+# float32 rows held beyond the inputs, measured per sparsifier in a fresh process
 # and rounded up: sums, signs and divisors; int64 draws or bit patterns of one input at a time.
 _TEMP_ROWS = {"none": 3.0, "magnitude": 8.0, "magnitude_rescale": 9.0, "outliers": 10.0, "outliers_rescale": 11.0,
               "random": 7.0, "della": 12.0}
