@@ -43,10 +43,24 @@ def splitmix_draw(key: int, i: int) -> int:
     return z >> 11
 
 
+def splitmix64(key: int, c: int) -> int:
+    """splitmix64's output for counter c: all 64 bits."""
+    z = (key + (c + 1) * 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def draw32(key: int, i: int) -> int:
+    """Element i's 32-bit draw: the high half of counter i // 2 for even i, the low half for odd."""
+    z = splitmix64(key, i // 2)
+    return z >> 32 if i % 2 == 0 else z & 0xFFFFFFFF
+
+
 def dare_keep(seed: int, position: int, tensor: str, numel: int, density: float) -> np.ndarray:
     key = xxhash.xxh3_64_intdigest(f"{seed}\x00{position}\x00{tensor}".encode())
-    thr = int(density * (1 << 53))
-    return np.array([splitmix_draw(key, i) < thr for i in range(numel)], dtype=bool)
+    thr = int(density * (1 << 32))
+    return np.array([draw32(key, i) < thr for i in range(numel)], dtype=bool)
 
 
 def topk_keep(delta: np.ndarray, density: float) -> np.ndarray:
@@ -249,7 +263,7 @@ def della_keep(delta: np.ndarray, density: float, eps: float, seed: int, positio
     n = arr.shape[1]
     prob = (density - eps) + 2 * eps * rank / (n - 1)
     key = xxhash.xxh3_64_intdigest(f"{seed}\x00{position}\x00{tensor}".encode())
-    u = np.array([splitmix_draw(key, i) for i in range(delta.size)], dtype=np.float64) / 2.0**53
+    u = np.array([draw32(key, i) for i in range(delta.size)], dtype=np.float64) / 2.0**32
     return (u < prob.reshape(-1)).reshape(delta.shape)
 
 

@@ -1,7 +1,9 @@
 """Counter-based random draws: a pure function of (seed, input position, tensor, element index).
 
-Imports torch and xxhash only. splitmix64's output function applied to `key + (i+1)·γ`
-gives the draw for flat element i, so the same element gets the same draw whatever the
+Imports torch and xxhash only. splitmix64's output function applied to `key + (c+1)·γ`
+gives counter c's 64 bits; masks take 32 bits per element (element i: counter i // 2, high
+half for even i, low half for odd), samples 53 bits per counter. So the same element gets
+the same draw whatever the
 chunking, order, device or resume (SEMANTICS deviation 2). It runs on int64 tensors,
 whose multiplication wraps modulo 2^64 on every torch backend; shifts are made logical
 with a mask, since torch's >> on int64 is arithmetic.
@@ -54,13 +56,43 @@ def _xor_shr(z: torch.Tensor, s: int, tmp: torch.Tensor) -> None:
     z.bitwise_xor_(tmp)
 
 
+def draws32(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """32-bit uniform integers in [0, 2^32) for flat indices start..start+count-1 (int64).
+
+    One splitmix64 output serves two elements: element i takes the high 32 bits of the output
+    for pair i // 2 when i is even, the low 32 bits when it is odd — half the hashing of one
+    output per element, which is most of the cost of a DARE mask.
+    """
+    first, last = start // 2, (start + count - 1) // 2
+    z = draws64(key, first, last - first + 1, device)  # (pairs,)
+    pairs = torch.stack([_shr(z, 32), z & 0xFFFFFFFF], dim=1).reshape(-1)  # hi, lo, hi, lo, ...
+    offset = start - 2 * first
+    return pairs[offset:offset + count]
+
+
+def draws64(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The full splitmix64 outputs (as int64 bit patterns) for counters start..start+count-1."""
+    z = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
+    z.mul_(_signed(_GAMMA)).add_(key)
+    tmp = torch.empty_like(z)
+    for shift, mult in ((30, _M1), (27, _M2)):
+        _xor_shr(z, shift, tmp)
+        z.mul_(_signed(mult))
+    _xor_shr(z, 31, tmp)
+    return z
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    return torch.bitwise_right_shift(z, s).bitwise_and_((1 << (64 - s)) - 1)
+
+
 def keep_threshold(probability: float) -> int:
-    """The integer t with P(draw < t) = probability for 53-bit draws."""
+    """The integer t with P(draw < t) = probability for 32-bit draws."""
     p = min(1.0, max(0.0, probability))
-    return int(p * (1 << 53))
+    return int(p * (1 << 32))
 
 
 def bernoulli_mask(key: int, start: int, count: int, probability: float,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Keep-mask (bool) with P(keep) = probability for flat indices start..start+count-1."""
-    return draws53(key, start, count, device) < keep_threshold(probability)
+    return draws32(key, start, count, device) < keep_threshold(probability)

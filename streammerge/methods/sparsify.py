@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .base import RowSums, row_sums
-from .rng import bernoulli_mask, draws53
+from .rng import bernoulli_mask, draws32
 
 _BINS = 1 << 16
 
@@ -249,5 +249,5 @@ class RankedDrop(RandomDrop):
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(self.row_len, device=delta.device).view(1, -1, 1).expand_as(order))
         prob = (self.density - self.epsilon) + 2 * self.epsilon * rank.double() / (self.row_len - 1)
-        u = draws53(self.key, flat0, delta.numel(), delta.device).double() / float(1 << 53)
+        u = draws32(self.key, flat0, delta.numel(), delta.device).double() / float(1 << 32)
         return (u < prob.reshape(-1)).view(delta.shape)
