@@ -103,9 +103,10 @@ def chunk_rows(plan: Plan, task: Task, budget_bytes: int) -> tuple[int, int]:
     """
     sub = sub_rows(task)
     compute = compute_row_bytes(plan, task)
-    if budget_bytes < sub * compute + input_row_bytes(plan, task):
-        sub = max(1, (budget_bytes - input_row_bytes(plan, task)) // compute)
-    block = (budget_bytes - sub * compute) // input_row_bytes(plan, task)
+    per_row = input_row_bytes(plan, task)
+    if budget_bytes < sub * compute + per_row:
+        sub = max(1, (budget_bytes - per_row) // compute)
+    block = (budget_bytes - sub * compute) // per_row
     return max(1, min(task.rows, block)), max(1, min(sub, task.rows))
 
 

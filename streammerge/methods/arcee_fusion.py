@@ -40,7 +40,9 @@ class ArceeFusion(MergeOp):
         self.a, self.b = ctx.base, ctx.others[0]
         self.last = ctx.shape[-1] if ctx.shape else 1
         self.scalar = len(ctx.shape) == 0
-        self.positions = sample_positions(ctx.seed, ctx.tensor, ctx.numel)
+        self.ctx = ctx
+        self.positions: torch.Tensor | None = None  # drawn on the first statistics pass: ops are
+        # also built just for their cost figures (budget.py), so construction must stay cheap
         self._values: list[torch.Tensor] = []
         self.threshold = 0.0
 
@@ -55,6 +57,8 @@ class ArceeFusion(MergeOp):
         return ((bv - av).abs() * kl).reshape(a.shape)
 
     def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
+        if self.positions is None:
+            self.positions = sample_positions(self.ctx.seed, self.ctx.tensor, self.ctx.numel)
         flat0, count = row0 * x.shape[2], x.shape[1] * x.shape[2]
         lo, hi = torch.searchsorted(self.positions, torch.tensor([flat0, flat0 + count])).tolist()
         if hi > lo:
