@@ -34,6 +34,14 @@ def ensure_medium_set(root: str, count: int = 15) -> list[str]:
     return folders
 
 
+def dare_ties_14(folders: list[str]) -> str:
+    """The seed's stage-1 recipe on local folders: folders[0] the base, the next 14 fine-tunes."""
+    lines = ["merge_method: dare_ties", f"base_model: {folders[0]}", "models:", f"  - model: {folders[0]}"]
+    for k, f in enumerate(folders[1:15]):
+        lines += [f"  - model: {f}", f"    parameters: {{weight: 0.08, density: {0.5 if k == 13 else 0.4}}}"]
+    return "\n".join(lines + ["parameters:", "  int8_mask: true", "dtype: bfloat16", ""])
+
+
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> Measured:
     """Run `cmd` in a fresh wrapper process, so RUSAGE_CHILDREN's peak is this command's alone."""
     t0 = time.monotonic()

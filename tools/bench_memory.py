@@ -19,19 +19,15 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_common import ensure_medium_set, measure, shard_files, tensor_hashes, warm  # noqa: E402
+from bench_common import dare_ties_14, ensure_medium_set, measure, shard_files, tensor_hashes, warm  # noqa: E402
 
 MEMCAP = os.path.join(HERE, "memcap")
 
 
 def write_config(root: str, folders: list[str]) -> str:
-    lines = ["merge_method: dare_ties", f"base_model: {folders[0]}", "models:", f"  - model: {folders[0]}"]
-    for k, f in enumerate(folders[1:]):
-        lines += [f"  - model: {f}", f"    parameters: {{weight: 0.08, density: {0.5 if k == 13 else 0.4}}}"]
-    lines += ["parameters:", "  int8_mask: true", "dtype: bfloat16", ""]
     path = os.path.join(root, "dare_ties_14.yml")
     with open(path, "w") as fh:
-        fh.write("\n".join(lines))
+        fh.write(dare_ties_14(folders))
     return path
 
 

@@ -18,7 +18,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_common import ensure_medium_set, measure, shard_files, warm, write_floor  # noqa: E402
+from bench_common import dare_ties_14, ensure_medium_set, measure, shard_files, warm, write_floor  # noqa: E402
 
 SLERP_T = """parameters:
   t:
@@ -43,10 +43,7 @@ def configs(folders: list[str]) -> dict[str, tuple[str, list[str]]]:
     ties = (f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {base}\n"
             + "".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for f in ft[:2])
             + "dtype: bfloat16\n")
-    dare = (f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {base}\n"
-            + "".join(f"  - model: {f}\n    parameters: {{weight: 0.08, density: {0.5 if k == 13 else 0.4}}}\n"
-                      for k, f in enumerate(ft[:14]))
-            + "parameters:\n  int8_mask: true\ndtype: bfloat16\n")
+    dare = dare_ties_14(folders)
     return {"linear (3 models)": (linear, folders[:3]), "slerp (gradient)": (slerp, folders[:2]),
             "ties (3 models)": (ties, folders[:3]), "dare_ties (15 models)": (dare, folders[:15])}
 

@@ -33,20 +33,9 @@ def stream_key(seed: int, input_position: int, tensor_name: str) -> int:
 
 
 def draws53(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """53-bit uniform integers in [0, 2^53) for flat indices start..start+count-1 (int64).
-
-    In-place arithmetic on one scratch buffer: fresh temporaries per step cost more in page
-    faults than the arithmetic itself.
-    """
-    z = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
-    z.mul_(_signed(_GAMMA)).add_(key)
-    tmp = torch.empty_like(z)
-    for shift, mult in ((30, _M1), (27, _M2)):
-        _xor_shr(z, shift, tmp)
-        z.mul_(_signed(mult))
-    _xor_shr(z, 31, tmp)
-    torch.bitwise_right_shift(z, 11, out=tmp)
-    return tmp.bitwise_and_((1 << 53) - 1)
+    """53-bit uniform integers in [0, 2^53) for counters start..start+count-1 (int64): the top
+    53 bits of each splitmix64 output."""
+    return _shr(draws64(key, start, count, device), 11)
 
 
 def _xor_shr(z: torch.Tensor, s: int, tmp: torch.Tensor) -> None:
@@ -71,7 +60,11 @@ def draws32(key: int, start: int, count: int, device: torch.device | str = "cpu"
 
 
 def draws64(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The full splitmix64 outputs (as int64 bit patterns) for counters start..start+count-1."""
+    """The full splitmix64 outputs (as int64 bit patterns) for counters start..start+count-1.
+
+    In-place arithmetic on one scratch buffer: fresh temporaries per step cost more in page
+    faults than the arithmetic itself.
+    """
     z = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
     z.mul_(_signed(_GAMMA)).add_(key)
     tmp = torch.empty_like(z)
