@@ -35,7 +35,7 @@ from .errors import ConfigError, PlanError
 from .format import build_header
 from .hub import resolve_model
 from .index import ModelIndex
-from .methods import METHODS, MethodDef, TaskContext
+from .methods import ARITHMETIC, METHODS, MethodDef, TaskContext
 from .params import ParamSpec, Scalar, evaluate_traced
 from .vocab import Vocab, VocabRows, align, output_tokenizer, output_tokens, override, read_vocab
 
@@ -119,6 +119,7 @@ class Plan:
     layout_fingerprint: str  # shard names and header bytes: what a resume must keep
     vocab_size: int | None = None  # the output vocabulary's size, when a tokenizer source rebuilt it
     tokenizer_json: str | None = None  # the output tokenizer.json, when rebuilt
+    device: str = "cpu"  # where the kernels run: "cpu", "cuda" or "cuda:N"
 
     @property
     def total_bytes(self) -> int:
@@ -127,12 +128,13 @@ class Plan:
 
 def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
               seed: int = DEFAULT_SEED, aliases: dict[str, str] | None = None,
-              truncate_vocab: bool = False) -> Plan:
+              truncate_vocab: bool = False, device: str = "cpu") -> Plan:
     """Plan the merge `cfg` describes, reading only headers.
 
     `aliases` maps names to folders: a pipeline's earlier stages, by name. `truncate_vocab`
     (--unsafe-truncate-embeddings) merges vocabulary tensors of different sizes over the first
-    rows common to all (SEMANTICS §3.6).
+    rows common to all (SEMANTICS §3.6). `device` is where the kernels will run: a GPU's
+    arithmetic may round differently, so tensors computed on one are fingerprinted as such.
 
     Raises:
         ConfigError: unknown method or bad parameter values, each with its config path.
@@ -152,7 +154,8 @@ def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     if b.problems:
         raise PlanError(_dedupe(b.problems))
     identities = [m.identity for m in b.models]
-    tasks, shards = _layout(b.tasks, max_shard_bytes, method.name, identities)
+    arithmetic = "cpu" if device == "cpu" else device.split(":")[0]
+    tasks, shards = _layout(b.tasks, max_shard_bytes, method.name, identities, arithmetic)
     layout = xxhash.xxh3_128()
     for s in shards:
         layout.update(s.name.encode() + b"\0" + s.header)
@@ -162,7 +165,7 @@ def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     tok = json.dumps(b.tokenizer_json, ensure_ascii=False) if b.tokenizer_json is not None else None
     return Plan(cfg, method, tuple(b.models), tuple(tasks), tuple(shards), b.donor(), b.tokenizer_donor(),
                 b.out_num_layers(), seed, fp.hexdigest(), layout.hexdigest(),
-                b.vocab_rows_out if b.out_tokens is not None else None, tok)
+                b.vocab_rows_out if b.out_tokens is not None else None, tok, device)
 
 
 def parse(text: str, source: str = "config") -> list[MergeConfig]:
@@ -462,8 +465,8 @@ class _Builder:
         return sum(r[1] - r[0] for r in spans if r is not None)
 
 
-def _layout(tasks: list[Task], max_shard_bytes: int, method: str,
-            identities: list[str]) -> tuple[list[Task], list[Shard]]:
+def _layout(tasks: list[Task], max_shard_bytes: int, method: str, identities: list[str],
+            arithmetic: str = "cpu") -> tuple[list[Task], list[Shard]]:
     """Assign tasks to shards in order (mergekit's rule) and fix every byte offset."""
     groups: list[list[int]] = []
     size = 0
@@ -482,15 +485,16 @@ def _layout(tasks: list[Task], max_shard_bytes: int, method: str,
                                       {"format": "pt"})
         for i, (begin, _) in zip(idxs, ranges):
             t = tasks[i]
-            fp = _fingerprint(t, name, begin, method, [identities[i.model] for i in t.inputs])
+            fp = _fingerprint(t, name, begin, method, [identities[i.model] for i in t.inputs], arithmetic)
             out[i] = dataclasses.replace(t, shard=s, begin=begin, fingerprint=fp)
         shards.append(Shard(name, header, ranges[-1][1] if ranges else len(header), tuple(idxs)))
     return out, shards
 
 
-def _fingerprint(t: Task, shard: str, begin: int, method: str, identities: list[str]) -> str:
-    canon = {
-        "method": method, "input_identities": identities,
+def _fingerprint(t: Task, shard: str, begin: int, method: str, identities: list[str],
+                 arithmetic: str = "cpu") -> str:
+    canon: dict[str, object] = {
+        "method": method, "arithmetic": ARITHMETIC, "input_identities": identities,
         "name": t.name, "shape": list(t.shape), "out_dtype": t.out_dtype, "load_dtype": t.load_dtype,
         "compute": t.compute, "copy_exact": t.copy_exact, "shard": shard, "begin": begin,
         "inputs": [[i.model, i.tensor, i.dtype] for i in t.inputs],
@@ -498,4 +502,6 @@ def _fingerprint(t: Task, shard: str, begin: int, method: str, identities: list[
         "seed": t.ctx.seed, "positions": list(t.ctx.input_positions),
         "vocab": None if t.vocab is None else xxhash.xxh3_128_hexdigest(repr(t.vocab).encode()),
     }
+    if arithmetic != "cpu" and not t.copy_exact:
+        canon["device"] = arithmetic  # a GPU's kernels may round differently; CPU fingerprints stay as they were
     return xxhash.xxh3_128_hexdigest(json.dumps(canon, sort_keys=True).encode())

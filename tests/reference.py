@@ -52,9 +52,11 @@ def splitmix64(key: int, c: int) -> int:
 
 
 def draw32(key: int, i: int) -> int:
-    """Element i's 32-bit draw: the high half of counter i // 2 for even i, the low half for odd."""
+    """Element i's 32-bit draw: the low half of counter i // 2 for even i, the high half for odd,
+    with its top bit flipped."""
     z = splitmix64(key, i // 2)
-    return z >> 32 if i % 2 == 0 else z & 0xFFFFFFFF
+    half = z & 0xFFFFFFFF if i % 2 == 0 else z >> 32
+    return half ^ 0x80000000
 
 
 def dare_keep(seed: int, position: int, tensor: str, numel: int, density: float) -> np.ndarray:

@@ -18,6 +18,10 @@ import torch
 
 from ..params import ParamSpec, Scalar
 
+# Bumped whenever a kernel's output bytes change for the same inputs (a new draw rule, another
+# summation order); task fingerprints include it, so a resume never mixes tensors of two rules.
+ARITHMETIC = 2
+
 
 @dataclass(frozen=True)
 class TaskContext:
@@ -106,5 +110,28 @@ class RowSums:
 
 
 def row_sums(x: torch.Tensor) -> torch.Tensor:
-    """Per-row sums of x (rows, cols) in float64, the same for a row whatever the chunk."""
-    return x.sum(dim=1, dtype=torch.float64)
+    """Per-row sums of x (rows, cols) in float64, the same for a row whatever the chunk.
+
+    On a CPU, torch reduces each row alike whatever the rows around it. A GPU's reduction
+    may change its order with the tensor's shape (so with the chunking); there rows are
+    summed by a fixed pairwise tree of elementwise adds instead, whose order is fixed.
+    """
+    if x.device.type == "cpu":
+        return x.sum(dim=1, dtype=torch.float64)
+    return tree_row_sums(x)
+
+
+def tree_row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per-row float64 sums in a fixed order: columns padded with zeros to a power of two,
+    then the second half added to the first until one column is left."""
+    y = x.to(torch.float64)
+    n = y.shape[1]
+    if n == 0:
+        return torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
+    width = 1 << (n - 1).bit_length()
+    if width != n:
+        y = torch.nn.functional.pad(y, (0, width - n))
+    while y.shape[1] > 1:
+        half = y.shape[1] // 2
+        y = y[:, :half] + y[:, half:]
+    return y[:, 0]

@@ -63,7 +63,7 @@ class ModelStock(MergeOp):
             t = t.to(x.dtype).unsqueeze(1).expand(-1, self.last).reshape(x.shape[1:])
         else:
             assert self.t is not None
-            t = self.t.to(x.dtype)
+            t = self.t.to(x.device, x.dtype)
         mean = x[self.others[0]].clone()
         for i in self.others[1:]:
             mean += x[i]

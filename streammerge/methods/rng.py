@@ -1,12 +1,12 @@
 """Counter-based random draws: a pure function of (seed, input position, tensor, element index).
 
 Imports torch and xxhash only. splitmix64's output function applied to `key + (c+1)·γ`
-gives counter c's 64 bits; masks take 32 bits per element (element i: counter i // 2, high
-half for even i, low half for odd), samples 53 bits per counter. So the same element gets
-the same draw whatever the
-chunking, order, device or resume (SEMANTICS deviation 2). It runs on int64 tensors,
-whose multiplication wraps modulo 2^64 on every torch backend; shifts are made logical
-with a mask, since torch's >> on int64 is arithmetic.
+gives counter c's 64 bits; masks take 32 bits per element (element i: counter i // 2, low
+half for even i, high half for odd, with its top bit flipped), samples 53 bits per counter.
+So the same element gets the same draw whatever the chunking, order, device or resume
+(SEMANTICS deviation 2). It runs on int64 tensors, whose multiplication wraps modulo 2^64
+on every torch backend; shifts are made logical with a mask, since torch's >> on int64 is
+arithmetic.
 """
 
 from __future__ import annotations
@@ -48,15 +48,21 @@ def _xor_shr(z: torch.Tensor, s: int, tmp: torch.Tensor) -> None:
 def draws32(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """32-bit uniform integers in [0, 2^32) for flat indices start..start+count-1 (int64).
 
-    One splitmix64 output serves two elements: element i takes the high 32 bits of the output
-    for pair i // 2 when i is even, the low 32 bits when it is odd — half the hashing of one
-    output per element, which is most of the cost of a DARE mask.
+    One splitmix64 output serves two elements: element i takes the low 32 bits of the output
+    for pair i // 2 when i is even, the high 32 bits when it is odd, with the top bit flipped
+    (u = half XOR 2^31). That is the int32 view of the outputs plus 2^31, read without a copy:
+    half the hashing of one output per element, which is most of the cost of a DARE mask.
     """
+    return _halves(key, start, count, device).to(torch.int64).add_(1 << 31)
+
+
+def _halves(key: int, start: int, count: int, device: torch.device | str) -> torch.Tensor:
+    """Each element's 32-bit half as int32 (u − 2^31, so signed order is u's order); a view."""
     first, last = start // 2, (start + count - 1) // 2
     z = draws64(key, first, last - first + 1, device)  # (pairs,)
-    pairs = torch.stack([_shr(z, 32), z & 0xFFFFFFFF], dim=1).reshape(-1)  # hi, lo, hi, lo, ...
     offset = start - 2 * first
-    return pairs[offset:offset + count]
+    # little-endian on every torch backend: the int32 view of a pair is [low half, high half]
+    return z.view(torch.int32)[offset:offset + count]
 
 
 def draws64(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -87,5 +93,9 @@ def keep_threshold(probability: float) -> int:
 
 def bernoulli_mask(key: int, start: int, count: int, probability: float,
                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """Keep-mask (bool) with P(keep) = probability for flat indices start..start+count-1."""
-    return draws32(key, start, count, device) < keep_threshold(probability)
+    """Keep-mask (bool) with P(keep) = probability for flat indices start..start+count-1:
+    draws32 < keep_threshold, compared on the int32 halves (u < t  ⟺  u − 2^31 < t − 2^31)."""
+    t = keep_threshold(probability)
+    if t >= 1 << 32:
+        return torch.ones(count, dtype=torch.bool, device=device)
+    return _halves(key, start, count, device) < t - (1 << 31)

@@ -80,7 +80,7 @@ class TopK:
 
     def end_pass(self, pass_idx: int) -> None:
         assert self.k is not None
-        hist = self._hist.tolist()
+        hist = self._hist.numpy().copy()
         self._hist.zero_()
         if self.k <= 0:
             self.threshold, self.ties_keep = 1 << 31, 0  # above every bit pattern: keep nothing
@@ -174,14 +174,15 @@ def outliers(density: float, gamma: float, numel: int, rescale: bool) -> Ranked:
     return Ranked(keep, numel - bot - keep, numel, rescale)
 
 
-def _select_from_top(hist: list[int], need: int) -> tuple[int, int]:
-    """The bin holding the need-th largest element, and how many lie in higher bins."""
-    above = 0
-    for b in range(_BINS - 1, -1, -1):
-        if above + hist[b] >= need:
-            return b, above
-        above += hist[b]
-    return 0, above
+def _select_from_top(hist: np.ndarray, need: int) -> tuple[int, int]:
+    """The bin holding the need-th largest element, and how many lie in higher bins
+    (bin 0 and every element when there are fewer than need)."""
+    from_top = np.cumsum(hist[::-1])  # from_top[i]: elements in bins >= _BINS - 1 - i
+    i = int(np.searchsorted(from_top, need))  # the first i reaching need
+    if i >= len(from_top):
+        return 0, int(from_top[-1])
+    b = _BINS - 1 - i
+    return b, int(from_top[i] - hist[b])
 
 
 class RandomDrop(Sparsifier):

@@ -217,7 +217,7 @@ class NuSlerp(MergeOp):
             c0, c1 = c0.unsqueeze(1), c1.unsqueeze(1)
         else:
             c0, c1 = self.c0, self.c1
-        out = u * c0.to(x.dtype) + v * c1.to(x.dtype)
+        out = u * c0.to(x.device, x.dtype) + v * c1.to(x.device, x.dtype)
         if self.base is not None:
             out += x[self.base]
         return out
