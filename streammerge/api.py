@@ -7,10 +7,11 @@ errors raised as StreamMergeError subclasses instead of exit codes.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from .budget import default_max_memory
 from .config import MergeConfig
-from .executor import Executor, Progress, RunStats
+from .executor import Executor, Progress, RunStats, resolve_device
 from .pipeline import run_pipeline
 from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, make_plan, parse
 from .verifier import Report
@@ -46,7 +47,8 @@ def plan(config: str | os.PathLike[str] | MergeConfig, out_shard_size: int = DEF
 
 def merge(config: str | os.PathLike[str] | MergeConfig, out: str | os.PathLike[str], max_memory: int | None = None,
           out_shard_size: int = DEFAULT_SHARD_BYTES, seed: int = DEFAULT_SEED, overwrite: bool = False,
-          restart: bool = False, progress: Progress | None = None) -> list[RunStats]:
+          restart: bool = False, progress: Progress | None = None, device: str = "cpu", overlap: bool | None = None,
+          max_gpu_memory: int | None = None) -> list[RunStats]:
     """Merge into folder `out`; resumes an interrupted run there. Pipelines run every stage.
 
     Args:
@@ -54,6 +56,9 @@ def merge(config: str | os.PathLike[str] | MergeConfig, out: str | os.PathLike[s
         out: the output folder.
         max_memory: the process's memory budget in bytes (default: half the available RAM).
         overwrite: replace a finished output; restart: discard an unfinished one.
+        device: "cpu", "cuda", "cuda:N" or "auto"; max_gpu_memory: the GPU's budget in bytes.
+        overlap: read ahead and write behind on helper threads (default: with 4 or more cores);
+            output bytes are the same either way.
     Returns:
         One RunStats per stage (one for a plain config).
     Example:
@@ -61,10 +66,13 @@ def merge(config: str | os.PathLike[str] | MergeConfig, out: str | os.PathLike[s
     """
     configs = _configs(config)
     budget = max_memory or default_max_memory()
+    dev = resolve_device(device)
+    options: dict[str, Any] = {"overlap": overlap, "max_gpu_memory": max_gpu_memory}
     if len(configs) > 1:
-        return run_pipeline(configs, str(out), budget, progress, None, overwrite, restart, out_shard_size, seed)
-    p = make_plan(configs[0], out_shard_size, seed)
-    return [Executor(p, str(out), budget, progress, overwrite=overwrite, restart=restart).run()]
+        return run_pipeline(configs, str(out), budget, progress, None, overwrite, restart, out_shard_size, seed,
+                            device=dev, **options)
+    p = make_plan(configs[0], out_shard_size, seed, device=dev)
+    return [Executor(p, str(out), budget, progress, overwrite=overwrite, restart=restart, **options).run()]
 
 
 def verify(out: str | os.PathLike[str], inputs: bool = False) -> Report:

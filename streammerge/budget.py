@@ -16,6 +16,7 @@ from .errors import PlanError
 from .planner import Plan, Task
 
 RESERVE_BYTES = 64 << 20  # hashing, journal, small tensors, torch's per-thread buffers, allocator slack
+WRITE_BEHIND_BYTES = 8 << 20  # finished rows waiting for the writer thread (overlap.WriteBehind)
 # Chunk buffers get this share of what the budget leaves: the heap's peak exceeds live
 # memory by fragmentation (glibc keeps freed chunk-sized blocks). Measured on the 15-model
 # DARE-TIES: without it, a 512 MiB budget peaked at 545 MiB RSS. Forcing every buffer
@@ -76,7 +77,7 @@ def default_max_memory() -> int:
 def smallest_budget(plan: Plan, baseline: int | None = None) -> int:
     """The smallest --max-memory that fits one row of every task."""
     base = baseline_bytes() if baseline is None else baseline
-    return base + RESERVE_BYTES + int(widest_row(plan)[0] / CHUNK_SHARE) + 1
+    return base + RESERVE_BYTES + WRITE_BEHIND_BYTES + int(widest_row(plan)[0] / CHUNK_SHARE) + 1
 
 
 def chunk_budget(plan: Plan, max_memory: int, baseline: int | None = None) -> int:
@@ -86,41 +87,60 @@ def chunk_budget(plan: Plan, max_memory: int, baseline: int | None = None) -> in
         PlanError: not even one row of the widest task fits; names it and the smallest budget.
     """
     base = baseline_bytes() if baseline is None else baseline
-    budget = int((max_memory - base - RESERVE_BYTES) * CHUNK_SHARE)
+    budget = int((max_memory - base - RESERVE_BYTES - WRITE_BEHIND_BYTES) * CHUNK_SHARE)
     need, task = widest_row(plan)
     if budget < need and task is not None:
+        held = base + RESERVE_BYTES + WRITE_BEHIND_BYTES
         raise PlanError(f"--max-memory {_mib(max_memory)} is too small: tensor {task.name!r} needs {_mib(need)} "
-                        f"for one row on top of {_mib(base + RESERVE_BYTES)} the process holds; use at least "
+                        f"for one row on top of {_mib(held)} the process holds; use at least "
                         f"--max-memory {_mib(smallest_budget(plan, base), up=True)}")
     return budget
 
 
-def chunk_rows(plan: Plan, task: Task, budget_bytes: int) -> tuple[int, int]:
+def chunk_rows(plan: Plan, task: Task, budget_bytes: int, overlap: bool = False,
+               whole_blocks: bool = False) -> tuple[int, int]:
     """(block rows read at once, sub-chunk rows computed at once) for `task` within `budget_bytes`.
 
     Blocks are as large as the budget allows, so each input row is read once per pass (once
     in all when the whole tensor fits); kernels run over cache-sized sub-chunks of a block.
+    With `overlap`, a tensor that does not fit whole is read in blocks of half the budget, so
+    the next block can be read while one computes. `whole_blocks` computes a block at once (a
+    GPU's kernels want large tensors, not cache-sized ones).
     """
-    sub = sub_rows(task)
     compute = compute_row_bytes(plan, task)
     per_row = input_row_bytes(plan, task)
+    if whole_blocks:
+        block = budget_bytes // (per_row + compute)
+        if overlap and block < task.rows:
+            block = budget_bytes // 2 // (per_row + compute)
+        block = max(1, min(task.rows, block))
+        return block, block
+    sub = sub_rows(task)
     if budget_bytes < sub * compute + per_row:
         sub = max(1, (budget_bytes - per_row) // compute)
     block = (budget_bytes - sub * compute) // per_row
+    if overlap and block < task.rows:
+        # two blocks in flight: the one computing, the one being read
+        half = budget_bytes // 2
+        sub = max(1, min(sub, (half - per_row) // compute))
+        block = (half - sub * compute) // per_row
     return max(1, min(task.rows, block)), max(1, min(sub, task.rows))
 
 
-def chunk_bytes_used(plan: Plan, task: Task, budget_bytes: int) -> int:
-    """Bytes `task`'s chunks hold at their peak within `budget_bytes`."""
-    block, sub = chunk_rows(plan, task, budget_bytes)
+def chunk_bytes_used(plan: Plan, task: Task, budget_bytes: int, overlap: bool = False) -> int:
+    """Bytes one block of `task` holds at its peak within `budget_bytes`."""
+    block, sub = chunk_rows(plan, task, budget_bytes, overlap)
     return block * input_row_bytes(plan, task) + sub * compute_row_bytes(plan, task)
 
 
-def expected_peak(plan: Plan, budget_bytes: int, baseline: int | None = None) -> int:
-    """The process's expected peak memory when chunks get `budget_bytes`."""
+def expected_peak(plan: Plan, budget_bytes: int, baseline: int | None = None, overlap: bool = True) -> int:
+    """The process's expected peak memory when chunks get `budget_bytes` (with `overlap`, a
+    block being read may sit beside the one computing, within the budget)."""
     base = baseline_bytes() if baseline is None else baseline
-    chunks = max((chunk_bytes_used(plan, t, budget_bytes) for t in plan.tasks), default=0)
-    return base + RESERVE_BYTES + int(chunks / CHUNK_SHARE)
+    chunks = max((chunk_bytes_used(plan, t, budget_bytes, overlap) for t in plan.tasks), default=0)
+    if overlap:
+        chunks = min(budget_bytes, 2 * chunks)
+    return base + RESERVE_BYTES + WRITE_BEHIND_BYTES + int(chunks / CHUNK_SHARE)
 
 
 def _mib(n: int, up: bool = False) -> str:

@@ -128,7 +128,13 @@ _NOT_NEEDED = {
 def _mergekit_options(fn: Callable[..., None]) -> Callable[..., None]:
     opts = [
         click.option("--cuda", is_flag=True, help="Merge on the GPU (same as --device cuda)."),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--device", default="cpu", show_default=True,
+                     help="Where the kernels run: cpu, cuda, cuda:N, or auto (cuda when a GPU is visible)."),
+        click.option("--max-gpu-memory", type=ByteSize(), default=None,
+                     help="GPU memory the merge may use, e.g. 8GiB [default: 80% of what is free]."),
+        click.option("--overlap/--no-overlap", default=None,
+                     help="Read ahead and write behind on helper threads while kernels run "
+                          "[default: with 4 or more cores]."),
         click.option("--gpu-rich", is_flag=True, help="mergekit's all-GPU switch: here, --device cuda."),
         click.option("-j", "--num-threads", type=int, default=None, help="CPU threads for the kernels."),
         click.option("--transformers-cache", type=click.Path(file_okay=False), default=None,
@@ -170,11 +176,15 @@ def _apply_mergekit_options(opts: dict[str, Any]) -> str:
         torch.set_num_threads(opts["num_threads"])
     if opts.get("transformers_cache"):
         os.environ["HF_HUB_CACHE"] = os.path.abspath(opts["transformers_cache"])
-    device = "cuda" if opts.get("cuda") or opts.get("gpu_rich") else opts.get("device", "cpu")
-    if device != "cpu":
-        click.echo(f"note: --device {device}: GPU merging is not available in this version; merging on the CPU",
-                   err=True)
-    return "cpu"
+    from .executor import resolve_device
+
+    flag = "--cuda" if opts.get("cuda") else "--gpu-rich" if opts.get("gpu_rich") else None
+    if flag is None:
+        return resolve_device(opts.get("device", "cpu"))
+    device = resolve_device("auto")  # mergekit's flags ask for a GPU where there is one
+    if device == "cpu":
+        click.echo(f"note: {flag}: torch sees no CUDA GPU here; merging on the CPU", err=True)
+    return device
 
 
 class _Bar(Progress):
@@ -275,19 +285,21 @@ def run(config_path: str, out: str, max_memory: int | None, out_shard_size: int,
     from .executor import Executor
     from .pipeline import run_pipeline
 
-    _apply_mergekit_options(mk)
+    device = _apply_mergekit_options(mk)
     configs = _load(config_path)
     budget = max_memory or default_max_memory()
     progress = _progress(quiet)
-    files = {"copy_tokenizer": mk["copy_tokenizer"], "write_card": mk["write_model_card"]}
+    options = {"copy_tokenizer": mk["copy_tokenizer"], "write_card": mk["write_model_card"],
+               "overlap": mk["overlap"], "max_gpu_memory": mk["max_gpu_memory"]}
     if len(configs) > 1:
         results = run_pipeline(configs, out, budget, progress, intermediate_dir, overwrite, restart,
-                               out_shard_size, seed, mk["unsafe_truncate_embeddings"], **files)
+                               out_shard_size, seed, mk["unsafe_truncate_embeddings"], device, **options)
         for i, st in enumerate(results):
             _summary(st, f"stage {i + 1}: ")
         return
-    plan = make_plan(configs[0], out_shard_size, seed, truncate_vocab=mk["unsafe_truncate_embeddings"])
-    _summary(Executor(plan, out, budget, progress, overwrite=overwrite, restart=restart, **files).run(), "", plan)
+    plan = make_plan(configs[0], out_shard_size, seed, truncate_vocab=mk["unsafe_truncate_embeddings"],
+                     device=device)
+    _summary(Executor(plan, out, budget, progress, overwrite=overwrite, restart=restart, **options).run(), "", plan)
 
 
 def _summary(stats: RunStats, prefix: str, plan: Plan | None = None) -> None:

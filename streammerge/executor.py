@@ -1,13 +1,19 @@
 """Run a Plan: stream each task's row chunks through its method and into the output shards.
 
-Imports plan, budget, methods, index, writer, journal, output, dtypes, errors (and torch,
-psutil, xxhash). The only module that does both I/O and compute. Tasks run in output-file
-order; each reads its inputs in blocks of rows as large as the budget allows (the whole
-tensor when it fits, read once for every pass), runs its statistics passes and then the apply
-pass over cache-sized sub-chunks of each block, and casts each result to the output dtype,
-handing its bytes to the writer while a streaming xxh3-128 hasher sees them. The pass that
-reads every input row once also hashes the input bytes. Journaled tensors are skipped on a
-rerun.
+Imports plan, budget, overlap, methods, index, writer, journal, output, dtypes, errors (and
+torch, psutil, xxhash). The only module that does both I/O and compute. Tasks run in
+output-file order; each reads its inputs in blocks of rows as large as the budget allows (the
+whole tensor when it fits, read once for every pass), runs its statistics passes and then the
+apply pass over cache-sized sub-chunks of each block, and casts each result to the output
+dtype, handing its bytes to the writer while a streaming xxh3-128 hasher sees them. The pass
+that reads every input row once also hashes the input bytes. Journaled tensors are skipped on
+a rerun.
+
+Three threads share the work, each in a fixed order (overlap.py): a reader loads the next
+blocks (every read of the run is known before it starts) within the budget, the caller
+computes, and a writer casts, writes, hashes, syncs and journals finished rows in order. With
+`--device cuda` the reader also uploads each block, kernels run on the GPU, and the writer
+downloads finished rows.
 """
 
 from __future__ import annotations
@@ -17,20 +23,46 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import psutil
 import torch
 import xxhash
 
-from .budget import chunk_budget, chunk_rows, widest_row
+from .budget import WRITE_BEHIND_BYTES, chunk_budget, chunk_rows, compute_row_bytes, input_row_bytes, widest_row
 from .dtypes import torch_dtype
 from .errors import OutputError, PlanError
 from .journal import WORK_DIR, Entry, Journal, RunLock, crash_point
 from .output import INPUT_KEY_SEP, MANIFEST, OWNED_FILES, finalize, finished_output, manifest_field
+from .overlap import ReadAhead, RingArena, WriteBehind
 from .planner import Plan, Task
 from .writer import PARTIAL, ShardWriter
 
 HASH_READ_BYTES = 64 << 20  # re-hashing journaled tensors on resume reads this much at a time
+# Fewer cores than this: no helper threads by default. Measured on 2 cores (14-model DARE-TIES):
+# kernels on 2 threads beside a reading thread ran 27% slower than everything in turn, since a
+# kernel's threads wait at every barrier for the one the reader displaced.
+OVERLAP_MIN_CORES = 4
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """One block to read: rows [r0, r1) of every input of a task, for `passes` of it."""
+
+    task: int  # index into plan.tasks
+    r0: int
+    r1: int
+    hash: bool  # the pass that reads each input row once: feed the input hashers
+    cost: int  # bytes the block holds, on the device it computes on
+
+
+@dataclass
+class _TaskOut:
+    """A task's output as the writer thread sees it."""
+
+    task: Task
+    offset: int
+    hasher: xxhash.xxh3_128
 
 
 @dataclass(frozen=True)
@@ -62,6 +94,35 @@ class Progress:
         """The run is over."""
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_device(name: str) -> str:
+    """The device a run's kernels use: "cpu", "cuda", "cuda:N"; "auto" is cuda when a GPU is visible.
+
+    Raises:
+        PlanError: a GPU was asked for and torch sees none (or not that one).
+    """
+    name = name.strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise PlanError(f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}"
+                            f"{', a CPU-only build' if torch.version.cuda is None else ''}); run with --device cpu, "
+                            "or install a CUDA build of torch on a machine with a GPU")
+        if ":" in name and int(name[5:]) >= torch.cuda.device_count():
+            raise PlanError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s), numbered from 0")
+        return name
+    raise PlanError(f"--device {name}: unknown device; use cpu, cuda, cuda:N or auto")
+
+
 def peak_rss() -> int:
     """The process's peak resident memory (the kernel's high-water mark where it keeps one)."""
     try:
@@ -83,13 +144,25 @@ class Executor:
 
     def __init__(self, plan: Plan, out_dir: str, max_memory: int, progress: Progress | None = None,
                  overwrite: bool = False, restart: bool = False, chunk_bytes: int | None = None,
-                 replace_changed: bool = False, copy_tokenizer: bool = True, write_card: bool = True) -> None:
+                 replace_changed: bool = False, copy_tokenizer: bool = True, write_card: bool = True,
+                 overlap: bool | None = None, max_gpu_memory: int | None = None) -> None:
         """Args:
             overwrite: replace a finished output, even an identical one.
             restart: discard an unfinished run in OUT instead of resuming it.
             chunk_bytes: the chunk budget itself (tests and benchmarks fix chunking with it).
             replace_changed: replace a finished output made from another plan (a pipeline's own stages).
+            overlap: read ahead and write behind on helper threads (False: all in order on one thread;
+                None: when there are at least OVERLAP_MIN_CORES cores, since on fewer the helpers
+                take a core the kernels' threads wait for).
+            max_gpu_memory: bytes of GPU memory blocks may use (default: 80% of what is free).
         """
+        cores = _cores()
+        self.overlap = overlap if overlap is not None else cores >= OVERLAP_MIN_CORES
+        self.device = torch.device(plan.device)  # the plan was made for it: fingerprints say where
+        self.max_gpu_memory = max_gpu_memory
+        self._input_hashers: dict[str, list[xxhash.xxh3_128]] = {}
+        self._copy_stream: torch.cuda.Stream | None = None  # host-to-GPU copies (the reader's)
+        self._arena = RingArena(0)  # the blocks' memory, sized when the run's chunking is known
         self.replace_changed = replace_changed
         self.copy_tokenizer, self.write_card = copy_tokenizer, write_card
         self._means: dict[str, torch.Tensor] = {}  # padding rows per vocabulary tensor
@@ -112,9 +185,13 @@ class Executor:
             self._check_disk_space()
             summary = {"config": self.plan.config.text, "seed": self.plan.seed}
             journal = Journal(self.out_dir, self.plan.fingerprint, self.plan.layout_fingerprint, summary)
+            threads = torch.get_num_threads()
+            if self.overlap and threads >= _cores() > 1:
+                torch.set_num_threads(_cores() - 1)  # a core for the reader; the writer's work is light
             try:
                 kept, written, entries, shard_hashes = self._run_tasks(journal, budget)
             finally:
+                torch.set_num_threads(threads)
                 journal.close()
                 for m in self.plan.models:
                     m.index.close()
@@ -137,30 +214,168 @@ class Executor:
                           + f", {len(tasks) - kept - changed} still to do")
         entries: dict[str, Entry] = {}
         shard_hashes: dict[str, str] = {}
-        written = 0
         kept_bytes = sum(t.nbytes for t in tasks if journal.done(t.name, t.fingerprint))
         self.progress.start(len(tasks), self.plan.total_bytes, kept, kept_bytes)
-        for shard in self.plan.shards:
-            self._unrename(shard.name)
-            with ShardWriter(self.out_dir, shard) as w:
+        todo = [ti for shard in self.plan.shards for ti in shard.tasks
+                if journal.done(tasks[ti].name, tasks[ti].fingerprint) is None]
+        capacity, rows = self._chunking(todo, budget)
+        specs = [spec for ti in todo for spec in self._read_specs(ti, rows[ti])]
+        self._arena = RingArena(self._arena_bytes(todo, rows, budget), pin=self.device.type == "cuda")
+        reads: ReadAhead[ReadSpec, torch.Tensor | list[torch.Tensor]] = ReadAhead(
+            specs, self._load, lambda sp: sp.cost, capacity, self.overlap)
+        writes = WriteBehind(WRITE_BEHIND_BYTES, self.overlap)
+        writers: list[ShardWriter] = []
+        try:
+            for shard in self.plan.shards:
+                self._unrename(shard.name)
+                w = ShardWriter(self.out_dir, shard)
+                writers.append(w)
                 h = xxhash.xxh3_128(shard.header)
                 for ti in shard.tasks:
                     t = tasks[ti]
                     entry = journal.done(t.name, t.fingerprint)
                     if entry is None:
-                        entry = self._run_task(t, w, h, budget)
-                        journal.append(entry)
-                        written += t.nbytes
-                        self.progress.advance(t.name, t.nbytes)
+                        self._run_task(t, rows[ti], w, h, reads, writes, journal, entries)
                     else:
-                        for off in range(0, t.nbytes, HASH_READ_BYTES):
-                            h.update(w.read(t.begin + off, min(HASH_READ_BYTES, t.nbytes - off)))
-                    entries[t.name] = entry
-                w.sync()
-                shard_hashes[shard.name] = h.hexdigest()
-                crash_point("shard-synced")
+                        writes.submit(partial(self._rehash, t, w, h, entry, entries))
+                writes.submit(partial(self._end_shard, w, h, shard.name, shard_hashes))
+            writes.drain()
+        finally:
+            writes.close()
+            self._arena.close()  # a read waiting for room gives up
+            reads.close()  # before the inputs' maps are closed
+            for w in writers:
+                w.close()
         self.progress.close()
+        written = sum(tasks[ti].nbytes for ti in todo)
         return kept, written, entries, shard_hashes
+
+    def _chunking(self, todo: list[int], budget: int) -> tuple[int, dict[int, tuple[int, int]]]:
+        """The read-ahead's byte capacity, and per task (block rows, sub-chunk rows)."""
+        tasks = self.plan.tasks
+        if self.device.type != "cuda":
+            return budget, {ti: chunk_rows(self.plan, tasks[ti], budget, self.overlap) for ti in todo}
+        gpu = self._gpu_budget()
+        rows = {}
+        for ti in todo:
+            # a block is staged whole in host memory (one at a time) and computed whole on the GPU
+            cpu_block = chunk_rows(self.plan, tasks[ti], budget)[0]
+            gpu_block = chunk_rows(self.plan, tasks[ti], gpu, self.overlap, whole_blocks=True)[0]
+            block = min(cpu_block, gpu_block)
+            rows[ti] = (block, block)
+        return gpu, rows
+
+    def _arena_bytes(self, todo: list[int], rows: dict[int, tuple[int, int]], budget: int) -> int:
+        """Room for the blocks' inputs: the chunk budget less what else a block holds beside them
+        (DARE masks, kernel temporaries), so a fully used arena still keeps the budget. On a GPU
+        run it stages one block at a time, within the host budget."""
+        if self.device.type == "cuda":
+            return max((self._x_bytes(self.plan.tasks[ti], rows[ti][0]) for ti in todo), default=0)
+        other = 0
+        for ti in todo:
+            t = self.plan.tasks[ti]
+            block, sub = rows[ti]
+            cost = block * input_row_bytes(self.plan, t) + sub * compute_row_bytes(self.plan, t)
+            other = max(other, cost - self._x_bytes(t, block))
+        return max(budget - other, max((self._x_bytes(self.plan.tasks[ti], rows[ti][0]) for ti in todo), default=0))
+
+    @staticmethod
+    def _x_bytes(task: Task, rows: int) -> int:
+        return len(task.inputs) * rows * task.cols * (8 if task.compute == "F64" else 4)
+
+    def _gpu_budget(self) -> int:
+        free, _total = torch.cuda.mem_get_info(self.device)
+        budget = self.max_gpu_memory if self.max_gpu_memory is not None else int(free * 0.8)
+        need = max((input_row_bytes(self.plan, t) + compute_row_bytes(self.plan, t) for t in self.plan.tasks),
+                   default=0)
+        if budget < need:
+            raise PlanError(f"--max-gpu-memory {budget >> 20}MiB is too small for one row of the widest tensor "
+                            f"({need >> 20}MiB); give the GPU more, or run on the CPU (--device cpu)")
+        return budget
+
+    def _read_specs(self, ti: int, rows: tuple[int, int]) -> list[ReadSpec]:
+        """Every block task `ti` reads, in the order its passes read them."""
+        task = self.plan.tasks[ti]
+        block, sub = rows
+        per_row, compute = input_row_bytes(self.plan, task), compute_row_bytes(self.plan, task)
+        blocks = _spans(0, task.rows, block)
+        self._input_hashers[task.name] = [xxhash.xxh3_128() for _ in task.inputs]
+
+        def spec(r0: int, r1: int, hash_: bool) -> ReadSpec:
+            return ReadSpec(ti, r0, r1, hash_, (r1 - r0) * per_row + min(sub, r1 - r0) * compute)
+
+        if task.copy_exact or len(blocks) == 1:
+            return [spec(r0, r1, True) for r0, r1 in blocks]  # one read, for every pass
+        passes = self.plan.method.make(task.ctx).stat_passes
+        return [spec(r0, r1, p == passes) for p in range(passes + 1) for r0, r1 in blocks]
+
+    def _load(self, spec: ReadSpec) -> torch.Tensor | list[torch.Tensor]:
+        """A block's rows, on the device they compute on (the read-ahead thread calls this)."""
+        task = self.plan.tasks[spec.task]
+        hashers = self._input_hashers[task.name] if spec.hash else None
+        if task.copy_exact:
+            assert hashers is not None
+            return [self.plan.models[i.model].index.read_rows(i.tensor, spec.r0, spec.r1, hasher=hi)
+                    for i, hi in zip(task.inputs, hashers)]
+        if self.device.type != "cuda":
+            return self._read(task, spec.r0, spec.r1, hashers)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        xg = _upload(self._read(task, spec.r0, spec.r1, hashers), self._copy_stream)
+        self._arena.give_back()  # staged and copied: the host block is free
+        return xg
+
+    def _run_task(self, task: Task, rows: tuple[int, int], w: ShardWriter, shard_hash: xxhash.xxh3_128,
+                  reads: ReadAhead[ReadSpec, torch.Tensor | list[torch.Tensor]], writes: WriteBehind,
+                  journal: Journal, entries: dict[str, Entry]) -> None:
+        """Compute `task` and hand its rows, then its journal entry, to the writer in order."""
+        out = _TaskOut(task, task.begin, xxhash.xxh3_128())
+        writes.submit(partial(crash_point, "task-start"))
+        chunks = self._copy_chunks(task, reads) if task.copy_exact else self._merge_chunks(task, rows, reads)
+        for y in chunks:
+            writes.submit(partial(self._write_rows, out, y, w, shard_hash), y.nbytes)
+            del y  # the writer holds it now
+        writes.submit(partial(self._end_task, out, w, journal, entries))
+
+    def _write_rows(self, out: _TaskOut, y: torch.Tensor, w: ShardWriter, shard_hash: xxhash.xxh3_128) -> None:
+        """Cast, write and hash one chunk of finished rows (the writer thread)."""
+        data = _bytes_of(y.to(torch_dtype(out.task.out_dtype)).cpu())
+        w.write(out.offset, data)
+        out.hasher.update(data)
+        shard_hash.update(data)
+        out.offset += data.nbytes
+        crash_point("chunk-written")
+
+    def _end_task(self, out: _TaskOut, w: ShardWriter, journal: Journal, entries: dict[str, Entry]) -> None:
+        """Sync a finished tensor's bytes, then journal it (the writer thread)."""
+        task = out.task
+        if out.offset != task.begin + task.nbytes:
+            raise RuntimeError(f"internal error: {task.name} wrote {out.offset - task.begin} of {task.nbytes} bytes")
+        w.sync()
+        crash_point("tensor-synced")
+        hashers = self._input_hashers.pop(task.name)
+        # rows gathered to a new vocabulary are not the input tensors' bytes in order: no hash for them
+        read = {} if task.vocab is not None else {
+            f"{self.plan.models[i.model].ref}{INPUT_KEY_SEP}{i.tensor}": hi.hexdigest()
+            for i, hi in zip(task.inputs, hashers)}
+        entry = Entry(task.name, task.fingerprint, self.plan.shards[task.shard].name, task.begin, task.nbytes,
+                      out.hasher.hexdigest(), read)
+        journal.append(entry)
+        entries[task.name] = entry
+        self.progress.advance(task.name, task.nbytes)
+
+    def _rehash(self, task: Task, w: ShardWriter, shard_hash: xxhash.xxh3_128, entry: Entry,
+                entries: dict[str, Entry]) -> None:
+        """A tensor journaled by an earlier run: its bytes feed the shard's hash again."""
+        for off in range(0, task.nbytes, HASH_READ_BYTES):
+            shard_hash.update(w.read(task.begin + off, min(HASH_READ_BYTES, task.nbytes - off)))
+        entries[task.name] = entry
+
+    def _end_shard(self, w: ShardWriter, h: xxhash.xxh3_128, name: str, shard_hashes: dict[str, str]) -> None:
+        w.sync()
+        shard_hashes[name] = h.hexdigest()
+        crash_point("shard-synced")
+        w.close()
 
     def _check_disk_space(self) -> None:
         """Refuse before any work when the output's filesystem cannot hold the shards still to write."""
@@ -216,13 +431,14 @@ class Executor:
             _remove_outputs(out)
         return lock
 
-    def _read(self, task: Task, row0: int, row1: int,
-              hashers: list[xxhash.xxh3_128] | None = None) -> torch.Tensor:
-        """Rows [row0, row1) of every input, cast as the config asks, in the compute dtype."""
+    def _read(self, task: Task, row0: int, row1: int, hashers: list[xxhash.xxh3_128] | None = None) -> torch.Tensor:
+        """Rows [row0, row1) of every input, cast as the config asks, in the compute dtype, in the
+        arena (its next block; the caller gives it back)."""
         dt = torch.float64 if task.compute == "F64" else torch.float32
-        x = torch.empty((len(task.inputs), row1 - row0, task.cols), dtype=dt)
+        shape = (len(task.inputs), row1 - row0, task.cols)
+        x = self._arena.take(self._x_bytes(task, row1 - row0), dt, shape)
         if task.vocab is not None:
-            return self._gather(task, row0, row1, x)
+            return self._gather(task, row0, row1, x.zero_())
         for k, inp in enumerate(task.inputs):
             index = self.plan.models[inp.model].index
             hasher = hashers[k] if hashers is not None else None
@@ -292,37 +508,10 @@ class Executor:
         self._means[task.name] = total / max(1, real)
         return self._means[task.name]
 
-    def _run_task(self, task: Task, w: ShardWriter, shard_hash: xxhash.xxh3_128, budget: int) -> Entry:
-        crash_point("task-start")
-        rows = chunk_rows(self.plan, task, budget)
-        h = xxhash.xxh3_128()
-        inputs = [xxhash.xxh3_128() for _ in task.inputs]
-        out_dt = torch_dtype(task.out_dtype)
-        offset = task.begin
-        chunks = self._copy_chunks(task, rows, inputs) if task.copy_exact else self._merge_chunks(task, rows, inputs)
-        for y in chunks:
-            data = _bytes_of(y.to(out_dt))
-            del y  # the next chunk is read while this loop variable would still hold it
-            w.write(offset, data)
-            h.update(data)
-            shard_hash.update(data)
-            offset += data.nbytes
-            del data
-            crash_point("chunk-written")
-        if offset != task.begin + task.nbytes:
-            raise RuntimeError(f"internal error: {task.name} wrote {offset - task.begin} of {task.nbytes} bytes")
-        w.sync()
-        crash_point("tensor-synced")
-        # rows gathered to a new vocabulary are not the input tensors' bytes in order: no hash for them
-        read = {} if task.vocab is not None else {
-            f"{self.plan.models[i.model].ref}{INPUT_KEY_SEP}{i.tensor}": hi.hexdigest()
-            for i, hi in zip(task.inputs, inputs)}
-        return Entry(task.name, task.fingerprint, self.plan.shards[task.shard].name, task.begin, task.nbytes,
-                     h.hexdigest(), read)
-
     def _merge_chunks(self, task: Task, rows: tuple[int, int],
-                      hashers: list[xxhash.xxh3_128]) -> Iterator[torch.Tensor]:
-        """Merged rows, in order: blocks of rows[0] rows are read, sub-chunks of rows[1] computed."""
+                      reads: ReadAhead[ReadSpec, torch.Tensor | list[torch.Tensor]]) -> Iterator[torch.Tensor]:
+        """Merged rows, in order: blocks of rows[0] rows come from the reader, sub-chunks of rows[1]
+        are computed."""
         op = self.plan.method.make(task.ctx)
         block, sub = rows
         blocks = _spans(0, task.rows, block)
@@ -330,36 +519,53 @@ class Executor:
             # The whole tensor fits: read it once; statistics passes leave x untouched, and the
             # op may keep per-element state (DARE masks) for the apply pass, as budgeted.
             op.remember_between_passes()
-            x = self._read(task, 0, task.rows, hashers)
+            spec, x = reads.take()
+            assert isinstance(x, torch.Tensor) and (spec.r0, spec.r1) == (0, task.rows)
             for p in range(op.stat_passes):
                 for a, b in _spans(0, task.rows, sub):
                     op.observe(p, x[:, a:b], a)
                 op.end_pass(p)
             for a, b in _spans(0, task.rows, sub):
                 yield op.apply(x[:, a:b], a)
+            del x
+            self._done(reads, spec)
             return
         for p in range(op.stat_passes):
             for r0, r1 in blocks:
-                x = self._read(task, r0, r1)
+                spec, x = reads.take()
+                assert isinstance(x, torch.Tensor) and (spec.r0, spec.r1, spec.hash) == (r0, r1, False)
                 for a, b in _spans(0, r1 - r0, sub):
                     op.observe(p, x[:, a:b], r0 + a)
                 del x
+                self._done(reads, spec)
             op.end_pass(p)
         for r0, r1 in blocks:
-            x = self._read(task, r0, r1, hashers)
+            spec, x = reads.take()
+            assert isinstance(x, torch.Tensor) and (spec.r0, spec.r1, spec.hash) == (r0, r1, True)
             for a, b in _spans(0, r1 - r0, sub):
                 yield op.apply(x[:, a:b], r0 + a)
             del x
+            self._done(reads, spec)
 
-    def _copy_chunks(self, task: Task, rows: tuple[int, int],
-                     hashers: list[xxhash.xxh3_128]) -> Iterator[torch.Tensor]:
-        for r0, r1 in _spans(0, task.rows, rows[0]):
-            parts = [self.plan.models[i.model].index.read_rows(i.tensor, r0, r1, hasher=hi)
-                     for i, hi in zip(task.inputs, hashers)]
+    def _done(self, reads: ReadAhead[ReadSpec, torch.Tensor | list[torch.Tensor]], spec: ReadSpec) -> None:
+        """The consumer is done with a merge block: its bytes and (on the CPU) its arena room are free."""
+        reads.done(spec)
+        if self.device.type != "cuda":
+            self._arena.give_back()
+
+    def _copy_chunks(self, task: Task,
+                     reads: ReadAhead[ReadSpec, torch.Tensor | list[torch.Tensor]]) -> Iterator[torch.Tensor]:
+        done = 0
+        while done < task.rows:
+            spec, parts = reads.take()
+            assert isinstance(parts, list) and spec.r0 == done
             if any(not torch.equal(parts[0], p) for p in parts[1:]):
                 raise PlanError(f"tensor {task.name!r}: non-floating buffer differs between inputs; such tensors "
                                 "cannot be merged, only copied when identical")
+            done = spec.r1
             yield parts[0]
+            del parts
+            reads.done(spec)
 
 
 def _spans(start: int, stop: int, step: int) -> list[tuple[int, int]]:
@@ -368,6 +574,18 @@ def _spans(start: int, stop: int, step: int) -> list[tuple[int, int]]:
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB"
+
+
+def _upload(x: torch.Tensor, stream: torch.cuda.Stream) -> torch.Tensor:
+    """x on the GPU, copied from pinned memory on `stream`; returns once the copy is done, so
+    the caller may drop x and the copy is safe to use on any stream."""
+    if not x.is_pinned():
+        x = x.pin_memory()
+    with torch.cuda.stream(stream):
+        xg = x.to(stream.device, non_blocking=True)
+    stream.synchronize()
+    xg.record_stream(torch.cuda.current_stream(stream.device))
+    return xg
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from .config import MergeConfig
 from .executor import Executor, Progress, RunStats
@@ -37,7 +38,7 @@ def stages(configs: list[MergeConfig], out: str, intermediate_dir: str | None = 
 def run_pipeline(configs: list[MergeConfig], out: str, max_memory: int, progress: Progress | None = None,
                  intermediate_dir: str | None = None, overwrite: bool = False, restart: bool = False,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, seed: int = DEFAULT_SEED,
-                 truncate_vocab: bool = False, **options: bool) -> list[RunStats]:
+                 truncate_vocab: bool = False, device: str = "cpu", **options: Any) -> list[RunStats]:
     """Run every stage in order; returns each stage's RunStats. `options` go to each Executor."""
     progress = progress or Progress()
     aliases: dict[str, str] = {}
@@ -46,7 +47,7 @@ def run_pipeline(configs: list[MergeConfig], out: str, max_memory: int, progress
     for i, st in enumerate(plan_stages):
         last = i == len(plan_stages) - 1
         progress.note(f"stage {i + 1}/{len(plan_stages)} {st.name} -> {st.out}")
-        plan = make_plan(st.config, max_shard_bytes, seed, aliases, truncate_vocab)
+        plan = make_plan(st.config, max_shard_bytes, seed, aliases, truncate_vocab, device)
         # Intermediates are the pipeline's own; OUT is replaced without --overwrite only when it
         # holds this very stage's recipe, made from inputs that have changed since.
         own = not last or manifest_field(st.out, "config") == st.config.text

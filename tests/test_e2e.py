@@ -210,16 +210,17 @@ def test_config_errors_exit_3_with_paths(tmp_path, seed_cache) -> None:
     assert "dtype: unknown dtype 'bf16'" in r.output and "Traceback" not in r.output
 
 
-def test_output_bytes_do_not_depend_on_thread_count(seed_cache, tmp_path) -> None:
+def test_output_bytes_do_not_depend_on_thread_count_or_overlap(seed_cache, tmp_path) -> None:
     import subprocess
     import sys
 
     outs = []
     for threads in ("1", "2"):
-        out = str(tmp_path / f"j{threads}" / "out")
-        r = subprocess.run([sys.executable, "-m", "streammerge", STAGE1, out, "-j", threads, "-q"],
-                           env={**os.environ, "HF_HUB_CACHE": seed_cache}, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        outs.append(out)
-    one, two = (open_bytes(os.path.join(o, "model.safetensors")) for o in outs)
-    assert one == two
+        for overlap in ("--overlap", "--no-overlap"):
+            out = str(tmp_path / f"j{threads}{overlap}" / "out")
+            r = subprocess.run([sys.executable, "-m", "streammerge", STAGE1, out, "-j", threads, overlap, "-q"],
+                               env={**os.environ, "HF_HUB_CACHE": seed_cache}, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            outs.append(out)
+    first, *rest = (open_bytes(os.path.join(o, "model.safetensors")) for o in outs)
+    assert all(first == other for other in rest)

@@ -9,6 +9,7 @@ import os
 import re
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from streammerge.cli import main
@@ -36,8 +37,20 @@ def test_mergekit_tutorial_command_line(tiny_set, tmp_path) -> None:
                 "--trust-remote-code", "--clone-tensors"])
     assert r.exit_code == 0, r.output
     assert r.output.count("note: --allow-crimes") == 1 and "note: --lazy-unpickle: not needed" in r.output
-    assert "note: --device cuda" in r.output
+    if not torch.cuda.is_available():
+        assert "note: --cuda: torch sees no CUDA GPU here; merging on the CPU" in r.output
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_a_clear_error(tiny_set, tmp_path) -> None:
+    out = tmp_path / "merged"
+    r = invoke([ties_config(tmp_path, tiny_set), str(out), "--device", "cuda"])
+    assert r.exit_code == 5, r.output
+    assert "--device cuda: torch sees no CUDA GPU here" in r.output and "--device cpu" in r.output
+    assert "Traceback" not in r.output and not out.exists()
+    r = invoke([ties_config(tmp_path, tiny_set), str(out), "--device", "tpu"])
+    assert r.exit_code == 5 and "unknown device; use cpu, cuda, cuda:N or auto" in r.output
 
 
 def test_no_copy_tokenizer_and_no_card(tiny_set, tmp_path) -> None:

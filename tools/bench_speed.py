@@ -7,6 +7,11 @@ dare_ties it prints wall time and peak RSS, and the I/O floor measured in the sa
 every input byte once from a warm page cache plus writing and syncing the output's size.
 
   python tools/bench_speed.py --dir /work/bench/medium [--max-memory 1GiB] [--mergekit /venv/bin/mergekit-yaml]
+                               [--variants cpu,no-overlap,cuda]
+
+Variants (each a streammerge run of every config): cpu (the default: read-ahead and
+write-behind threads), no-overlap (--no-overlap: one thread does everything in order), cuda
+(--device cuda), cuda-no-overlap.
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_common import dare_ties_14, ensure_medium_set, measure, shard_files, warm, write_floor  # noqa: E402
+from bench_common import (  # noqa: E402
+    dare_ties_14,
+    ensure_medium_set,
+    measure,
+    shard_files,
+    tensor_hashes,
+    warm,
+    write_floor,
+)
 
 SLERP_T = """parameters:
   t:
@@ -48,13 +61,21 @@ def configs(folders: list[str]) -> dict[str, tuple[str, list[str]]]:
             "ties (3 models)": (ties, folders[:3]), "dare_ties (15 models)": (dare, folders[:15])}
 
 
+VARIANTS = {"cpu": [], "no-overlap": ["--no-overlap"], "cuda": ["--device", "cuda"],
+            "cuda-no-overlap": ["--device", "cuda", "--no-overlap"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="bench/medium")
     ap.add_argument("--max-memory", default="1GiB")
     ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml of a separate environment")
     ap.add_argument("--only", default=None, help="run only configs whose name contains this")
+    ap.add_argument("--variants", default="cpu", help="comma-separated: " + ", ".join(VARIANTS))
     a = ap.parse_args()
+    variants = a.variants.split(",")
+    if any(v not in VARIANTS for v in variants):
+        raise SystemExit(f"--variants: choose from {', '.join(VARIANTS)}")
     root = os.path.abspath(a.dir)
     folders = ensure_medium_set(root)
     rows = []
@@ -68,34 +89,42 @@ def main() -> None:
         warm(files)  # fill the cache, then measure a warm read
         read_s = warm(files)
         out = os.path.join(root, "out-" + name.split()[0])
-        shutil.rmtree(out, ignore_errors=True)
-        sm = measure([sys.executable, "-m", "streammerge", "run", cfg, out, "-q", "--max-memory", a.max_memory])
-        if sm.rc != 0:
-            raise SystemExit(f"streammerge failed on {name}:\n{sm.stderr}")
-        out_bytes = sum(os.path.getsize(p) for p in shard_files(out))
-        floor = read_s + write_floor(os.path.join(root, "floor.tmp"), out_bytes)
-        row = {"name": name, "sm": sm, "floor": floor, "read": read_s}
+        floor = None
+        runs = {}
+        for v in variants:
+            shutil.rmtree(out, ignore_errors=True)
+            sm = measure([sys.executable, "-m", "streammerge", "run", cfg, out, "-q", "--max-memory", a.max_memory,
+                          *VARIANTS[v]])
+            if sm.rc != 0:
+                raise SystemExit(f"streammerge ({v}) failed on {name}:\n{sm.stderr}")
+            runs[v] = (sm, tensor_hashes(out))
+            if floor is None:
+                out_bytes = sum(os.path.getsize(p) for p in shard_files(out))
+                floor = read_s + write_floor(os.path.join(root, "floor.tmp"), out_bytes)
+        assert floor is not None
+        row = {"name": name, "runs": runs, "floor": floor, "read": read_s}
         if a.mergekit:
             mk_out = os.path.join(root, "mk-" + name.split()[0])
             shutil.rmtree(mk_out, ignore_errors=True)
             row["mk"] = measure([a.mergekit, cfg, mk_out])
         rows.append(row)
-        print(f"{name}: streammerge {sm.wall_s:.1f} s, floor {floor:.1f} s"
+        print(f"{name}: " + ", ".join(f"{v} {r[0].wall_s:.1f} s" for v, r in runs.items()) + f", floor {floor:.1f} s"
               + (f", mergekit {row['mk'].wall_s:.1f} s" if "mk" in row else ""), flush=True)
     print(f"\nmedium set, {os.cpu_count()} cores, warm page cache, streammerge --max-memory {a.max_memory}")
-    head = f"{'merge':<22} {'streammerge s':>13} {'peak RSS MiB':>12} {'I/O floor s':>11} {'x floor':>8}"
+    head = f"{'merge':<22} {'variant':<16} {'wall s':>7} {'peak RSS MiB':>12} {'I/O floor s':>11} {'x floor':>8}"
     if a.mergekit:
         head += f" {'mergekit s':>10} {'mk RSS MiB':>10} {'sm/mk':>6}"
-    print(head)
+    print(head + "  same bytes as first variant")
     for r in rows:
-        sm = r["sm"]
-        line = (f"{r['name']:<22} {sm.wall_s:>13.1f} {sm.peak_rss_mib:>12} {r['floor']:>11.1f} "
-                f"{sm.wall_s / r['floor']:>8.2f}")
-        if "mk" in r:
-            mk = r["mk"]
-            ok = "" if mk.rc == 0 else " (failed)"
-            line += f" {mk.wall_s:>10.1f} {mk.peak_rss_mib:>10} {sm.wall_s / mk.wall_s:>6.2f}{ok}"
-        print(line)
+        first = next(iter(r["runs"].values()))[1]
+        for v, (sm, hashes) in r["runs"].items():
+            line = (f"{r['name']:<22} {v:<16} {sm.wall_s:>7.1f} {sm.peak_rss_mib:>12} {r['floor']:>11.1f} "
+                    f"{sm.wall_s / r['floor']:>8.2f}")
+            if "mk" in r:
+                mk = r["mk"]
+                ok = "" if mk.rc == 0 else " (failed)"
+                line += f" {mk.wall_s:>10.1f} {mk.peak_rss_mib:>10} {sm.wall_s / mk.wall_s:>6.2f}{ok}"
+            print(line + f"  {'yes' if hashes == first else 'NO'}")
 
 
 if __name__ == "__main__":

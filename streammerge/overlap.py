@@ -1,0 +1,279 @@
+"""Reading ahead and writing behind: the two helper threads that overlap a run's I/O with compute.
+
+Imports nothing of the package (torch only). `RingArena` hands out the blocks' memory from one
+buffer, reused for every block of the run: fresh large allocations would come from the kernel
+each time (glibc maps anything over 32 MiB), and touching their new pages costs more than
+reading the inputs. `ReadAhead` loads a known sequence of blocks in order on a
+thread, never holding more than a byte capacity (the current block counts until the consumer
+is done with it); `WriteBehind` runs submitted calls in submission order on one thread, never
+more than a byte capacity behind. Both keep the order of their work, so what they produce
+does not depend on timing; both can run inline instead (no thread), which is what
+`--no-overlap` does. An exception on a helper thread is raised to the caller at its next
+call, and the helper does nothing more.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+import torch
+
+S = TypeVar("S")
+T = TypeVar("T")
+
+
+def _one_thread() -> None:
+    """A helper thread's own torch ops run on one thread: the caller's kernels keep the cores
+    (torch's thread count is per thread under OpenMP)."""
+    torch.set_num_threads(1)
+
+
+class ArenaClosed(Exception):
+    """The arena was closed while a block waited for room."""
+
+
+class RingArena:
+    """Blocks carved in order from one buffer of `capacity` bytes and given back in the same
+    order (oldest first), as a read-ahead consumes them; `take` waits while there is no room.
+
+    Example:
+        >>> arena = RingArena(1 << 30)
+        >>> x = arena.take(3 * 4 * 1024, torch.float32, (3, 1024))
+        >>> arena.give_back()  # the oldest block
+    """
+
+    ALIGN = 64
+
+    def __init__(self, capacity: int, pin: bool = False) -> None:
+        self.capacity = capacity
+        self.pin = pin
+        self._buf: torch.Tensor | None = None  # made on first use: untouched pages cost nothing
+        self._live: collections.deque[tuple[int, int]] = collections.deque()  # (start, end), oldest first
+        self._head = 0
+        self._cv = threading.Condition()
+        self._closed = False
+
+    def take(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised tensor of `shape` in the arena (nbytes its size)."""
+        size = -(-max(1, nbytes) // self.ALIGN) * self.ALIGN
+        if size > self.capacity:
+            raise ValueError(f"internal error: a block of {nbytes} bytes exceeds the arena's {self.capacity}")
+        with self._cv:
+            while (start := self._place(size)) is None:
+                if self._closed:
+                    raise ArenaClosed
+                self._cv.wait(0.05)
+            if self._buf is None:
+                self._buf = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pin)
+            self._live.append((start, start + size))
+            self._head = start + size
+            buf = self._buf
+        return buf[start:start + nbytes].view(dtype).view(shape)
+
+    def _place(self, size: int) -> int | None:
+        """Where a block of `size` fits now, or None."""
+        if not self._live:
+            return 0
+        tail = self._live[0][0]  # the oldest block's start
+        if self._head > tail:  # live blocks lie in [tail, head): room after them, or from 0 to tail
+            if self._head + size <= self.capacity:
+                return self._head
+            return 0 if size <= tail else None
+        return self._head if self._head + size <= tail else None  # wrapped: room in [head, tail)
+
+    def give_back(self) -> None:
+        """The oldest block is free again."""
+        with self._cv:
+            self._live.popleft()
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        """Waiting takes fail (ArenaClosed); the buffer is released once its blocks are dropped."""
+        with self._cv:
+            self._closed = True
+            self._buf = None
+            self._cv.notify_all()
+
+
+class ByteGate:
+    """A counting gate over bytes: `acquire` waits until the bytes fit (one item always fits)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._cv = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        """Take n bytes; False if `stop` was set while waiting."""
+        with self._cv:
+            while self.used and self.used + n > self.capacity:
+                if stop.is_set():
+                    return False
+                self._cv.wait(0.05)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+
+class ReadAhead(Generic[S, T]):
+    """Runs `load(spec)` for each of `specs` in order, ahead of the consumer, within `capacity` bytes.
+
+    The consumer calls `take()` for the next (spec, block) and `done(spec)` when it no longer
+    holds the block; until then the block's `cost(spec)` bytes count against the capacity.
+
+    Example:
+        >>> ahead = ReadAhead(specs, load, cost, capacity=1 << 30, threaded=True)
+        >>> spec, block = ahead.take(); ...; ahead.done(spec)
+        >>> ahead.close()
+    """
+
+    def __init__(self, specs: Sequence[S], load: Callable[[S], T], cost: Callable[[S], int], capacity: int,
+                 threaded: bool) -> None:
+        self._specs, self._load, self._cost = specs, load, cost
+        self._next = 0  # the next spec to take (inline mode)
+        self._gate = ByteGate(capacity)
+        self._stop = threading.Event()
+        self._ready: queue.Queue[tuple[S, T | None, BaseException | None]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        if threaded and specs:
+            self._thread = threading.Thread(target=self._run, name="streammerge-read", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        _one_thread()
+        for spec in self._specs:
+            if not self._gate.acquire(self._cost(spec), self._stop):
+                return
+            if self._stop.is_set():
+                return
+            try:
+                self._ready.put((spec, self._load(spec), None))
+            except BaseException as e:  # handed to the consumer, raised there
+                self._ready.put((spec, None, e))
+                return
+
+    def take(self) -> tuple[S, T]:
+        """The next spec and its loaded block."""
+        if self._thread is None:
+            spec = self._specs[self._next]
+            self._next += 1
+            return spec, self._load(spec)
+        while True:
+            try:
+                spec, block, err = self._ready.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._ready.empty():
+                    raise RuntimeError("internal error: the read-ahead thread ended early") from None
+        if err is not None:
+            raise err
+        assert block is not None
+        return spec, block
+
+    def done(self, spec: S) -> None:
+        """The consumer no longer holds `spec`'s block."""
+        if self._thread is not None:
+            self._gate.release(self._cost(spec))
+
+    def close(self) -> None:
+        """Stop reading ahead and wait for the thread (before the files it reads are closed)."""
+        self._stop.set()
+        if self._thread is not None:
+            while self._thread.is_alive():
+                try:  # unblock a put-side wait by emptying what is ready
+                    while True:
+                        self._ready.get_nowait()
+                except queue.Empty:
+                    pass
+                self._thread.join(0.05)
+
+
+class WriteBehind:
+    """Runs submitted calls in order on one thread, at most `capacity` bytes behind the caller.
+
+    Example:
+        >>> behind = WriteBehind(capacity=8 << 20, threaded=True)
+        >>> behind.submit(lambda: f.write(data), len(data))
+        >>> behind.drain()  # every call ran; raises the first error
+        >>> behind.close()
+    """
+
+    def __init__(self, capacity: int, threaded: bool) -> None:
+        self._gate = ByteGate(capacity)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._pending: collections.deque[tuple[Callable[[], None], int]] = collections.deque()
+        self._cv = threading.Condition()
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="streammerge-write", daemon=True)
+            self._thread.start()
+
+    def submit(self, fn: Callable[[], None], nbytes: int = 0) -> None:
+        """Run `fn` after everything submitted before it; `nbytes` is what it holds until then."""
+        self._raise()
+        if self._thread is None:
+            try:
+                fn()
+            except BaseException as e:
+                self._error = e
+                raise
+            return
+        if not self._gate.acquire(nbytes, self._stop):
+            self._raise()
+        with self._cv:
+            self._pending.append((fn, nbytes))
+            self._cv.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every submitted call ran; raises the first error of any."""
+        if self._thread is not None:
+            with self._cv:
+                while (self._pending or self._busy) and self._error is None:
+                    self._cv.wait(0.05)
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:  # stays set: the thread has stopped, nothing more runs
+            self._stop.set()
+            raise self._error
+
+    def _run(self) -> None:
+        _one_thread()
+        while True:
+            with self._cv:
+                while not self._pending and not self._stop.is_set():
+                    self._cv.wait(0.05)
+                if self._stop.is_set():
+                    return
+                fn, nbytes = self._pending.popleft()
+                self._busy = True
+            try:
+                fn()
+            except BaseException as e:  # raised to the submitter at its next call
+                with self._cv:
+                    self._error = e
+                    self._busy = False
+                    self._cv.notify_all()
+                self._gate.release(nbytes)
+                self._stop.set()
+                return
+            self._gate.release(nbytes)
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+
+    def close(self) -> None:
+        """Stop (calls not yet started are dropped) and wait for the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

@@ -1,0 +1,152 @@
+"""The helper threads and the block arena (overlap.py): order kept, capacity kept, errors raised
+to the caller, nothing hangs; and the fixed-order row sums a GPU uses, against plain Python."""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from streammerge.methods.base import tree_row_sums
+from streammerge.overlap import ArenaClosed, ReadAhead, RingArena, WriteBehind
+
+
+def test_read_ahead_keeps_order_and_capacity() -> None:
+    sizes = [random.Random(k).randint(1, 40) for k in range(200)]
+    held = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def load(i: int) -> int:
+        with lock:
+            held["now"] += sizes[i]
+            held["max"] = max(held["max"], held["now"])
+        return i * i
+
+    ahead = ReadAhead(list(range(200)), load, lambda i: sizes[i], capacity=50, threaded=True)
+    for i in range(200):
+        spec, block = ahead.take()
+        assert (spec, block) == (i, i * i)
+        time.sleep(0.0005)
+        with lock:
+            held["now"] -= sizes[i]
+        ahead.done(spec)
+    ahead.close()
+    assert held["max"] <= 50 + 40 - 1  # the gate admits a block while the total fits (or nothing is held)
+    assert held["max"] > 40  # it did read ahead
+
+
+def test_read_ahead_raises_the_loaders_error_and_closes() -> None:
+    def load(i: int) -> int:
+        if i == 3:
+            raise OSError("disk gone")
+        return i
+
+    ahead = ReadAhead(list(range(10)), load, lambda i: 1, capacity=100, threaded=True)
+    for i in range(3):
+        assert ahead.take()[0] == i
+    with pytest.raises(OSError, match="disk gone"):
+        ahead.take()
+    ahead.close()
+
+
+def test_read_ahead_inline_loads_on_demand() -> None:
+    loaded = []
+    ahead = ReadAhead([1, 2, 3], lambda i: loaded.append(i) or i, lambda i: 1, capacity=1, threaded=False)
+    assert ahead.take() == (1, 1) and loaded == [1]
+    assert ahead.take() == (2, 2) and loaded == [1, 2]
+    ahead.close()
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_write_behind_runs_in_order_and_reports_errors(threaded: bool) -> None:
+    seen: list[int] = []
+    behind = WriteBehind(capacity=10, threaded=threaded)
+    for i in range(100):
+        behind.submit(lambda i=i: seen.append(i), nbytes=3)
+    behind.drain()
+    assert seen == list(range(100))
+
+    def boom() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        behind.submit(boom)
+        behind.drain()
+    with pytest.raises(OSError):  # it stays failed: nothing more runs
+        behind.submit(lambda: seen.append(-1))
+        behind.drain()
+    behind.close()
+    assert -1 not in seen
+
+
+def test_ring_arena_blocks_never_overlap_and_wrap() -> None:
+    """A producer thread takes blocks of random sizes (waiting for room), fills each with its
+    number; the consumer checks each is intact, then gives it back, oldest first."""
+    arena = RingArena(1000)
+    rng = random.Random(0)
+    sizes = [rng.randint(1, 120) for _ in range(400)]
+    ready: queue.Queue[torch.Tensor] = queue.Queue()
+
+    def produce() -> None:
+        for k, n in enumerate(sizes):
+            t = arena.take(n * 4, torch.float32, (n,))
+            t.fill_(k)
+            ready.put(t)
+
+    threading.Thread(target=produce, daemon=True).start()
+    for k, n in enumerate(sizes):
+        t = ready.get(timeout=10)
+        time.sleep(rng.random() * 0.001)
+        assert t.numel() == n and bool((t == k).all())  # nobody wrote over it meanwhile
+        del t
+        arena.give_back()
+    assert arena._head < 1000
+
+
+def test_ring_arena_waits_for_room_and_closes() -> None:
+    arena = RingArena(256)
+    first = arena.take(200, torch.uint8, (200,))
+    got: list[object] = []
+
+    def second() -> None:
+        try:
+            got.append(arena.take(200, torch.uint8, (200,)))
+        except ArenaClosed:
+            got.append("closed")
+
+    t = threading.Thread(target=second)
+    t.start()
+    time.sleep(0.2)
+    assert got == []  # no room while the first is held
+    del first
+    arena.give_back()
+    t.join(5)
+    assert len(got) == 1 and isinstance(got[0], torch.Tensor)
+    t = threading.Thread(target=second)
+    t.start()
+    arena.close()
+    t.join(5)
+    assert got[-1] == "closed"
+
+
+def test_tree_row_sums_follow_the_stated_order() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 13, generator=g) * torch.logspace(-6, 6, 13)
+
+    def pairwise(row: list[float]) -> float:
+        width = 1
+        while width < len(row):
+            width *= 2
+        vals = row + [0.0] * (width - len(row))
+        while len(vals) > 1:
+            half = len(vals) // 2
+            vals = [vals[i] + vals[half + i] for i in range(half)]
+        return vals[0]
+
+    want = [pairwise([float(v) for v in r]) for r in x.tolist()]
+    assert tree_row_sums(x).tolist() == want
+    assert tree_row_sums(x[2:4]).tolist() == want[2:4]
