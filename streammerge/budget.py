@@ -1,7 +1,7 @@
 """The memory budget: what one row of a task costs, how many rows fit, what a plan needs.
 
-Imports plan, dtypes, errors (and psutil). The budget (`--max-memory`) covers the whole
-process: its baseline (interpreter, torch) measured at start, a reserve, and the chunk
+Imports plan, dtypes, errors (and psutil; torch for its thread count). The budget
+(`--max-memory`) covers the whole process: its baseline (interpreter, torch) measured at start, a reserve, and the chunk
 buffers. A task is read in blocks of rows (every input in the compute dtype, one raw input
 row being read and cast) and computed in cache-sized sub-chunks of a block (the kernel's
 temporaries, calibrated per method, and the output cast for writing).
@@ -10,6 +10,7 @@ temporaries, calibrated per method, and the output cast for writing).
 from __future__ import annotations
 
 import psutil
+import torch
 
 from .dtypes import itemsize
 from .errors import PlanError
@@ -46,8 +47,10 @@ def compute_row_bytes(plan: Plan, task: Task) -> int:
 
 
 def sub_rows(task: Task) -> int:
-    """Rows of a compute sub-chunk: about COMPUTE_ELEMENTS per input, so kernels run in cache."""
-    return max(1, min(task.rows, COMPUTE_ELEMENTS // max(1, task.cols)))
+    """Rows of a compute sub-chunk: about COMPUTE_ELEMENTS per input and per pair of torch's
+    threads, so kernels run in cache and each thread's share outweighs its start and barrier."""
+    elements = COMPUTE_ELEMENTS * max(1, torch.get_num_threads() // 2)
+    return max(1, min(task.rows, elements // max(1, task.cols)))
 
 
 def row_cost(plan: Plan, task: Task) -> int:

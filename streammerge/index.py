@@ -58,6 +58,7 @@ class ModelIndex:
         self.headers: dict[str, FileHeader] = {}
         self.tensors: dict[str, TensorRef] = {}
         self._maps: dict[str, mmap.mmap] = {}
+        self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self._load()
 
@@ -139,6 +140,31 @@ class ModelIndex:
         self._drop(mm, begin, begin + nbytes)
         return result
 
+    def pread_rows(self, name: str, row0: int, row1: int, out: torch.Tensor,
+                   hasher: xxhash.xxh3_128 | None = None) -> None:
+        """The raw bytes of rows [row0, row1) of tensor `name` into `out` (a contiguous CPU tensor of
+        exactly that many bytes), by pread: no mapping, no page faults, no conversion."""
+        ref = self.tensors[name]
+        width = ref.cols * itemsize(ref.entry.dtype)
+        begin = ref.entry.begin + row0 * width
+        nbytes = (row1 - row0) * width
+        if out.numel() * out.element_size() != nbytes:
+            raise ValueError(f"internal error: {nbytes} bytes of {name!r} into a buffer of another size")
+        with self._lock:
+            fd = self._fds.get(ref.shard)
+            if fd is None:
+                fd = self._fds[ref.shard] = os.open(ref.shard, os.O_RDONLY)
+        view = memoryview(out.view(torch.uint8).numpy()) if nbytes else memoryview(b"")  # type: ignore[arg-type]
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], begin + done)
+            if n <= 0:
+                raise InputError(f"{ref.shard}: cannot read {name!r} bytes {begin}..{begin + nbytes}; the file "
+                                 "changed or was truncated during the merge")
+            done += n
+        if hasher is not None:
+            hasher.update(view)
+
     def _map(self, path: str) -> mmap.mmap:
         with self._lock:
             mm = self._maps.get(path)
@@ -159,8 +185,11 @@ class ModelIndex:
             mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:
-        """Unmap every shard."""
+        """Unmap and close every shard."""
         with self._lock:
             for mm in self._maps.values():
                 mm.close()
             self._maps.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

@@ -70,11 +70,13 @@ def test_every_method_on_gpu_matches_cpu(method, tiny_set, tmp_path) -> None:
         Executor(plan, outs[device], 1 << 34).run()
     cpu, gpu = tensors(outs["cpu"]), tensors(outs["cuda"])
     assert cpu.keys() == gpu.keys()
-    same = total = 0
+    same = total = beyond = elements = 0
     for name in cpu:
         a, b = cpu[name].float(), gpu[name].float()
         # bf16 output: one rounding step is 2^-8 relative; allow two, and absolute slack near zero
-        assert torch.allclose(a, b, rtol=2**-7, atol=1e-5), f"{method}: {name} differs beyond rounding"
+        close = torch.isclose(a, b, rtol=2**-7, atol=1e-5)
+        beyond += int((~close).sum())
+        elements += a.numel()
         same += int((cpu[name].view(torch.uint8) == gpu[name].view(torch.uint8)).sum())
         total += cpu[name].numel() * cpu[name].element_size()
     report = os.environ.get("STREAMMERGE_GPU_REPORT")
@@ -82,7 +84,14 @@ def test_every_method_on_gpu_matches_cpu(method, tiny_set, tmp_path) -> None:
         with open(report, "a") as f:
             f.write(json.dumps({"method": method, "bytes_identical": same, "bytes": total,
                                 "tensors_identical": sum(torch.equal(cpu[n], gpu[n]) for n in cpu),
-                                "tensors": len(cpu)}) + "\n")
+                                "tensors": len(cpu), "elements_beyond_rounding": beyond,
+                                "elements": elements}) + "\n")
+    # arcee_fusion keeps an element when its importance (softmax, log: transcendental functions
+    # that round differently on a GPU) clears a threshold, so elements at the threshold may flip
+    # (an H200, torch 2.11: 435 of 188,992, 0.23%); sce weighs by sums of squares that the GPU
+    # adds in another order (16 of 188,992). Every other method was byte-identical there.
+    allowed = {"arcee_fusion": elements // 200, "sce": elements // 1000}.get(method, 0)
+    assert beyond <= allowed, f"{method}: {beyond} of {elements} elements differ beyond rounding"
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "ties", "slerp", "della", "model_stock", "breadcrumbs_ties"])

@@ -150,3 +150,22 @@ def test_tree_row_sums_follow_the_stated_order() -> None:
     want = [pairwise([float(v) for v in r]) for r in x.tolist()]
     assert tree_row_sums(x).tolist() == want
     assert tree_row_sums(x[2:4]).tolist() == want[2:4]
+
+
+def test_pread_rows_are_the_mapped_rows(tiny_set) -> None:
+    import xxhash
+
+    from streammerge.dtypes import torch_dtype
+    from streammerge.index import ModelIndex
+
+    idx = ModelIndex(tiny_set[1])
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight", "model.norm.weight"):
+        ref = idx.tensors[name]
+        rows = ref.rows
+        r0, r1 = min(1, rows - 1), rows
+        out = torch.empty((r1 - r0, ref.cols), dtype=torch_dtype(ref.entry.dtype))
+        h1, h2 = xxhash.xxh3_128(), xxhash.xxh3_128()
+        idx.pread_rows(name, r0, r1, out, h1)
+        assert torch.equal(out, idx.read_rows(name, r0, r1, hasher=h2))
+        assert h1.hexdigest() == h2.hexdigest()
+    idx.close()

@@ -15,7 +15,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, os; print('torch', torch.__version__, torch.cuda.get_device_name(0), 'threads', torch.get_num_threads(), 'cores', len(os.sched_getaffinity(0)))"
 rm -f "$OUT/gpu_report.jsonl"
-STREAMMERGE_GPU_REPORT="$OUT/gpu_report.jsonl" timeout 150 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_gpu.py tests/test_overlap.py tests/test_rng.py 2>&1 | tee "$OUT/pytest.log"
+STREAMMERGE_GPU_REPORT="$OUT/gpu_report.jsonl" timeout 120 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_gpu.py tests/test_overlap.py 2>&1 | tee "$OUT/pytest.log"
 cat "$OUT/gpu_report.jsonl" 2>/dev/null
-timeout 330 python3 tools/bench_speed.py --dir "$MEDIUM" --variants cpu,no-overlap,cuda 2>&1 | tee "$OUT/bench.log"
+timeout 290 python3 tools/bench_speed.py --dir "$MEDIUM" --variants cpu,no-overlap,cuda 2>&1 | tee "$OUT/bench.log"
