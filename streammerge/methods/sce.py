@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..params import ParamSpec
-from .base import MergeOp, MethodDef, RowSums, TaskContext, row_sums
+from .base import MergeOp, MethodDef, RowSums, TaskContext, majority_sign, row_sums
 from .sparsify import TopK
 
 
@@ -78,7 +78,7 @@ class Sce(MergeOp):
         if self.zero:
             return base.clone()
         taus = self._selected(self._taus(x))
-        sign = torch.where(sum(taus[1:], taus[0].clone()) >= 0, 1.0, -1.0).to(x.dtype)
+        sign = majority_sign(sum(taus[1:], taus[0].clone()))
         num = torch.zeros_like(base)
         den = torch.zeros_like(base)
         for w, t in zip(self.weights, taus):

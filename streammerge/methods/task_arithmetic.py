@@ -17,7 +17,7 @@ import torch
 
 from ..errors import PlanError
 from ..params import ParamSpec
-from .base import MergeOp, MethodDef, TaskContext
+from .base import MergeOp, MethodDef, TaskContext, majority_sign
 from .rng import stream_key
 from .sparsify import RandomDrop, RankedDrop, Sparsifier, magnitude, outliers
 
@@ -104,13 +104,13 @@ class TaskArithmetic(MergeOp):
             divisor = 1.0 if abs(weight_sum) < 1e-8 else weight_sum
         else:
             # majority sign of the weighted sum (0 counts as +); zeros never agree (sign 0)
-            sign = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
+            sign = majority_sign(total)
             total.zero_()
             div = torch.zeros_like(base)
             for d, w in zip(deltas, self.weights):
-                agree = torch.sign(d) == sign
+                agree = (d * sign) > 0  # sign(d) == sign: zeros and NaNs never agree
                 total += d * agree
-                div += agree.to(div.dtype) * w
+                div.add_(agree, alpha=w)
             divisor = torch.where(div == 0, 1.0, div)
         if self.normalize:
             total /= divisor
