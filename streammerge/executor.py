@@ -39,6 +39,9 @@ from .planner import Plan, Task
 from .writer import PARTIAL, ShardWriter
 
 HASH_READ_BYTES = 64 << 20  # re-hashing journaled tensors on resume reads this much at a time
+# Finished tensors are synced and journaled together once this many bytes wait (and at each
+# shard's end): an fdatasync per tensor cost 5% of a 3-model TIES here, more on slow disks.
+GROUP_COMMIT_BYTES = 64 << 20
 # Fewer cores than this: no helper threads by default. Measured on 2 cores (14-model DARE-TIES):
 # kernels on 2 threads beside a reading thread ran 27% slower than everything in turn, since a
 # kernel's threads wait at every barrier for the one the reader displaced.
@@ -161,6 +164,8 @@ class Executor:
         self.device = torch.device(plan.device)  # the plan was made for it: fingerprints say where
         self.max_gpu_memory = max_gpu_memory
         self._input_hashers: dict[str, list[xxhash.xxh3_128]] = {}
+        self._uncommitted: list[Entry] = []  # written, not yet synced and journaled
+        self._uncommitted_bytes = 0
         self._copy_stream: torch.cuda.Stream | None = None  # host-to-GPU copies (the reader's)
         self._arena = RingArena(0)  # the blocks' memory, sized when the run's chunking is known
         self.replace_changed = replace_changed
@@ -240,6 +245,7 @@ class Executor:
                         self._run_task(t, rows[ti], w, h, reads, writes, journal, entries)
                     else:
                         writes.submit(partial(self._rehash, t, w, h, entry, entries))
+                writes.submit(partial(self._commit, w, journal, entries))
                 writes.submit(partial(self._end_shard, w, h, shard.name, shard_hashes))
             writes.drain()
         finally:
@@ -381,22 +387,33 @@ class Executor:
         crash_point("chunk-written")
 
     def _end_task(self, out: _TaskOut, w: ShardWriter, journal: Journal, entries: dict[str, Entry]) -> None:
-        """Sync a finished tensor's bytes, then journal it (the writer thread)."""
+        """A tensor is written: its entry waits to be committed with others (the writer thread)."""
         task = out.task
         if out.offset != task.begin + task.nbytes:
             raise RuntimeError(f"internal error: {task.name} wrote {out.offset - task.begin} of {task.nbytes} bytes")
-        w.sync()
-        crash_point("tensor-synced")
         hashers = self._input_hashers.pop(task.name)
         # rows gathered to a new vocabulary are not the input tensors' bytes in order: no hash for them
         read = {} if task.vocab is not None else {
             f"{self.plan.models[i.model].ref}{INPUT_KEY_SEP}{i.tensor}": hi.hexdigest()
             for i, hi in zip(task.inputs, hashers)}
-        entry = Entry(task.name, task.fingerprint, self.plan.shards[task.shard].name, task.begin, task.nbytes,
-                      out.hasher.hexdigest(), read)
-        journal.append(entry)
-        entries[task.name] = entry
+        self._uncommitted.append(Entry(task.name, task.fingerprint, self.plan.shards[task.shard].name, task.begin,
+                                       task.nbytes, out.hasher.hexdigest(), read))
+        self._uncommitted_bytes += task.nbytes
+        if self._uncommitted_bytes >= GROUP_COMMIT_BYTES:
+            self._commit(w, journal, entries)
         self.progress.advance(task.name, task.nbytes)
+
+    def _commit(self, w: ShardWriter, journal: Journal, entries: dict[str, Entry]) -> None:
+        """Group commit: the shard's bytes synced once, then the waiting tensors journaled (the
+        invariant per tensor is unchanged: its bytes are on disk before its journal line)."""
+        if not self._uncommitted:
+            return
+        w.sync()
+        crash_point("tensor-synced")
+        journal.append(*self._uncommitted)
+        for e in self._uncommitted:
+            entries[e.name] = e
+        self._uncommitted, self._uncommitted_bytes = [], 0
 
     def _rehash(self, task: Task, w: ShardWriter, shard_hash: xxhash.xxh3_128, entry: Entry,
                 entries: dict[str, Entry]) -> None:

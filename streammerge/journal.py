@@ -114,16 +114,19 @@ class Journal:
         e = self.entries.get(name)
         return e if e is not None and e.fingerprint == fingerprint else None
 
-    def append(self, entry: Entry) -> None:
-        """Record a finished tensor (its bytes must already be synced)."""
-        line = json.dumps(asdict(entry), sort_keys=True).encode() + b"\n"
+    def append(self, *entries: Entry) -> None:
+        """Record finished tensors (their bytes must already be synced), with one fsync."""
+        data = b"".join(json.dumps(asdict(e), sort_keys=True).encode() + b"\n" for e in entries)
         try:
             crash_point("journal-append")
-            os.write(self.fd, line)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
             os.fsync(self.fd)
         except OSError as e:
             raise disk_error(os.path.join(self.dir, JOURNAL_FILE), e) from e
-        self.entries[entry.name] = entry
+        for entry in entries:
+            self.entries[entry.name] = entry
         crash_point("journal-synced")
 
     def close(self) -> None:

@@ -9,8 +9,9 @@ every input byte once from a warm page cache plus writing and syncing the output
   python tools/bench_speed.py --dir /work/bench/medium [--max-memory 1GiB] [--mergekit /venv/bin/mergekit-yaml]
                                [--variants cpu,no-overlap,cuda]
 
-Variants (each a streammerge run of every config): cpu (the default: read-ahead and
-write-behind threads), no-overlap (--no-overlap: one thread does everything in order), cuda
+Variants (each a streammerge run of every config): cpu (the defaults: read-ahead and
+write-behind threads with 4 or more cores), no-overlap (--no-overlap: one thread does
+everything in order), overlap (--overlap: the helper threads whatever the cores), cuda
 (--device cuda), cuda-no-overlap.
 """
 
@@ -68,7 +69,7 @@ def merge_seconds(stderr: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-VARIANTS = {"cpu": [], "no-overlap": ["--no-overlap"], "cuda": ["--device", "cuda"],
+VARIANTS = {"cpu": [], "no-overlap": ["--no-overlap"], "overlap": ["--overlap"], "cuda": ["--device", "cuda"],
             "cuda-no-overlap": ["--device", "cuda", "--no-overlap"]}
 
 
