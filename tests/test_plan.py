@@ -225,3 +225,16 @@ slices:
         if n.endswith(".safetensors"):
             src.update(load_file(os.path.join(ft1, n)))
     assert torch.equal(q["model.layers.3.self_attn.q_proj.weight"], src["model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_gpu_plans_fingerprint_merged_tensors_by_device(tiny_set) -> None:
+    """A GPU may round differently: its merged tensors are not taken for the CPU's on a resume;
+    copied tensors (same bytes anywhere) and the layout are the same."""
+    cfg = parse_config(f"merge_method: ties\nbase_model: {tiny_set[0]}\nmodels:\n  - model: {tiny_set[0]}\n"
+                       + "".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+                                 for f in tiny_set[1:]))
+    cpu, gpu = make_plan(cfg), make_plan(cfg, device="cuda")
+    assert cpu.layout_fingerprint == gpu.layout_fingerprint and cpu.fingerprint != gpu.fingerprint
+    for a, b in zip(cpu.tasks, gpu.tasks):
+        assert (a.fingerprint == b.fingerprint) == a.copy_exact
+    assert any(not t.copy_exact for t in cpu.tasks)

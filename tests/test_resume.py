@@ -165,3 +165,23 @@ def test_a_second_run_fails_fast_and_a_stale_lock_is_ignored(reference, tmp_path
     r = run(cfg, out)
     assert r.returncode == 0, r.stderr
     assert snapshot(out) == want
+
+
+def test_group_commit_syncs_once_per_shard_and_journals_after(reference, tiny_set, tmp_path) -> None:
+    """Tensors are synced and journaled in groups (here: per 60K shard), a shard's data sync always
+    before the journal lines it covers."""
+    cfg, _, points = reference
+    tensors = len(make_plan_for(cfg).tasks)
+    shards = points.count("shard-synced")
+    assert points.count("tensor-synced") == points.count("journal-append") == points.count("journal-synced")
+    assert shards <= points.count("tensor-synced") <= shards + 1 < tensors
+    for i, p in enumerate(points):
+        if p == "journal-append":
+            assert points[i - 1] == "tensor-synced"
+
+
+def make_plan_for(cfg: str):
+    from streammerge.planner import make_plan, parse
+
+    with open(cfg) as f:
+        return make_plan(parse(f.read())[0], 60_000)
