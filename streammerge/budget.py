@@ -31,7 +31,7 @@ COMPUTE_ELEMENTS = 128 * 1024
 def input_row_bytes(plan: Plan, task: Task) -> int:
     """Bytes one row of a block holds: every input in the compute dtype, one raw row being read,
     and what the op keeps between passes (DARE's packed masks)."""
-    csize = 8 if task.compute == "F64" else 4
+    csize = itemsize(task.compute)
     raw = max(itemsize(i.dtype) for i in task.inputs)
     cast = itemsize(task.load_dtype) if task.load_dtype else 0
     kept = 0.0 if task.copy_exact else plan.method.make(task.ctx).remember_between_passes()
@@ -41,7 +41,7 @@ def input_row_bytes(plan: Plan, task: Task) -> int:
 
 def compute_row_bytes(plan: Plan, task: Task) -> int:
     """Bytes one row of a compute sub-chunk adds: the kernel's temporaries and the cast output."""
-    csize = 8 if task.compute == "F64" else 4
+    csize = itemsize(task.compute)
     temp = 1.0 if task.copy_exact else plan.method.make(task.ctx).temp_fixed
     return int(task.cols * (temp * csize + itemsize(task.out_dtype))) + 64
 
@@ -130,10 +130,15 @@ def chunk_rows(plan: Plan, task: Task, budget_bytes: int, overlap: bool = False,
     return max(1, min(task.rows, block)), max(1, min(sub, task.rows))
 
 
+def block_bytes(plan: Plan, task: Task, rows: int, sub: int) -> int:
+    """Bytes a block of `rows` rows holds while computed in sub-chunks of `sub` rows."""
+    return rows * input_row_bytes(plan, task) + sub * compute_row_bytes(plan, task)
+
+
 def chunk_bytes_used(plan: Plan, task: Task, budget_bytes: int, overlap: bool = False) -> int:
     """Bytes one block of `task` holds at its peak within `budget_bytes`."""
     block, sub = chunk_rows(plan, task, budget_bytes, overlap)
-    return block * input_row_bytes(plan, task) + sub * compute_row_bytes(plan, task)
+    return block_bytes(plan, task, block, sub)
 
 
 def expected_peak(plan: Plan, budget_bytes: int, baseline: int | None = None, overlap: bool = True) -> int:

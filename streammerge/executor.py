@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,8 +29,8 @@ import psutil
 import torch
 import xxhash
 
-from .budget import WRITE_BEHIND_BYTES, chunk_budget, chunk_rows, compute_row_bytes, input_row_bytes, widest_row
-from .dtypes import itemsize, torch_dtype
+from .budget import WRITE_BEHIND_BYTES, block_bytes, chunk_budget, chunk_rows, widest_row
+from .dtypes import compute_dtype, itemsize, torch_dtype
 from .errors import OutputError, PlanError
 from .journal import WORK_DIR, Entry, Journal, RunLock, crash_point
 from .output import INPUT_KEY_SEP, MANIFEST, OWNED_FILES, finalize, finished_output, manifest_field
@@ -284,19 +284,17 @@ class Executor:
         for ti in todo:
             t = self.plan.tasks[ti]
             block, sub = rows[ti]
-            cost = block * input_row_bytes(self.plan, t) + sub * compute_row_bytes(self.plan, t)
-            other = max(other, cost - self._x_bytes(t, block))
+            other = max(other, block_bytes(self.plan, t, block, sub) - self._x_bytes(t, block))
         return max(budget - other, max((self._x_bytes(self.plan.tasks[ti], rows[ti][0]) for ti in todo), default=0))
 
     @staticmethod
     def _x_bytes(task: Task, rows: int) -> int:
-        return len(task.inputs) * rows * task.cols * (8 if task.compute == "F64" else 4)
+        return len(task.inputs) * rows * task.cols * itemsize(task.compute)
 
     def _gpu_budget(self) -> int:
         free, _total = torch.cuda.mem_get_info(self.device)
         budget = self.max_gpu_memory if self.max_gpu_memory is not None else int(free * 0.8)
-        need = max((input_row_bytes(self.plan, t) + compute_row_bytes(self.plan, t) for t in self.plan.tasks),
-                   default=0)
+        need = widest_row(self.plan)[0]
         if budget < need:
             raise PlanError(f"--max-gpu-memory {budget >> 20}MiB is too small for one row of the widest tensor "
                             f"({need >> 20}MiB); give the GPU more, or run on the CPU (--device cpu)")
@@ -306,12 +304,11 @@ class Executor:
         """Every block task `ti` reads, in the order its passes read them."""
         task = self.plan.tasks[ti]
         block, sub = rows
-        per_row, compute = input_row_bytes(self.plan, task), compute_row_bytes(self.plan, task)
         blocks = _spans(0, task.rows, block)
         self._input_hashers[task.name] = [xxhash.xxh3_128() for _ in task.inputs]
 
         def spec(r0: int, r1: int, hash_: bool) -> ReadSpec:
-            return ReadSpec(ti, r0, r1, hash_, (r1 - r0) * per_row + min(sub, r1 - r0) * compute)
+            return ReadSpec(ti, r0, r1, hash_, block_bytes(self.plan, task, r1 - r0, min(sub, r1 - r0)))
 
         if task.copy_exact or len(blocks) == 1:
             return [spec(r0, r1, True) for r0, r1 in blocks]  # one read, for every pass
@@ -352,18 +349,18 @@ class Executor:
             part = stage[offsets[k]:offsets[k] + sizes[k]].view(torch_dtype(inp.dtype))
             self.plan.models[inp.model].index.pread_rows(inp.tensor, spec.r0, spec.r1, part,
                                                          hashers[k] if hashers is not None else None)
-        dt = torch.float64 if task.compute == "F64" else torch.float32
-        with torch.cuda.stream(stream):
-            staged = stage.to(stream.device, non_blocking=True)
-            xg = torch.empty((len(task.inputs), rows, task.cols), dtype=dt, device=stream.device)
+
+        def convert(staged: torch.Tensor) -> torch.Tensor:
+            xg = torch.empty((len(task.inputs), rows, task.cols), dtype=compute_dtype(task.compute),
+                             device=staged.device)
             for k, inp in enumerate(task.inputs):
                 raw = staged[offsets[k]:offsets[k] + sizes[k]].view(torch_dtype(inp.dtype)).view(rows, task.cols)
                 if task.load_dtype is not None and task.load_dtype != inp.dtype:
                     raw = raw.to(torch_dtype(task.load_dtype))  # the config's dtype, as on the host
                 xg[k].copy_(raw)
-        stream.synchronize()
-        xg.record_stream(torch.cuda.current_stream(stream.device))
-        return xg
+            return xg
+
+        return _upload(stage, stream, convert)
 
     def _run_task(self, task: Task, rows: tuple[int, int], w: ShardWriter, shard_hash: xxhash.xxh3_128,
                   reads: ReadAhead[ReadSpec, torch.Tensor | list[torch.Tensor]], writes: WriteBehind,
@@ -485,7 +482,7 @@ class Executor:
     def _read(self, task: Task, row0: int, row1: int, hashers: list[xxhash.xxh3_128] | None = None) -> torch.Tensor:
         """Rows [row0, row1) of every input, cast as the config asks, in the compute dtype, in the
         arena (its next block; the caller gives it back)."""
-        dt = torch.float64 if task.compute == "F64" else torch.float32
+        dt = compute_dtype(task.compute)
         shape = (len(task.inputs), row1 - row0, task.cols)
         x = self._arena.take(self._x_bytes(task, row1 - row0), dt, shape)
         if task.vocab is not None:
@@ -638,13 +635,17 @@ def _start_cuda(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
-def _upload(x: torch.Tensor, stream: torch.cuda.Stream) -> torch.Tensor:
-    """x on the GPU, copied from pinned memory on `stream`; returns once the copy is done, so
-    the caller may drop x and the copy is safe to use on any stream."""
+def _upload(x: torch.Tensor, stream: torch.cuda.Stream,
+            convert: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """x on the GPU, copied from pinned memory on `stream` (then `convert`ed there, on the same
+    stream); returns once all is done, so the caller may drop x and the result is safe to use
+    on any stream."""
     if not x.is_pinned():
         x = x.pin_memory()
     with torch.cuda.stream(stream):
         xg = x.to(stream.device, non_blocking=True)
+        if convert is not None:
+            xg = convert(xg)
     stream.synchronize()
     xg.record_stream(torch.cuda.current_stream(stream.device))
     return xg

@@ -184,16 +184,13 @@ class ReadAhead(Generic[S, T]):
             self._gate.release(self._cost(spec))
 
     def close(self) -> None:
-        """Stop reading ahead and wait for the thread (before the files it reads are closed)."""
+        """Stop reading ahead and wait for the thread (before the files it reads are closed).
+
+        The thread stops at its next gate wait or block; a block waiting for arena room is
+        ended by closing the arena first."""
         self._stop.set()
         if self._thread is not None:
-            while self._thread.is_alive():
-                try:  # unblock a put-side wait by emptying what is ready
-                    while True:
-                        self._ready.get_nowait()
-                except queue.Empty:
-                    pass
-                self._thread.join(0.05)
+            self._thread.join()
 
 
 class WriteBehind:
