@@ -1,8 +1,10 @@
 """The lazy tensor index of one model: shard headers now, row ranges through mmaps later.
 
-Imports errors, format, dtypes (and torch, numpy, xxhash). Only headers are read when an
-index is built; tensor data is reached through read-only memory maps, one row range at a
-time, and the mapped pages are dropped (madvise) once copied out so RSS stays honest.
+Imports errors, format, torchzip, dtypes (and torch, numpy, xxhash). Shards are safetensors
+files or PyTorch zip checkpoints (`.bin`, whose tensors are byte ranges inside stored records).
+Only headers are read when an index is built; tensor data is reached through read-only memory
+maps, one row range at a time, and the mapped pages are dropped (madvise) once copied out so
+RSS stays honest.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import xxhash
 from .dtypes import itemsize, torch_dtype
 from .errors import InputError
 from .format import FileHeader, TensorEntry, read_header
+from .torchzip import read_torch_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
+BIN_SINGLE_FILE = "pytorch_model.bin"
 PAGE = mmap.PAGESIZE
 
 
@@ -63,24 +68,13 @@ class ModelIndex:
         self._load()
 
     def _load(self) -> None:
-        index_path = os.path.join(self.folder, INDEX_FILE)
-        single = os.path.join(self.folder, SINGLE_FILE)
-        if os.path.isfile(index_path):
-            weight_map = self._weight_map(index_path)
-            shards = sorted(set(weight_map.values()))
-        elif os.path.isfile(single):
-            weight_map, shards = None, [SINGLE_FILE]
-        else:
-            bins = [f for f in os.listdir(self.folder) if f.startswith("pytorch_model") and f.endswith(".bin")]
-            what = ("only PyTorch .bin files, which streammerge cannot read yet; convert them to "
-                    "safetensors first") if bins else f"no {SINGLE_FILE} and no {INDEX_FILE}"
-            raise InputError(f"model {self.label}: {self.folder} has {what}")
+        index_name, weight_map, shards = self._find_shards()
         for shard in shards:
             path = os.path.join(self.folder, shard)
             if not os.path.isfile(path):
-                raise InputError(f"model {self.label}: shard {path} is listed in {INDEX_FILE} but missing; "
+                raise InputError(f"model {self.label}: shard {path} is listed in {index_name} but missing; "
                                  "re-download the model")
-            hdr = read_header(path)
+            hdr = read_torch_header(path) if shard.endswith(".bin") else read_header(path)
             self.headers[shard] = hdr
             for name, entry in hdr.tensors.items():
                 if weight_map is None or weight_map.get(name) == shard:
@@ -88,8 +82,21 @@ class ModelIndex:
         if weight_map is not None:
             missing = [n for n in weight_map if n not in self.tensors]
             if missing:
-                raise InputError(f"model {self.label}: {INDEX_FILE} lists {len(missing)} tensors missing from "
+                raise InputError(f"model {self.label}: {index_name} lists {len(missing)} tensors missing from "
                                  f"their shards, e.g. {missing[0]!r} in {weight_map[missing[0]]}")
+
+    def _find_shards(self) -> tuple[str, dict[str, str] | None, list[str]]:
+        """(index file, weight map or None, shard files): safetensors first, then PyTorch .bin
+        (mergekit's order, SEMANTICS §4.1), so a folder holding both is read as safetensors."""
+        for index_name, single in ((INDEX_FILE, SINGLE_FILE), (BIN_INDEX_FILE, BIN_SINGLE_FILE)):
+            index_path = os.path.join(self.folder, index_name)
+            if os.path.isfile(index_path):
+                weight_map = self._weight_map(index_path)
+                return index_name, weight_map, sorted(set(weight_map.values()))
+            if os.path.isfile(os.path.join(self.folder, single)):
+                return single, None, [single]
+        raise InputError(f"model {self.label}: {self.folder} has no {SINGLE_FILE}, {INDEX_FILE}, "
+                         f"{BIN_SINGLE_FILE} or {BIN_INDEX_FILE}; is it a model folder?")
 
     def _weight_map(self, path: str) -> dict[str, str]:
         try:

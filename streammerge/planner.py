@@ -370,13 +370,21 @@ class _Builder:
         if len(shapes) > 1:
             vocab = is_vocab_tensor(out) and len({s[1:] for s in shapes}) == 1 and len(shape_of[0]) >= 1
             detail = ", ".join(f"{self.models[i.model].ref}: {list(s)}" for i, s in zip(inputs, shape_of))
-            if not (vocab and self.truncate_vocab):
-                hint = (" (vocabulary sizes differ: --unsafe-truncate-embeddings keeps the first rows common to "
-                        "all)" if vocab else "; the models are not the same architecture")
-                self.problems.append(f"tensor {out!r}: input shapes differ ({detail}){hint}")
-                return
             rows = min(s[0] for s in shape_of)
-            warnings.warn(f"tensor {out!r}: vocabulary sizes differ ({detail}); keeping the first {rows} rows of "
+            if not vocab:
+                self.problems.append(f"tensor {out!r}: input shapes differ ({detail}); the models are not the "
+                                     "same architecture")
+                return
+            sizes = self._vocab_sizes(inputs, shape_of)
+            if not self.truncate_vocab:
+                self.problems.append(
+                    f"tensor {out!r}: vocabulary sizes differ ({sizes}), and the config has no tokenizer "
+                    "to align them (mergekit 0.1.5 refuses this too). Either add `tokenizer: {source: base}` "
+                    "to the config (each model's rows are matched to the base's tokens by token), or pass "
+                    f"--unsafe-truncate-embeddings (keep the first {rows} rows of each, as mergekit before "
+                    "0.1.5 did silently)")
+                return
+            warnings.warn(f"tensor {out!r}: vocabulary sizes differ ({sizes}); keeping the first {rows} rows of "
                           "each (--unsafe-truncate-embeddings); the config's vocab_size is unchanged",
                           ConfigWarning, stacklevel=2)
             shapes = {(rows, *shape_of[0][1:])}
@@ -407,6 +415,13 @@ class _Builder:
                     self.cfg.out_dtype or promoted, not all(is_float(c) for c in codes), t=t,
                     provenance=provenance, vocab=vocab_rows)
         self.tasks.append(task)
+
+    def _vocab_sizes(self, inputs: list[TaskInput], shape_of: list[tuple[int, ...]]) -> str:
+        """'32000 rows: a, b; 32002 rows: c' — the inputs grouped by vocabulary size."""
+        groups: dict[int, list[str]] = {}
+        for i, s in zip(inputs, shape_of):
+            groups.setdefault(s[0], []).append(str(self.models[i.model].ref))
+        return "; ".join(f"{n} rows: {', '.join(m)}" for n, m in sorted(groups.items()))
 
     @staticmethod
     def _position(sources: tuple[Source, ...], s: Source) -> int:

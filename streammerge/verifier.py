@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import xxhash
 
 from .errors import InputError, IntegrityError
-from .format import read_header
-from .index import INDEX_FILE, SINGLE_FILE, ModelIndex
+from .format import FileHeader, TensorEntry
+from .index import ModelIndex
 from .journal import WORK_DIR
 from .output import MANIFEST, MANIFEST_FORMAT
 
@@ -79,29 +81,16 @@ def _check_shard(path: str, meta: dict, tensors: list[tuple[str, dict]]) -> list
     problems = []
     if size != meta["size"]:
         problems.append(f"shard {name}: {size} bytes, expected {meta['size']} (truncated or extended)")
-    whole = xxhash.xxh3_128()
-    tensors = sorted(tensors, key=lambda x: x[1]["offset"])
-    with open(path, "rb") as f:
-        head = f.read(meta["header_bytes"])
-        whole.update(head)
-        for tname, t in tensors:
-            h = xxhash.xxh3_128()
-            f.seek(t["offset"])
-            left = t["nbytes"]
-            while left > 0:
-                block = f.read(min(READ_BYTES, left))
-                if not block:
-                    break
-                h.update(block)
-                whole.update(block)
-                left -= len(block)
-            end = t["offset"] + t["nbytes"]
-            if left > 0:
-                problems.append(f"tensor {tname}: shard {name} bytes {t['offset']}..{end}: past the end of the file")
-            elif h.hexdigest() != t["xxh3_128"]:
-                problems.append(f"tensor {tname}: shard {name} bytes {t['offset']}..{end}: content differs")
-        whole.update(f.read())
-    if whole.hexdigest() != meta["xxh3_128"] and not problems:
+    entries = [TensorEntry(t, "U8", (m["nbytes"],), m["offset"], m["offset"] + m["nbytes"]) for t, m in tensors]
+    whole, _, digests = _hash_file(FileHeader(path, meta["header_bytes"], size, {e.name: e for e in entries}, {}),
+                                   False)
+    for tname, t in sorted(tensors, key=lambda x: x[1]["offset"]):
+        end = t["offset"] + t["nbytes"]
+        if end > size:
+            problems.append(f"tensor {tname}: shard {name} bytes {t['offset']}..{end}: past the end of the file")
+        elif digests[tname] != t["xxh3_128"]:
+            problems.append(f"tensor {tname}: shard {name} bytes {t['offset']}..{end}: content differs")
+    if whole != meta["xxh3_128"] and not problems:
         problems.append(f"shard {name}: header or padding bytes differ (bytes 0..{meta['header_bytes']})")
     return problems
 
@@ -122,11 +111,8 @@ def _check_input(inp: dict) -> list[str]:
             h = xxhash.xxh3_128()
             with open(ref.shard, "rb") as f:
                 f.seek(ref.entry.begin)
-                left = ref.entry.nbytes
-                while left > 0:
-                    block = f.read(min(READ_BYTES, left))
+                for block in _blocks(f, ref.entry.nbytes):
                     h.update(block)
-                    left -= len(block)
             if h.hexdigest() != digest:
                 problems.append(f"input {label}: tensor {tname} in {os.path.basename(ref.shard)} bytes "
                                 f"{ref.entry.begin}..{ref.entry.end} differs from what the merge read")
@@ -136,45 +122,73 @@ def _check_input(inp: dict) -> list[str]:
 
 
 def hash_folder(folder: str, sha256: bool = False) -> dict[str, object]:
-    """A manifest (shards and tensors with xxh3-128, optionally sha256 per shard) for any safetensors folder.
+    """A manifest (shards and tensors with xxh3-128, optionally sha256 per shard) for any model folder
+    of safetensors or PyTorch `.bin` shards.
 
     The sha256 of a shard is what the Hugging Face Hub shows for the file (its LFS oid).
     """
-    if os.path.isfile(os.path.join(folder, INDEX_FILE)):
-        with open(os.path.join(folder, INDEX_FILE)) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(folder, SINGLE_FILE)):
-        names = [SINGLE_FILE]
-    else:
-        raise InputError(f"{folder}: no {SINGLE_FILE} and no {INDEX_FILE}; not a safetensors model folder")
+    try:
+        index = ModelIndex(folder, folder)
+    except InputError as e:
+        raise InputError(f"{e}\n  (hash reads safetensors or PyTorch .bin model folders)") from None
+    index.close()
     shards: dict[str, object] = {}
     tensors: dict[str, object] = {}
-    for name in names:
-        path = os.path.join(folder, name)
-        hdr = read_header(path)
-        whole, sha = xxhash.xxh3_128(), hashlib.sha256()
-        with open(path, "rb") as f:
-            head = f.read(hdr.data_start)
-            whole.update(head)
-            sha.update(head)
-            for t in hdr.tensors.values():  # in data order, which tiles the file
-                h = xxhash.xxh3_128()
-                left = t.nbytes
-                while left > 0:
-                    block = f.read(min(READ_BYTES, left))
-                    h.update(block)
-                    whole.update(block)
-                    if sha256:
-                        sha.update(block)
-                    left -= len(block)
+    for name, hdr in sorted(index.headers.items()):
+        whole, sha, digests = _hash_file(hdr, sha256)
+        for t in hdr.tensors.values():
+            if index.tensors.get(t.name, None) is not None and index.tensors[t.name].entry == t:
                 tensors[t.name] = {"shard": name, "offset": t.begin, "nbytes": t.nbytes, "dtype": t.dtype,
-                                   "shape": list(t.shape), "xxh3_128": h.hexdigest()}
-            rest = f.read()
-            whole.update(rest)
-            sha.update(rest)
-        entry: dict[str, object] = {"size": hdr.file_size, "header_bytes": hdr.data_start,
-                                    "xxh3_128": whole.hexdigest()}
+                                   "shape": list(t.shape), "xxh3_128": digests[t.name]}
+        entry: dict[str, object] = {"size": hdr.file_size, "header_bytes": hdr.data_start, "xxh3_128": whole}
         if sha256:
-            entry["sha256"] = sha.hexdigest()
+            entry["sha256"] = sha
         shards[name] = entry
     return {"format": MANIFEST_FORMAT, "shards": shards, "tensors": tensors}
+
+
+def _hash_file(hdr: FileHeader, sha256: bool) -> tuple[str, str, dict[str, str]]:
+    """(xxh3-128 of the file, its sha256 or "", xxh3-128 per tensor). One sequential read when the
+    tensors tile the file after its header (safetensors); a second, per tensor, when they do not (a
+    zip checkpoint's records have local headers between them, and storages may be shared)."""
+    whole, sha = xxhash.xxh3_128(), hashlib.sha256()
+    ranges = sorted(hdr.tensors.values(), key=lambda t: t.begin)
+    tiles = all(a.end == b.begin for a, b in zip(ranges, ranges[1:])) and (not ranges or
+                                                                          ranges[0].begin == hdr.data_start)
+    digests: dict[str, str] = {}
+    with open(hdr.path, "rb") as f:
+        for t in ranges if tiles else []:
+            if t is ranges[0]:
+                head = f.read(hdr.data_start)
+                whole.update(head)
+                if sha256:
+                    sha.update(head)
+            h = xxhash.xxh3_128()
+            for block in _blocks(f, t.nbytes):
+                h.update(block)
+                whole.update(block)
+                if sha256:
+                    sha.update(block)
+            digests[t.name] = h.hexdigest()
+        for block in iter(lambda: f.read(READ_BYTES), b""):
+            whole.update(block)
+            if sha256:
+                sha.update(block)
+        for t in [] if tiles else ranges:
+            f.seek(t.begin)
+            h = xxhash.xxh3_128()
+            for block in _blocks(f, t.nbytes):
+                h.update(block)
+            digests[t.name] = h.hexdigest()
+    return whole.hexdigest(), sha.hexdigest() if sha256 else "", digests
+
+
+def _blocks(f: BinaryIO, nbytes: int) -> Iterator[bytes]:
+    """`nbytes` from the file's position, in blocks; stops early at the end of the file."""
+    left = nbytes
+    while left > 0:
+        block = f.read(min(READ_BYTES, left))
+        if not block:
+            return
+        yield block
+        left -= len(block)
