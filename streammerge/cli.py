@@ -24,7 +24,7 @@ from ._version import __version__
 from .config import ConfigWarning, MergeConfig
 from .errors import ConfigError, OutputError, StreamMergeError
 from .executor import Progress, RunStats
-from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, Task, make_plan, parse
+from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, PlannedIndex, Task, make_plan, parse
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "b": 10**9,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -321,21 +321,41 @@ def _summary(stats: RunStats, prefix: str, plan: Plan | None = None) -> None:
 @click.option("--explain", "explain", metavar="TENSOR", default=None,
               help="Show where every parameter of one output tensor comes from.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--unsafe-truncate-embeddings", "truncate_vocab", is_flag=True,
+              help="Plan as `run --unsafe-truncate-embeddings` would merge.")
 @_verbose
 @_guard
 def plan(config_path: str, max_memory: int | None, out_shard_size: int, seed: int, out: str | None,
-         explain: str | None, as_json: bool, verbose: int) -> None:
-    """Show what merging CONFIG will do, reading no tensor data."""
-    from .budget import baseline_bytes, chunk_budget, default_max_memory, expected_peak, smallest_budget, widest_row
+         explain: str | None, as_json: bool, truncate_vocab: bool, verbose: int) -> None:
+    """Show what merging CONFIG will do, reading no tensor data. A pipeline is planned whole: each
+    stage against what the stages before it will write."""
+    from .pipeline import check_pipeline, stages
 
     configs = _load(config_path)
-    if len(configs) > 1:
-        click.echo(f"pipeline of {len(configs)} stages: {', '.join(c.name or '?' for c in configs)}; "
-                   "planning the first (later stages read earlier outputs)")
-    p = make_plan(configs[0], out_shard_size, seed)
-    if explain is not None:
-        click.echo(_explain(p, explain))
-        return
+    plans = check_pipeline(configs, out or "merged", None, out_shard_size, seed, truncate_vocab, quiet=False)
+    names = [st.name for st in stages(configs, out or "merged")]
+    if len(plans) > 1 and not as_json:
+        click.echo(f"pipeline of {len(plans)} stages: {', '.join(names)}")
+    shown = []
+    for i, p in enumerate(plans):
+        if explain is not None:
+            if any(t.name == explain for t in p.tasks) or i == len(plans) - 1:
+                click.echo((f"stage {i + 1}/{len(plans)} {names[i]}: " if len(plans) > 1 else "")
+                           + _explain(p, explain))
+                return
+            continue
+        if len(plans) > 1 and not as_json:
+            click.echo(f"\n== stage {i + 1}/{len(plans)} {names[i]}")
+        shown.append(_show_plan(p, max_memory, out, as_json))
+    if as_json:
+        click.echo(json.dumps(shown[0] if len(shown) == 1 else
+                              {"stages": [{"name": n, **j} for n, j in zip(names, shown)]}, indent=2))
+
+
+def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) -> dict[str, object]:
+    """Print one plan (or return it as JSON)."""
+    from .budget import baseline_bytes, chunk_budget, default_max_memory, expected_peak, smallest_budget, widest_row
+
     need, worst = widest_row(p)
     budget = max_memory or default_max_memory()
     base = baseline_bytes()
@@ -343,15 +363,15 @@ def plan(config_path: str, max_memory: int | None, out_shard_size: int, seed: in
     peak = expected_peak(p, chunk_budget(p, budget, base), base)
     free = _free_space(out or ".")
     if as_json:
-        click.echo(json.dumps(_plan_json(p, budget, peak, smallest, free), indent=2))
-        return
+        return _plan_json(p, budget, peak, smallest, free)
     counts: dict[int, int] = {}
     for t in p.tasks:
         counts[len(t.inputs)] = counts.get(len(t.inputs), 0) + 1
     shape = ", ".join(f"{n} with {k} input(s)" for k, n in sorted(counts.items()))
     click.echo(f"method: {p.method.name}    models: {len(p.models)}    tensors: {len(p.tasks)} ({shape})")
     for i, m in enumerate(p.models):
-        click.echo(f"  model {i}: {m.ref}  ({m.folder})")
+        where = "written by an earlier stage" if isinstance(m.index, PlannedIndex) else m.folder
+        click.echo(f"  model {i}: {m.ref}  ({where})")
     click.echo(f"output: {p.total_bytes / 1e9:.3f} GB in {len(p.shards)} shard(s): "
                + ", ".join(s.name for s in p.shards))
     enough = "enough" if free >= p.total_bytes else "NOT ENOUGH: free some space first"
@@ -366,6 +386,7 @@ def plan(config_path: str, max_memory: int | None, out_shard_size: int, seed: in
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.ctx.shared.items())
         per = _runs([",".join(f"{k}={_fmt(v)}" for k, v in ip.items()) for ip in t.ctx.input_params if ip])
         click.echo(f"  {t.name}  {list(t.shape)} {t.out_dtype}  {params}{'  [' + per + ']' if per else ''}")
+    return {}
 
 
 def _runs(items: list[str]) -> str:

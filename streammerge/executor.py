@@ -383,12 +383,24 @@ class Executor:
         out.offset += data.nbytes
         crash_point("chunk-written")
 
+    def _hash_tails(self, task: Task, hashers: list[xxhash.xxh3_128]) -> None:
+        """Rows an input has past the output's (--unsafe-truncate-embeddings keeps the first rows) are
+        hashed too, in slices of at most 16 MiB, so the manifest's input hash is the whole tensor's."""
+        for inp, h in zip(task.inputs, hashers):
+            index = self.plan.models[inp.model].index
+            ref = index.tensors[inp.tensor]
+            step = max(1, (16 << 20) // max(1, ref.cols * itemsize(inp.dtype)))
+            for r0 in range(task.rows, ref.rows, step):
+                index.read_rows(inp.tensor, r0, min(ref.rows, r0 + step), hasher=h)
+
     def _end_task(self, out: _TaskOut, w: ShardWriter, journal: Journal, entries: dict[str, Entry]) -> None:
         """A tensor is written: its entry waits to be committed with others (the writer thread)."""
         task = out.task
         if out.offset != task.begin + task.nbytes:
             raise RuntimeError(f"internal error: {task.name} wrote {out.offset - task.begin} of {task.nbytes} bytes")
         hashers = self._input_hashers.pop(task.name)
+        if task.vocab is None:
+            self._hash_tails(task, hashers)
         # rows gathered to a new vocabulary are not the input tensors' bytes in order: no hash for them
         read = {} if task.vocab is not None else {
             f"{self.plan.models[i.model].ref}{INPUT_KEY_SEP}{i.tensor}": hi.hexdigest()

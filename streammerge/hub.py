@@ -7,6 +7,8 @@ folders Hugging Face itself uses (HF_HUB_CACHE, HF_HOME/hub, XDG_CACHE_HOME, ~/.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterable
 
 from .config import ModelRef
 from .errors import InputError
@@ -26,6 +28,25 @@ def cache_dirs() -> list[str]:
     return list(dict.fromkeys(os.path.abspath(d) for d in dirs))
 
 
+class ModelNotFound(InputError):
+    """A model reference that is neither a local folder nor in the local Hugging Face cache."""
+
+    def __init__(self, ref: ModelRef, looked: list[str]) -> None:
+        self.ref, self.looked = ref, looked
+        super().__init__(
+            f"model {ref}: not a local folder and not in the local Hugging Face cache (no network is used).\n"
+            + "  looked in:\n" + "".join(f"    {p}\n" for p in looked)
+            + f"  fix: download it once ({download_command(ref)}), set HF_HUB_CACHE to the cache that holds "
+            "it, or write a local folder path in the config")
+
+
+def download_command(ref: ModelRef) -> str:
+    """The command of the installed Hugging Face client that fetches `ref` into the cache."""
+    tool = "hf" if shutil.which("hf") or not shutil.which("huggingface-cli") else "huggingface-cli"
+    rev = f" --revision {ref.revision}" if ref.revision else ""
+    return f"{tool} download {ref.path}{rev}"
+
+
 def resolve_model(ref: ModelRef) -> str:
     """The folder holding model `ref`.
 
@@ -35,7 +56,7 @@ def resolve_model(ref: ModelRef) -> str:
     Returns:
         An absolute folder path.
     Raises:
-        InputError: not found; the message lists every place it looked.
+        ModelNotFound: not found; the message lists every place it looked.
     Example:
         >>> resolve_model(ModelRef("mistralai/Mistral-7B-v0.1"))
         '/home/me/.cache/huggingface/hub/models--mistralai--Mistral-7B-v0.1/snapshots/…'
@@ -54,12 +75,32 @@ def resolve_model(ref: ModelRef) -> str:
         snap = _snapshot(folder, ref.revision or "main")
         if snap:
             return snap
-    raise InputError(
-        f"model {ref}: not a local folder and not in the local Hugging Face cache (no network is used).\n"
-        + "  looked in:\n" + "".join(f"    {p}\n" for p in looked)
-        + f"  fix: download it once (huggingface-cli download {ref.path}), set HF_HUB_CACHE to the cache "
-        "that holds it, or write a local folder path in the config"
-    )
+    raise ModelNotFound(ref, looked)
+
+
+def resolve_models(refs: Iterable[ModelRef]) -> dict[ModelRef, str]:
+    """Every model of `refs`, resolved; when some are missing, one error lists them all.
+
+    Raises:
+        InputError: the missing models, the caches looked in, and one download command per model.
+    """
+    found: dict[ModelRef, str] = {}
+    missing: list[ModelNotFound] = []
+    for ref in dict.fromkeys(refs):
+        try:
+            found[ref] = resolve_model(ref)
+        except ModelNotFound as e:
+            missing.append(e)
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        raise InputError(
+            f"{len(missing)} models are not local folders and not in the local Hugging Face cache "
+            "(no network is used):\n" + "".join(f"  - {e.ref}\n" for e in missing)
+            + "  looked in the local folders named and in:\n" + "".join(f"    {d}\n" for d in cache_dirs())
+            + "  fix: download them once:\n" + "".join(f"    {download_command(e.ref)}\n" for e in missing)
+            + "  or set HF_HUB_CACHE to the cache that holds them, or write local folder paths in the config")
+    return found
 
 
 def _snapshot(folder: str, revision: str) -> str | None:

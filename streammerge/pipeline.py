@@ -8,13 +8,15 @@ config or inputs changed (an earlier stage was redone) is redone. The last stage
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from .config import MergeConfig
+from .errors import StreamMergeError
 from .executor import Executor, Progress, RunStats
 from .output import manifest_field
-from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, make_plan
+from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, make_plan
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,42 @@ def stages(configs: list[MergeConfig], out: str, intermediate_dir: str | None = 
     return result
 
 
+def check_pipeline(configs: list[MergeConfig], out: str, intermediate_dir: str | None = None,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, seed: int = DEFAULT_SEED,
+                   truncate_vocab: bool = False, device: str = "cpu", quiet: bool = True) -> list[Plan]:
+    """Plan every stage before any runs: a later stage against the tensors its predecessors will
+    write (names, shapes, dtypes, layer counts), so a mistake in stage 2 is reported in seconds,
+    not after stage 1's hour. `quiet` holds back the planner's warnings (a run gives them again as
+    each stage is planned to run).
+
+    Raises:
+        PlanError, InputError, ConfigError: as make_plan, the message naming the first stage that fails.
+    """
+    aliases: dict[str, str | Plan] = {}
+    plans: list[Plan] = []
+    for i, st in enumerate(stages(configs, out, intermediate_dir)):
+        try:
+            with warnings.catch_warnings():
+                if quiet:
+                    warnings.simplefilter("ignore")
+                plan = make_plan(st.config, max_shard_bytes, seed, aliases, truncate_vocab, device)
+        except StreamMergeError as e:
+            e.args = (f"stage {i + 1}/{len(configs)} {st.name} (checked before any stage runs): {e}",)
+            raise
+        plans.append(plan)
+        aliases[st.name] = plan
+    return plans
+
+
 def run_pipeline(configs: list[MergeConfig], out: str, max_memory: int, progress: Progress | None = None,
                  intermediate_dir: str | None = None, overwrite: bool = False, restart: bool = False,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, seed: int = DEFAULT_SEED,
                  truncate_vocab: bool = False, device: str = "cpu", **options: Any) -> list[RunStats]:
     """Run every stage in order; returns each stage's RunStats. `options` go to each Executor."""
     progress = progress or Progress()
-    aliases: dict[str, str] = {}
+    if len(configs) > 1:
+        check_pipeline(configs, out, intermediate_dir, max_shard_bytes, seed, truncate_vocab, device)
+    aliases: dict[str, str | Plan] = {}
     results = []
     plan_stages = stages(configs, out, intermediate_dir)
     for i, st in enumerate(plan_stages):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
+import threading
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,9 +34,9 @@ from .config import (
 )
 from .dtypes import compute_dtype, is_float, itemsize, promote
 from .errors import ConfigError, PlanError
-from .format import build_header
-from .hub import resolve_model
-from .index import ModelIndex
+from .format import TensorEntry, build_header
+from .hub import resolve_model, resolve_models
+from .index import ModelIndex, TensorRef
 from .methods import ARITHMETIC, METHODS, MethodDef, TaskContext
 from .params import ParamSpec, Scalar, evaluate_traced
 from .vocab import Vocab, VocabRows, align, output_tokenizer, output_tokens, override, read_vocab
@@ -127,11 +129,12 @@ class Plan:
 
 
 def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-              seed: int = DEFAULT_SEED, aliases: dict[str, str] | None = None,
+              seed: int = DEFAULT_SEED, aliases: dict[str, str | Plan] | None = None,
               truncate_vocab: bool = False, device: str = "cpu") -> Plan:
     """Plan the merge `cfg` describes, reading only headers.
 
-    `aliases` maps names to folders: a pipeline's earlier stages, by name. `truncate_vocab`
+    `aliases` maps names to folders: a pipeline's earlier stages, by name; a stage not yet run is
+    given as its Plan, planned against what that stage will write (a check, never run). `truncate_vocab`
     (--unsafe-truncate-embeddings) merges vocabulary tensors of different sizes over the first
     rows common to all (SEMANTICS §3.6). `device` is where the kernels will run: a GPU's
     arithmetic may round differently, so tensors computed on one are fingerprinted as such.
@@ -183,6 +186,31 @@ def _method(cfg: MergeConfig) -> MethodDef:
                        f"(available: {', '.join(METHODS)})"])
 
 
+class PlannedIndex(ModelIndex):
+    """The tensors a planned stage will write, as an index of headers only: a later stage can be
+    planned against it (names, shapes, dtypes, layers) before the earlier one runs. Reads nothing."""
+
+    def __init__(self, plan: Plan, folder: str, label: str) -> None:
+        self.folder, self.label = folder, label
+        self.headers, self._maps, self._fds = {}, {}, {}
+        self.tensors = {}
+        for t in plan.tasks:
+            shard = os.path.join(folder, plan.shards[t.shard].name)
+            self.tensors[t.name] = TensorRef(shard, TensorEntry(t.name, t.out_dtype, t.shape, t.begin,
+                                                                t.begin + t.nbytes))
+        self._lock = threading.Lock()
+
+
+def config_refs(cfg: MergeConfig) -> list[ModelRef]:
+    """Every model a config names, in the order it names them."""
+    refs = [s.model for sl in cfg.slices for s in sl.sources]
+    refs += [r for r in [cfg.base_model, *(sl.base_model for sl in cfg.slices)] if r is not None]
+    if isinstance(cfg.tokenizer_source, ModelRef):
+        refs.append(cfg.tokenizer_source)
+    refs += [t.model for t in cfg.tokens if t.model is not None]
+    return list(dict.fromkeys(refs))
+
+
 def _union(lists: Iterable[tuple[str, ...]]) -> list[str]:
     out: dict[str, None] = {}
     for names in lists:
@@ -196,7 +224,7 @@ def _dedupe(items: list[str], limit: int = 20) -> list[str]:
 
 
 class _Builder:
-    def __init__(self, cfg: MergeConfig, method: MethodDef, seed: int, aliases: dict[str, str]) -> None:
+    def __init__(self, cfg: MergeConfig, method: MethodDef, seed: int, aliases: dict[str, str | Plan]) -> None:
         self.cfg, self.method, self.seed, self.aliases = cfg, method, seed, aliases
         self.truncate_vocab = False
         self.out_tokens: list[str] | None = None  # the output vocabulary, when a tokenizer source is set
@@ -206,6 +234,7 @@ class _Builder:
         self.models: list[Model] = []
         self._by_ref: dict[ModelRef, int] = {}
         self._layouts: dict[int, Layout] = {}
+        self._folders: dict[ModelRef, str] = {}
         self.tasks: list[Task] = []
         self.problems: list[str] = []
         self.slices: list[tuple[Slice, tuple[Source, ...], ModelRef | None]] = []
@@ -213,9 +242,13 @@ class _Builder:
     def model(self, ref: ModelRef) -> int:
         if ref not in self._by_ref:
             alias = self.aliases.get(ref.path) if ref.revision is None else None
-            folder = alias or resolve_model(ref)
-            index = ModelIndex(folder, str(ref))
-            ident = xxhash.xxh3_128_hexdigest(json.dumps(index.identity(), sort_keys=True).encode())
+            if isinstance(alias, Plan):  # an earlier stage not yet run: what it will write
+                index: ModelIndex = PlannedIndex(alias, f"{ref.path} (an earlier stage, not yet run)", str(ref))
+                folder, ident = alias.models[alias.tokenizer_donor].folder, alias.fingerprint
+            else:
+                folder = alias or self._folders.get(ref) or resolve_model(ref)
+                index = ModelIndex(folder, str(ref))
+                ident = xxhash.xxh3_128_hexdigest(json.dumps(index.identity(), sort_keys=True).encode())
             self._by_ref[ref] = len(self.models)
             self.models.append(Model(ref, folder, index, ident))
             self._layouts[self._by_ref[ref]] = layout_of(index)
@@ -225,6 +258,8 @@ class _Builder:
         return self._layouts[self.model(ref)]
 
     def build(self) -> None:
+        self._folders = resolve_models(r for r in config_refs(self.cfg)
+                                       if r.revision is not None or r.path not in self.aliases)
         for sl in self.cfg.slices:
             self.slices.append(self._normalize(sl))
         if self.problems:

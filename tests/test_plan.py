@@ -151,7 +151,7 @@ def test_hub_ids_resolve_from_cache_with_revisions(tmp_path, monkeypatch) -> Non
     assert resolve_model(ModelRef("org/model", "v2")).endswith("feedbeef")
     with pytest.raises(InputError) as e:
         resolve_model(ModelRef("org/missing"))
-    assert str(cache / "models--org--missing") in str(e.value) and "huggingface-cli download" in str(e.value)
+    assert str(cache / "models--org--missing") in str(e.value) and " download org/missing" in str(e.value)
 
 
 def test_vocabulary_mismatch_error_or_truncation(tiny_set, tmp_path) -> None:

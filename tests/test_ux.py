@@ -123,7 +123,7 @@ ERRORS = [  # (config body, exit code, message fragment)
     ("merge_method: linear\nslices: [{sources: [{model: MODEL0, layer_range: [0, 9]}]}]\n"
      "parameters: {weight: 1}\n", 5, "slices[0].sources[0].layer_range: [0, 9] goes past the 4 layers"),
     ("merge_method: linear\nmodels: [{model: MODEL0}, {model: WIDE}]\nparameters: {weight: 1}\n", 5,
-     "input shapes differ"),
+     "vocabulary sizes differ"),
 ]
 
 
