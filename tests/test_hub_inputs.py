@@ -117,7 +117,8 @@ def test_seed_pipeline_verbatim_with_unsafe_truncate(hub, truncated) -> None:
 
 
 def test_seed_pipeline_with_the_base_tokenizer(hub, truncated, tmp_path) -> None:
-    text = Path(PIPELINE).read_text().replace("dtype: bfloat16\n---", "dtype: bfloat16\ntokenizer:\n  source: base\n---")
+    text = Path(PIPELINE).read_text()
+    text = text.replace("dtype: bfloat16\n---", "dtype: bfloat16\ntokenizer:\n  source: base\n---")
     cfg = tmp_path / "pipeline.yml"
     cfg.write_text(text)
     out = str(tmp_path / "merged")
@@ -179,8 +180,8 @@ def test_mixed_input_dtypes_promote_as_torch_does(hub, tmp_path) -> None:
         want = xs[0] + sum(w * (x - xs[0]) for w, x in zip((0.5, 0.3, 0.7), xs[1:]))
         np.testing.assert_allclose(got[name].double().numpy(), want, rtol=1e-6, atol=1e-8)
     only16 = tmp_path / "f16.yml"
-    only16.write_text(cfg.read_text().replace("  - model: SciPhi/SciPhi-Mistral-7B-32k\n    parameters: {weight: 0.5}\n",
-                                              ""))
+    sciphi = "  - model: SciPhi/SciPhi-Mistral-7B-32k\n    parameters: {weight: 0.5}\n"
+    only16.write_text(cfg.read_text().replace(sciphi, ""))
     r = cli(["plan", str(only16), "--json"], hub)
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["tensors"][0]["dtype"] == "F32"  # bf16 + f16 -> f32, as torch promotes
