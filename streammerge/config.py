@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from . import chat
 from .dtypes import CONFIG_DTYPES, config_dtype_code
 from .errors import ConfigError
 from .params import Conditional, CondList, Gradient, ParamSpec, ParamTypeError, Setting, evaluate
@@ -100,6 +101,7 @@ class MergeConfig:
     text: str = field(default="", compare=False)  # the YAML verbatim, for the output folder
     tokens: tuple[TokenSpec, ...] = ()  # tokenizer.tokens overrides
     pad_to_multiple_of: int | None = None
+    chat_template: str | None = None  # "auto", a built-in name or a Jinja template (chat.py)
 
 
 def parse_config(text: str, source: str = "config",
@@ -191,6 +193,7 @@ class _Parser:
             text=text,
             tokens=self.token_specs(doc),
             pad_to_multiple_of=self.pad(doc),
+            chat_template=doc["chat_template"] if isinstance(doc.get("chat_template"), str) else None,
         )
 
     def unknown_keys(self, obj: dict[str, Any], known: tuple[str, ...], path: str) -> None:
@@ -333,8 +336,8 @@ class _Parser:
         if doc.get("tokenizer") is not None and doc.get("tokenizer_source") is not None:
             self.fail("tokenizer", "give either tokenizer or tokenizer_source, not both")
             return None
-        if doc.get("chat_template") is not None:
-            self.fail("chat_template", "chat templates are not supported yet; remove the key")
+        if doc.get("chat_template") is not None and (why := chat.check(doc["chat_template"])) is not None:
+            self.fail("chat_template", why)
         tok = doc.get("tokenizer")
         if tok is not None:
             if not isinstance(tok, dict):

@@ -143,13 +143,34 @@ def _copy_tokenizer(plan: Plan, out: str) -> None:
     src = plan.models[plan.tokenizer_donor].folder
     if plan.tokenizer_json is not None:  # rebuilt for the output vocabulary
         write_file_atomic(os.path.join(out, "tokenizer.json"), plan.tokenizer_json.encode())
+    template = plan.chat_template
     for name in (*TOKENIZER_FILES, "generation_config.json"):
         if name == "tokenizer.json" and plan.tokenizer_json is not None:
             continue
+        if template is not None and name in ("chat_template.jinja", "chat_template.json"):
+            continue  # replaced by the configured template below
         path = os.path.join(src, name)
         if os.path.isfile(path):
             with open(path, "rb") as f:
-                write_file_atomic(os.path.join(out, name), f.read())
+                data = f.read()
+            if template is not None and name == "tokenizer_config.json":
+                data = _with_template(path, data, template)
+            write_file_atomic(os.path.join(out, name), data)
+    if template is not None:
+        # transformers 5 reads (and mergekit's output carries) chat_template.jinja; older readers the key
+        write_file_atomic(os.path.join(out, "chat_template.jinja"), template.encode())
+
+
+def _with_template(path: str, data: bytes, template: str) -> bytes:
+    """tokenizer_config.json with its `chat_template` set to `template`."""
+    try:
+        cfg = json.loads(data)
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise InputError(f"{path}: not valid JSON ({e}); the chat template cannot be set in it") from e
+    cfg["chat_template"] = template
+    return (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode()
 
 
 def _is_hub_id(ref: str) -> bool:

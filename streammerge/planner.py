@@ -20,6 +20,7 @@ from typing import Any
 
 import xxhash
 
+from . import chat
 from .arch import TIED, Layout, is_vocab_tensor, layout_of
 from .config import (
     ConfigWarning,
@@ -122,6 +123,7 @@ class Plan:
     vocab_size: int | None = None  # the output vocabulary's size, when a tokenizer source rebuilt it
     tokenizer_json: str | None = None  # the output tokenizer.json, when rebuilt
     device: str = "cpu"  # where the kernels run: "cpu", "cuda" or "cuda:N"
+    chat_template: str | None = None  # the template text the output's tokenizer carries, when set
 
     @property
     def total_bytes(self) -> int:
@@ -166,9 +168,12 @@ def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     for t in tasks:
         fp.update(t.fingerprint.encode())
     tok = json.dumps(b.tokenizer_json, ensure_ascii=False) if b.tokenizer_json is not None else None
+    template = chat.resolve(cfg.chat_template, [b.models[b.model(r)].folder for r in config_refs(cfg)])
+    if template is not None:
+        fp.update(b"chat_template\0" + template.encode())
     return Plan(cfg, method, tuple(b.models), tuple(tasks), tuple(shards), b.donor(), b.tokenizer_donor(),
                 b.out_num_layers(), seed, fp.hexdigest(), layout.hexdigest(),
-                b.vocab_rows_out if b.out_tokens is not None else None, tok, device)
+                b.vocab_rows_out if b.out_tokens is not None else None, tok, device, template)
 
 
 def parse(text: str, source: str = "config") -> list[MergeConfig]:
