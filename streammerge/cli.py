@@ -24,6 +24,7 @@ from ._version import __version__
 from .config import ConfigWarning, MergeConfig
 from .errors import ConfigError, OutputError, StreamMergeError
 from .executor import Progress, RunStats
+from .lora import AdaptedIndex
 from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, PlannedIndex, Task, make_plan, parse
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "b": 10**9,
@@ -120,8 +121,8 @@ _NOT_NEEDED = {
     "async_write": "--async-write: not needed, output is written in place as it is merged",
     "write_threads": "--write-threads: not needed, output is written in place as it is merged",
     "multi_gpu": "--multi-gpu: streammerge uses one device; merging continues on it",
-    "lora_merge_cache": "--lora-merge-cache: LoRA references are not supported yet (the config says where)",
-    "lora_merge_dtype": "--lora-merge-dtype: LoRA references are not supported yet",
+    "lora_merge_cache": "--lora-merge-cache: not needed, adapters are applied row by row as they are read",
+    "lora_merge_dtype": "--lora-merge-dtype: not needed, an adapted weight keeps its base tensor's dtype",
 }
 
 
@@ -425,7 +426,10 @@ def _explain_lines(p: Plan, t: Task) -> list[str]:
     lines = [f"{t.name}  {list(t.shape)} -> {t.out_dtype}  ({where})", f"method: {p.method.name}", "inputs:"]
     for k, inp in enumerate(t.inputs):
         role = " (base)" if k == t.ctx.base else ""
-        lines.append(f"  {k}: {p.models[inp.model].ref} :: {inp.tensor} [{inp.dtype}]{role}")
+        index = p.models[inp.model].index
+        how = index.adaptation(inp.tensor) if isinstance(index, AdaptedIndex) else None
+        adapted = f"  <- adapted model: {how}" if how else ""
+        lines.append(f"  {k}: {p.models[inp.model].ref} :: {inp.tensor} [{inp.dtype}]{role}{adapted}")
     lines.append("parameters:")
     for key, value in t.ctx.shared.items():
         lines.append(f"  {key} = {_fmt(value)}    from {t.provenance.get(key, '?')}")

@@ -33,13 +33,28 @@ class ConfigWarning(UserWarning):
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model: a local folder or a Hugging Face id, with an optional revision."""
+    """A model: a local folder or a Hugging Face id, with an optional revision and LoRA adapter."""
 
     path: str
     revision: str | None = None
+    lora: str | None = None  # a PEFT LoRA adapter applied to the model (`BASE+ADAPTER`)
+    lora_revision: str | None = None
 
     def __str__(self) -> str:
-        return self.path + (f"@{self.revision}" if self.revision else "")
+        text = self.path + (f"@{self.revision}" if self.revision else "")
+        if self.lora:
+            text += "+" + self.lora + (f"@{self.lora_revision}" if self.lora_revision else "")
+        return text
+
+    @property
+    def base(self) -> ModelRef:
+        """The model without its adapter."""
+        return ModelRef(self.path, self.revision)
+
+    @property
+    def adapter(self) -> ModelRef | None:
+        """The adapter, as a reference of its own (a folder or a Hub id)."""
+        return ModelRef(self.lora, self.lora_revision) if self.lora else None
 
 
 Params = tuple[tuple[str, Setting], ...]  # frozen (name, setting) pairs in file order
@@ -204,27 +219,38 @@ class _Parser:
                 self.warn(f"{path}{'.' if path else ''}{key}", f"unknown key, ignored{hint}")
 
     def model_ref(self, value: Any, path: str) -> ModelRef | None:
+        """`path[@rev]`, `path[@rev]+adapter[@rev]`, or mergekit's dict form {model: {path, revision},
+        lora: {path, revision}}."""
         if isinstance(value, dict):
             inner = value.get("model", value)
-            if isinstance(inner, dict) and isinstance(inner.get("path"), str):
-                if value.get("lora"):
-                    self.fail(path, "LoRA adapters are not supported yet; merge the adapter first")
+            lora = value.get("lora")
+            if isinstance(inner, dict) and isinstance(inner.get("path"), str) and (
+                    lora is None or isinstance(lora, dict) and isinstance(lora.get("path"), str)):
                 rev = inner.get("revision")
-                return ModelRef(inner["path"], str(rev) if rev is not None else None)
+                lrev = lora.get("revision") if lora else None
+                return ModelRef(inner["path"], str(rev) if rev is not None else None,
+                                lora["path"] if lora else None, str(lrev) if lrev is not None else None)
             self.fail(path, f"expected a model reference like org/name or a folder, got {value!r}")
             return None
         if not isinstance(value, str) or not value.strip():
             self.fail(path, f"expected a model reference like org/name or a folder, got {value!r}")
             return None
-        if "+" in value:
-            self.fail(path, f"{value!r}: LoRA adapters (model+lora) are not supported yet; "
-                      "merge the adapter into the model first")
+        base_text, plus, lora_text = value.partition("+")
+        if plus and not lora_text.strip():
+            self.fail(path, f"{value!r}: nothing after '+'; write BASE+ADAPTER")
             return None
-        parts = value.split("@")
-        if len(parts) > 2:
+        base = self.path_at(base_text, value, path)
+        lora = self.path_at(lora_text, value, path) if plus else (None, None)
+        if base is None or base[0] is None or lora is None:
+            return None
+        return ModelRef(base[0], base[1], lora[0], lora[1])
+
+    def path_at(self, part: str, value: str, path: str) -> tuple[str | None, str | None] | None:
+        pieces = part.split("@")
+        if len(pieces) > 2:
             self.fail(path, f"{value!r}: more than one '@' in a model reference")
             return None
-        return ModelRef(parts[0], parts[1] if len(parts) == 2 and parts[1] else None)
+        return pieces[0], pieces[1] if len(pieces) == 2 and pieces[1] else None
 
     def models(self, items: Any) -> Slice:
         if not isinstance(items, list):

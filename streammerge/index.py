@@ -57,8 +57,9 @@ class ModelIndex:
         torch.Size([8, 4096])
     """
 
-    def __init__(self, folder: str, label: str | None = None) -> None:
+    def __init__(self, folder: str, label: str | None = None, files: tuple[str, ...] | None = None) -> None:
         self.folder = folder
+        self.files = files  # single files to look for instead of a model's (an adapter's)
         self.label = label or folder
         self.headers: dict[str, FileHeader] = {}
         self.tensors: dict[str, TensorRef] = {}
@@ -88,6 +89,11 @@ class ModelIndex:
     def _find_shards(self) -> tuple[str, dict[str, str] | None, list[str]]:
         """(index file, weight map or None, shard files): safetensors first, then PyTorch .bin
         (mergekit's order, SEMANTICS §4.1), so a folder holding both is read as safetensors."""
+        if self.files is not None:
+            found = [f for f in self.files if os.path.isfile(os.path.join(self.folder, f))]
+            if not found:
+                raise InputError(f"{self.label}: {self.folder} has no {' or '.join(self.files)}")
+            return found[0], None, [found[0]]
         for index_name, single in ((INDEX_FILE, SINGLE_FILE), (BIN_INDEX_FILE, BIN_SINGLE_FILE)):
             index_path = os.path.join(self.folder, index_name)
             if os.path.isfile(index_path):

@@ -57,7 +57,8 @@ def check_pipeline(configs: list[MergeConfig], out: str, intermediate_dir: str |
                     warnings.simplefilter("ignore")
                 plan = make_plan(st.config, max_shard_bytes, seed, aliases, truncate_vocab, device)
         except StreamMergeError as e:
-            e.args = (f"stage {i + 1}/{len(configs)} {st.name} (checked before any stage runs): {e}",)
+            if len(configs) > 1:
+                e.args = (f"stage {i + 1}/{len(configs)} {st.name} (checked before any stage runs): {e}",)
             raise
         plans.append(plan)
         aliases[st.name] = plan

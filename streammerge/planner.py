@@ -38,6 +38,7 @@ from .errors import ConfigError, PlanError
 from .format import TensorEntry, build_header
 from .hub import resolve_model, resolve_models
 from .index import ModelIndex, TensorRef
+from .lora import AdaptedIndex
 from .methods import ARITHMETIC, METHODS, MethodDef, TaskContext
 from .params import ParamSpec, Scalar, evaluate_traced
 from .vocab import Vocab, VocabRows, align, output_tokenizer, output_tokens, override, read_vocab
@@ -251,8 +252,12 @@ class _Builder:
                 index: ModelIndex = PlannedIndex(alias, f"{ref.path} (an earlier stage, not yet run)", str(ref))
                 folder, ident = alias.models[alias.tokenizer_donor].folder, alias.fingerprint
             else:
-                folder = alias or self._folders.get(ref) or resolve_model(ref)
-                index = ModelIndex(folder, str(ref))
+                base = ref.base
+                folder = alias or self._folders.get(base) or resolve_model(base)
+                index = ModelIndex(folder, str(base))
+                if ref.adapter is not None:
+                    lora = self._folders.get(ref.adapter) or resolve_model(ref.adapter)
+                    index = AdaptedIndex(index, lora, str(ref))
                 ident = xxhash.xxh3_128_hexdigest(json.dumps(index.identity(), sort_keys=True).encode())
             self._by_ref[ref] = len(self.models)
             self.models.append(Model(ref, folder, index, ident))
@@ -263,8 +268,9 @@ class _Builder:
         return self._layouts[self.model(ref)]
 
     def build(self) -> None:
-        self._folders = resolve_models(r for r in config_refs(self.cfg)
-                                       if r.revision is not None or r.path not in self.aliases)
+        refs = config_refs(self.cfg)
+        self._folders = resolve_models([r.base for r in refs if r.revision is not None or r.path not in self.aliases]
+                                       + [r.adapter for r in refs if r.adapter is not None])
         for sl in self.cfg.slices:
             self.slices.append(self._normalize(sl))
         if self.problems:

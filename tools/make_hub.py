@@ -221,6 +221,36 @@ def make_hub(cache: str, shape: Shape, seed: int = 0, shard_bytes: int = 2_000_0
     return [make_repo(cache, r, k, shape, seed, shard_bytes) for k, r in enumerate(repos or SEED_REPOS)]
 
 
+def make_adapter(folder: str, shape: Shape, rank: int = 4, alpha: float = 8.0, seed: int = 0,
+                 targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"), embeddings: bool = False,
+                 fmt: str = "safetensors", base: str = "") -> str:
+    """A PEFT LoRA adapter for models of `shape`: adapter_config.json and adapter_model.safetensors
+    (or .bin), with PEFT's tensor names (`base_model.model.<module>.lora_A.weight`: rank x in;
+    `lora_B.weight`: out x rank; embeddings: `lora_embedding_A`: rank x vocab, `_B`: hidden x rank)."""
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shp in tensor_specs(shape):
+        module = name[: -len(".weight")]
+        if any(module.endswith(t) for t in targets) and len(shp) == 2:
+            tensors[f"base_model.model.{module}.lora_A.weight"] = 0.05 * torch.randn((rank, shp[1]), generator=g)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = 0.05 * torch.randn((shp[0], rank), generator=g)
+        if embeddings and name == "model.embed_tokens.weight":
+            tensors[f"base_model.model.{module}.lora_embedding_A"] = 0.05 * torch.randn((rank, shp[0]), generator=g)
+            tensors[f"base_model.model.{module}.lora_embedding_B"] = 0.05 * torch.randn((shp[1], rank), generator=g)
+    target_modules = list(targets) + (["embed_tokens"] if embeddings else [])
+    make_models._dump(os.path.join(folder, "adapter_config.json"), {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": target_modules, "base_model_name_or_path": base, "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True})
+    if fmt == "bin":
+        torch.save(tensors, os.path.join(folder, "adapter_model.bin"))
+    else:
+        from safetensors.torch import save_file
+        save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cache", help="the Hugging Face cache folder to fill (HF_HUB_CACHE)")

@@ -112,7 +112,7 @@ def run(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def cases(snap: dict[str, str]) -> dict[str, str]:
+def cases(snap: dict[str, str], adapter: str) -> dict[str, str]:
     base = snap["mistralai/Mistral-7B-v0.1"]
     mixed = [snap[r] for r in ("SciPhi/SciPhi-Mistral-7B-32k", "ehartford/samantha-1.2-mistral-7b",
                                "Arc53/docsgpt-7b-mistral", "TIGER-Lab/MAmmoTH-7B-Mistral")]
@@ -127,7 +127,11 @@ def cases(snap: dict[str, str]) -> dict[str, str]:
         for r in ("mistralai/Mistral-7B-v0.1", "teknium/OpenHermes-2.5-Mistral-7B",
                   "ehartford/dolphin-2.2.1-mistral-7b", "mistralai/Mistral-7B-Instruct-v0.2"))
         + "dtype: float32\nchat_template: auto\ntokenizer: {source: base}\n")
+    lora = (f"merge_method: linear\nmodels:\n  - model: {snap['SciPhi/SciPhi-Mistral-7B-32k']}+{adapter}\n"
+            f"    parameters: {{weight: 0.6}}\n  - model: {snap['TIGER-Lab/MAmmoTH-7B-Mistral']}\n"
+            "    parameters: {weight: 0.4}\nout_dtype: float32\n")
     return {
+        "linear of base+adapter (LoRA on q/v/down) and a model, f32 .bin": lora,
         "task_arithmetic, .bin + safetensors, bf16/f16/f32": "merge_method: task_arithmetic\n" + common,
         "ties, .bin + safetensors, bf16/f16/f32": "merge_method: ties\n" + common,
         "ties at density 1 (sign election only)": "merge_method: ties\n" + common.replace("density: 0.5",
@@ -148,15 +152,19 @@ def main() -> None:
     if not os.path.isdir(cache):
         make_hub.make_hub(cache, make_hub.PRESETS[a.preset], seed=11, shard_bytes=250_000)
     snap = {r.repo_id: os.path.abspath(make_hub_snapshot(cache, r.repo_id)) for r in make_hub.SEED_REPOS}
+    adapter = os.path.abspath(os.path.join(a.dir, "adapter"))
+    if not os.path.isdir(adapter):
+        make_hub.make_adapter(adapter, make_hub.PRESETS[a.preset], rank=4, alpha=8, seed=3)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     print("| case | max rel. diff | names and shapes | templates / ties | mergekit s | streammerge s |")
     print("|---|---|---|---|---|---|")
-    for i, (name, text) in enumerate(cases(snap).items()):
+    for i, (name, text) in enumerate(cases(snap, adapter).items()):
         cfg = os.path.abspath(os.path.join(a.dir, f"case{i}.yml"))
         with open(cfg, "w") as f:
             f.write(text)
         mk, sm = os.path.join(a.dir, f"mk{i}"), os.path.join(a.dir, f"sm{i}")
-        t_mk = run([a.mergekit, cfg, mk, "--allow-crimes"], env)
+        t_mk = run([a.mergekit, cfg, mk, "--allow-crimes", "--lora-merge-cache", os.path.join(a.dir, "lora-cache")],
+                   env)
         t_sm = run([sys.executable, "-m", "streammerge", "run", cfg, sm, "--overwrite", "-q"], env)
         diff, same = compare(sm, mk)
         tmpl = "-"
