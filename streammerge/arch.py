@@ -1,9 +1,11 @@
-"""Layer structure of a decoder-only checkpoint, read from its tensor names.
+"""Layer structure of a checkpoint, read from its tensor names.
 
 Imports errors and index. The first `.N.` in a name marks a layer (mergekit's rule for
-inferred architectures); names without one are pre-weights (embeddings) or post-weights
-(final norm, heads). Output order is the natural one (SEMANTICS deviation 5): pre-weights,
-layers 0, 1, 2, ..., post-weights with heads last, so reads stream through inputs.
+inferred architectures); each prefix before it is a stack of layers (a language model; in a
+vision-language model also a vision tower), the one beside the token embeddings being the main
+stack that slices address. Names without a layer number are pre-weights (embeddings) or
+post-weights (norms, projectors, heads). Output order is the natural one (SEMANTICS deviation 5):
+pre-weights, the other stacks, the main stack's layers 0, 1, 2, ..., post-weights with heads last.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from .errors import PlanError
 from .index import ModelIndex
 
 _LAYER = re.compile(r"\.(\d+)\.")
+MAX_LAYERS = 100_000  # far past any model; a larger number is a damaged name, not a model to plan
 _PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings")
 _HEAD_HINTS = ("lm_head", "embed_out", "output.weight")
 # an optional tensor and the tensor a tied model uses in its place (SEMANTICS §3.5)
@@ -30,17 +33,37 @@ def is_vocab_tensor(name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """The tensors of one model as pre-weights, a layer template, and post-weights."""
+class Stack:
+    """One numbered stack of layers: `prefix.N.suffix` for N in 0..num_layers-1."""
 
-    prefix: str  # e.g. "model.layers"
+    prefix: str  # e.g. "model.layers", "vision_tower.vision_model.encoder.layers"
+    num_layers: int
+    template: tuple[str, ...]  # suffixes of one layer, in data order
+
+    def layer_name(self, layer: int, suffix: str) -> str:
+        return f"{self.prefix}.{layer}.{suffix}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The tensors of one model as pre-weights, a main layer stack, other stacks, and post-weights.
+
+    The main stack is the language model's (the one beside the token embeddings): `slices` and
+    `layer_range` address it, and the output's layer count is its. Other stacks (a vision tower)
+    keep their own numbering and depth."""
+
+    prefix: str  # the main stack's, e.g. "model.layers"
     num_layers: int
     template: tuple[str, ...]  # suffixes of one layer, in data order
     pre: tuple[str, ...]
     post: tuple[str, ...]
+    others: tuple[Stack, ...] = ()
 
     def layer_name(self, layer: int, suffix: str) -> str:
         return f"{self.prefix}.{layer}.{suffix}"
+
+    def stack(self, prefix: str) -> Stack | None:
+        return next((s for s in self.others if s.prefix == prefix), None)
 
 
 def layout_of(index: ModelIndex) -> Layout:
@@ -55,20 +78,38 @@ def layout_of(index: ModelIndex) -> Layout:
             layers.setdefault(prefix, {}).setdefault(int(m.group(1)), []).append(name[m.end():])
         else:
             flat.append(name)
-    if len(layers) > 1:
-        raise PlanError(f"model {index.label}: numbered tensors under several prefixes "
-                        f"({', '.join(sorted(layers))}); only one stack of layers is supported yet")
-    prefix, by_layer = next(iter(layers.items())) if layers else ("", {})
-    n = max(by_layer) + 1 if by_layer else 0
+    stacks = [_stack(prefix, by_layer, order) for prefix, by_layer in layers.items()]
+    stacks.sort(key=lambda st: order[st.layer_name(0, st.template[0])] if st.template else 0)
+    main = _main_stack(stacks, flat)
+    pre = sorted((f for f in flat if any(h in f for h in _PRE_HINTS)), key=order.__getitem__)
+    post = sorted((f for f in flat if f not in pre),
+                  key=lambda f: (any(h in f for h in _HEAD_HINTS), order[f]))
+    others = tuple(st for st in stacks if st is not main)
+    if main is None:
+        return Layout("", 0, (), tuple(pre), tuple(post), others)
+    return Layout(main.prefix, main.num_layers, main.template, tuple(pre), tuple(post), others)
+
+
+def _stack(prefix: str, by_layer: dict[int, list[str]], order: dict[str, int]) -> Stack:
+    n = max(by_layer) + 1
+    if n > MAX_LAYERS:
+        raise PlanError(f"tensor {prefix}.{max(by_layer)}...: a layer number past {MAX_LAYERS}; "
+                        "is this a model's tensor name?")
     template: list[str] = []
     for i in range(n):
         for suffix in sorted(by_layer.get(i, []), key=lambda s: order[f"{prefix}.{i}.{s}"]):
             if suffix not in template:
                 template.append(suffix)
-    pre = sorted((f for f in flat if any(h in f for h in _PRE_HINTS)), key=order.__getitem__)
-    post = sorted((f for f in flat if f not in pre),
-                  key=lambda f: (any(h in f for h in _HEAD_HINTS), order[f]))
-    return Layout(prefix, n, tuple(template), tuple(pre), tuple(post))
+    return Stack(prefix, n, tuple(template))
+
+
+def _main_stack(stacks: list[Stack], flat: list[str]) -> Stack | None:
+    """The language model's stack: the one whose parent holds the token embeddings, else the deepest."""
+    if len(stacks) <= 1:
+        return stacks[0] if stacks else None
+    parents = {name.rsplit(".", 2)[0] for name in flat if is_vocab_tensor(name) and "embed" in name}
+    beside = [st for st in stacks if st.prefix.rsplit(".", 1)[0] in parents]
+    return beside[0] if len(beside) == 1 else max(stacks, key=lambda st: st.num_layers)
 
 
 def _data_order(index: ModelIndex) -> list[str]:

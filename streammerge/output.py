@@ -133,7 +133,10 @@ def _write_config(plan: Plan, out: str) -> None:
         if "torch_dtype" in cfg:
             cfg["torch_dtype"] = name  # older readers: keep the two consistent
     if plan.out_num_layers is not None:
-        cfg["num_hidden_layers"] = plan.out_num_layers
+        if "num_hidden_layers" not in cfg and isinstance(cfg.get("text_config"), dict):
+            cfg["text_config"]["num_hidden_layers"] = plan.out_num_layers  # a multimodal model's language stack
+        else:
+            cfg["num_hidden_layers"] = plan.out_num_layers
     if plan.vocab_size is not None:
         cfg["vocab_size"] = plan.vocab_size
     write_file_atomic(os.path.join(out, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())

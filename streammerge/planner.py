@@ -21,7 +21,7 @@ from typing import Any
 import xxhash
 
 from . import chat
-from .arch import TIED, Layout, is_vocab_tensor, layout_of
+from .arch import TIED, Layout, Stack, is_vocab_tensor, layout_of
 from .config import (
     ConfigWarning,
     MergeConfig,
@@ -283,6 +283,8 @@ class _Builder:
         lay0 = self.layout(first[1][0].model)
         for name in _union(self.layout(s.model).pre for s in first[1]):
             self._task(name, first[0], first[1], first[2], [name] * len(first[1]), 0.0)
+        for stack in lay0.others:  # a vision tower: whole, layer by layer, with the first slice's sources
+            self._other_stack(stack, *first)
         out_layer = 0
         for sl, sources, base in self.slices:
             n = sources[0].layer_range[1] - sources[0].layer_range[0]  # type: ignore[index]
@@ -296,6 +298,22 @@ class _Builder:
                 out_layer += 1
         for name in _union(self.layout(s.model).post for s in post_sources):
             self._task(name, last[0], post_sources, last[2], [name] * len(post_sources), 0.0)
+
+    def _other_stack(self, stack: Stack, sl: Slice, sources: tuple[Source, ...], base: ModelRef | None) -> None:
+        """Tasks for a stack other than the language model's, over its own depth (gradients too)."""
+        for s in sources:
+            theirs = self.layout(s.model).stack(stack.prefix)
+            if theirs is None or theirs.num_layers != stack.num_layers:
+                have = f"{theirs.num_layers} layers" if theirs else "no such stack"
+                self.problems.append(f"{s.path}: model {s.model} has {have} under {stack.prefix!r}, "
+                                     f"where {sources[0].model} has {stack.num_layers}")
+                return
+        n = stack.num_layers
+        for i in range(n):
+            t = i / (n - 1) if n > 1 else 1.0
+            for suffix in stack.template:
+                name = stack.layer_name(i, suffix)
+                self._task(name, sl, sources, base, [name] * len(sources), t)
 
     def _prepare_vocab(self) -> None:
         """Every model's tokens, and the output vocabulary the tokenizer source builds (§3.6)."""

@@ -70,8 +70,12 @@ def test_model_reference_forms() -> None:
     cfg = parse_config("merge_method: linear\nmodels:\n  - model: org/m@rev1\n"
                        "  - model: {model: {path: /x/y, revision: abc}}\n")
     assert [s.model for s in cfg.slices[0].sources] == [ModelRef("org/m", "rev1"), ModelRef("/x/y", "abc")]
-    with pytest.raises(ConfigError, match="LoRA"):
-        parse_config("merge_method: linear\nmodels: [{model: a+b}]\n")
+    cfg = parse_config("merge_method: linear\nmodels: [{model: a@r+org/lora@v2}, "
+                       "{model: {model: {path: a}, lora: {path: l}}}]\n")
+    assert [s.model for s in cfg.slices[0].sources] == [ModelRef("a", "r", "org/lora", "v2"), ModelRef("a", None, "l")]
+    assert str(cfg.slices[0].sources[0].model) == "a@r+org/lora@v2"
+    with pytest.raises(ConfigError, match="nothing after '\\+'"):
+        parse_config("merge_method: linear\nmodels: [{model: a+}]\n")
 
 
 @pytest.mark.parametrize("values,t,kind,want", [

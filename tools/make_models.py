@@ -37,7 +37,7 @@ class Shape:
     kv_heads: int
     vocab: int
     tie: bool = False
-    arch: str = "mistral"  # mistral, llama, qwen2 (q/k/v biases), gemma (tied, no lm_head)
+    arch: str = "mistral"  # mistral, llama, qwen2 (q/k/v biases), gemma (tied, no lm_head), llava
 
 
 ARCHS = {  # arch: (architectures[0], model_type, extra config keys)
@@ -46,7 +46,10 @@ ARCHS = {  # arch: (architectures[0], model_type, extra config keys)
     "qwen2": ("Qwen2ForCausalLM", "qwen2", {"hidden_act": "silu", "use_sliding_window": False}),
     "gemma": ("GemmaForCausalLM", "gemma", {"hidden_act": "gelu_pytorch_tanh",
                                             "hidden_activation": "gelu_pytorch_tanh"}),
+    "llava": ("LlavaForConditionalGeneration", "llava", {}),
 }
+# Llava's CLIP vision tower: hidden, intermediate, layers (not the language stack's), heads, image, patch
+VISION = {"hidden": 48, "intermediate": 96, "layers": 3, "heads": 4, "image": 28, "patch": 14}
 
 
 def arch_shape(arch: str, base: Shape | None = None) -> Shape:
@@ -75,7 +78,11 @@ SEED_OTHER = "janai-hq/trinity-v1"
 
 
 def tensor_specs(s: Shape) -> list[tuple[str, tuple[int, ...]]]:
-    """Hugging Face Mistral tensor names and shapes, in model order."""
+    """Hugging Face tensor names and shapes, in model order: a Mistral-shaped decoder, or for
+    `llava` that decoder under `language_model.` beside a CLIP vision tower of its own depth and a
+    projector, named as Llava checkpoints on the Hub are (two numbered layer stacks)."""
+    if s.arch == "llava":
+        return _llava_specs(s)
     hd = s.hidden // s.heads
     out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (s.vocab, s.hidden))]
     for i in range(s.layers):
@@ -99,6 +106,31 @@ def tensor_specs(s: Shape) -> list[tuple[str, tuple[int, ...]]]:
     out.append(("model.norm.weight", (s.hidden,)))
     if not s.tie:
         out.append(("lm_head.weight", (s.vocab, s.hidden)))
+    return out
+
+
+def _llava_specs(s: Shape) -> list[tuple[str, tuple[int, ...]]]:
+    text = tensor_specs(Shape(s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.vocab, arch="llama"))
+    out = [("language_model." + n, shp) for n, shp in text]  # language_model.model.layers.N, language_model.lm_head
+    v, p = VISION, "vision_tower.vision_model."
+    hv, iv, positions = v["hidden"], v["intermediate"], (v["image"] // v["patch"]) ** 2 + 1
+    out += [(p + "embeddings.class_embedding", (hv,)),
+            (p + "embeddings.patch_embedding.weight", (hv, 3, v["patch"], v["patch"])),
+            (p + "embeddings.position_embedding.weight", (positions, hv)),
+            (p + "pre_layrnorm.weight", (hv,)), (p + "pre_layrnorm.bias", (hv,))]
+    for i in range(v["layers"]):
+        q = f"{p}encoder.layers.{i}."
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            out += [(f"{q}self_attn.{proj}.weight", (hv, hv)), (f"{q}self_attn.{proj}.bias", (hv,))]
+        out += [(q + "layer_norm1.weight", (hv,)), (q + "layer_norm1.bias", (hv,)),
+                (q + "mlp.fc1.weight", (iv, hv)), (q + "mlp.fc1.bias", (iv,)),
+                (q + "mlp.fc2.weight", (hv, iv)), (q + "mlp.fc2.bias", (hv,)),
+                (q + "layer_norm2.weight", (hv,)), (q + "layer_norm2.bias", (hv,))]
+    out += [(p + "post_layernorm.weight", (hv,)), (p + "post_layernorm.bias", (hv,)),
+            ("multi_modal_projector.linear_1.weight", (s.hidden, hv)),
+            ("multi_modal_projector.linear_1.bias", (s.hidden,)),
+            ("multi_modal_projector.linear_2.weight", (s.hidden, s.hidden)),
+            ("multi_modal_projector.linear_2.bias", (s.hidden,))]
     return out
 
 
@@ -166,7 +198,7 @@ def write_set(folders: list[str], shape: Shape, seed: int = 0, shard_bytes: int 
 def _write_meta(folder: str, s: Shape, specs: list[tuple[str, tuple[int, ...]]], shard_names: list[str],
                 groups: list[list[tuple[str, tuple[int, ...]]]], isz: int) -> None:
     arch_name, model_type, extra = ARCHS[s.arch]
-    cfg = {
+    cfg = _llava_config(s) if s.arch == "llava" else {
         "architectures": [arch_name], "model_type": model_type, "hidden_size": s.hidden,
         "intermediate_size": s.intermediate, "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
         "num_key_value_heads": s.kv_heads, "head_dim": s.hidden // s.heads, "vocab_size": s.vocab,
@@ -194,6 +226,22 @@ def _write_meta(folder: str, s: Shape, specs: list[tuple[str, tuple[int, ...]]],
     _dump(os.path.join(folder, "special_tokens_map.json"),
           {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
     _dump(os.path.join(folder, "generation_config.json"), {"bos_token_id": 1, "eos_token_id": 2})
+
+
+def _llava_config(s: Shape) -> dict[str, object]:
+    v = VISION
+    text = {"model_type": "llama", "hidden_size": s.hidden, "intermediate_size": s.intermediate,
+            "num_hidden_layers": s.layers, "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads,
+            "head_dim": s.hidden // s.heads, "vocab_size": s.vocab, "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False}
+    vision = {"model_type": "clip_vision_model", "hidden_size": v["hidden"], "intermediate_size": v["intermediate"],
+              "num_hidden_layers": v["layers"], "num_attention_heads": v["heads"], "image_size": v["image"],
+              "patch_size": v["patch"], "projection_dim": v["hidden"], "hidden_act": "quick_gelu",
+              "layer_norm_eps": 1e-5}
+    return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "text_config": text,
+            "vision_config": vision, "image_token_index": s.vocab - 1, "projector_hidden_act": "gelu",
+            "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": s.vocab,
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
 
 
 def _dump(path: str, obj: object) -> None:

@@ -142,6 +142,44 @@ def cases(snap: dict[str, str], adapter: str) -> dict[str, str]:
     }
 
 
+def llava_cases(root: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Llava-shaped float32 models (two layer stacks), and linear/slerp/ties configs for streammerge
+    (real folders) and for mergekit (copies whose architectures name no transformers class, so that
+    mergekit infers modules from the checkpoint's tensor names: given the real class, mergekit 0.1.5
+    with transformers 5 plans by the model's internal names, which Hub Llava checkpoints do not use,
+    and writes only the projector's 4 of 98 tensors)."""
+    import shutil
+
+    folders = [os.path.abspath(os.path.join(root, n)) for n in ("llava-base", "llava-a", "llava-b")]
+    if not os.path.isdir(folders[0]):
+        make_hub.make_models.write_set(folders, make_hub.make_models.arch_shape("llava"), seed=9,
+                                       dtype=torch.float32)
+    raw = []
+    for f in folders:
+        r = f + "-raw"
+        if not os.path.isdir(r):
+            shutil.copytree(f, r)
+            with open(os.path.join(r, "config.json")) as fh:
+                cfg = json.load(fh)
+            cfg["architectures"] = ["LlavaCheckpointNames"]
+            with open(os.path.join(r, "config.json"), "w") as fh:
+                json.dump(cfg, fh)
+        raw.append(r)
+
+    def texts(fs: list[str]) -> dict[str, str]:
+        b, x, y = fs
+        return {
+            "llava linear": f"merge_method: linear\nmodels:\n  - model: {x}\n    parameters: {{weight: 0.3}}\n"
+                            f"  - model: {y}\n    parameters: {{weight: 0.7}}\n",
+            "llava slerp, gradient t over each stack's depth": (
+                f"merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {b}\n  - model: {x}\n"
+                "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 1]\n    - value: 0.3\n"),
+            "llava ties": f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {b}\n" + "".join(
+                f"  - model: {m}\n    parameters: {{weight: 0.5, density: 1.0}}\n" for m in (x, y)),
+        }
+    return texts(folders), texts(raw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mergekit", required=True, help="mergekit-yaml of mergekit 0.1.5, in its own environment")
@@ -182,6 +220,24 @@ def main() -> None:
                     tmpl += ", same text" if f1.read().strip() == f2.read().strip() else ", text differs"
         print(f"| {name} | {diff:.2e} | {'same' if same else 'DIFFER'} | {tmpl} | {t_mk:.1f} | {t_sm:.1f} |",
               flush=True)
+    ours, theirs = llava_cases(a.dir)
+    for i, name in enumerate(ours):
+        paths = []
+        for who, text in (("sm", ours[name]), ("mk", theirs[name])):
+            cfg = os.path.abspath(os.path.join(a.dir, f"{who}-llava{i}.yml"))
+            with open(cfg, "w") as f:
+                f.write(text)
+            paths.append((cfg, os.path.join(a.dir, f"{who}-llava{i}")))
+        t_sm = run([sys.executable, "-m", "streammerge", "run", paths[0][0], paths[0][1], "--overwrite", "-q"], env)
+        t_mk = run([a.mergekit, paths[1][0], paths[1][1], "--allow-crimes"], env)
+        diff, same = compare(paths[0][1], paths[1][1])
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(paths[0][1])
+        with torch.no_grad():
+            ok = bool(torch.isfinite(model(input_ids=torch.tensor([[1, 5, 17, 40]])).logits).all())
+        print(f"| {name} | {diff:.2e} | {'same' if same else 'DIFFER'} | transformers loads and runs it: "
+              f"{'yes' if ok else 'NO'} | {t_mk:.1f} | {t_sm:.1f} |", flush=True)
     print(json.dumps({"dir": os.path.abspath(a.dir)}))
 
 
