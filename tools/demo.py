@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """The seed merge end to end on models this script makes itself, printing each command it runs.
 
-1. makes the seed configs' 16 input models (Mistral-shaped, tiny by default) in a Hugging Face
-   cache layout under DEMO_DIR/hf-cache, so the configs run verbatim with no network;
-2. runs both seed stages as one pipeline: `streammerge run mistral-7b-merge-14-pipeline.yml`
-   (the 14-model DARE-TIES, then the gradient SLERP of its result with trinity-v1);
+1. makes stand-ins for the seed configs' 16 input repositories (Mistral-shaped, tiny by default)
+   laid out as the Hub serves them (tools/make_hub.py: .bin and safetensors, bf16/f16/f32, 32000-
+   and 32002-row vocabularies) in a Hugging Face cache under DEMO_DIR/hf-cache, so the configs run
+   verbatim with no network;
+2. runs both seed stages as one pipeline: `streammerge run mistral-7b-merge-14-pipeline.yml
+   --unsafe-truncate-embeddings` (the 14-model DARE-TIES, then the gradient SLERP of its result with
+   trinity-v1; the flag keeps the 32000 rows all vocabularies share, as the published merge did);
 3. verifies every output byte against the manifest: `streammerge verify --inputs`;
 4. loads the result with transformers (if installed) and runs a forward pass.
 
@@ -21,7 +24,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import make_models  # noqa: E402
+import make_hub  # noqa: E402
 
 EXAMPLES = [os.path.join(HERE, "..", "examples")]
 
@@ -48,12 +51,16 @@ def main() -> None:
     cache = os.path.join(root, "hf-cache")
     env = dict(os.environ, HF_HUB_CACHE=cache)
     if not os.path.isdir(cache):
-        print(f"making the 16 seed input models ({a.preset}) in {cache}", flush=True)
-        make_models.make_seed_cache(cache, make_models.PRESETS[a.preset])
+        print(f"making stand-ins for the seed's 16 Hub repositories ({a.preset}) in {cache}:", flush=True)
+        for repo in make_hub.SEED_REPOS:
+            print("  " + make_hub.describe(repo, make_hub.PRESETS[a.preset].vocab), flush=True)
+        shard_bytes = 250_000 if a.preset == "tiny32" else 2_000_000_000  # tiny models still come in shards
+        make_hub.make_hub(cache, make_hub.PRESETS[a.preset], shard_bytes=shard_bytes)
     mem = ["--max-memory", a.max_memory] if a.max_memory else []
     exe = [sys.executable, "-m", "streammerge"]
     out = os.path.join(root, "merged")
-    sh(exe + ["run", find_example("mistral-7b-merge-14-pipeline.yml"), out, *mem], env)
+    sh(exe + ["run", find_example("mistral-7b-merge-14-pipeline.yml"), out, "--unsafe-truncate-embeddings", *mem],
+       env)
     sh(exe + ["verify", out, "--inputs"], env)
     try:
         import torch
