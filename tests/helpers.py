@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from streammerge.methods import METHODS, TaskContext
 
@@ -38,3 +42,12 @@ def run_chunked(method: str, ctx: TaskContext, x: torch.Tensor, chunk_rows: int,
             assert torch.equal(chunk, x[:, r0:r1]), "a statistics pass modified its input"
         op.end_pass(p)
     return torch.cat([op.apply(x[:, r0:r1].clone(), r0) for r0, r1 in spans])
+
+
+def load_folder(folder: str) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors model folder, in float64 (read with the safetensors library)."""
+    out = {}
+    for f in os.listdir(folder):
+        if f.endswith(".safetensors"):
+            out.update({k: v.double().numpy() for k, v in load_file(os.path.join(folder, f)).items()})
+    return out

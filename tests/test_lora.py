@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import load_folder
 from safetensors.torch import load_file
 
 from streammerge.budget import widest_row
@@ -90,15 +91,7 @@ def test_adapted_model_matches_the_peft_formula(base, tmp_path, variant) -> None
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
     adapted = [k for k in want if "q_proj" in k or ("embed" in k and "embeddings" in variant)]
-    assert adapted and all(not np.allclose(got[k], merged_base(base)[k]) for k in adapted)
-
-
-def merged_base(base: str) -> dict[str, np.ndarray]:
-    out = {}
-    for f in os.listdir(base):
-        if f.endswith(".safetensors"):
-            out.update({k: v.double().numpy() for k, v in load_file(os.path.join(base, f)).items()})
-    return out
+    assert adapted and all(not np.allclose(got[k], load_folder(base)[k]) for k in adapted)
 
 
 def test_bytes_do_not_depend_on_chunking_and_explain_names_the_adapter(base, tmp_path) -> None:

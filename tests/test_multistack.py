@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from helpers import load_folder
 
 from streammerge.arch import layout_of
 from streammerge.cli import main
@@ -32,14 +32,6 @@ def llava(tmp_path_factory) -> list[str]:
     folders = [str(root / n) for n in ("base", "a", "b")]
     make_models.write_set(folders, LLAVA, seed=9, dtype=torch.float32)
     return folders
-
-
-def tensors(folder: str) -> dict[str, np.ndarray]:
-    out = {}
-    for f in os.listdir(folder):
-        if f.endswith(".safetensors"):
-            out.update({k: v.double().numpy() for k, v in load_file(os.path.join(folder, f)).items()})
-    return out
 
 
 def run(tmp_path, text: str) -> str:
@@ -80,7 +72,7 @@ def test_gradients_run_over_each_stacks_own_depth(llava) -> None:
 def test_linear_matches_the_reference_on_both_stacks_and_runs(llava, tmp_path) -> None:
     out = run(tmp_path, f"merge_method: linear\nmodels:\n  - model: {llava[1]}\n    parameters: {{weight: 0.3}}\n"
                         f"  - model: {llava[2]}\n    parameters: {{weight: 0.7}}\n")
-    got, a, b = tensors(out), tensors(llava[1]), tensors(llava[2])
+    got, a, b = load_folder(out), load_folder(llava[1]), load_folder(llava[2])
     assert got.keys() == a.keys()
     for k in got:
         np.testing.assert_allclose(got[k], 0.3 * a[k] + 0.7 * b[k], rtol=1e-6, atol=1e-7, err_msg=k)
@@ -91,7 +83,7 @@ def test_slices_address_the_language_stack(llava, tmp_path) -> None:
     out = run(tmp_path, "merge_method: passthrough\nslices:\n"
                         f"  - sources: [{{model: {llava[0]}, layer_range: [0, 2]}}]\n"
                         f"  - sources: [{{model: {llava[1]}, layer_range: [1, 4]}}]\n")
-    got, base, a = tensors(out), tensors(llava[0]), tensors(llava[1])
+    got, base, a = load_folder(out), load_folder(llava[0]), load_folder(llava[1])
     lang = "language_model.model.layers"
     assert {int(k.split(".")[3]) for k in got if k.startswith(lang)} == set(range(5))
     np.testing.assert_array_equal(got[f"{lang}.1.mlp.up_proj.weight"], base[f"{lang}.1.mlp.up_proj.weight"])

@@ -32,7 +32,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import make_models  # noqa: E402
-from make_models import PRESETS, Shape, base_tensor, delta_tensor, tensor_specs  # noqa: E402
+from make_models import PRESETS, Shape, base_tensor, delta_tensor, shard_groups, tensor_specs  # noqa: E402
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
@@ -105,19 +105,6 @@ def tensor(name: str, shp: tuple[int, ...], seed: int, k: int, base_rows: int) -
         g = torch.Generator().manual_seed(seed * 7919 + k)
         t = torch.cat([t, 0.02 * torch.randn((rows - base_rows, *shp[1:]), generator=g)])
     return t
-
-
-def shard_groups(specs: list[tuple[str, tuple[int, ...]]], isz: int, shard_bytes: int) -> list[list]:
-    groups: list[list] = [[]]
-    size = 0
-    for name, shp in specs:
-        nbytes = math.prod(shp) * isz
-        if groups[-1] and size + nbytes > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, shp))
-        size += nbytes
-    return groups
 
 
 def write_weights(folder: str, kind: str, specs, dtype: torch.dtype, shard_bytes: int,  # type: ignore[no-untyped-def]

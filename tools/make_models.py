@@ -157,12 +157,9 @@ def delta_tensor(name: str, shape: tuple[int, ...], seed: int, model: int) -> to
     return d + big * 0.02 * torch.randn(shape, generator=g)
 
 
-def write_set(folders: list[str], shape: Shape, seed: int = 0, shard_bytes: int = 2_000_000_000,
-              dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write models: folders[0] is the base, folders[k] is the base plus delta k."""
-    specs = tensor_specs(shape)
-    code = code_of(dtype)
-    isz = torch.tensor([], dtype=dtype).element_size()
+def shard_groups(specs: list[tuple[str, tuple[int, ...]]], isz: int,
+                 shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Tensors split into shards in order, each at most `shard_bytes` unless one tensor is larger."""
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shp in specs:
@@ -172,6 +169,16 @@ def write_set(folders: list[str], shape: Shape, seed: int = 0, shard_bytes: int 
             size = 0
         groups[-1].append((name, shp))
         size += nbytes
+    return groups
+
+
+def write_set(folders: list[str], shape: Shape, seed: int = 0, shard_bytes: int = 2_000_000_000,
+              dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write models: folders[0] is the base, folders[k] is the base plus delta k."""
+    specs = tensor_specs(shape)
+    code = code_of(dtype)
+    isz = torch.tensor([], dtype=dtype).element_size()
+    groups = shard_groups(specs, isz, shard_bytes)
     n = len(groups)
     shard_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for folder in folders:
