@@ -213,7 +213,11 @@ class Executor:
 
     def _run_tasks(self, journal: Journal, budget: int) -> tuple[int, int, dict[str, Entry], dict[str, str]]:
         tasks = self.plan.tasks
+        damaged = self._check_kept(journal)
         kept = sum(1 for t in tasks if journal.done(t.name, t.fingerprint))
+        if damaged:
+            self.progress.note(f"{len(damaged)} tensor(s) an earlier run journaled no longer match their bytes "
+                               f"on disk (e.g. {damaged[0]}); they are merged again")
         if journal.resumed:
             changed = sum(1 for t in tasks if t.name in journal.entries and not journal.done(t.name, t.fingerprint))
             self.progress.note(f"resuming an interrupted run: {kept} of {len(tasks)} tensors already done"
@@ -423,6 +427,32 @@ class Executor:
         for e in self._uncommitted:
             entries[e.name] = e
         self._uncommitted, self._uncommitted_bytes = [], 0
+
+    def _check_kept(self, journal: Journal) -> list[str]:
+        """Journaled tensors are trusted only if their bytes in the shard still hash as journaled: the
+        rest are forgotten, so they are merged again. Returns their names."""
+        damaged = []
+        for shard in self.plan.shards:
+            path = os.path.join(self.out_dir, shard.name + PARTIAL)
+            if not os.path.exists(path):
+                path = os.path.join(self.out_dir, shard.name)  # renamed by a finalisation that was killed
+            kept = [self.plan.tasks[ti] for ti in shard.tasks
+                    if journal.done(self.plan.tasks[ti].name, self.plan.tasks[ti].fingerprint)]
+            if not kept:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    for t in kept:
+                        h = xxhash.xxh3_128()
+                        f.seek(t.begin)
+                        for off in range(0, t.nbytes, HASH_READ_BYTES):
+                            h.update(f.read(min(HASH_READ_BYTES, t.nbytes - off)))
+                        if h.hexdigest() != journal.entries[t.name].xxh3_128:
+                            damaged.append(t.name)
+            except FileNotFoundError:
+                damaged += [t.name for t in kept]
+        journal.forget(damaged)
+        return damaged
 
     def _rehash(self, task: Task, w: ShardWriter, shard_hash: xxhash.xxh3_128, entry: Entry,
                 entries: dict[str, Entry]) -> None:

@@ -96,18 +96,31 @@ class Journal:
             raise disk_error(self.dir, e) from e
 
     def _read(self) -> None:
+        """Every valid line; a damaged line is skipped (its tensor is redone), and a torn tail (a kill
+        mid-append) is cut off before anything is appended, so no later line is glued to it."""
         path = os.path.join(self.dir, JOURNAL_FILE)
         if not os.path.exists(path):
             return
+        end = 0  # just past the last complete line
         with open(path, "rb") as f:
             for line in f:
                 if not line.endswith(b"\n"):
-                    break  # torn by a kill mid-append: that tensor is redone
+                    break
+                end += len(line)
                 try:
                     e = Entry(**json.loads(line))
+                    if not isinstance(e.name, str) or not isinstance(e.xxh3_128, str):
+                        raise TypeError("not an entry")
                 except (ValueError, TypeError):
-                    break
+                    continue
                 self.entries[e.name] = e
+        if os.path.getsize(path) > end:
+            os.truncate(path, end)
+
+    def forget(self, names: list[str]) -> None:
+        """Drop entries whose bytes turned out not to be what they record: those tensors are redone."""
+        for name in names:
+            self.entries.pop(name, None)
 
     def done(self, name: str, fingerprint: str) -> Entry | None:
         """The journal entry of tensor `name` if finished under the same task fingerprint."""
