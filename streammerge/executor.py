@@ -493,9 +493,14 @@ class Executor:
         if not finished_output(self.out_dir):
             return False
         if manifest_field(self.out_dir, "plan_fingerprint") == self.plan.fingerprint and not self.overwrite:
-            self.progress.note(f"{self.out_dir} already holds this exact merge (plan {self.plan.fingerprint[:12]}); "
-                          "nothing to do")
-            return True
+            broken = [s.name for s in self.plan.shards if not _has_size(os.path.join(self.out_dir, s.name), s.size)]
+            if not broken:
+                self.progress.note(f"{self.out_dir} already holds this exact merge (plan "
+                                   f"{self.plan.fingerprint[:12]}); nothing to do (`streammerge verify` re-hashes it)")
+                return True
+            self.progress.note(f"{self.out_dir} holds this merge, but {broken[0]} is missing or has another size; "
+                               "merging again")
+            return False
         if not (self.overwrite or self.replace_changed):
             raise OutputError(f"{self.out_dir} already holds a finished merge ({MANIFEST}) of a different config or "
                               "inputs; pass --overwrite to replace it, or choose another output folder")
@@ -697,6 +702,13 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     """The bytes of a CPU tensor, without a copy when it is contiguous."""
     arr = t.contiguous().view(torch.uint8).numpy().reshape(-1)
     return memoryview(arr)  # type: ignore[arg-type]  # ndarray has the buffer protocol; numpy's 3.11 stubs omit it
+
+
+def _has_size(path: str, size: int) -> bool:
+    try:
+        return os.path.isfile(path) and os.path.getsize(path) == size
+    except OSError:
+        return False
 
 
 def _remove_outputs(out: str) -> None:

@@ -74,7 +74,8 @@ def read_header(path: str) -> FileHeader:
                 raise InputError(_bad(path, f"file is {file_size} bytes, too short for a header"))
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES or 8 + n > file_size:
-                raise InputError(_bad(path, f"header length {n} does not fit a {file_size}-byte file"))
+                raise InputError(_bad(path, f"its first 8 bytes are not a header length that fits the "
+                                            f"{file_size}-byte file (is it a safetensors file at all?)"))
             raw = f.read(n)
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
@@ -84,9 +85,13 @@ def read_header(path: str) -> FileHeader:
 def parse_header(path: str, raw: bytes, file_size: int) -> FileHeader:
     """Validate header bytes `raw` (without the 8-byte length) of a file of `file_size` bytes."""
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(_bad(path, f"header is not valid JSON ({e})")) from e
+    except _DuplicateKey as e:
+        raise InputError(_bad(path, f"the header names {e.args[0]!r} twice")) from None
+    except RecursionError:
+        raise InputError(_bad(path, "the header is nested too deeply to be a tensor table")) from None
     if not isinstance(obj, dict):
         raise InputError(_bad(path, "header is not a JSON object"))
     data_start = 8 + len(raw)
@@ -106,6 +111,20 @@ def parse_header(path: str, raw: bytes, file_size: int) -> FileHeader:
             _bad(path, f"data ends at byte {pos} but the file has {file_size} bytes (truncated?)")
         )
     return FileHeader(path, data_start, file_size, {e.name: e for e in entries}, metadata)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object, refusing a key given twice (json would keep the last silently)."""
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
 
 
 def _entry(path: str, name: str, spec: object, data_start: int) -> TensorEntry:

@@ -31,6 +31,12 @@ BIN_SINGLE_FILE = "pytorch_model.bin"
 PAGE = mmap.PAGESIZE
 
 
+def _inside(name: str) -> bool:
+    """A shard name that stays inside its model folder: relative, not climbing out, not the folder."""
+    norm = os.path.normpath(name) if name else "."
+    return not os.path.isabs(name) and "\0" not in name and norm != "." and norm.split(os.sep)[0] != ".."
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """Where one input tensor lives, and how it is seen as rows."""
@@ -71,6 +77,10 @@ class ModelIndex:
     def _load(self) -> None:
         index_name, weight_map, shards = self._find_shards()
         for shard in shards:
+            if not _inside(shard):
+                raise InputError(f"model {self.label}: {index_name} names the shard {shard!r}, outside the model "
+                                 f"folder {self.folder}; every shard must lie inside it (a damaged or crafted "
+                                 "index: re-download the model)")
             path = os.path.join(self.folder, shard)
             if not os.path.isfile(path):
                 raise InputError(f"model {self.label}: shard {path} is listed in {index_name} but missing; "

@@ -34,7 +34,7 @@ from .config import (
     parse_documents,
 )
 from .dtypes import compute_dtype, is_float, itemsize, promote
-from .errors import ConfigError, PlanError
+from .errors import ConfigError, InputError, PlanError
 from .format import TensorEntry, build_header
 from .hub import resolve_model, resolve_models
 from .index import ModelIndex, TensorRef
@@ -159,6 +159,7 @@ def make_plan(cfg: MergeConfig, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     b.build()
     if b.problems:
         raise PlanError(_dedupe(b.problems))
+    _check_donor_config(b.models[b.donor()])
     identities = [m.identity for m in b.models]
     arithmetic = "cpu" if device == "cpu" else device.split(":")[0]
     tasks, shards = _layout(b.tasks, max_shard_bytes, method.name, identities, arithmetic)
@@ -205,6 +206,26 @@ class PlannedIndex(ModelIndex):
             self.tensors[t.name] = TensorRef(shard, TensorEntry(t.name, t.out_dtype, t.shape, t.begin,
                                                                 t.begin + t.nbytes))
         self._lock = threading.Lock()
+
+
+def _check_donor_config(donor: Model) -> None:
+    """The output's config.json comes from the donor: find a missing or broken one before any work,
+    not after every tensor is merged."""
+    if isinstance(donor.index, PlannedIndex):
+        return  # written by an earlier stage, checked when that stage is planned
+    path = os.path.join(donor.folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"model {donor.ref}: {path} is missing; the output's config.json is copied from this "
+                         "model (the base model, else the first): restore it or re-download the model") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise InputError(f"model {donor.ref}: {path} is not readable JSON ({type(e).__name__}: {str(e)[:200]}); the "
+                         "output's config.json is copied from it: restore it or re-download the model") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"model {donor.ref}: {path} holds a JSON {type(cfg).__name__}, not an object; restore it "
+                         "or re-download the model")
 
 
 def config_refs(cfg: MergeConfig) -> list[ModelRef]:

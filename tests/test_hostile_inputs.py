@@ -1,0 +1,147 @@
+"""Hostile and broken inputs get a clear error naming the file, never a traceback or a hang:
+generated corruptions of safetensors headers, shard indexes whose entries climb out of the model
+folder, duplicate tensor names, absurd layer numbers, a donor config.json that is missing or not
+an object (found at plan time, before OUT is touched); and a finished output missing a shard is
+not "up to date" but merged again."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+
+import make_models
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streammerge.cli import main
+
+SHAPE = make_models.PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("hostile") / "model")
+    make_models.write_set([folder], SHAPE, seed=2, shard_bytes=80_000)
+    return folder
+
+
+def copy(src: str, dest: str) -> str:
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
+    return dest
+
+
+def plan(folder: str, tmp: str) -> tuple[int, str]:
+    cfg = os.path.join(tmp, "m.yml")
+    with open(cfg, "w") as f:
+        f.write(f"merge_method: linear\nmodels: [{{model: {folder}}}]\nparameters: {{weight: 1}}\n")
+    r = CliRunner().invoke(main, ["plan", cfg])
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.output
+    return r.exit_code, r.output
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_corrupted_headers_are_clear_errors(pristine, tmp_path_factory, data) -> None:
+    tmp = str(tmp_path_factory.mktemp("h"))
+    folder = copy(pristine, os.path.join(tmp, "m"))
+    shard = os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[0])
+    with open(shard, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        for _ in range(data.draw(st.integers(1, 4))):
+            pos = data.draw(st.integers(0, 8 + n - 1))
+            f.seek(pos)
+            f.write(bytes([data.draw(st.integers(0, 255))]))
+    code, out = plan(folder, tmp)
+    assert code in (0, 4, 5), out
+    if code == 4:
+        assert os.path.basename(shard) in out
+
+
+@pytest.mark.parametrize("entry", ["/etc/hostname", "../outside.safetensors", "a/../../outside.safetensors",
+                                   "", "sub/../../../x.safetensors"])
+def test_a_shard_index_may_not_leave_the_model_folder(pristine, tmp_path, entry) -> None:
+    folder = copy(pristine, str(tmp_path / "m"))
+    shard = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[0]
+    shutil.copy(os.path.join(folder, shard), tmp_path / "outside.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    with open(index) as f:
+        wm = json.load(f)
+    wm["weight_map"][next(iter(wm["weight_map"]))] = entry
+    with open(index, "w") as f:
+        json.dump(wm, f)
+    code, out = plan(folder, str(tmp_path))
+    assert code == 4 and "outside the model folder" in out, out
+    r = CliRunner().invoke(main, ["hash", folder])
+    assert r.exit_code == 4 and "outside the model folder" in r.output
+
+
+def test_a_text_file_as_shard_and_duplicate_names(pristine, tmp_path) -> None:
+    folder = copy(pristine, str(tmp_path / "m"))
+    shard = os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[0])
+    with open(shard, "wb") as f:
+        f.write(b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    code, out = plan(folder, str(tmp_path))
+    assert code == 4 and "first 8 bytes are not a header length" in out and "1936876918" not in out, out
+    folder = copy(pristine, str(tmp_path / "d"))
+    shard = os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[0])
+    with open(shard, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(n)
+        rest = f.read()
+    obj = json.loads(head)
+    name = next(k for k in obj if k != "__metadata__")
+    text = head.decode().rstrip()
+    doubled = text[:-1] + "," + json.dumps(name) + ":" + json.dumps(obj[name]) + "}"
+    doubled += " " * (-len(doubled) % 8)
+    with open(shard, "wb") as f:
+        f.write(struct.pack("<Q", len(doubled)) + doubled.encode() + rest)
+    code, out = plan(folder, str(tmp_path))
+    assert code == 4 and f"names {name!r} twice" in out, out
+
+
+def test_an_absurd_layer_number_is_refused_at_once(tmp_path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file({"model.layers.99999999999.x.weight": torch.ones(2, 2)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{}")
+    code, out = plan(str(folder), str(tmp_path))
+    assert code == 5 and "a layer number past" in out, out
+
+
+@pytest.mark.parametrize("content", [None, "[1, 2]", "{not json", "\xff\xfe"])
+def test_the_donor_config_is_checked_before_any_work(pristine, tmp_path, content) -> None:
+    folder = copy(pristine, str(tmp_path / "m"))
+    path = os.path.join(folder, "config.json")
+    if content is None:
+        os.remove(path)
+    else:
+        with open(path, "w", encoding="latin-1") as f:
+            f.write(content)
+    code, out = plan(folder, str(tmp_path))
+    assert code == 4 and "config.json" in out, out
+    cfg = tmp_path / "m.yml"
+    r = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out")])
+    assert r.exit_code == 4 and not (tmp_path / "out").exists(), r.output
+
+
+def test_a_finished_output_missing_a_shard_is_merged_again(pristine, tmp_path) -> None:
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"merge_method: linear\nmodels: [{{model: {pristine}}}]\nparameters: {{weight: 1}}\n")
+    out = tmp_path / "out"
+    assert CliRunner().invoke(main, ["run", str(cfg), str(out), "--out-shard-size", "60K", "-q"]).exit_code == 0
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    want = (out / shards[1]).read_bytes()
+    os.remove(out / shards[1])
+    r = CliRunner().invoke(main, ["run", str(cfg), str(out), "--out-shard-size", "60K"])
+    assert r.exit_code == 0 and "missing or has another size; merging again" in r.output, r.output
+    assert (out / shards[1]).read_bytes() == want
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
