@@ -18,7 +18,9 @@ downloads finished rows.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +35,7 @@ from .budget import WRITE_BEHIND_BYTES, block_bytes, chunk_budget, chunk_rows, w
 from .dtypes import compute_dtype, itemsize, torch_dtype
 from .errors import OutputError, PlanError
 from .journal import WORK_DIR, Entry, Journal, RunLock, crash_point
-from .output import INPUT_KEY_SEP, MANIFEST, OWNED_FILES, finalize, finished_output, manifest_field
+from .output import INDEX, INPUT_KEY_SEP, MANIFEST, finalize, finished_output, manifest_field, output_files, owned_files
 from .overlap import ReadAhead, RingArena, WriteBehind
 from .planner import Plan, Task
 from .writer import PARTIAL, ShardWriter
@@ -168,6 +170,7 @@ class Executor:
         self._uncommitted_bytes = 0
         self._copy_stream: torch.cuda.Stream | None = None  # host-to-GPU copies (the reader's)
         self._arena = RingArena(0)  # the blocks' memory, sized when the run's chunking is known
+        self._ours: set[str] = set()  # files in OUT a previous run provably wrote (output.owned_files)
         self.replace_changed = replace_changed
         self.copy_tokenizer, self.write_card = copy_tokenizer, write_card
         self._means: dict[str, torch.Tensor] = {}  # padding rows per vocabulary tensor
@@ -486,7 +489,7 @@ class Executor:
         """A kill during finalisation may have renamed a shard already; it is still ours to finish."""
         final = os.path.join(self.out_dir, shard_name)
         partial = final + PARTIAL
-        if os.path.exists(final) and not os.path.exists(partial):
+        if shard_name in self._ours and os.path.exists(final) and not os.path.exists(partial):
             os.replace(final, partial)
 
     def _up_to_date(self) -> bool:
@@ -494,11 +497,13 @@ class Executor:
             return False
         if manifest_field(self.out_dir, "plan_fingerprint") == self.plan.fingerprint and not self.overwrite:
             broken = [s.name for s in self.plan.shards if not _has_size(os.path.join(self.out_dir, s.name), s.size)]
+            files = _recorded_files(self.out_dir)
+            broken += sorted(files - owned_files(self.out_dir)) if files else []
             if not broken:
                 self.progress.note(f"{self.out_dir} already holds this exact merge (plan "
                                    f"{self.plan.fingerprint[:12]}); nothing to do (`streammerge verify` re-hashes it)")
                 return True
-            self.progress.note(f"{self.out_dir} holds this merge, but {broken[0]} is missing or has another size; "
+            self.progress.note(f"{self.out_dir} holds this merge, but {broken[0]} is missing or changed since; "
                                "merging again")
             return False
         if not (self.overwrite or self.replace_changed):
@@ -516,15 +521,38 @@ class Executor:
             raise OutputError(f"{out}: cannot create the output folder ({e.strerror})") from e
         if not os.access(out, os.W_OK):
             raise OutputError(f"{out} is not writable; choose a folder you can write to")
+        self._refuse_input_folder()
         work = os.path.join(out, WORK_DIR)
         finished = finished_output(out)
         if not finished and not os.path.isdir(work) and any(not n.startswith(".") for n in os.listdir(out)):
             raise OutputError(f"{out} is not empty and holds no streammerge run; choose an empty or new folder "
                               "(nothing there was changed)")
         lock = RunLock(out)
-        if finished or self.restart:
-            _remove_outputs(out)
+        try:
+            self._ours = owned_files(out)
+            # the shard files a loader looks for first must be ours or absent, even where this
+            # layout does not write them: a stray model.safetensors would be loaded instead
+            will_write = {MANIFEST, "model.safetensors", INDEX, *(s.name for s in self.plan.shards),
+                          *output_files(self.plan, out, self.copy_tokenizer, self.write_card)}
+            in_the_way = sorted(n for n in will_write if os.path.lexists(os.path.join(out, n)) and n not in self._ours)
+            if in_the_way:
+                raise OutputError(f"{out} holds {', '.join(in_the_way[:5])}{' ...' if len(in_the_way) > 5 else ''}, "
+                                  "which streammerge did not write (or which changed since it did) and would have "
+                                  "to replace; move them away or choose another folder (nothing there was changed)")
+            if finished or self.restart:
+                _remove_outputs(out, self._ours)
+                self._ours = set()
+        except BaseException:
+            lock.release()
+            raise
         return lock
+
+    def _refuse_input_folder(self) -> None:
+        here = os.path.realpath(self.out_dir)
+        for m in self.plan.models:
+            if os.path.realpath(m.folder) == here:
+                raise OutputError(f"{self.out_dir} is the folder of the input model {m.ref}; streammerge never "
+                                  "writes into an input's folder: choose another output folder")
 
     def _read(self, task: Task, row0: int, row1: int, hashers: list[xxhash.xxh3_128] | None = None) -> torch.Tensor:
         """Rows [row0, row1) of every input, cast as the config asks, in the compute dtype, in the
@@ -704,6 +732,16 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(arr)  # type: ignore[arg-type]  # ndarray has the buffer protocol; numpy's 3.11 stubs omit it
 
 
+def _recorded_files(out: str) -> set[str]:
+    """The non-shard files a finished merge's manifest lists."""
+    try:
+        with open(os.path.join(out, MANIFEST)) as f:
+            files = json.load(f).get("files")
+        return set(files) if isinstance(files, dict) else set()
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
 def _has_size(path: str, size: int) -> bool:
     try:
         return os.path.isfile(path) and os.path.getsize(path) == size
@@ -711,16 +749,17 @@ def _has_size(path: str, size: int) -> bool:
         return False
 
 
-def _remove_outputs(out: str) -> None:
-    """Unlink (never truncate) what a previous run wrote, so mmapped readers keep their pages.
+_PARTIAL_SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors" + re.escape(PARTIAL))
 
-    Keeps the work folder's lock, which the caller holds.
-    """
+
+def _remove_outputs(out: str, ours: set[str]) -> None:
+    """Unlink (never truncate) what a previous run provably wrote (`ours`), so mmapped readers keep
+    their pages; nothing else in `out` is touched. Keeps the work folder's lock, which the caller holds."""
     for name in os.listdir(out):
         path = os.path.join(out, name)
         if name == WORK_DIR:
             for inner in os.listdir(path):
-                if inner != "lock":
+                if inner != "lock" and not os.path.isdir(os.path.join(path, inner)):
                     os.unlink(os.path.join(path, inner))
-        elif name in OWNED_FILES or (name.startswith("model") and ".safetensors" in name):
-            os.unlink(path)
+        elif name in ours or (_PARTIAL_SHARD.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path)):
+            os.unlink(path)  # an unfinished run's shards carry streammerge's own names and suffix

@@ -23,6 +23,7 @@ MANIFEST = "streammerge.manifest.json"
 MANIFEST_FORMAT = "streammerge-manifest/1"
 INPUT_KEY_SEP = "::"  # journal keys of input tensors: "<model ref>::<tensor name>"
 INDEX = "model.safetensors.index.json"
+FILES_RECORD = "files.json"  # in the work folder: the files finalisation writes, hashed before they are
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json")
 OWNED_FILES = (MANIFEST, INDEX, "config.json", "generation_config.json", "README.md", "mergekit_config.yml",
@@ -54,20 +55,22 @@ def finalize(plan: Plan, out: str, entries: dict[str, Entry], shard_hashes: dict
     """Write everything but the weights, then the manifest, rename shards, write the index.
 
     Each step can be repeated after a kill: files are replaced atomically and a shard
-    already renamed by an earlier attempt stays renamed.
+    already renamed by an earlier attempt stays renamed. The files' hashes are recorded in the
+    work folder before they are written, and in the manifest, so what streammerge wrote can be
+    told from what a user put there (only the former is ever replaced or removed).
 
     Returns:
         The xxh3-128 of the manifest file, the output's one-line identity.
     """
-    _write_config(plan, out)
-    if copy_tokenizer:
-        _copy_tokenizer(plan, out)
-    if write_card:
-        write_file_atomic(os.path.join(out, "mergekit_config.yml"), plan.config.text.encode())
-        title = os.path.basename(os.path.abspath(out))
-        write_file_atomic(os.path.join(out, "README.md"), model_card(plan, title).encode())
+    files = output_files(plan, out, copy_tokenizer, write_card)
+    index = files.pop(INDEX, None)
+    record = file_record({**files, **({INDEX: index} if index is not None else {})})
+    write_file_atomic(os.path.join(out, WORK_DIR, FILES_RECORD), json.dumps(record, sort_keys=True).encode())
+    for name, data in files.items():
+        write_file_atomic(os.path.join(out, name), data)
     crash_point("card-written")
-    manifest = json.dumps(make_manifest(plan, entries, shard_hashes), indent=2, sort_keys=True).encode() + b"\n"
+    manifest = json.dumps(make_manifest(plan, entries, shard_hashes, record), indent=2,
+                          sort_keys=True).encode() + b"\n"
     write_file_atomic(os.path.join(out, MANIFEST), manifest)
     crash_point("manifest-written")
     for shard in plan.shards:
@@ -76,10 +79,78 @@ def finalize(plan: Plan, out: str, entries: dict[str, Entry], shard_hashes: dict
             os.replace(partial, os.path.join(out, shard.name))
             crash_point("shard-renamed")
     fsync_dir(out)
-    if len(plan.shards) > 1:
-        write_file_atomic(os.path.join(out, INDEX), json.dumps(shard_index(plan), indent=2).encode() + b"\n")
+    if index is not None:
+        write_file_atomic(os.path.join(out, INDEX), index)
         crash_point("index-written")
     return xxhash.xxh3_128_hexdigest(manifest)
+
+
+def output_files(plan: Plan, out: str, copy_tokenizer: bool = True, write_card: bool = True) -> dict[str, bytes]:
+    """Every file of the output but the shards and the manifest, by name, as it will be written."""
+    files = {"config.json": _config_bytes(plan)}
+    if copy_tokenizer:
+        files.update(_tokenizer_files(plan))
+    if write_card:
+        files["mergekit_config.yml"] = plan.config.text.encode()
+        files["README.md"] = model_card(plan, os.path.basename(os.path.abspath(out))).encode()
+    if len(plan.shards) > 1:
+        files[INDEX] = json.dumps(shard_index(plan), indent=2).encode() + b"\n"
+    return files
+
+
+def file_record(files: dict[str, bytes]) -> dict[str, dict[str, object]]:
+    return {name: {"size": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)} for name, data in files.items()}
+
+
+def owned_files(out: str) -> set[str]:
+    """The files of `out` that streammerge provably wrote and that are unchanged since: those its
+    manifest (or an unfinished run's record) lists, with the same hash (shards: the same size),
+    and the manifest itself. Everything else in `out` is somebody else's."""
+    ours: set[str] = set()
+    manifest = _json_object(os.path.join(out, MANIFEST))
+    if manifest is not None and isinstance(manifest.get("plan_fingerprint"), str):
+        ours.add(MANIFEST)
+        shards = manifest.get("shards")
+        for name, meta in (shards.items() if isinstance(shards, dict) else []):
+            path = os.path.join(out, str(name))
+            if _plain_name(name) and isinstance(meta, dict) and _regular(path) and \
+                    os.path.getsize(path) == meta.get("size"):
+                ours.add(name)
+        files = manifest.get("files")
+        if files is None:  # written before manifests listed their files: the names streammerge writes
+            ours.update(n for n in OWNED_FILES if _regular(os.path.join(out, n)))
+        ours.update(_matching(out, files))
+    ours.update(_matching(out, _json_object(os.path.join(out, WORK_DIR, FILES_RECORD))))
+    return ours
+
+
+def _matching(out: str, record: object) -> set[str]:
+    found = set()
+    for name, meta in (record.items() if isinstance(record, dict) else []):
+        path = os.path.join(out, str(name))
+        if _plain_name(name) and isinstance(meta, dict) and _regular(path) and \
+                os.path.getsize(path) == meta.get("size"):
+            with open(path, "rb") as f:
+                if xxhash.xxh3_128_hexdigest(f.read()) == meta.get("xxh3_128"):
+                    found.add(name)
+    return found
+
+
+def _plain_name(name: object) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def _regular(path: str) -> bool:
+    return os.path.isfile(path) and not os.path.islink(path)
+
+
+def _json_object(path: str) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read())
+        return obj if isinstance(obj, dict) else None
+    except (OSError, ValueError, RecursionError):
+        return None
 
 
 def shard_index(plan: Plan) -> dict[str, object]:
@@ -88,7 +159,8 @@ def shard_index(plan: Plan) -> dict[str, object]:
             "weight_map": {t.name: plan.shards[t.shard].name for t in plan.tasks}}
 
 
-def make_manifest(plan: Plan, entries: dict[str, Entry], shard_hashes: dict[str, str]) -> dict[str, object]:
+def make_manifest(plan: Plan, entries: dict[str, Entry], shard_hashes: dict[str, str],
+                  files: dict[str, dict[str, object]] | None = None) -> dict[str, object]:
     """The manifest: what was merged from what, and the xxh3-128 of every tensor and shard.
 
     Inputs carry the xxh3-128 of every input tensor's bytes as the merge read them, so
@@ -115,10 +187,11 @@ def make_manifest(plan: Plan, entries: dict[str, Entry], shard_hashes: dict[str,
                              "dtype": t.out_dtype, "shape": list(t.shape), "xxh3_128": entries[t.name].xxh3_128,
                              "fingerprint": t.fingerprint}
                     for t in plan.tasks},
+        "files": files or {},
     }
 
 
-def _write_config(plan: Plan, out: str) -> None:
+def _config_bytes(plan: Plan) -> bytes:
     donor = plan.models[plan.donor]
     path = os.path.join(donor.folder, "config.json")
     try:
@@ -139,13 +212,14 @@ def _write_config(plan: Plan, out: str) -> None:
             cfg["num_hidden_layers"] = plan.out_num_layers
     if plan.vocab_size is not None:
         cfg["vocab_size"] = plan.vocab_size
-    write_file_atomic(os.path.join(out, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
+    return (json.dumps(cfg, indent=2) + "\n").encode()
 
 
-def _copy_tokenizer(plan: Plan, out: str) -> None:
+def _tokenizer_files(plan: Plan) -> dict[str, bytes]:
     src = plan.models[plan.tokenizer_donor].folder
+    files: dict[str, bytes] = {}
     if plan.tokenizer_json is not None:  # rebuilt for the output vocabulary
-        write_file_atomic(os.path.join(out, "tokenizer.json"), plan.tokenizer_json.encode())
+        files["tokenizer.json"] = plan.tokenizer_json.encode()
     template = plan.chat_template
     for name in (*TOKENIZER_FILES, "generation_config.json"):
         if name == "tokenizer.json" and plan.tokenizer_json is not None:
@@ -158,10 +232,11 @@ def _copy_tokenizer(plan: Plan, out: str) -> None:
                 data = f.read()
             if template is not None and name == "tokenizer_config.json":
                 data = _with_template(path, data, template)
-            write_file_atomic(os.path.join(out, name), data)
+            files[name] = data
     if template is not None:
         # transformers 5 reads (and mergekit's output carries) chat_template.jinja; older readers the key
-        write_file_atomic(os.path.join(out, "chat_template.jinja"), template.encode())
+        files["chat_template.jinja"] = template.encode()
+    return files
 
 
 def _with_template(path: str, data: bytes, template: str) -> bytes:

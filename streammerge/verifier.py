@@ -63,6 +63,9 @@ def verify(out: str, check_inputs: bool = False) -> Report:
         rep.shards += 1
         rep.tensors += len(by_shard.get(shard, []))
         rep.problems += _check_shard(os.path.join(out, shard), meta, by_shard.get(shard, []))
+    files = manifest.get("files", {})
+    for name, meta in sorted(files.items() if isinstance(files, dict) else []):
+        rep.problems += _check_file(out, name, meta)
     if check_inputs:
         for inp in manifest.get("inputs", []):
             rep.inputs_checked += 1
@@ -93,6 +96,22 @@ def _check_shard(path: str, meta: dict, tensors: list[tuple[str, dict]]) -> list
     if whole != meta["xxh3_128"] and not problems:
         problems.append(f"shard {name}: header or padding bytes differ (bytes 0..{meta['header_bytes']})")
     return problems
+
+
+def _check_file(out: str, name: str, meta: object) -> list[str]:
+    """A file of the output other than a shard (config.json, the tokenizer, the shard index...)."""
+    path = os.path.join(out, name)
+    if not isinstance(meta, dict) or "/" in name:
+        return [f"file {name}: the manifest's entry is malformed"]
+    if not os.path.isfile(path):
+        return [f"file {name}: missing"]
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(READ_BYTES), b""):
+            h.update(block)
+    if h.hexdigest() != meta.get("xxh3_128"):
+        return [f"file {name}: content differs from what the merge wrote"]
+    return []
 
 
 def _check_input(inp: dict) -> list[str]:

@@ -142,6 +142,6 @@ def test_a_finished_output_missing_a_shard_is_merged_again(pristine, tmp_path) -
     want = (out / shards[1]).read_bytes()
     os.remove(out / shards[1])
     r = CliRunner().invoke(main, ["run", str(cfg), str(out), "--out-shard-size", "60K"])
-    assert r.exit_code == 0 and "missing or has another size; merging again" in r.output, r.output
+    assert r.exit_code == 0 and "missing or changed since; merging again" in r.output, r.output
     assert (out / shards[1]).read_bytes() == want
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
