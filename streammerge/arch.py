@@ -74,6 +74,9 @@ def layout_of(index: ModelIndex) -> Layout:
     for name in index.tensors:
         m = _LAYER.search(name)
         if m:
+            if len(m.group(1)) > len(str(MAX_LAYERS)):
+                raise PlanError(f"model {index.label}: tensor {name[:80]!r}... has a layer number past {MAX_LAYERS}; "
+                                "is this a model's tensor name?")
             prefix = name[: m.start()]
             layers.setdefault(prefix, {}).setdefault(int(m.group(1)), []).append(name[m.end():])
         else:

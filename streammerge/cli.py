@@ -43,7 +43,13 @@ class ByteSize(click.ParamType):
         m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         if not m or m.group(2).lower() not in _UNITS:
             self.fail(f"{value!r} is not a size; write e.g. 512M, 2GiB or 5B", param, ctx)
-        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        if self.positive and size <= 0:
+            self.fail(f"{value!r}: must be more than 0 bytes", param, ctx)
+        return size
+
+    def __init__(self, positive: bool = False) -> None:
+        self.positive = positive  # a memory budget must be; a shard size of 0 or less means no limit
 
 
 def _load(config_path: str) -> list[MergeConfig]:
@@ -53,6 +59,9 @@ def _load(config_path: str) -> list[MergeConfig]:
             text = f.read()
     except OSError as e:
         raise ConfigError([f"cannot read the config file ({e.strerror})"], config_path) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); save the "
+                           "config as UTF-8"], config_path) from None
     return parse(text, config_path)
 
 
@@ -106,7 +115,7 @@ _shard = click.option("--out-shard-size", type=ByteSize(), default=DEFAULT_SHARD
                       help="Largest output shard, in bytes (K/M/B suffixes: 10^3/10^6/10^9).")
 _seed = click.option("--random-seed", "--seed", "seed", type=int, default=DEFAULT_SEED, show_default=True,
                      help="Seed of the DARE keep-masks (counter-based: the same bytes every run).")
-_mem = click.option("--max-memory", type=ByteSize(), default=None,
+_mem = click.option("--max-memory", type=ByteSize(positive=True), default=None,
                     help="Memory budget for the whole process (e.g. 1GiB). Default: half the available RAM.")
 _verbose = click.option("-v", "--verbose", count=True, help="Show tracebacks for errors.")
 
@@ -489,8 +498,13 @@ def hash_cmd(model_dir: str, sha256: bool, write_to: bool, verbose: int) -> None
         click.echo(text, nl=False)
         return
     path = os.path.join(model_dir, MANIFEST)
-    if os.path.exists(path):
+    if os.path.lexists(path):  # a dangling link too: never written through
         raise OutputError(f"{path} exists; remove it first if you mean to replace it")
-    with open(path, "w") as f:
-        f.write(text)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write the manifest ({e.strerror}); print it instead (without --write) "
+                          "or make the folder writable") from None
     click.echo(f"wrote {path}")

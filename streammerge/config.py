@@ -8,6 +8,7 @@ Each problem names its path in the file, e.g. `models[3].parameters.density`.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -119,6 +120,58 @@ class MergeConfig:
     chat_template: str | None = None  # "auto", a built-in name or a Jinja template (chat.py)
 
 
+MAX_YAML_NODES = 200_000  # a config has hundreds; an alias bomb ("billion laughs") expands to billions
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, source: str = "config") -> Any:
+    """The YAML document `text`, refusing duplicate keys, alias bombs and absurd nesting.
+
+    Raises:
+        ConfigError: saying what is wrong and where.
+    """
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError([f"the YAML expands to more than {MAX_YAML_NODES} values through its aliases "
+                               "(&anchor / *alias); write the config out plainly"], source)
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], source) from e
+    except RecursionError:
+        raise ConfigError(["the YAML is nested too deeply to be a merge config"], source) from None
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Values in the document once every alias is expanded (shared nodes counted each time)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once; the loader refuses it anyway
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, MAX_YAML_NODES + 1)
+    return memo[id(node)]
+
+
 def parse_config(text: str, source: str = "config",
                  methods: Mapping[str, Mapping[str, ParamSpec]] | None = None) -> MergeConfig:
     """Parse the YAML `text` of one mergekit config.
@@ -137,10 +190,7 @@ def parse_config(text: str, source: str = "config",
         >>> cfg.slices[0].sources[0].model.path
         'a'
     """
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError([f"not valid YAML: {e}"], source) from e
+    doc = load_yaml(text, source)
     p = _Parser(source)
     cfg = p.document(doc, text)
     if cfg is not None and methods is not None and cfg.merge_method:
@@ -356,6 +406,10 @@ class _Parser:
         code = config_dtype_code(v) if isinstance(v, str) else None
         if code is None:
             self.fail(path, f"unknown dtype {v!r}; use one of {', '.join(CONFIG_DTYPES)}")
+        elif code == "I64":
+            self.fail(path, "int64 would cast every merged weight to a whole number (nearly all become 0); use "
+                            "bfloat16, float16 or float32")
+            return None
         return code
 
     def tokenizer(self, doc: dict[str, Any]) -> str | ModelRef | None:
@@ -502,9 +556,13 @@ def _check_setting(setting: Setting, spec: ParamSpec, path: str) -> list[str]:
     values = setting.values if isinstance(setting, Gradient) else (setting,)
     out = []
     for i, v in enumerate(values):
+        where = f"{path}[{i}]" if isinstance(setting, Gradient) else path
         try:
-            evaluate(v, "", 0.0, spec.kind)
+            value = evaluate(v, "", 0.0, spec.kind)
         except ParamTypeError as e:
-            where = f"{path}[{i}]" if isinstance(setting, Gradient) else path
             out.append(f"{where}: {e}")
+            continue
+        low, high = spec.bounds or (-math.inf, math.inf)
+        if isinstance(value, float) and not low <= value <= high:
+            out.append(f"{where}: {spec.name} must lie in [{low:g}, {high:g}], got {value:g}")
     return out

@@ -51,6 +51,7 @@ class ParamSpec:
     default: Scalar | None = None
     required: bool = False
     nullable: bool = False  # `passthrough.scale` may be left unset
+    bounds: tuple[float, float] | None = None  # inclusive range a number must lie in (a share, a fraction)
 
 
 class ParamTypeError(ValueError):
@@ -73,24 +74,29 @@ def coerce(value: object, kind: Kind) -> Scalar:
         raise ParamTypeError(f"expected a string, got {value!r}")
     num = _number(value)
     if num is None or not math.isfinite(num):
-        raise ParamTypeError(f"expected a number, got {value!r}")
+        raise ParamTypeError(f"expected a number, got {_short(value)}")
     if kind == "int":
         if float(num) != int(num):
-            raise ParamTypeError(f"expected a whole number, got {value!r}")
+            raise ParamTypeError(f"expected a whole number, got {_short(value)}")
         return int(num)
     return float(num)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}...({len(text)} characters)"
 
 
 def _number(value: object) -> float | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
             return float(value.strip())
-        except ValueError:
-            return None
+    except (ValueError, OverflowError):  # "abc", or an integer of hundreds of digits
+        return None
     return None
 
 

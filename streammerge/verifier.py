@@ -55,6 +55,16 @@ def verify(out: str, check_inputs: bool = False) -> Report:
         raise IntegrityError(f"{out}: no {MANIFEST}, nothing to verify against{hint}") from e
     except ValueError as e:
         raise IntegrityError(f"{path}: not valid JSON ({e}); the manifest itself is damaged") from e
+    try:
+        return _verify(out, manifest, check_inputs)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise IntegrityError(f"{path}: the manifest is malformed ({type(e).__name__}: {str(e)[:200]}); "
+                             "it cannot be checked against") from None
+
+
+def _verify(out: str, manifest: dict, check_inputs: bool) -> Report:
+    if not isinstance(manifest, dict):
+        raise TypeError(f"a JSON {type(manifest).__name__}, not an object")
     rep = Report()
     by_shard: dict[str, list[tuple[str, dict]]] = {}
     for name, t in manifest.get("tensors", {}).items():

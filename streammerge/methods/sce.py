@@ -91,7 +91,7 @@ class Sce(MergeOp):
 SCE = MethodDef(
     name="sce",
     params=(ParamSpec("int8_mask", "bool", "shared", default=False),
-            ParamSpec("select_topk", "float", "shared", default=1.0)),
+            ParamSpec("select_topk", "float", "shared", default=1.0, bounds=(0.0, 1.0))),
     base="required", min_inputs=1, max_inputs=None, make=Sce, min_others=1,
     pretty="SCE", url="https://arxiv.org/abs/2408.07990",
 )

@@ -58,7 +58,7 @@ class Slerp(MergeOp):
 
 SLERP = MethodDef(
     name="slerp",
-    params=(ParamSpec("t", "float", "shared", required=True),),
+    params=(ParamSpec("t", "float", "shared", required=True, bounds=(0.0, 1.0)),),
     base="required", min_inputs=2, max_inputs=2, make=Slerp, min_others=1,
     pretty="SLERP", url="https://en.wikipedia.org/wiki/Slerp",
 )

@@ -123,14 +123,14 @@ def _family(name: str, sparsify: str, consensus: bool, normalize: bool, rescale:
             pretty: str, url: str) -> MethodDef:
     params: tuple[ParamSpec, ...] = (
         ParamSpec("weight", "float", "nonbase", required=True),
-        ParamSpec("density", "float", "nonbase", default=1.0),
+        ParamSpec("density", "float", "nonbase", default=1.0, bounds=(0.0, 1.0)),
         ParamSpec("int8_mask", "bool", "shared", default=False),
         ParamSpec("normalize", "bool", "shared", default=normalize),
         ParamSpec("rescale", "bool", "shared", default=rescale),
         ParamSpec("lambda", "float", "shared", default=1.0),
     )
     if sparsify == "outliers":
-        params += (ParamSpec("gamma", "float", "nonbase", default=0.01),)
+        params += (ParamSpec("gamma", "float", "nonbase", default=0.01, bounds=(0.0, 1.0)),)
     if sparsify == "della":
         params += (ParamSpec("epsilon", "float", "nonbase", default=0.15),)
     return MethodDef(name=name, params=params, base="required", min_inputs=1, max_inputs=None,

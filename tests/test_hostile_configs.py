@@ -1,0 +1,147 @@
+"""Generated configs — wrong types, out-of-range and non-finite numbers, huge integers, deep
+nesting, alias bombs, duplicate keys, bytes that are not UTF-8 — each end, within seconds, in exit
+0, 3, 4 or 5 with a message naming the config path, never a traceback or a hang. And the ranges a
+user would expect hold: density, gamma, select_topk and slerp's t lie in [0, 1] (gradients too);
+int64 output dtypes, --max-memory 0 and a manifest of the wrong shape are refused clearly."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streammerge.cli import main
+from streammerge.methods import METHODS
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.integers(10**300, 10**400),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+                    st.sampled_from(["0.5", "1e-5", "nan", "inf", "-0.5", "1.5", "abc"]))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(["filter", "value", "x"]), inner, max_size=3)),
+    max_leaves=8)
+PARAMS = st.dictionaries(st.sampled_from(["weight", "density", "t", "gamma", "epsilon", "lambda", "normalize",
+                                          "select_topk", "rescale", "int8_mask", "bogus"]), VALUES, max_size=4)
+
+
+@st.composite
+def configs(draw, model: str) -> str:  # type: ignore[no-untyped-def]
+    if draw(st.integers(0, 2)) != 0:  # a valid config with one key changed: reaches planning and inputs
+        doc = {"merge_method": draw(st.sampled_from(["linear", "ties", "slerp", "dare_ties"])),
+               "base_model": model, "models": [{"model": model, "parameters": {"weight": 0.5, "density": 0.5}}],
+               "parameters": {"t": 0.5}}
+        key = draw(st.sampled_from(["dtype", "out_dtype", "tokenizer_source", "chat_template", "base_model",
+                                    "parameters", "models", "merge_method"]))
+        if draw(st.booleans()):
+            doc[key] = draw(st.one_of(VALUES, PARAMS, st.sampled_from([model, "bfloat16", "chatml", "union"])))
+        return yaml.safe_dump(doc, allow_unicode=True)
+    doc = {"merge_method": draw(st.sampled_from([*METHODS, "linaer", 3, None]))}
+    models = draw(st.lists(st.fixed_dictionaries({"model": st.sampled_from([model, 7, "", "nope/none"]),
+                                                  "parameters": PARAMS}), max_size=3))
+    if draw(st.booleans()):
+        doc["models"] = models
+    else:
+        doc["slices"] = [{"sources": [{"model": m["model"], "layer_range": draw(st.one_of(
+            st.lists(st.integers(-3, 10**12), min_size=2, max_size=2), VALUES))} for m in models]}]
+    for key in ("parameters", "base_model", "dtype", "out_dtype", "tokenizer_source", "chat_template", "tokenizer"):
+        if draw(st.booleans()):
+            doc[key] = draw(PARAMS if key == "parameters" else st.one_of(
+                VALUES, st.sampled_from([model, "bfloat16", "int64", "union", "chatml", "auto"])))
+    text = yaml.safe_dump(doc, allow_unicode=True)
+    twist = draw(st.sampled_from(["none", "duplicate", "nested", "bomb", "bytes"]))
+    if twist == "duplicate":
+        text += f"merge_method: {doc['merge_method']}\n"
+    elif twist == "nested":
+        text += "deep: " + "[" * 5000 + "]" * 5000 + "\n"
+    elif twist == "bomb":
+        text += "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)) + "base_model: *a8\n"
+    return text + ("\udcff" if twist == "bytes" else "")
+
+
+class _Hang(Exception):
+    pass
+
+
+def _alarm(*_: object) -> None:
+    raise _Hang()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(data=st.data())
+def test_generated_configs_exit_cleanly(tiny_set, tmp_path_factory, data) -> None:
+    text = data.draw(configs(tiny_set[0]))
+    path = tmp_path_factory.mktemp("cfg") / "merge.yml"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(20)
+    try:
+        r = CliRunner().invoke(main, ["plan", str(path)])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert not isinstance(r.exception, _Hang), "plan hung"
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert r.exit_code in (0, 3, 4, 5), r.output
+    assert "Traceback" not in r.output
+    if r.exit_code == 3:
+        assert str(path) in r.output
+    _log(r.exit_code)
+
+
+def _log(code: int) -> None:
+    """With CASE_LOG set, each generated case's exit code is appended there (for counts in reports)."""
+    import os
+
+    if os.environ.get("CASE_LOG"):
+        with open(os.environ["CASE_LOG"], "a") as f:
+            f.write(f"{code}\n")
+
+
+@pytest.mark.parametrize("method,params,want", [
+    ("dare_ties", "{weight: 1, density: -0.5}", "density must lie in [0, 1], got -0.5"),
+    ("ties", "{weight: 1, density: 1.5}", "density must lie in [0, 1], got 1.5"),
+    ("ties", "{weight: 1, density: [0.2, 2]}", "density[1]: density must lie in [0, 1], got 2"),
+    ("breadcrumbs", "{weight: 1, gamma: 3}", "gamma must lie in [0, 1]"),
+])
+def test_shares_lie_in_zero_one(tiny_set, tmp_path, method, params, want) -> None:
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"merge_method: {method}\nbase_model: {tiny_set[0]}\nmodels:\n  - model: {tiny_set[0]}\n"
+                   f"  - model: {tiny_set[1]}\n    parameters: {params}\n")
+    r = CliRunner().invoke(main, ["plan", str(cfg)])
+    assert r.exit_code == 3 and want in r.output, r.output
+
+
+@pytest.mark.parametrize("t", ["1.5", "-0.5", "[0, 1.2]"])
+def test_slerp_t_lies_in_zero_one(tiny_set, tmp_path, t) -> None:
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"merge_method: slerp\nbase_model: {tiny_set[0]}\nmodels: [{{model: {tiny_set[0]}}}, "
+                   f"{{model: {tiny_set[1]}}}]\nparameters: {{t: {t}}}\n")
+    r = CliRunner().invoke(main, ["plan", str(cfg)])
+    assert r.exit_code == 3 and "t must lie in [0, 1]" in r.output, r.output
+
+
+def test_other_refusals(tiny_set, tmp_path) -> None:
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"merge_method: linear\nmodels: [{{model: {tiny_set[0]}}}]\nparameters: {{weight: 1}}\n"
+                   "out_dtype: int64\n")
+    r = CliRunner().invoke(main, ["plan", str(cfg)])
+    assert r.exit_code == 3 and "out_dtype: int64 would cast every merged weight" in r.output, r.output
+    cfg.write_text(f"merge_method: linear\nmodels: [{{model: {tiny_set[0]}}}]\nparameters: {{weight: 1}}\n")
+    r = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "o"), "--max-memory", "0"])
+    assert r.exit_code == 2 and "must be more than 0 bytes" in r.output
+    out = tmp_path / "out"
+    assert CliRunner().invoke(main, ["run", str(cfg), str(out), "-q"]).exit_code == 0
+    manifest = out / "streammerge.manifest.json"
+    good = json.loads(manifest.read_text())
+    for bad in ([1, 2], {**good, "tensors": {"x": {"offset": "a"}}},
+                {**good, "tensors": {k: {kk: vv for kk, vv in v.items() if kk != "shard"}
+                                     for k, v in good["tensors"].items()}}):
+        manifest.write_text(json.dumps(bad))
+        r = CliRunner().invoke(main, ["verify", str(out)])
+        assert r.exit_code == 7 and "Traceback" not in r.output and "manifest" in r.output, r.output
