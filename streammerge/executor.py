@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -32,8 +33,9 @@ import torch
 import xxhash
 
 from .budget import WRITE_BEHIND_BYTES, block_bytes, chunk_budget, chunk_rows, widest_row
+from .config import ConfigWarning
 from .dtypes import compute_dtype, itemsize, torch_dtype
-from .errors import OutputError, PlanError
+from .errors import InputError, OutputError, PlanError
 from .journal import WORK_DIR, Entry, Journal, RunLock, crash_point
 from .output import INDEX, INPUT_KEY_SEP, MANIFEST, finalize, finished_output, manifest_field, output_files, owned_files
 from .overlap import ReadAhead, RingArena, WriteBehind
@@ -171,6 +173,7 @@ class Executor:
         self._copy_stream: torch.cuda.Stream | None = None  # host-to-GPU copies (the reader's)
         self._arena = RingArena(0)  # the blocks' memory, sized when the run's chunking is known
         self._ours: set[str] = set()  # files in OUT a previous run provably wrote (output.owned_files)
+        self._non_finite: set[str] = set()  # tensors already reported holding NaN or Inf
         self.replace_changed = replace_changed
         self.copy_tokenizer, self.write_card = copy_tokenizer, write_card
         self._means: dict[str, torch.Tensor] = {}  # padding rows per vocabulary tensor
@@ -206,6 +209,7 @@ class Executor:
                 for m in self.plan.models:
                     m.index.close()
             crash_point("tasks-done")
+            self._check_inputs_unchanged()
             manifest_hash = finalize(self.plan, self.out_dir, entries, shard_hashes, self.copy_tokenizer,
                                      self.write_card)
             shutil.rmtree(os.path.join(self.out_dir, WORK_DIR))
@@ -383,7 +387,14 @@ class Executor:
 
     def _write_rows(self, out: _TaskOut, y: torch.Tensor, w: ShardWriter, shard_hash: xxhash.xxh3_128) -> None:
         """Cast, write and hash one chunk of finished rows (the writer thread)."""
-        data = _bytes_of(y.to(torch_dtype(out.task.out_dtype)).cpu())
+        cast = y.to(torch_dtype(out.task.out_dtype)).cpu()
+        if cast.is_floating_point() and out.task.name not in self._non_finite and not bool(torch.isfinite(cast).all()):
+            self._non_finite.add(out.task.name)  # said once per tensor; NaN or Inf in the output is never wanted
+            row = (out.offset - out.task.begin) // max(1, out.task.nbytes // max(1, out.task.rows))
+            warnings.warn(f"tensor {out.task.name!r}: the merged values hold NaN or Inf (from row {row} on); an "
+                          "input holds them, or the method divided by zero (`streammerge plan --explain "
+                          f"{out.task.name}` lists the inputs)", ConfigWarning, stacklevel=2)
+        data = _bytes_of(cast)
         w.write(out.offset, data)
         out.hasher.update(data)
         shard_hash.update(data)
@@ -430,6 +441,20 @@ class Executor:
         for e in self._uncommitted:
             entries[e.name] = e
         self._uncommitted, self._uncommitted_bytes = [], 0
+
+    def _check_inputs_unchanged(self) -> None:
+        """Inputs that changed while the merge read them (size, time or header) leave the run unfinished:
+        nothing is finalised, and the next run redoes the tensors made from them."""
+        for m in self.plan.models:
+            try:
+                now = xxhash.xxh3_128_hexdigest(json.dumps(m.index.identity(), sort_keys=True).encode())
+            except OSError as e:
+                raise InputError(f"model {m.ref}: its files changed during the merge ({e}); nothing was "
+                                 "finalised: run the same command again once the inputs are stable") from None
+            if now != m.identity:
+                raise InputError(f"model {m.ref}: its files in {m.folder} changed during the merge (size, time or "
+                                 "header); nothing was finalised: run the same command again once the inputs are "
+                                 "stable, and the tensors made from them are merged again")
 
     def _check_kept(self, journal: Journal) -> list[str]:
         """Journaled tensors are trusted only if their bytes in the shard still hash as journaled: the

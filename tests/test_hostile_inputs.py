@@ -145,3 +145,40 @@ def test_a_finished_output_missing_a_shard_is_merged_again(pristine, tmp_path) -
     assert r.exit_code == 0 and "missing or changed since; merging again" in r.output, r.output
     assert (out / shards[1]).read_bytes() == want
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+def test_nan_in_an_input_is_reported(pristine, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = copy(pristine, str(tmp_path / "m"))
+    shard = os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[1])
+    t = load_file(shard)
+    name = sorted(t)[0]
+    t[name].view(-1)[3] = float("nan")
+    save_file(t, shard, metadata={"format": "pt"})
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"merge_method: linear\nmodels: [{{model: {pristine}}}, {{model: {folder}}}]\n"
+                   "parameters: {weight: 0.5}\n")
+    r = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 0 and f"tensor {name!r}: the merged values hold NaN or Inf" in r.output, r.output
+    assert r.output.count("NaN or Inf") == 1
+
+
+def test_an_input_changed_during_the_run_leaves_nothing_finished(pristine, tmp_path) -> None:
+    from streammerge.config import parse_config
+    from streammerge.errors import InputError
+    from streammerge.executor import Executor
+    from streammerge.planner import make_plan
+
+    folder = copy(pristine, str(tmp_path / "m"))
+    cfg = parse_config(f"merge_method: linear\nmodels: [{{model: {folder}}}]\nparameters: {{weight: 1}}\n")
+    plan = make_plan(cfg)
+    shard = os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[0])
+    os.utime(shard, ns=(0, 0))  # what a re-download or an edit during the merge does to the file's time
+    out = str(tmp_path / "out")
+    with pytest.raises(InputError, match="changed during the merge"):
+        Executor(plan, out, 1 << 32).run()
+    assert not os.path.exists(os.path.join(out, "streammerge.manifest.json"))
+    assert not any(f.endswith(".safetensors") for f in os.listdir(out))  # only .partial shards: unfinished
+    Executor(make_plan(cfg), out, 1 << 32).run()  # the same merge, planned again, finishes
+    assert CliRunner().invoke(main, ["verify", out]).exit_code == 0
