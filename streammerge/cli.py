@@ -112,7 +112,8 @@ def main() -> None:
 
 
 _shard = click.option("--out-shard-size", type=ByteSize(), default=DEFAULT_SHARD_BYTES, show_default="5B",
-                      help="Largest output shard, in bytes (K/M/B suffixes: 10^3/10^6/10^9).")
+                      help="Largest output shard, in bytes (K/M/B suffixes: 10^3/10^6/10^9); 0 or less: no limit, "
+                           "one shard, as in mergekit.")
 _seed = click.option("--random-seed", "--seed", "seed", type=int, default=DEFAULT_SEED, show_default=True,
                      help="Seed of the DARE keep-masks (counter-based: the same bytes every run).")
 _mem = click.option("--max-memory", type=ByteSize(positive=True), default=None,

@@ -120,6 +120,8 @@ class MergeConfig:
     chat_template: str | None = None  # "auto", a built-in name or a Jinja template (chat.py)
 
 
+# a pipeline stage's name: a model id like org/name, which becomes its folder under the intermediates
+_STAGE_NAME = re.compile(r"(?!.*\.\.)[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")
 MAX_YAML_NODES = 200_000  # a config has hundreds; an alias bomb ("billion laughs") expands to billions
 
 
@@ -244,6 +246,10 @@ class _Parser:
         name = doc.get("name")
         if name is not None and not isinstance(name, str):
             self.fail("name", f"expected a string, got {name!r}")
+            name = None
+        elif name is not None and (not _STAGE_NAME.fullmatch(name) or "." in name.split("/")):
+            self.fail("name", f"{name!r}: a stage name is a folder name under the intermediate folder, so it may "
+                              "use letters, digits, '.', '_', '-' and one '/' (org/model), and no '..'")
             name = None
         return MergeConfig(
             merge_method=method,

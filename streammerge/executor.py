@@ -152,7 +152,7 @@ class Executor:
     def __init__(self, plan: Plan, out_dir: str, max_memory: int, progress: Progress | None = None,
                  overwrite: bool = False, restart: bool = False, chunk_bytes: int | None = None,
                  replace_changed: bool = False, copy_tokenizer: bool = True, write_card: bool = True,
-                 overlap: bool | None = None, max_gpu_memory: int | None = None) -> None:
+                 overlap: bool | None = None, max_gpu_memory: int | None = None, stage: str | None = None) -> None:
         """Args:
             overwrite: replace a finished output, even an identical one.
             restart: discard an unfinished run in OUT instead of resuming it.
@@ -162,6 +162,7 @@ class Executor:
                 None: when there are at least OVERLAP_MIN_CORES cores, since on fewer the helpers
                 take a core the kernels' threads wait for).
             max_gpu_memory: bytes of GPU memory blocks may use (default: 80% of what is free).
+            stage: a pipeline stage's label, recorded in the manifest (which pipeline's folder this is).
         """
         cores = _cores()
         self.overlap = overlap if overlap is not None else cores >= OVERLAP_MIN_CORES
@@ -174,6 +175,7 @@ class Executor:
         self._arena = RingArena(0)  # the blocks' memory, sized when the run's chunking is known
         self._ours: set[str] = set()  # files in OUT a previous run provably wrote (output.owned_files)
         self._non_finite: set[str] = set()  # tensors already reported holding NaN or Inf
+        self.stage = stage
         self.replace_changed = replace_changed
         self.copy_tokenizer, self.write_card = copy_tokenizer, write_card
         self._means: dict[str, torch.Tensor] = {}  # padding rows per vocabulary tensor
@@ -211,7 +213,7 @@ class Executor:
             crash_point("tasks-done")
             self._check_inputs_unchanged()
             manifest_hash = finalize(self.plan, self.out_dir, entries, shard_hashes, self.copy_tokenizer,
-                                     self.write_card)
+                                     self.write_card, self.stage)
             shutil.rmtree(os.path.join(self.out_dir, WORK_DIR))
             crash_point("finished")
         finally:

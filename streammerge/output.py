@@ -51,7 +51,7 @@ def manifest_field(out: str, key: str) -> str | None:
 
 
 def finalize(plan: Plan, out: str, entries: dict[str, Entry], shard_hashes: dict[str, str],
-             copy_tokenizer: bool = True, write_card: bool = True) -> str:
+             copy_tokenizer: bool = True, write_card: bool = True, stage: str | None = None) -> str:
     """Write everything but the weights, then the manifest, rename shards, write the index.
 
     Each step can be repeated after a kill: files are replaced atomically and a shard
@@ -69,8 +69,10 @@ def finalize(plan: Plan, out: str, entries: dict[str, Entry], shard_hashes: dict
     for name, data in files.items():
         write_file_atomic(os.path.join(out, name), data)
     crash_point("card-written")
-    manifest = json.dumps(make_manifest(plan, entries, shard_hashes, record), indent=2,
-                          sort_keys=True).encode() + b"\n"
+    body = make_manifest(plan, entries, shard_hashes, record)
+    if stage is not None:
+        body["pipeline_stage"] = stage  # whose intermediate this is: only that pipeline replaces it
+    manifest = json.dumps(body, indent=2, sort_keys=True).encode() + b"\n"
     write_file_atomic(os.path.join(out, MANIFEST), manifest)
     crash_point("manifest-written")
     for shard in plan.shards:

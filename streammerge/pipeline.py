@@ -82,9 +82,13 @@ def run_pipeline(configs: list[MergeConfig], out: str, max_memory: int, progress
         plan = make_plan(st.config, max_shard_bytes, seed, aliases, truncate_vocab, device)
         # Intermediates are the pipeline's own; OUT is replaced without --overwrite only when it
         # holds this very stage's recipe, made from inputs that have changed since.
-        own = not last or manifest_field(st.out, "config") == st.config.text
+        # An intermediate folder is replaced only if this pipeline made it (its manifest says so) —
+        # an unrelated merge that happens to sit where a stage would go is refused, not replaced.
+        label = None if last else f"{os.path.abspath(out)}::{st.name}"
+        own = manifest_field(st.out, "config") == st.config.text or (
+            label is not None and manifest_field(st.out, "pipeline_stage") == label)
         ex = Executor(plan, st.out, max_memory, progress, overwrite=overwrite and last, restart=restart,
-                      replace_changed=own, **options)
+                      replace_changed=own, stage=label, **options)
         results.append(ex.run())
         aliases[st.name] = os.path.abspath(st.out)
     return results

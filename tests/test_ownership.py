@@ -149,3 +149,34 @@ def test_verify_covers_config_tokenizer_and_index(recipe, tmp_path) -> None:
         assert r.exit_code == 7 and f"file {name}: content differs" in r.output, (name, r.output)
         path.write_text(old)
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/elsewhere", "a/b/c", ".", "x/.."])
+def test_stage_names_stay_inside_the_intermediate_folder(tiny_set, tmp_path, name) -> None:
+    cfg = tmp_path / "p.yml"
+    cfg.write_text(f"name: {name}\nmerge_method: linear\nmodels: [{{model: {tiny_set[0]}}}]\n"
+                   f"parameters: {{weight: 1}}\n---\nmerge_method: linear\nmodels: [{{model: {name}}}]\n"
+                   "parameters: {weight: 1}\n")
+    before = tree(str(tmp_path.parent))
+    r = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out")])
+    assert r.exit_code == 3 and "a stage name is a folder name" in r.output, r.output
+    assert tree(str(tmp_path.parent)) == before
+
+
+def test_an_unrelated_merge_where_a_stage_would_go_is_refused(tiny_set, recipe, tmp_path) -> None:
+    inter = tmp_path / "inter"
+    assert merge(recipe, str(inter / "stage-one")).exit_code == 0  # somebody's finished merge
+    before = tree(str(inter))
+    cfg = tmp_path / "p.yml"
+    cfg.write_text(f"name: stage-one\nmerge_method: linear\nmodels: [{{model: {tiny_set[2]}}}]\n"
+                   f"parameters: {{weight: 1}}\n---\nmerge_method: linear\nmodels: [{{model: stage-one}}]\n"
+                   "parameters: {weight: 1}\n")
+    r = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out"), "--intermediate-dir", str(inter)])
+    assert r.exit_code == 6 and "already holds a finished merge" in r.output, r.output
+    assert tree(str(inter)) == before
+    # the pipeline's own intermediate, from an earlier recipe of the same pipeline, is replaced
+    r = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out2"), "-q"])
+    assert r.exit_code == 0, r.output
+    cfg.write_text(cfg.read_text().replace("{weight: 1}\n---", "{weight: 0.5}\n---", 1))
+    r = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out2"), "-q", "--overwrite"])
+    assert r.exit_code == 0, r.output
