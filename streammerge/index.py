@@ -69,6 +69,7 @@ class ModelIndex:
         self.label = label or folder
         self.headers: dict[str, FileHeader] = {}
         self.tensors: dict[str, TensorRef] = {}
+        self.listed_missing: dict[str, str] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -90,11 +91,8 @@ class ModelIndex:
             for name, entry in hdr.tensors.items():
                 if weight_map is None or weight_map.get(name) == shard:
                     self.tensors[name] = TensorRef(path, entry)
-        if weight_map is not None:
-            missing = [n for n in weight_map if n not in self.tensors]
-            if missing:
-                raise InputError(f"model {self.label}: {index_name} lists {len(missing)} tensors missing from "
-                                 f"their shards, e.g. {missing[0]!r} in {weight_map[missing[0]]}")
+        # tensors the index lists but its shard lacks: the planner names them if a merge needs them
+        self.listed_missing = {n: s for n, s in (weight_map or {}).items() if n not in self.tensors}
 
     def _find_shards(self) -> tuple[str, dict[str, str] | None, list[str]]:
         """(index file, weight map or None, shard files): safetensors first, then PyTorch .bin

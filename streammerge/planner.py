@@ -428,8 +428,11 @@ class _Builder:
             elif name not in idx.tensors:
                 if name in TIED:
                     continue  # optional: written only if some input has it
+                lost = getattr(idx, "listed_missing", {}).get(name)
+                where = (f"; the shard index lists it in {lost}, but that shard lacks it: re-download the model"
+                         if lost else "")
                 self.problems.append(f"tensor {name!r} required but not present in model {s.model} "
-                                     f"({idx.folder})")
+                                     f"({idx.folder}){where}")
                 return
             inputs.append(TaskInput(self.model(s.model), name, idx.tensors[name].entry.dtype))
             keep.append(k)

@@ -39,7 +39,7 @@ class ShardWriter:
         self.final_path = os.path.join(out_dir, shard.name)
         self.fd = -1
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never through a link
             size = os.fstat(self.fd).st_size
             if size == 0:
                 os.pwrite(self.fd, shard.header, 0)
@@ -109,10 +109,13 @@ def write_file_atomic(path: str, data: bytes) -> None:
     """Write a small file via a temporary sibling and a rename: it appears whole or not at all."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
+        if os.path.islink(tmp):
+            os.unlink(tmp)  # the link itself, never what it points to
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # replaces a link at `path` itself, not its target
     except OSError as e:
         raise disk_error(path, e) from e

@@ -182,3 +182,29 @@ def test_an_input_changed_during_the_run_leaves_nothing_finished(pristine, tmp_p
     assert not any(f.endswith(".safetensors") for f in os.listdir(out))  # only .partial shards: unfinished
     Executor(make_plan(cfg), out, 1 << 32).run()  # the same merge, planned again, finishes
     assert CliRunner().invoke(main, ["verify", out]).exit_code == 0
+
+
+def test_a_tensor_missing_from_its_shard_is_named(pristine, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = copy(pristine, str(tmp_path / "m"))
+    shard = os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[1])
+    t = load_file(shard)
+    gone = sorted(t)[0]
+    del t[gone]
+    save_file(t, shard, metadata={"format": "pt"})
+    code, out = plan(folder, str(tmp_path))
+    assert code == 5 and f"tensor {gone!r} required but not present" in out and "lists it in" in out, out
+
+
+def test_writes_never_follow_a_link_out_of_the_output(pristine, tmp_path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "out"
+    (out / ".streammerge").mkdir(parents=True)
+    os.symlink(victim, out / "model.safetensors.partial")
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"merge_method: linear\nmodels: [{{model: {pristine}}}]\nparameters: {{weight: 1}}\n")
+    r = CliRunner().invoke(main, ["run", str(cfg), str(out)])
+    assert r.exit_code == 6 and "Traceback" not in r.output, r.output
+    assert victim.read_bytes() == b"precious"
