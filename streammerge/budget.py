@@ -14,10 +14,13 @@ import torch
 
 from .dtypes import itemsize
 from .errors import PlanError
+from .index import STAGE_BYTES
 from .planner import Plan, Task
 
 RESERVE_BYTES = 64 << 20  # hashing, journal, small tensors, torch's per-thread buffers, allocator slack
 WRITE_BEHIND_BYTES = 8 << 20  # finished rows waiting for the writer thread (overlap.WriteBehind)
+READ_STAGING_BYTES = 2 * STAGE_BYTES  # index.read_rows' staging buffer, on the reader thread and the main one
+HELD_BYTES = RESERVE_BYTES + WRITE_BEHIND_BYTES + READ_STAGING_BYTES  # outside the chunk buffers
 # Chunk buffers get this share of what the budget leaves: the heap's peak exceeds live
 # memory by fragmentation (glibc keeps freed chunk-sized blocks). Measured on the 15-model
 # DARE-TIES: without it, a 512 MiB budget peaked at 545 MiB RSS. Forcing every buffer
@@ -80,7 +83,7 @@ def default_max_memory() -> int:
 def smallest_budget(plan: Plan, baseline: int | None = None) -> int:
     """The smallest --max-memory that fits one row of every task."""
     base = baseline_bytes() if baseline is None else baseline
-    return base + RESERVE_BYTES + WRITE_BEHIND_BYTES + int(widest_row(plan)[0] / CHUNK_SHARE) + 1
+    return base + HELD_BYTES + int(widest_row(plan)[0] / CHUNK_SHARE) + 1
 
 
 def chunk_budget(plan: Plan, max_memory: int, baseline: int | None = None) -> int:
@@ -90,10 +93,10 @@ def chunk_budget(plan: Plan, max_memory: int, baseline: int | None = None) -> in
         PlanError: not even one row of the widest task fits; names it and the smallest budget.
     """
     base = baseline_bytes() if baseline is None else baseline
-    budget = int((max_memory - base - RESERVE_BYTES - WRITE_BEHIND_BYTES) * CHUNK_SHARE)
+    budget = int((max_memory - base - HELD_BYTES) * CHUNK_SHARE)
     need, task = widest_row(plan)
     if budget < need and task is not None:
-        held = base + RESERVE_BYTES + WRITE_BEHIND_BYTES
+        held = base + HELD_BYTES
         raise PlanError(f"--max-memory {_mib(max_memory)} is too small: tensor {task.name!r} needs {_mib(need)} "
                         f"for one row on top of {_mib(held)} the process holds; use at least "
                         f"--max-memory {_mib(smallest_budget(plan, base), up=True)}")
@@ -148,7 +151,7 @@ def expected_peak(plan: Plan, budget_bytes: int, baseline: int | None = None, ov
     chunks = max((chunk_bytes_used(plan, t, budget_bytes, overlap) for t in plan.tasks), default=0)
     if overlap:
         chunks = min(budget_bytes, 2 * chunks)
-    return base + RESERVE_BYTES + WRITE_BEHIND_BYTES + int(chunks / CHUNK_SHARE)
+    return base + HELD_BYTES + int(chunks / CHUNK_SHARE)
 
 
 def _mib(n: int, up: bool = False) -> str:

@@ -1,17 +1,17 @@
-"""The lazy tensor index of one model: shard headers now, row ranges through mmaps later.
+"""The lazy tensor index of one model: shard headers now, row ranges read on demand later.
 
-Imports errors, format, torchzip, dtypes (and torch, numpy, xxhash). Shards are safetensors
-files or PyTorch zip checkpoints (`.bin`, whose tensors are byte ranges inside stored records).
-Only headers are read when an index is built; tensor data is reached through read-only memory
-maps, one row range at a time, and the mapped pages are dropped (madvise) once copied out so
-RSS stays honest.
+Imports errors, format, torchzip, dtypes (and torch, xxhash). Shards are safetensors files or
+PyTorch zip checkpoints (`.bin`, whose tensors are byte ranges inside stored records). Only
+headers are read when an index is built; tensor data is read one row range at a time with pread,
+straight into its destination or through a small per-thread staging buffer. pread rather than a
+memory map: a shard truncated or replaced during the merge then gives a short read and a clear
+error instead of a SIGBUS that kills the process, and no mapped pages linger in RSS.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 BIN_SINGLE_FILE = "pytorch_model.bin"
-PAGE = mmap.PAGESIZE
+STAGE_BYTES = 8 << 20  # raw bytes converted per slice when a read changes the dtype
 
 
 def _inside(name: str) -> bool:
@@ -70,9 +70,9 @@ class ModelIndex:
         self.headers: dict[str, FileHeader] = {}
         self.tensors: dict[str, TensorRef] = {}
         self.listed_missing: dict[str, str] = {}
-        self._maps: dict[str, mmap.mmap] = {}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # per reading thread: its staging buffer
         self._load()
 
     def _load(self) -> None:
@@ -138,28 +138,40 @@ class ModelIndex:
                   hasher: xxhash.xxh3_128 | None = None) -> torch.Tensor:
         """Rows [row0, row1) of tensor `name` as (rows, cols).
 
+        The bytes are read with pread, never touched through a memory map: a shard truncated or
+        replaced during the merge then gives a short read and a clear InputError, not a SIGBUS that
+        kills the process.
+
         Args:
-            out: if given, the rows are converted straight from the mapped file into it (one copy,
-                with the dtype conversion); otherwise a copy in the tensor's own dtype is returned.
+            out: if given, the rows are converted into it (read straight into it when it has the
+                tensor's dtype, else through a reused staging buffer); otherwise a copy in the
+                tensor's own dtype is returned.
             hasher: fed the rows' raw bytes.
         """
         ref = self.tensors[name]
-        width = ref.cols * itemsize(ref.entry.dtype)  # bytes per row
-        begin = ref.entry.begin + row0 * width
-        nbytes = (row1 - row0) * width
-        mm = self._map(ref.shard)
-        if begin + nbytes > len(mm):
-            raise InputError(f"{ref.shard}: cannot read {name!r} bytes {begin}..{begin + nbytes}; the file "
-                             "changed or was truncated during the merge")
-        with memoryview(mm) as whole, whole[begin:begin + nbytes] as raw:
-            if hasher is not None:
-                hasher.update(raw)
-            view = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
-            view = view.view(torch_dtype(ref.entry.dtype)).reshape(row1 - row0, ref.cols)
-            result = view.clone() if out is None else out.copy_(view)
-            del view
-        self._drop(mm, begin, begin + nbytes)
-        return result
+        dtype = torch_dtype(ref.entry.dtype)
+        shape = (row1 - row0, ref.cols)
+        if out is None or (out.dtype == dtype and out.is_contiguous()):
+            target = torch.empty(shape, dtype=dtype) if out is None else out
+            self.pread_rows(name, row0, row1, target, hasher)
+            return target
+        width = ref.cols * itemsize(ref.entry.dtype)
+        step = max(1, STAGE_BYTES // max(1, width))  # rows per slice through the staging buffer
+        stage = self._staging(min(row1 - row0, step) * width)
+        for r in range(row0, row1, step):
+            e = min(row1, r + step)
+            part = stage[:(e - r) * width]
+            self.pread_rows(name, r, e, part, hasher)
+            out[r - row0:e - row0].copy_(part.view(dtype).reshape(e - r, ref.cols))
+        return out
+
+    def _staging(self, nbytes: int) -> torch.Tensor:
+        """This thread's byte buffer, reused across reads (a fresh allocation per block costs page
+        faults); at most STAGE_BYTES, or one row when a row is wider."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._local.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes]
 
     def pread_rows(self, name: str, row0: int, row1: int, out: torch.Tensor,
                    hasher: xxhash.xxh3_128 | None = None) -> None:
@@ -186,31 +198,9 @@ class ModelIndex:
         if hasher is not None:
             hasher.update(view)
 
-    def _map(self, path: str) -> mmap.mmap:
-        with self._lock:
-            mm = self._maps.get(path)
-            if mm is None:
-                with open(path, "rb") as f:
-                    # copy-on-write: torch takes a writable buffer without a copy or a warning; nothing
-                    # writes to it, so no page is ever copied and the file is never changed
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                self._maps[path] = mm
-            return mm
-
-    @staticmethod
-    def _drop(mm: mmap.mmap, begin: int, end: int) -> None:
-        # Only whole pages inside the consumed range; the page cache keeps the data.
-        lo = (begin + PAGE - 1) // PAGE * PAGE
-        hi = end // PAGE * PAGE
-        if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
-            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
     def close(self) -> None:
-        """Unmap and close every shard."""
+        """Close every shard."""
         with self._lock:
-            for mm in self._maps.values():
-                mm.close()
-            self._maps.clear()
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()

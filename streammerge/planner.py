@@ -199,7 +199,7 @@ class PlannedIndex(ModelIndex):
 
     def __init__(self, plan: Plan, folder: str, label: str) -> None:
         self.folder, self.label = folder, label
-        self.headers, self._maps, self._fds = {}, {}, {}
+        self.headers, self._fds, self._local = {}, {}, threading.local()
         self.tensors = {}
         for t in plan.tasks:
             shard = os.path.join(folder, plan.shards[t.shard].name)

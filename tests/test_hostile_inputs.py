@@ -208,3 +208,22 @@ def test_writes_never_follow_a_link_out_of_the_output(pristine, tmp_path) -> Non
     r = CliRunner().invoke(main, ["run", str(cfg), str(out)])
     assert r.exit_code == 6 and "Traceback" not in r.output, r.output
     assert victim.read_bytes() == b"precious"
+
+
+def test_a_shard_truncated_under_the_run_is_an_input_error_not_sigbus(pristine, tmp_path) -> None:
+    """Reads go through pread: a shard cut short after planning (as a re-download or a full disk
+    would) gives exit-4 InputError naming the file; with a memory map the process died of SIGBUS."""
+    from streammerge.config import parse_config
+    from streammerge.errors import InputError
+    from streammerge.executor import Executor
+    from streammerge.planner import make_plan
+
+    folder = copy(pristine, str(tmp_path / "m"))
+    cfg = parse_config(f"merge_method: linear\nmodels: [{{model: {folder}}}]\nparameters: {{weight: 1}}\n")
+    plan = make_plan(cfg)
+    shard = os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[0])
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    out = str(tmp_path / "out")
+    with pytest.raises(InputError, match=f"{os.path.basename(shard)}.*truncated during the merge"):
+        Executor(plan, out, 1 << 32).run()
+    assert not os.path.exists(os.path.join(out, "streammerge.manifest.json"))
