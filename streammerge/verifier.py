@@ -126,6 +126,8 @@ def _check_file(out: str, name: str, meta: object) -> list[str]:
 
 def _check_input(inp: dict) -> list[str]:
     folder, label = inp.get("folder", ""), inp.get("model", "?")
+    if not isinstance(folder, str) or not os.path.isdir(folder):
+        return [f"input {label}: its folder {folder} is gone; the inputs cannot be checked"]
     try:
         index = ModelIndex(folder, label)
     except InputError as e:

@@ -180,3 +180,23 @@ def test_an_unrelated_merge_where_a_stage_would_go_is_refused(tiny_set, recipe, 
     cfg.write_text(cfg.read_text().replace("{weight: 1}\n---", "{weight: 0.5}\n---", 1))
     r = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out2"), "-q", "--overwrite"])
     assert r.exit_code == 0, r.output
+
+
+def test_an_output_nested_in_an_input_folder_leaves_the_input_untouched(tiny_set, tmp_path) -> None:
+    import shutil
+
+    model = str(tmp_path / "model")
+    shutil.copytree(tiny_set[0], model)
+    before = tree(model)
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"merge_method: linear\nmodels: [{{model: {model}}}]\nparameters: {{weight: 1}}\n")
+    out = os.path.join(model, "merged")
+    for flags in ((), ("--overwrite",)):
+        assert merge(str(cfg), out, *flags).exit_code == 0
+    after = tree(model)
+    assert {k: v for k, v in after.items() if not k.startswith("merged")} == before
+    elsewhere = str(tmp_path / "elsewhere")
+    assert merge(str(cfg), elsewhere).exit_code == 0
+    shutil.rmtree(model)
+    r = CliRunner().invoke(main, ["verify", elsewhere, "--inputs"])
+    assert r.exit_code == 7 and "is gone" in r.output, r.output
