@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from kill_test import snapshot  # one byte-for-byte folder snapshot, shared with the kill tool
 
 from streammerge.journal import RunLock
 
@@ -41,16 +42,6 @@ def smallest_budget(cfg: str) -> int:
     """The smallest feasible --max-memory on this machine, in MiB (baselines differ between machines)."""
     r = subprocess.run([sys.executable, "-m", "streammerge", "plan", cfg, "--json"], capture_output=True, text=True)
     return json.loads(r.stdout)["smallest_max_memory_bytes"] // 2**20 + 1
-
-
-def snapshot(out: str) -> dict[str, bytes]:
-    files = {}
-    for name in sorted(os.listdir(out)):
-        path = os.path.join(out, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                files[name] = f.read()
-    return files
 
 
 def looks_complete(out: str) -> bool:
