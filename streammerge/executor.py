@@ -36,8 +36,18 @@ from .budget import WRITE_BEHIND_BYTES, block_bytes, chunk_budget, chunk_rows, w
 from .config import ConfigWarning
 from .dtypes import compute_dtype, itemsize, torch_dtype
 from .errors import InputError, OutputError, PlanError
-from .journal import WORK_DIR, Entry, Journal, RunLock, crash_point
-from .output import INDEX, INPUT_KEY_SEP, MANIFEST, finalize, finished_output, manifest_field, output_files, owned_files
+from .journal import JOURNAL_FILE, PLAN_FILE, WORK_DIR, Entry, Journal, RunLock, crash_point
+from .output import (
+    FILES_RECORD,
+    INDEX,
+    INPUT_KEY_SEP,
+    MANIFEST,
+    finalize,
+    finished_output,
+    manifest_field,
+    output_files,
+    owned_files,
+)
 from .overlap import ReadAhead, RingArena, WriteBehind
 from .planner import Plan, Task
 from .writer import PARTIAL, ShardWriter
@@ -776,6 +786,7 @@ def _has_size(path: str, size: int) -> bool:
         return False
 
 
+WORK_FILES = (PLAN_FILE, JOURNAL_FILE, FILES_RECORD)
 _PARTIAL_SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors" + re.escape(PARTIAL))
 
 
@@ -785,8 +796,8 @@ def _remove_outputs(out: str, ours: set[str]) -> None:
     for name in os.listdir(out):
         path = os.path.join(out, name)
         if name == WORK_DIR:
-            for inner in os.listdir(path):
-                if inner != "lock" and not os.path.isdir(os.path.join(path, inner)):
+            for inner in os.listdir(path):  # only the work folder's own files (the lock stays)
+                if inner in WORK_FILES or inner.endswith(".tmp"):
                     os.unlink(os.path.join(path, inner))
         elif name in ours or (_PARTIAL_SHARD.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path)):
             os.unlink(path)  # an unfinished run's shards carry streammerge's own names and suffix

@@ -43,9 +43,12 @@ class RunLock:
     def __init__(self, out_dir: str) -> None:
         self.dir = os.path.join(out_dir, WORK_DIR)
         path = os.path.join(self.dir, LOCK_FILE)
+        if os.path.islink(self.dir):
+            raise OutputError(f"{self.dir} is a link; streammerge keeps its work folder inside the output folder "
+                              "and never follows one out of it: remove the link (nothing was changed)")
         try:
             os.makedirs(self.dir, exist_ok=True)
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise disk_error(path, e) from e
         try:
@@ -91,7 +94,8 @@ class Journal:
             if old is None or old.get("fingerprint") != fingerprint:
                 body = {"fingerprint": fingerprint, "layout": layout, **summary}
                 write_file_atomic(plan_path, json.dumps(body, indent=2, sort_keys=True).encode())
-            self.fd = os.open(os.path.join(self.dir, JOURNAL_FILE), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self.fd = os.open(os.path.join(self.dir, JOURNAL_FILE),
+                              os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise disk_error(self.dir, e) from e
 
@@ -99,6 +103,8 @@ class Journal:
         """Every valid line; a damaged line is skipped (its tensor is redone), and a torn tail (a kill
         mid-append) is cut off before anything is appended, so no later line is glued to it."""
         path = os.path.join(self.dir, JOURNAL_FILE)
+        if os.path.islink(path):
+            raise OutputError(f"{path} is a link, not a journal streammerge wrote; remove it (nothing was changed)")
         if not os.path.exists(path):
             return
         end = 0  # just past the last complete line

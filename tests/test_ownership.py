@@ -200,3 +200,24 @@ def test_an_output_nested_in_an_input_folder_leaves_the_input_untouched(tiny_set
     shutil.rmtree(model)
     r = CliRunner().invoke(main, ["verify", elsewhere, "--inputs"])
     assert r.exit_code == 7 and "is gone" in r.output, r.output
+
+
+@pytest.mark.parametrize("where", ["work folder", "lock", "journal"])
+def test_links_in_the_work_folder_are_never_followed(recipe, tmp_path, where) -> None:
+    victim_dir = tmp_path / "home"
+    victim_dir.mkdir()
+    (victim_dir / "thesis.txt").write_text("years of work")
+    out = tmp_path / "out"
+    out.mkdir()
+    if where == "work folder":
+        os.symlink(victim_dir, out / ".streammerge")
+    else:
+        (out / ".streammerge").mkdir()
+        name = "lock" if where == "lock" else "journal.jsonl"
+        os.symlink(victim_dir / "thesis.txt", out / ".streammerge" / name)
+    before = tree(str(victim_dir))
+    r = merge(recipe, str(out))
+    assert r.exit_code == 6, r.output
+    r = merge(recipe, str(out), "--restart")  # may drop a link inside its own work folder, never follow it
+    assert r.exit_code in (0, 6), r.output
+    assert tree(str(victim_dir)) == before
