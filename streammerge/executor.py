@@ -18,7 +18,6 @@ downloads finished rows.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -47,6 +46,7 @@ from .output import (
     manifest_field,
     output_files,
     owned_files,
+    recorded_files,
 )
 from .overlap import ReadAhead, RingArena, WriteBehind
 from .planner import Plan, Task
@@ -459,7 +459,7 @@ class Executor:
         nothing is finalised, and the next run redoes the tensors made from them."""
         for m in self.plan.models:
             try:
-                now = xxhash.xxh3_128_hexdigest(json.dumps(m.index.identity(), sort_keys=True).encode())
+                now = m.index.identity_hash()
             except OSError as e:
                 raise InputError(f"model {m.ref}: its files changed during the merge ({e}); nothing was "
                                  "finalised: run the same command again once the inputs are stable") from None
@@ -534,7 +534,7 @@ class Executor:
             return False
         if manifest_field(self.out_dir, "plan_fingerprint") == self.plan.fingerprint and not self.overwrite:
             broken = [s.name for s in self.plan.shards if not _has_size(os.path.join(self.out_dir, s.name), s.size)]
-            files = _recorded_files(self.out_dir)
+            files = recorded_files(self.out_dir)
             broken += sorted(files - owned_files(self.out_dir)) if files else []
             if not broken:
                 self.progress.note(f"{self.out_dir} already holds this exact merge (plan "
@@ -767,16 +767,6 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     """The bytes of a CPU tensor, without a copy when it is contiguous."""
     arr = t.contiguous().view(torch.uint8).numpy().reshape(-1)
     return memoryview(arr)  # type: ignore[arg-type]  # ndarray has the buffer protocol; numpy's 3.11 stubs omit it
-
-
-def _recorded_files(out: str) -> set[str]:
-    """The non-shard files a finished merge's manifest lists."""
-    try:
-        with open(os.path.join(out, MANIFEST)) as f:
-            files = json.load(f).get("files")
-        return set(files) if isinstance(files, dict) else set()
-    except (OSError, ValueError, AttributeError):
-        return set()
 
 
 def _has_size(path: str, size: int) -> bool:

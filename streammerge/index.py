@@ -134,6 +134,10 @@ class ModelIndex:
                             "header_xxh3_128": xxhash.xxh3_128_hexdigest(head)}
         return {"folder": self.folder, "shards": shards}
 
+    def identity_hash(self) -> str:
+        """xxh3-128 of identity(): what a plan fingerprints this input by, and a run checks again."""
+        return xxhash.xxh3_128_hexdigest(json.dumps(self.identity(), sort_keys=True).encode())
+
     def read_rows(self, name: str, row0: int, row1: int, out: torch.Tensor | None = None,
                   hasher: xxhash.xxh3_128 | None = None) -> torch.Tensor:
         """Rows [row0, row1) of tensor `name` as (rows, cols).

@@ -56,7 +56,7 @@ class AdaptedIndex(ModelIndex):
         cfg = self._adapter_config()
         self.adapter = ModelIndex(adapter_folder, f"adapter of {label}", files=ADAPTER_FILES)
         self.headers, self._fds, self._lock, self._local = base.headers, base._fds, base._lock, base._local
-        self.tensors = dict(base.tensors)
+        self.tensors, self.listed_missing = dict(base.tensors), base.listed_missing
         self.loras: dict[str, Lora] = {}
         self.replaced: set[str] = set()
         self._factor_cache: dict[str, torch.Tensor] = {}

@@ -126,6 +126,12 @@ def owned_files(out: str) -> set[str]:
     return ours
 
 
+def recorded_files(out: str) -> set[str]:
+    """The non-shard files a finished merge's manifest lists."""
+    files = (_json_object(os.path.join(out, MANIFEST)) or {}).get("files")
+    return set(files) if isinstance(files, dict) else set()
+
+
 def _matching(out: str, record: object) -> set[str]:
     found = set()
     for name, meta in (record.items() if isinstance(record, dict) else []):

@@ -200,7 +200,7 @@ class PlannedIndex(ModelIndex):
     def __init__(self, plan: Plan, folder: str, label: str) -> None:
         self.folder, self.label = folder, label
         self.headers, self._fds, self._local = {}, {}, threading.local()
-        self.tensors = {}
+        self.tensors, self.listed_missing = {}, {}
         for t in plan.tasks:
             shard = os.path.join(folder, plan.shards[t.shard].name)
             self.tensors[t.name] = TensorRef(shard, TensorEntry(t.name, t.out_dtype, t.shape, t.begin,
@@ -279,7 +279,7 @@ class _Builder:
                 if ref.adapter is not None:
                     lora = self._folders.get(ref.adapter) or resolve_model(ref.adapter)
                     index = AdaptedIndex(index, lora, str(ref))
-                ident = xxhash.xxh3_128_hexdigest(json.dumps(index.identity(), sort_keys=True).encode())
+                ident = index.identity_hash()
             self._by_ref[ref] = len(self.models)
             self.models.append(Model(ref, folder, index, ident))
             self._layouts[self._by_ref[ref]] = layout_of(index)
@@ -428,7 +428,7 @@ class _Builder:
             elif name not in idx.tensors:
                 if name in TIED:
                     continue  # optional: written only if some input has it
-                lost = getattr(idx, "listed_missing", {}).get(name)
+                lost = idx.listed_missing.get(name)
                 where = (f"; the shard index lists it in {lost}, but that shard lacks it: re-download the model"
                          if lost else "")
                 self.problems.append(f"tensor {name!r} required but not present in model {s.model} "
