@@ -51,3 +51,58 @@ def load_folder(folder: str) -> dict[str, np.ndarray]:
         if f.endswith(".safetensors"):
             out.update({k: v.double().numpy() for k, v in load_file(os.path.join(folder, f)).items()})
     return out
+
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden.json")
+_UNSTABLE_FILES = ("README.md", "mergekit_config.yml")  # they name the inputs' temporary folders
+
+
+def output_digest(out: str) -> dict:
+    """What must not change between versions of the executor: every shard's bytes, each tensor's
+    hash and place, the input hashes the merge read, and the hashes of the files beside the shards
+    (less the two that name the temporary input folders)."""
+    import json
+
+    import xxhash
+
+    with open(os.path.join(out, "streammerge.manifest.json")) as f:
+        man = json.load(f)
+    shards = {}
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(out, name), "rb") as fh:
+                shards[name] = xxhash.xxh3_128_hexdigest(fh.read())
+    return {
+        "shards": shards,
+        "manifest_shards": man["shards"],
+        "tensors": {k: [v["xxh3_128"], v["shard"], v["offset"], v["nbytes"]] for k, v in man["tensors"].items()},
+        "inputs": xxhash.xxh3_128_hexdigest(
+            json.dumps([sorted(i["tensors"].items()) for i in man["inputs"]]).encode()),
+        "files": {k: v for k, v in man["files"].items() if k not in _UNSTABLE_FILES},
+    }
+
+
+def assert_golden(key: str, out: str) -> None:
+    """The output in `out` is byte for byte what the executor of commit 0047f76 wrote for `key`
+    (tests/golden.json, recorded from that commit with STREAMMERGE_RECORD_GOLDEN=1). The models
+    are generated with seeded torch generators, so the record holds for torch's CPU arithmetic."""
+    import json
+
+    got = json.loads(json.dumps(output_digest(out)))
+    try:
+        with open(GOLDEN) as f:
+            golden = json.load(f)
+    except FileNotFoundError:
+        golden = {}
+    if os.environ.get("STREAMMERGE_RECORD_GOLDEN") == "1":
+        if key in golden and golden[key] != got:
+            raise AssertionError(f"{key}: two runs of one golden case differ")
+        golden[key] = got
+        with open(GOLDEN, "w") as f:
+            json.dump(golden, f, indent=1, sort_keys=True)
+            f.write("\n")
+        return
+    assert key in golden, f"no golden record for {key}"
+    want = golden[key]
+    for part in want:
+        assert got[part] == want[part], f"{key}: {part} differ from the recorded output"

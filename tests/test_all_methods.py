@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from helpers import assert_golden
 from safetensors import safe_open
 
 from streammerge.budget import widest_row
@@ -66,6 +67,10 @@ def test_method_end_to_end(method, tiny_set, tmp_path) -> None:
     out = str(tmp_path / "out")
     Executor(plan, out, 1 << 34, chunk_bytes=widest_row(plan)[0] * 2).run()  # blocks of a row or two
     assert verify(out).tensors == 39
+    assert_golden(f"method/{method}", out)
+    whole = str(tmp_path / "whole")  # every tensor read once, whole: the other schedule, the same bytes
+    Executor(plan, whole, 1 << 34, chunk_bytes=1 << 30).run()
+    assert_golden(f"method/{method}", whole)
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     assert len(tensors) == 39 and all(torch.isfinite(t.float()).all() for t in tensors.values())

@@ -15,6 +15,7 @@ import pytest
 import reference as ref
 import torch
 from click.testing import CliRunner
+from helpers import assert_golden
 from safetensors import safe_open
 
 from streammerge.budget import widest_row
@@ -56,6 +57,7 @@ def stage1(seed_cache, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("stage1") / "out")
     r = cli(["run", STAGE1, out, "--out-shard-size", "300K"], seed_cache)
     assert r.exit_code == 0, r.output
+    assert_golden("seed/stage1", out)
     make_models.link(seed_cache, "EmbeddedLLM/Mistral-7B-Merge-14-v0", out)
     return out
 
@@ -128,6 +130,7 @@ def test_stage2_gradient_slerp_and_transformers_forward(stage1, seed_cache, tmp_
     out = str(tmp_path / "stage2")
     r = cli(["run", STAGE2, out, "-q"], seed_cache)
     assert r.exit_code == 0, r.output
+    assert_golden("seed/stage2", out)
     got = load(out)
     trinity = make_models_folders(seed_cache, ["janai-hq/trinity-v1"])[0]
     name = "model.layers.12.self_attn.q_proj.weight"

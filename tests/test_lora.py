@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import load_folder
+from helpers import assert_golden, load_folder
 from safetensors.torch import load_file
 
 from streammerge.budget import widest_row
@@ -104,6 +104,7 @@ def test_bytes_do_not_depend_on_chunking_and_explain_names_the_adapter(base, tmp
         need, _ = widest_row(plan)
         out = str(tmp_path / f"o{k}")
         Executor(plan, out, 1 << 34, chunk_bytes=need * factor if factor else 1 << 30).run()
+        assert_golden("lora/task_arithmetic", out)
         with open(os.path.join(out, "model.safetensors"), "rb") as f:
             outs.append(f.read())
     assert outs[0] == outs[1] == outs[2]

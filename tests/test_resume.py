@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import assert_golden
 from kill_test import snapshot  # one byte-for-byte folder snapshot, shared with the kill tool
 
 from streammerge.journal import RunLock
@@ -57,6 +58,7 @@ def reference(tiny_set, tmp_path_factory):
     trace = str(root / "trace.txt")
     r = run(cfg, out, trace=trace)
     assert r.returncode == 0, r.stderr
+    assert_golden("resume/dare_ties", out)
     with open(trace) as f:
         points = [line.split()[1] for line in f]
     return cfg, snapshot(out), points
@@ -91,6 +93,8 @@ def test_sigkill_anywhere_then_resume_gives_identical_bytes(reference, tmp_path)
         budget = ["--max-memory", tight] if k % 2 else []
         resumed = run(cfg, out, *budget)
         assert resumed.returncode == 0, resumed.stderr
+        if k == 0:
+            assert_golden("resume/dare_ties", out)
         assert snapshot(out) == want, f"kill at point {n} ({points[n - 1]}) changed the output"
         outcomes.append(points[n - 1])
     assert {"journal-append", "chunk-written", "manifest-written", "shard-renamed", "index-written"} <= set(outcomes)

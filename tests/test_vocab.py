@@ -13,6 +13,7 @@ import make_models
 import numpy as np
 import pytest
 import torch
+from helpers import assert_golden
 from safetensors.torch import load_file
 
 from streammerge.config import parse_config
@@ -52,6 +53,7 @@ def test_union_tokenizer_aligns_rows(three_vocabs, tmp_path) -> None:
     assert plan.vocab_size == 131
     out = str(tmp_path / "out")
     Executor(plan, out, 1 << 33, chunk_bytes=1).run()  # one-row blocks: gathering crosses every boundary
+    assert_golden("vocab/union", out)
     got = tensors(out)
     b, e, c = (tensors(f) for f in three_vocabs)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
