@@ -1,26 +1,34 @@
-"""The Python API, for notebooks and scripts: merge, plan, verify.
+"""The Python API, for notebooks and scripts: merge, plan, verify. The command line calls these.
 
-Imports pipeline, executor, verify, plan, config, budget. Same behaviour as the command line,
-errors raised as StreamMergeError subclasses instead of exit codes.
+Imports pipeline, executor, verifier, planner, options, config. Same behaviour as the command
+line, errors raised as StreamMergeError subclasses instead of exit codes. Every `run` option
+is a RunOptions field, given to `merge` and `plan` as keyword arguments (or as one object).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
-from .budget import default_max_memory
 from .config import MergeConfig
-from .executor import Executor, Progress, RunStats, resolve_device
-from .pipeline import run_pipeline
-from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, make_plan, parse
+from .errors import OptionError
+from .executor import Progress, RunStats, resolve_device
+from .options import RunOptions
+from .pipeline import check_pipeline, run_pipeline
+from .planner import Plan, parse
 from .verifier import Report
 from .verifier import verify as _verify
 
+Config = str | os.PathLike[str] | MergeConfig | list[MergeConfig]
 
-def _configs(config: str | os.PathLike[str] | MergeConfig) -> list[MergeConfig]:
+
+def configs_of(config: Config) -> list[MergeConfig]:
+    """The configs of a YAML file path, YAML text, a parsed MergeConfig, or a pipeline's list of them."""
     if isinstance(config, MergeConfig):
         return [config]
+    if isinstance(config, list):
+        return config
     text = str(config)
     if "\n" not in text and os.path.isfile(text):
         with open(text, encoding="utf-8") as f:
@@ -28,51 +36,69 @@ def _configs(config: str | os.PathLike[str] | MergeConfig) -> list[MergeConfig]:
     return parse(text, "config")
 
 
-def plan(config: str | os.PathLike[str] | MergeConfig, out_shard_size: int = DEFAULT_SHARD_BYTES,
-         seed: int = DEFAULT_SEED) -> Plan:
-    """Plan a merge without reading tensor data.
+def options_of(options: RunOptions | None, overrides: dict[str, Any]) -> RunOptions:
+    """`options` (default: the defaults) with keyword overrides, sizes parsed, the device resolved.
+
+    Raises:
+        OptionError: an unknown option, or a value that is not usable.
+    """
+    fields = {f.name for f in dataclasses.fields(RunOptions)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise OptionError(f"unknown option(s) {', '.join(unknown)}; the options are: {', '.join(sorted(fields))}")
+    opts = dataclasses.replace(options or RunOptions(), **overrides).resolved()
+    return dataclasses.replace(opts, device=resolve_device(opts.device))
+
+
+def plan(config: Config, out: str | os.PathLike[str] = "merged", options: RunOptions | None = None,
+         **overrides: Any) -> Plan:
+    """Plan a merge without reading tensor data; a pipeline is checked whole and its last stage returned.
 
     Args:
-        config: a YAML file path, YAML text, or a parsed MergeConfig (a pipeline's first stage is planned).
-        out_shard_size: largest output shard in bytes.
-        seed: the DARE mask seed.
+        config: a YAML file path, YAML text, a parsed MergeConfig, or a list of them (a pipeline).
+        out: where the output would go (a pipeline's intermediate stages are named after it).
+        options, overrides: as for `merge`; those that shape a plan are used (out_shard_size, seed,
+            device, truncate_vocab, intermediate_dir).
     Returns:
         The Plan: `plan.tasks` (one per output tensor, with resolved parameters), `plan.shards`.
+    Raises:
+        ConfigError, InputError, PlanError: exactly what `merge` would raise before reading a tensor.
     Example:
         >>> p = streammerge.plan("merge.yml")
         >>> [t.ctx.shared["t"] for t in p.tasks[:3]]
     """
-    return make_plan(_configs(config)[0], out_shard_size, seed)
+    return plans(config, out, options, **overrides)[-1]
 
 
-def merge(config: str | os.PathLike[str] | MergeConfig, out: str | os.PathLike[str], max_memory: int | None = None,
-          out_shard_size: int = DEFAULT_SHARD_BYTES, seed: int = DEFAULT_SEED, overwrite: bool = False,
-          restart: bool = False, progress: Progress | None = None, device: str = "cpu", overlap: bool | None = None,
-          max_gpu_memory: int | None = None) -> list[RunStats]:
+def plans(config: Config, out: str | os.PathLike[str] = "merged", options: RunOptions | None = None,
+          **overrides: Any) -> list[Plan]:
+    """Every stage's plan (one for a plain config), each against what the stages before it will write."""
+    return check_pipeline(configs_of(config), str(out), options_of(options, overrides), quiet=False)
+
+
+def merge(config: Config, out: str | os.PathLike[str], options: RunOptions | None = None,
+          progress: Progress | None = None, **overrides: Any) -> list[RunStats]:
     """Merge into folder `out`; resumes an interrupted run there. Pipelines run every stage.
 
     Args:
-        config: a YAML file path, YAML text, or a parsed MergeConfig.
+        config: a YAML file path, YAML text, a parsed MergeConfig, or a list of them (a pipeline).
         out: the output folder.
-        max_memory: the process's memory budget in bytes (default: half the available RAM).
-        overwrite: replace a finished output; restart: discard an unfinished one.
-        device: "cpu", "cuda", "cuda:N" or "auto"; max_gpu_memory: the GPU's budget in bytes.
-        overlap: read ahead and write behind on helper threads (default: with 4 or more cores);
-            output bytes are the same either way.
+        options: a RunOptions; keyword arguments override its fields: max_memory (the whole
+            process's budget: bytes or "512MiB"; default half the available RAM), out_shard_size,
+            seed, device ("cpu", "cuda", "cuda:N", "auto"), max_gpu_memory, overwrite, restart,
+            overlap, truncate_vocab, copy_tokenizer, write_card, intermediate_dir, num_threads.
+        progress: told of the run's progress (the CLI's bar is one).
     Returns:
         One RunStats per stage (one for a plain config).
     Example:
-        >>> streammerge.merge("merge.yml", "merged", max_memory=2 << 30)[-1].manifest_hash
+        >>> streammerge.merge("merge.yml", "merged", max_memory="2GiB")[-1].manifest_hash
     """
-    configs = _configs(config)
-    budget = max_memory or default_max_memory()
-    dev = resolve_device(device)
-    options: dict[str, Any] = {"overlap": overlap, "max_gpu_memory": max_gpu_memory}
-    if len(configs) > 1:
-        return run_pipeline(configs, str(out), budget, progress, None, overwrite, restart, out_shard_size, seed,
-                            device=dev, **options)
-    p = make_plan(configs[0], out_shard_size, seed, device=dev)
-    return [Executor(p, str(out), budget, progress, overwrite=overwrite, restart=restart, **options).run()]
+    opts = options_of(options, overrides)
+    if opts.num_threads:
+        import torch
+
+        torch.set_num_threads(opts.num_threads)
+    return run_pipeline(configs_of(config), str(out), opts, progress)
 
 
 def verify(out: str | os.PathLike[str], inputs: bool = False) -> Report:

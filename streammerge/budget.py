@@ -1,8 +1,9 @@
 """The memory budget: what one row of a task costs, how many rows fit, what a plan needs.
 
-Imports plan, dtypes, errors (and psutil; torch for its thread count). The budget
-(`--max-memory`) covers the whole process: its baseline (interpreter, torch) measured at start, a reserve, and the chunk
-buffers. A task is read in blocks of rows (every input in the compute dtype, one raw input
+Imports planner, index, units, dtypes, errors (and psutil; torch for its thread count). The
+budget (`--max-memory`) covers the whole process: its baseline (interpreter, torch) measured at
+start, a reserve, and the chunk buffers. Per-row costs come from each task's `cost`, which its
+method declared at plan time. A task is read in blocks of rows (every input in the compute dtype, one raw input
 row being read and cast) and computed in cache-sized sub-chunks of a block (the kernel's
 temporaries, calibrated per method, and the output cast for writing).
 """
@@ -16,6 +17,7 @@ from .dtypes import itemsize
 from .errors import PlanError
 from .index import STAGE_BYTES
 from .planner import Plan, Task
+from .units import mib_str, size_str
 
 RESERVE_BYTES = 64 << 20  # hashing, journal, small tensors, torch's per-thread buffers, allocator slack
 WRITE_BEHIND_BYTES = 8 << 20  # finished rows waiting for the writer thread (overlap.WriteBehind)
@@ -31,21 +33,21 @@ CHUNK_SHARE = 0.8
 COMPUTE_ELEMENTS = 128 * 1024
 
 
-def input_row_bytes(plan: Plan, task: Task) -> int:
+def input_row_bytes(task: Task) -> int:
     """Bytes one row of a block holds: every input in the compute dtype, one raw row being read,
     and what the op keeps between passes (DARE's packed masks)."""
     csize = itemsize(task.compute)
     raw = max(itemsize(i.dtype) for i in task.inputs)
     cast = itemsize(task.load_dtype) if task.load_dtype else 0
-    kept = 0.0 if task.copy_exact else plan.method.make(task.ctx).remember_between_passes()
+    kept = 0.0 if task.copy_exact else task.cost.held_per_element
     # a raw row is both mapped (until dropped) and copied out while it is read
     return int(task.cols * (len(task.inputs) * csize + 2 * raw + cast + kept)) + 64
 
 
-def compute_row_bytes(plan: Plan, task: Task) -> int:
+def compute_row_bytes(task: Task) -> int:
     """Bytes one row of a compute sub-chunk adds: the kernel's temporaries and the cast output."""
     csize = itemsize(task.compute)
-    temp = 1.0 if task.copy_exact else plan.method.make(task.ctx).temp_fixed
+    temp = 1.0 if task.copy_exact else task.cost.temp_rows
     return int(task.cols * (temp * csize + itemsize(task.out_dtype))) + 64
 
 
@@ -56,14 +58,14 @@ def sub_rows(task: Task) -> int:
     return max(1, min(task.rows, elements // max(1, task.cols)))
 
 
-def row_cost(plan: Plan, task: Task) -> int:
+def row_cost(task: Task) -> int:
     """Bytes the smallest workable chunk needs: one row read, one row computed."""
-    return input_row_bytes(plan, task) + compute_row_bytes(plan, task)
+    return input_row_bytes(task) + compute_row_bytes(task)
 
 
 def widest_row(plan: Plan) -> tuple[int, Task | None]:
     """The largest one-row cost of any task, and that task."""
-    costs = [(row_cost(plan, t), i) for i, t in enumerate(plan.tasks)]
+    costs = [(row_cost(t), i) for i, t in enumerate(plan.tasks)]
     if not costs:
         return 0, None
     cost, i = max(costs)
@@ -97,13 +99,13 @@ def chunk_budget(plan: Plan, max_memory: int, baseline: int | None = None) -> in
     need, task = widest_row(plan)
     if budget < need and task is not None:
         held = base + HELD_BYTES
-        raise PlanError(f"--max-memory {_mib(max_memory)} is too small: tensor {task.name!r} needs {_mib(need)} "
-                        f"for one row on top of {_mib(held)} the process holds; use at least "
-                        f"--max-memory {_mib(smallest_budget(plan, base), up=True)}")
+        raise PlanError(f"--max-memory {mib_str(max_memory)} is too small: tensor {task.name!r} needs "
+                        f"{size_str(need)} for one row on top of {size_str(held)} the process holds; use at least "
+                        f"--max-memory {mib_str(smallest_budget(plan, base), up=True)}")
     return budget
 
 
-def chunk_rows(plan: Plan, task: Task, budget_bytes: int, overlap: bool = False,
+def chunk_rows(task: Task, budget_bytes: int, overlap: bool = False,
                whole_blocks: bool = False) -> tuple[int, int]:
     """(block rows read at once, sub-chunk rows computed at once) for `task` within `budget_bytes`.
 
@@ -113,8 +115,8 @@ def chunk_rows(plan: Plan, task: Task, budget_bytes: int, overlap: bool = False,
     the next block can be read while one computes. `whole_blocks` computes a block at once (a
     GPU's kernels want large tensors, not cache-sized ones).
     """
-    compute = compute_row_bytes(plan, task)
-    per_row = input_row_bytes(plan, task)
+    compute = compute_row_bytes(task)
+    per_row = input_row_bytes(task)
     if whole_blocks:
         block = budget_bytes // (per_row + compute)
         if overlap and block < task.rows:
@@ -133,27 +135,23 @@ def chunk_rows(plan: Plan, task: Task, budget_bytes: int, overlap: bool = False,
     return max(1, min(task.rows, block)), max(1, min(sub, task.rows))
 
 
-def block_bytes(plan: Plan, task: Task, rows: int, sub: int) -> int:
+def block_bytes(task: Task, rows: int, sub: int) -> int:
     """Bytes a block of `rows` rows holds while computed in sub-chunks of `sub` rows."""
-    return rows * input_row_bytes(plan, task) + sub * compute_row_bytes(plan, task)
+    return rows * input_row_bytes(task) + sub * compute_row_bytes(task)
 
 
-def chunk_bytes_used(plan: Plan, task: Task, budget_bytes: int, overlap: bool = False) -> int:
+def chunk_bytes_used(task: Task, budget_bytes: int, overlap: bool = False) -> int:
     """Bytes one block of `task` holds at its peak within `budget_bytes`."""
-    block, sub = chunk_rows(plan, task, budget_bytes, overlap)
-    return block_bytes(plan, task, block, sub)
+    block, sub = chunk_rows(task, budget_bytes, overlap)
+    return block_bytes(task, block, sub)
 
 
 def expected_peak(plan: Plan, budget_bytes: int, baseline: int | None = None, overlap: bool = True) -> int:
     """The process's expected peak memory when chunks get `budget_bytes` (with `overlap`, a
     block being read may sit beside the one computing, within the budget)."""
     base = baseline_bytes() if baseline is None else baseline
-    chunks = max((chunk_bytes_used(plan, t, budget_bytes, overlap) for t in plan.tasks), default=0)
+    chunks = max((chunk_bytes_used(t, budget_bytes, overlap) for t in plan.tasks), default=0)
     if overlap:
         chunks = min(budget_bytes, 2 * chunks)
     return base + HELD_BYTES + int(chunks / CHUNK_SHARE)
 
-
-def _mib(n: int, up: bool = False) -> str:
-    mib = -(-n // (1 << 20)) if up else n // (1 << 20)
-    return f"{mib}MiB"

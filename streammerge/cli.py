@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 import traceback
@@ -25,11 +24,9 @@ from .config import ConfigWarning, MergeConfig
 from .errors import ConfigError, OutputError, StreamMergeError
 from .executor import Progress, RunStats
 from .lora import AdaptedIndex
-from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, PlannedIndex, Task, make_plan, parse
-
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "b": 10**9,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+from .options import DEFAULT_SEED, DEFAULT_SHARD_BYTES, RunOptions
+from .planner import Plan, PlannedIndex, Task, parse
+from .units import parse_size, size_str
 
 
 class ByteSize(click.ParamType):
@@ -38,15 +35,10 @@ class ByteSize(click.ParamType):
     name = "size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        if not m or m.group(2).lower() not in _UNITS:
-            self.fail(f"{value!r} is not a size; write e.g. 512M, 2GiB or 5B", param, ctx)
-        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-        if self.positive and size <= 0:
-            self.fail(f"{value!r}: must be more than 0 bytes", param, ctx)
-        return size
+        try:
+            return parse_size(value, "size", self.positive)
+        except ValueError as e:
+            self.fail(str(e).removeprefix("size: "), param, ctx)
 
     def __init__(self, positive: bool = False) -> None:
         self.positive = positive  # a memory budget must be; a shard size of 0 or less means no limit
@@ -181,10 +173,6 @@ def _apply_mergekit_options(opts: dict[str, Any]) -> str:
             click.echo(f"note: {why}", err=True)
     if not opts.get("safe_serialization", True):
         click.echo("note: --no-safe-serialization: streammerge writes safetensors only", err=True)
-    if opts.get("num_threads"):
-        import torch
-
-        torch.set_num_threads(opts["num_threads"])
     if opts.get("transformers_cache"):
         os.environ["HF_HUB_CACHE"] = os.path.abspath(opts["transformers_cache"])
     from .executor import resolve_device
@@ -254,15 +242,8 @@ class _Lines(Progress):
         rate = (self.done_bytes - self.start_bytes) / secs
         left = self.nbytes - self.done_bytes
         eta = f", ETA {left / rate:.0f} s" if rate > 0 and left > 0 else ""
-        click.echo(f"progress: {self.done}/{self.tensors} tensors, {_size(self.done_bytes)} of {_size(self.nbytes)}, "
-                   f"{_size(rate)}/s{eta}", err=True)
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
+        click.echo(f"progress: {self.done}/{self.tensors} tensors, {size_str(self.done_bytes)} of "
+                   f"{size_str(self.nbytes)}, {size_str(rate)}/s{eta}", err=True)
 
 
 def _progress(quiet: bool) -> Progress:
@@ -271,18 +252,37 @@ def _progress(quiet: bool) -> Progress:
     return _Bar() if sys.stderr.isatty() else _Lines()
 
 
+_run_options = [
+    click.option("--overwrite", is_flag=True, help="Replace a finished output in OUT."),
+    click.option("--restart", is_flag=True, help="Discard an unfinished run in OUT instead of resuming it."),
+    click.option("--intermediate-dir", type=click.Path(file_okay=False), default=None,
+                 help="Pipelines: where earlier stages are written (default: OUT.stages/)."),
+]
+
+
+def _options(fn: Callable[..., None]) -> Callable[..., None]:
+    """The options of `run`, which `plan` takes too (so a plan is made as the run will make it)."""
+    for opt in reversed([_mem, _shard, _seed, *_run_options]):
+        fn = opt(fn)
+    return _mergekit_options(fn)
+
+
+def _run_options_of(max_memory: int | None, out_shard_size: int, seed: int, overwrite: bool, restart: bool,
+                    intermediate_dir: str | None, mk: dict[str, Any]) -> RunOptions:
+    """The RunOptions the command line's options mean (the mergekit flags applied, noted once)."""
+    device = _apply_mergekit_options(mk)
+    return RunOptions(max_memory=max_memory, out_shard_size=out_shard_size, seed=seed, device=device,
+                      max_gpu_memory=mk["max_gpu_memory"], overwrite=overwrite, restart=restart,
+                      overlap=mk["overlap"], truncate_vocab=mk["unsafe_truncate_embeddings"],
+                      copy_tokenizer=mk["copy_tokenizer"], write_card=mk["write_model_card"],
+                      intermediate_dir=intermediate_dir, num_threads=mk["num_threads"])
+
+
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@_mem
-@_shard
-@_seed
-@click.option("--overwrite", is_flag=True, help="Replace a finished output in OUT.")
-@click.option("--restart", is_flag=True, help="Discard an unfinished run in OUT instead of resuming it.")
-@click.option("--intermediate-dir", type=click.Path(file_okay=False), default=None,
-              help="Pipelines: where earlier stages are written (default: OUT.stages/).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and the final summary.")
-@_mergekit_options
+@_options
 @_verbose
 @_guard
 def run(config_path: str, out: str, max_memory: int | None, out_shard_size: int, seed: int, overwrite: bool,
@@ -292,58 +292,47 @@ def run(config_path: str, out: str, max_memory: int | None, out_shard_size: int,
     Rerunning the same command after an interruption resumes where it stopped. CONFIG may be
     a pipeline: several YAML documents, each with a `name` later ones can use as a model.
     """
-    from .budget import default_max_memory
-    from .executor import Executor
-    from .pipeline import run_pipeline
+    from .api import merge
 
-    device = _apply_mergekit_options(mk)
+    options = _run_options_of(max_memory, out_shard_size, seed, overwrite, restart, intermediate_dir, mk)
     configs = _load(config_path)
-    budget = max_memory or default_max_memory()
-    progress = _progress(quiet)
-    options = {"copy_tokenizer": mk["copy_tokenizer"], "write_card": mk["write_model_card"],
-               "overlap": mk["overlap"], "max_gpu_memory": mk["max_gpu_memory"]}
-    if len(configs) > 1:
-        results = run_pipeline(configs, out, budget, progress, intermediate_dir, overwrite, restart,
-                               out_shard_size, seed, mk["unsafe_truncate_embeddings"], device, **options)
-        for i, st in enumerate(results):
-            _summary(st, f"stage {i + 1}: ")
-        return
-    plan = make_plan(configs[0], out_shard_size, seed, truncate_vocab=mk["unsafe_truncate_embeddings"],
-                     device=device)
-    _summary(Executor(plan, out, budget, progress, overwrite=overwrite, restart=restart, **options).run(), "", plan)
+    results = merge(configs, out, options, _progress(quiet))
+    for i, st in enumerate(results):
+        _summary(st, f"stage {i + 1}: " if len(results) > 1 else "")
 
 
-def _summary(stats: RunStats, prefix: str, plan: Plan | None = None) -> None:
+def _summary(stats: RunStats, prefix: str) -> None:
     if stats.up_to_date:
         click.echo(f"{prefix}up to date: {stats.tensors} tensors, nothing to do", err=True)
         return
-    size = f", {plan.total_bytes / 1e9:.3f} GB in {len(plan.shards)} shard(s)" if plan else ""
+    size = f", {size_str(stats.output_bytes)} in {stats.shards} shard(s)"
     click.echo(f"{prefix}done: {stats.tensors} tensors ({stats.resumed} resumed){size}, {stats.seconds:.1f} s, "
                f"peak RSS {stats.peak_rss / 2**20:.0f} MiB, manifest xxh3-128 {stats.manifest_hash}", err=True)
 
 
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
-@_mem
-@_shard
-@_seed
+@click.argument("out_arg", metavar="[OUT]", required=False, type=click.Path(file_okay=False))
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Where the output would go (for the disk-space check; default: here).")
 @click.option("--explain", "explain", metavar="TENSOR", default=None,
               help="Show where every parameter of one output tensor comes from.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@click.option("--unsafe-truncate-embeddings", "truncate_vocab", is_flag=True,
-              help="Plan as `run --unsafe-truncate-embeddings` would merge.")
+@_options
 @_verbose
 @_guard
-def plan(config_path: str, max_memory: int | None, out_shard_size: int, seed: int, out: str | None,
-         explain: str | None, as_json: bool, truncate_vocab: bool, verbose: int) -> None:
-    """Show what merging CONFIG will do, reading no tensor data. A pipeline is planned whole: each
-    stage against what the stages before it will write."""
-    from .pipeline import check_pipeline, stages
+def plan(config_path: str, out_arg: str | None, max_memory: int | None, out_shard_size: int, seed: int,
+         overwrite: bool, restart: bool, intermediate_dir: str | None, out: str | None, explain: str | None,
+         as_json: bool, verbose: int, **mk: Any) -> None:
+    """Show what merging CONFIG into OUT will do, reading no tensor data; takes every option `run`
+    takes. A pipeline is planned whole: each stage against what the stages before it will write."""
+    from .api import plans as make_plans
+    from .pipeline import stages
 
+    out = out or out_arg
+    options = _run_options_of(max_memory, out_shard_size, seed, overwrite, restart, intermediate_dir, mk)
     configs = _load(config_path)
-    plans = check_pipeline(configs, out or "merged", None, out_shard_size, seed, truncate_vocab, quiet=False)
+    plans = make_plans(configs, out or "merged", options)
     names = [st.name for st in stages(configs, out or "merged")]
     if len(plans) > 1 and not as_json:
         click.echo(f"pipeline of {len(plans)} stages: {', '.join(names)}")

@@ -197,10 +197,7 @@ def parse_config(text: str, source: str = "config",
     cfg = p.document(doc, text)
     if cfg is not None and methods is not None and cfg.merge_method:
         if cfg.merge_method not in methods:
-            near = difflib.get_close_matches(cfg.merge_method, list(methods), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            p.problems.insert(0, f"merge_method: unknown method {cfg.merge_method!r}{hint} "
-                                 f"(available: {', '.join(methods)})")
+            p.problems.insert(0, unknown_method(cfg.merge_method, list(methods)))
         else:
             problems, notes = check_parameters(cfg, methods[cfg.merge_method])
             p.problems += problems
@@ -524,6 +521,13 @@ def parse_documents(text: str, source: str = "config",
 
 def _has_content(doc: str) -> bool:
     return any(line.strip() and not line.lstrip().startswith("#") for line in doc.splitlines())
+
+
+def unknown_method(name: str, known: list[str]) -> str:
+    """The message for a merge_method no table has, with the nearest name."""
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return f"merge_method: unknown method {name!r}{hint} (available: {', '.join(known)})"
 
 
 def check_parameters(cfg: MergeConfig, specs: Mapping[str, ParamSpec]) -> tuple[list[str], list[str]]:

@@ -14,6 +14,13 @@ class StreamMergeError(Exception):
     exit_code = 1
 
 
+class OptionError(StreamMergeError, ValueError):
+    """An option's value is not usable (a size that is not one, a negative budget). Exit code 2,
+    as the command line's usage errors."""
+
+    exit_code = 2
+
+
 class ConfigError(StreamMergeError):
     """The YAML config is wrong; `problems` lists every finding, each with its path."""
 

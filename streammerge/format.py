@@ -1,7 +1,8 @@
 """The safetensors file format: parse and validate a header, build one for a layout.
 
 Imports only errors and dtypes; reads or writes nothing itself except `read_header`,
-which reads a file's first bytes. Format: an 8-byte little-endian header length N,
+which reads a file's first bytes (and `blocks`, the one loop that reads ranges to hash
+them). Format: an 8-byte little-endian header length N,
 N bytes of JSON (space-padded to a multiple of 8), then the data area; each tensor's
 `data_offsets` are relative to the data area and must tile it without gaps.
 """
@@ -12,13 +13,22 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from .dtypes import itemsize, known_code
 from .errors import InputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 ALIGN = 8  # header padding, as the safetensors library writes it
+
+
+def row_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) of a tensor as streamed: shape[0] rows for >= 2-D tensors, one row for 0-D and 1-D."""
+    numel = math.prod(shape)
+    rows = shape[0] if len(shape) >= 2 else 1
+    return rows, (numel // rows if rows else math.prod(shape[1:]))
 
 
 @dataclass(frozen=True)
@@ -182,3 +192,25 @@ def build_header(
     text += b" " * (-len(text) % ALIGN)
     header = struct.pack("<Q", len(text)) + text
     return header, [(len(header) + b, len(header) + e) for b, e in rel_ranges]
+
+
+HASH_BLOCK = 16 << 20  # bytes read at a time when hashing ranges of files
+
+
+def blocks(read: Callable[[int, int], bytes], begin: int, nbytes: int) -> Iterator[bytes]:
+    """Bytes [begin, begin + nbytes) through `read(offset, n)` (a pread), in blocks of at most
+    HASH_BLOCK; stops early at the end of the file."""
+    off, end = begin, begin + nbytes
+    while off < end:
+        block = read(off, min(HASH_BLOCK, end - off))
+        if not block:
+            return
+        yield block
+        off += len(block)
+
+
+def preader(f: BinaryIO) -> Callable[[int, int], bytes]:
+    """`read(offset, n)` on an open file, leaving its position alone."""
+    fd = f.fileno()
+    return lambda off, n: os.pread(fd, n, off)
+

@@ -11,7 +11,6 @@ error instead of a SIGBUS that kills the process, and no mapped pages linger in 
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import xxhash
 
 from .dtypes import itemsize, torch_dtype
 from .errors import InputError
-from .format import FileHeader, TensorEntry, read_header
+from .format import FileHeader, TensorEntry, read_header, row_shape
 from .torchzip import read_torch_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -47,11 +46,11 @@ class TensorRef:
     @property
     def rows(self) -> int:
         """Rows as streamed: shape[0] for >= 2-D tensors, one row for 0-D and 1-D."""
-        return self.entry.shape[0] if len(self.entry.shape) >= 2 else 1
+        return row_shape(self.entry.shape)[0]
 
     @property
     def cols(self) -> int:
-        return self.entry.numel // self.rows if self.rows else math.prod(self.entry.shape[1:])
+        return row_shape(self.entry.shape)[1]
 
 
 class ModelIndex:

@@ -16,12 +16,11 @@ from ._version import __version__
 from .dtypes import config_name
 from .errors import InputError
 from .journal import WORK_DIR, Entry, crash_point
-from .planner import Plan
+from .planner import INPUT_KEY_SEP, Plan
 from .writer import PARTIAL, fsync_dir, write_file_atomic
 
 MANIFEST = "streammerge.manifest.json"
 MANIFEST_FORMAT = "streammerge-manifest/1"
-INPUT_KEY_SEP = "::"  # journal keys of input tensors: "<model ref>::<tensor name>"
 INDEX = "model.safetensors.index.json"
 FILES_RECORD = "files.json"  # in the work folder: the files finalisation writes, hashed before they are
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",

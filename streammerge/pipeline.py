@@ -1,22 +1,23 @@
 """Run a pipeline: several configs in order, later ones using earlier outputs by name.
 
-Imports executor, output, plan, config. Each stage is an ordinary, resumable run into its own
+Imports executor, output, planner, options, config. Each stage is an ordinary, resumable run into its own
 folder; a finished stage whose plan fingerprint is unchanged is skipped, and one whose
 config or inputs changed (an earlier stage was redone) is redone. The last stage writes OUT.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 from .config import MergeConfig
 from .errors import StreamMergeError
 from .executor import Executor, Progress, RunStats
+from .options import RunOptions
 from .output import manifest_field
-from .planner import DEFAULT_SEED, DEFAULT_SHARD_BYTES, Plan, make_plan
+from .planner import Plan, make_plan
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,8 @@ def stages(configs: list[MergeConfig], out: str, intermediate_dir: str | None = 
     return result
 
 
-def check_pipeline(configs: list[MergeConfig], out: str, intermediate_dir: str | None = None,
-                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, seed: int = DEFAULT_SEED,
-                   truncate_vocab: bool = False, device: str = "cpu", quiet: bool = True) -> list[Plan]:
+def check_pipeline(configs: list[MergeConfig], out: str, options: RunOptions | None = None,
+                   quiet: bool = True) -> list[Plan]:
     """Plan every stage before any runs: a later stage against the tensors its predecessors will
     write (names, shapes, dtypes, layer counts), so a mistake in stage 2 is reported in seconds,
     not after stage 1's hour. `quiet` holds back the planner's warnings (a run gives them again as
@@ -48,14 +48,15 @@ def check_pipeline(configs: list[MergeConfig], out: str, intermediate_dir: str |
     Raises:
         PlanError, InputError, ConfigError: as make_plan, the message naming the first stage that fails.
     """
+    opts = (options or RunOptions()).resolved()
     aliases: dict[str, str | Plan] = {}
     plans: list[Plan] = []
-    for i, st in enumerate(stages(configs, out, intermediate_dir)):
+    for i, st in enumerate(stages(configs, out, opts.intermediate_dir)):
         try:
             with warnings.catch_warnings():
                 if quiet:
                     warnings.simplefilter("ignore")
-                plan = make_plan(st.config, max_shard_bytes, seed, aliases, truncate_vocab, device)
+                plan = plan_stage(st.config, opts, aliases)
         except StreamMergeError as e:
             if len(configs) > 1:
                 e.args = (f"stage {i + 1}/{len(configs)} {st.name} (checked before any stage runs): {e}",)
@@ -65,30 +66,35 @@ def check_pipeline(configs: list[MergeConfig], out: str, intermediate_dir: str |
     return plans
 
 
-def run_pipeline(configs: list[MergeConfig], out: str, max_memory: int, progress: Progress | None = None,
-                 intermediate_dir: str | None = None, overwrite: bool = False, restart: bool = False,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, seed: int = DEFAULT_SEED,
-                 truncate_vocab: bool = False, device: str = "cpu", **options: Any) -> list[RunStats]:
-    """Run every stage in order; returns each stage's RunStats. `options` go to each Executor."""
+def plan_stage(cfg: MergeConfig, options: RunOptions, aliases: dict[str, str | Plan] | None = None) -> Plan:
+    """make_plan with the options that shape a plan (shard size, seed, vocabulary truncation, device)."""
+    opts = options.resolved()
+    return make_plan(cfg, opts.shard_bytes, opts.seed, aliases, opts.truncate_vocab, opts.device)
+
+
+def run_pipeline(configs: list[MergeConfig], out: str, options: RunOptions | None = None,
+                 progress: Progress | None = None) -> list[RunStats]:
+    """Run every stage in order (one config is a pipeline of one); returns each stage's RunStats."""
+    opts = (options or RunOptions()).resolved()
     progress = progress or Progress()
     if len(configs) > 1:
-        check_pipeline(configs, out, intermediate_dir, max_shard_bytes, seed, truncate_vocab, device)
+        check_pipeline(configs, out, opts)
     aliases: dict[str, str | Plan] = {}
     results = []
-    plan_stages = stages(configs, out, intermediate_dir)
+    plan_stages = stages(configs, out, opts.intermediate_dir)
     for i, st in enumerate(plan_stages):
         last = i == len(plan_stages) - 1
-        progress.note(f"stage {i + 1}/{len(plan_stages)} {st.name} -> {st.out}")
-        plan = make_plan(st.config, max_shard_bytes, seed, aliases, truncate_vocab, device)
+        if len(plan_stages) > 1:
+            progress.note(f"stage {i + 1}/{len(plan_stages)} {st.name} -> {st.out}")
+        plan = plan_stage(st.config, opts, aliases)
         # Intermediates are the pipeline's own; OUT is replaced without --overwrite only when it
         # holds this very stage's recipe, made from inputs that have changed since.
         # An intermediate folder is replaced only if this pipeline made it (its manifest says so) —
         # an unrelated merge that happens to sit where a stage would go is refused, not replaced.
         label = None if last else f"{os.path.abspath(out)}::{st.name}"
-        own = manifest_field(st.out, "config") == st.config.text or (
-            label is not None and manifest_field(st.out, "pipeline_stage") == label)
-        ex = Executor(plan, st.out, max_memory, progress, overwrite=overwrite and last, restart=restart,
-                      replace_changed=own, stage=label, **options)
-        results.append(ex.run())
+        own = len(plan_stages) > 1 and (manifest_field(st.out, "config") == st.config.text or (
+            label is not None and manifest_field(st.out, "pipeline_stage") == label))
+        stage_opts = dataclasses.replace(opts, overwrite=opts.overwrite and last)
+        results.append(Executor(plan, st.out, stage_opts, progress, replace_changed=own, stage=label).run())
         aliases[st.name] = os.path.abspath(st.out)
     return results

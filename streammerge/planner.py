@@ -9,7 +9,6 @@ fingerprint (xxh3-128) covers each task, and the plan's covers all of them plus 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import threading
@@ -32,20 +31,20 @@ from .config import (
     check_parameters,
     param,
     parse_documents,
+    unknown_method,
 )
 from .dtypes import compute_dtype, is_float, itemsize, promote
 from .errors import ConfigError, InputError, PlanError
-from .format import TensorEntry, build_header
+from .format import TensorEntry, build_header, row_shape
 from .hub import resolve_model, resolve_models
 from .index import ModelIndex, TensorRef
 from .lora import AdaptedIndex
-from .methods import ARITHMETIC, METHODS, MethodDef, TaskContext
+from .methods import ARITHMETIC, METHODS, Cost, MethodDef, TaskContext
+from .options import DEFAULT_SEED, DEFAULT_SHARD_BYTES
 from .params import ParamSpec, Scalar, evaluate_traced
 from .vocab import Vocab, VocabRows, align, output_tokenizer, output_tokens, override, read_vocab
 
-DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default `5B`, counted in bytes
-DEFAULT_SEED = 0
-RANDOM_METHODS = ("dare_linear", "dare_ties")
+INPUT_KEY_SEP = "::"  # "<model ref>::<tensor name>": an input tensor, in journals and manifests
 
 
 @dataclass(frozen=True)
@@ -83,17 +82,15 @@ class Task:
     shard: int = 0
     begin: int = 0  # absolute byte offset in the shard
     fingerprint: str = ""
+    cost: Cost = field(default=Cost(0), compare=False)  # the method's, for this tensor's parameters
 
     @property
     def rows(self) -> int:
-        return self.shape[0] if len(self.shape) >= 2 else 1
+        return row_shape(self.shape)[0]
 
     @property
     def cols(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n // self.rows if self.rows else 0
+        return row_shape(self.shape)[1]
 
     @property
     def nbytes(self) -> int:
@@ -187,10 +184,27 @@ def parse(text: str, source: str = "config") -> list[MergeConfig]:
 def _method(cfg: MergeConfig) -> MethodDef:
     if cfg.merge_method in METHODS:
         return METHODS[cfg.merge_method]
-    near = difflib.get_close_matches(cfg.merge_method, list(METHODS), n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
-    raise ConfigError([f"merge_method: unknown method {cfg.merge_method!r}{hint} "
-                       f"(available: {', '.join(METHODS)})"])
+    raise ConfigError([unknown_method(cfg.merge_method, list(METHODS))])
+
+
+@dataclass(frozen=True)
+class SliceSources:
+    """One slice of the config, normalised: its sources (each with its layer range) and base model."""
+
+    slice: Slice
+    sources: tuple[Source, ...]
+    base: ModelRef | None
+
+    @property
+    def depth(self) -> int:
+        """Layers each source contributes."""
+        r = self.sources[0].layer_range
+        assert r is not None  # normalised
+        return r[1] - r[0]
+
+    def names(self, name: str) -> list[str]:
+        """The same tensor name in every source."""
+        return [name] * len(self.sources)
 
 
 class PlannedIndex(ModelIndex):
@@ -264,7 +278,7 @@ class _Builder:
         self._folders: dict[ModelRef, str] = {}
         self.tasks: list[Task] = []
         self.problems: list[str] = []
-        self.slices: list[tuple[Slice, tuple[Source, ...], ModelRef | None]] = []
+        self.slices: list[SliceSources] = []
 
     def model(self, ref: ModelRef) -> int:
         if ref not in self._by_ref:
@@ -300,28 +314,28 @@ class _Builder:
             self._prepare_vocab()
         first, last = self.slices[0], self.slices[-1]
         # post-weights pair the first slice's source count with the last slice's models (§3.4)
-        post_sources = last[1][: len(first[1])]
-        lay0 = self.layout(first[1][0].model)
-        for name in _union(self.layout(s.model).pre for s in first[1]):
-            self._task(name, first[0], first[1], first[2], [name] * len(first[1]), 0.0)
+        post = SliceSources(last.slice, last.sources[: len(first.sources)], last.base)
+        lay0 = self.layout(first.sources[0].model)
+        for name in _union(self.layout(s.model).pre for s in first.sources):
+            self._task(name, first, first.names(name), 0.0)
         for stack in lay0.others:  # a vision tower: whole, layer by layer, with the first slice's sources
-            self._other_stack(stack, *first)
+            self._other_stack(stack, first)
         out_layer = 0
-        for sl, sources, base in self.slices:
-            n = sources[0].layer_range[1] - sources[0].layer_range[0]  # type: ignore[index]
-            template = self.layout(sources[0].model).template
-            for i in range(n):
-                t = i / (n - 1) if n > 1 else 1.0
+        for part in self.slices:
+            template = self.layout(part.sources[0].model).template
+            for i in range(part.depth):
+                t = i / (part.depth - 1) if part.depth > 1 else 1.0
                 for suffix in template:
                     names = [self.layout(s.model).layer_name(s.layer_range[0] + i, suffix)  # type: ignore[index]
-                             for s in sources]
-                    self._task(lay0.layer_name(out_layer, suffix), sl, sources, base, names, t)
+                             for s in part.sources]
+                    self._task(lay0.layer_name(out_layer, suffix), part, names, t)
                 out_layer += 1
-        for name in _union(self.layout(s.model).post for s in post_sources):
-            self._task(name, last[0], post_sources, last[2], [name] * len(post_sources), 0.0)
+        for name in _union(self.layout(s.model).post for s in post.sources):
+            self._task(name, post, post.names(name), 0.0)
 
-    def _other_stack(self, stack: Stack, sl: Slice, sources: tuple[Source, ...], base: ModelRef | None) -> None:
+    def _other_stack(self, stack: Stack, sl: SliceSources) -> None:
         """Tasks for a stack other than the language model's, over its own depth (gradients too)."""
+        sources = sl.sources
         for s in sources:
             theirs = self.layout(s.model).stack(stack.prefix)
             if theirs is None or theirs.num_layers != stack.num_layers:
@@ -334,11 +348,11 @@ class _Builder:
             t = i / (n - 1) if n > 1 else 1.0
             for suffix in stack.template:
                 name = stack.layer_name(i, suffix)
-                self._task(name, sl, sources, base, [name] * len(sources), t)
+                self._task(name, sl, sl.names(name), t)
 
     def _prepare_vocab(self) -> None:
         """Every model's tokens, and the output vocabulary the tokenizer source builds (§3.6)."""
-        refs = list(dict.fromkeys(s.model for _, sources, _ in self.slices for s in sources))
+        refs = list(dict.fromkeys(s.model for sl in self.slices for s in sl.sources))
         idx = [self.model(r) for r in refs]
         for i in idx:
             index = self.models[i].index
@@ -390,7 +404,7 @@ class _Builder:
             out[j] = (((pos, row),), spec.force)
         return out
 
-    def _normalize(self, sl: Slice) -> tuple[Slice, tuple[Source, ...], ModelRef | None]:
+    def _normalize(self, sl: Slice) -> SliceSources:
         base = sl.base_model or self.cfg.base_model
         sources = list(sl.sources)
         if not self.cfg.uses_slices:
@@ -416,12 +430,43 @@ class _Builder:
         if base is not None and self.method.base != "ignored" and base not in [s.model for s in sources]:
             self.problems.append(f"{sl.path}: base model {base} is not one of the slice's sources; add it "
                                  "as a source")
-        return sl, tuple(sources), base
+        return SliceSources(sl, tuple(sources), base)
 
-    def _task(self, out: str, sl: Slice, sources: tuple[Source, ...], base: ModelRef | None,
-              names: list[str], t: float) -> None:
-        inputs, keep = [], []
-        for k, (s, name) in enumerate(zip(sources, names)):
+    def _task(self, out: str, sl: SliceSources, names: list[str], t: float) -> None:
+        """The task for output tensor `out`, made from tensor names[k] of each source; problems are
+        collected, and a tensor with any is left out."""
+        found = self._inputs(sl.sources, names)
+        if found is None:
+            return
+        inputs, srcs = found
+        if out in TIED and not any(i.tensor == out for i in inputs):
+            return  # no input has its own head: tied output, nothing to write
+        shaped = self._shape(out, inputs, srcs, sl.base)
+        if shaped is None:
+            return
+        shape, vocab_rows = shaped
+        base_idx = next((k for k, s in enumerate(srcs) if s.model == sl.base), None)
+        if not self._contract(out, srcs, base_idx):
+            return
+        shared, per_input, provenance = self._parameters(out, sl, srcs, inputs, base_idx, t)
+        ctx = TaskContext(out, shape, base_idx, tuple(per_input), shared, self.seed,
+                          tuple(self._position(sl.sources, s) for s in srcs))
+        problems = self.method.check(ctx)
+        if problems:
+            self.problems += problems
+            return
+        codes = [self.cfg.dtype or i.dtype for i in inputs]
+        promoted = promote(codes)
+        self.tasks.append(Task(out, ctx.shape, tuple(inputs), ctx, self.cfg.dtype,
+                               "F64" if compute_dtype(promoted).itemsize == 8 else "F32",
+                               self.cfg.out_dtype or promoted, not all(is_float(c) for c in codes), t=t,
+                               provenance=provenance, vocab=vocab_rows, cost=self.method.cost(ctx)))
+
+    def _inputs(self, sources: tuple[Source, ...], names: list[str]) -> tuple[list[TaskInput], list[Source]] | None:
+        """Each source's tensor (a tied model's embeddings standing in for its head; an optional
+        head no source has skipped), and the sources that have one; None if a required one is missing."""
+        inputs, srcs = [], []
+        for s, name in zip(sources, names):
             idx = self.models[self.model(s.model)].index
             if name not in idx.tensors and name in TIED and TIED[name] in idx.tensors:
                 name = TIED[name]  # a tied model uses its embeddings as its head
@@ -433,76 +478,78 @@ class _Builder:
                          if lost else "")
                 self.problems.append(f"tensor {name!r} required but not present in model {s.model} "
                                      f"({idx.folder}){where}")
-                return
+                return None
             inputs.append(TaskInput(self.model(s.model), name, idx.tensors[name].entry.dtype))
-            keep.append(k)
-        if out in TIED and not any(
-                i.tensor == out for i in inputs):
-            return  # no input has its own head: tied output, nothing to write
-        srcs = [sources[k] for k in keep]
+            srcs.append(s)
+        return inputs, srcs
+
+    def _shape(self, out: str, inputs: list[TaskInput], srcs: list[Source],
+               base: ModelRef | None) -> tuple[tuple[int, ...], VocabRows | None] | None:
+        """The output shape, and the rows each input gives a vocabulary tensor aligned to the output
+        tokenizer (None: rows as they are); None if the inputs' shapes cannot be merged."""
         shape_of = [self.models[i.model].index.tensors[i.tensor].entry.shape for i in inputs]
         shapes = set(shape_of)
+        same_width = len({s[1:] for s in shapes}) == 1
         vocab_rows = None
-        if self.out_tokens is not None and is_vocab_tensor(out) and len({s[1:] for s in shapes}) == 1:
-            base_pos = next((k for k, s in enumerate(sources[j] for j in keep) if s.model == base), 0)
-            vocab_rows, orphans = align([self.vocabs[i.model] for i in inputs], self.out_tokens, base_pos)
-            configured = self._configured(inputs)
-            orphans = [t for t in orphans if self.out_tokens.index(t) not in configured]
-            if orphans:
-                warnings.warn(f"tensor {out!r}: {len(orphans)} token(s) no input has (e.g. {orphans[0]!r}) get "
-                              "zero rows", ConfigWarning, stacklevel=2)
-            vocab_rows = override(vocab_rows, configured, self.vocab_rows_out - len(self.out_tokens))
+        if self.out_tokens is not None and is_vocab_tensor(out) and same_width:
+            vocab_rows = self._aligned_rows(out, inputs, srcs, base)
             shapes = {(self.vocab_rows_out, *shape_of[0][1:])}
             if vocab_rows.is_identity() and all(s[0] == self.vocab_rows_out for s in shape_of):
                 vocab_rows = None
-        if len(shapes) > 1:
-            vocab = is_vocab_tensor(out) and len({s[1:] for s in shapes}) == 1 and len(shape_of[0]) >= 1
-            detail = ", ".join(f"{self.models[i.model].ref}: {list(s)}" for i, s in zip(inputs, shape_of))
-            rows = min(s[0] for s in shape_of)
-            if not vocab:
-                self.problems.append(f"tensor {out!r}: input shapes differ ({detail}); the models are not the "
-                                     "same architecture")
-                return
-            sizes = self._vocab_sizes(inputs, shape_of)
-            if not self.truncate_vocab:
-                self.problems.append(
-                    f"tensor {out!r}: vocabulary sizes differ ({sizes}), and the config has no tokenizer "
-                    "to align them (mergekit 0.1.5 refuses this too). Either add `tokenizer: {source: base}` "
-                    "to the config (each model's rows are matched to the base's tokens by token), or pass "
-                    f"--unsafe-truncate-embeddings (keep the first {rows} rows of each, as mergekit before "
-                    "0.1.5 did silently)")
-                return
-            warnings.warn(f"tensor {out!r}: vocabulary sizes differ ({sizes}); keeping the first {rows} rows of "
-                          "each (--unsafe-truncate-embeddings); the config's vocab_size is unchanged",
-                          ConfigWarning, stacklevel=2)
-            shapes = {(rows, *shape_of[0][1:])}
-        base_idx = next((k for k, s in enumerate(srcs) if s.model == base), None)
-        if not self._contract(out, srcs, base_idx):
-            return
+        if len(shapes) == 1:
+            return shapes.pop(), vocab_rows
+        detail = ", ".join(f"{self.models[i.model].ref}: {list(s)}" for i, s in zip(inputs, shape_of))
+        rows = min(s[0] for s in shape_of)
+        if not (is_vocab_tensor(out) and same_width and len(shape_of[0]) >= 1):
+            self.problems.append(f"tensor {out!r}: input shapes differ ({detail}); the models are not the "
+                                 "same architecture")
+            return None
+        sizes = self._vocab_sizes(inputs, shape_of)
+        if not self.truncate_vocab:
+            self.problems.append(
+                f"tensor {out!r}: vocabulary sizes differ ({sizes}), and the config has no tokenizer "
+                "to align them (mergekit 0.1.5 refuses this too). Either add `tokenizer: {source: base}` "
+                "to the config (each model's rows are matched to the base's tokens by token), or pass "
+                f"--unsafe-truncate-embeddings (keep the first {rows} rows of each, as mergekit before "
+                "0.1.5 did silently)")
+            return None
+        warnings.warn(f"tensor {out!r}: vocabulary sizes differ ({sizes}); keeping the first {rows} rows of "
+                      "each (--unsafe-truncate-embeddings); the config's vocab_size is unchanged",
+                      ConfigWarning, stacklevel=3)
+        return (rows, *shape_of[0][1:]), None
+
+    def _aligned_rows(self, out: str, inputs: list[TaskInput], srcs: list[Source], base: ModelRef | None) -> VocabRows:
+        """Each input's row for each output token (configured overrides applied, orphans warned of)."""
+        assert self.out_tokens is not None
+        base_pos = next((k for k, s in enumerate(srcs) if s.model == base), 0)
+        vocab_rows, orphans = align([self.vocabs[i.model] for i in inputs], self.out_tokens, base_pos)
+        configured = self._configured(inputs)
+        orphans = [t for t in orphans if self.out_tokens.index(t) not in configured]
+        if orphans:
+            warnings.warn(f"tensor {out!r}: {len(orphans)} token(s) no input has (e.g. {orphans[0]!r}) get "
+                          "zero rows", ConfigWarning, stacklevel=4)
+        return override(vocab_rows, configured, self.vocab_rows_out - len(self.out_tokens))
+
+    def _parameters(self, out: str, sl: SliceSources, srcs: list[Source], inputs: list[TaskInput],
+                    base_idx: int | None, t: float) -> tuple[dict[str, Scalar], list[dict[str, Scalar]],
+                                                             dict[str, str]]:
+        """The method's shared and per-input parameters at this tensor, and where each came from."""
         provenance: dict[str, str] = {}
-        common = [(f"{sl.path}.parameters", sl.parameters), ("parameters", self.cfg.parameters)]
+        common = [(f"{sl.slice.path}.parameters", sl.slice.parameters), ("parameters", self.cfg.parameters)]
         shared = {}
         for p in self.method.params:
             if p.scope == "shared":
                 shared[p.name], provenance[p.name] = self._resolve(p, common, out, t, out)
         per_input = []
         for k, (s, inp) in enumerate(zip(srcs, inputs)):
-            scopes = [(f"{x.path}.parameters", x.parameters) for x in sources if x.model == s.model] + common
+            scopes = [(f"{x.path}.parameters", x.parameters) for x in sl.sources if x.model == s.model] + common
             values = {}
             for p in self.method.params:
                 if p.scope == "input" or (p.scope == "nonbase" and k != base_idx):
                     values[p.name], provenance[f"{k}.{p.name}"] = self._resolve(
                         p, scopes, inp.tensor, t, f"{s.model}.{inp.tensor}")
             per_input.append(values)
-        codes = [self.cfg.dtype or i.dtype for i in inputs]
-        promoted = promote(codes)
-        ctx = TaskContext(out, shapes.pop(), base_idx, tuple(per_input), shared, self.seed,
-                          tuple(self._position(sources, s) for s in srcs))
-        task = Task(out, ctx.shape, tuple(inputs), ctx, self.cfg.dtype,
-                    "F64" if compute_dtype(promoted).itemsize == 8 else "F32",
-                    self.cfg.out_dtype or promoted, not all(is_float(c) for c in codes), t=t,
-                    provenance=provenance, vocab=vocab_rows)
-        self.tasks.append(task)
+        return shared, per_input, provenance
 
     def _vocab_sizes(self, inputs: list[TaskInput], shape_of: list[tuple[int, ...]]) -> str:
         """'32000 rows: a, b; 32002 rows: c' — the inputs grouped by vocabulary size."""
@@ -551,7 +598,7 @@ class _Builder:
         return spec.default, f"default of {self.method.name}"  # type: ignore[return-value]
 
     def donor(self) -> int:
-        ref = self.cfg.base_model or self.slices[0][1][0].model
+        ref = self.cfg.base_model or self.slices[0].sources[0].model
         return self.model(ref)
 
     def tokenizer_donor(self) -> int:
@@ -564,8 +611,7 @@ class _Builder:
     def out_num_layers(self) -> int | None:
         if not self.cfg.uses_slices:
             return None
-        spans = [s[1][0].layer_range for s in self.slices]
-        return sum(r[1] - r[0] for r in spans if r is not None)
+        return sum(sl.depth for sl in self.slices)
 
 
 def _layout(tasks: list[Task], max_shard_bytes: int, method: str, identities: list[str],

@@ -10,19 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 import xxhash
 
 from .errors import InputError, IntegrityError
-from .format import FileHeader, TensorEntry
+from .format import FileHeader, TensorEntry, blocks, preader
 from .index import ModelIndex
 from .journal import WORK_DIR
 from .output import MANIFEST, MANIFEST_FORMAT
-
-READ_BYTES = 16 << 20
 
 
 @dataclass
@@ -117,7 +113,7 @@ def _check_file(out: str, name: str, meta: object) -> list[str]:
         return [f"file {name}: missing"]
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(READ_BYTES), b""):
+        for block in blocks(preader(f), 0, os.fstat(f.fileno()).st_size):
             h.update(block)
     if h.hexdigest() != meta.get("xxh3_128"):
         return [f"file {name}: content differs from what the merge wrote"]
@@ -141,8 +137,7 @@ def _check_input(inp: dict) -> list[str]:
                 continue
             h = xxhash.xxh3_128()
             with open(ref.shard, "rb") as f:
-                f.seek(ref.entry.begin)
-                for block in _blocks(f, ref.entry.nbytes):
+                for block in blocks(preader(f), ref.entry.begin, ref.entry.nbytes):
                     h.update(block)
             if h.hexdigest() != digest:
                 problems.append(f"input {label}: tensor {tname} in {os.path.basename(ref.shard)} bytes "
@@ -187,39 +182,29 @@ def _hash_file(hdr: FileHeader, sha256: bool) -> tuple[str, str, dict[str, str]]
     tiles = all(a.end == b.begin for a, b in zip(ranges, ranges[1:])) and (not ranges or
                                                                           ranges[0].begin == hdr.data_start)
     digests: dict[str, str] = {}
+    def feed(block: bytes) -> None:
+        whole.update(block)
+        if sha256:
+            sha.update(block)
+
     with open(hdr.path, "rb") as f:
+        read, size = preader(f), os.fstat(f.fileno()).st_size
+        pos = 0
         for t in ranges if tiles else []:
             if t is ranges[0]:
-                head = f.read(hdr.data_start)
-                whole.update(head)
-                if sha256:
-                    sha.update(head)
+                for block in blocks(read, 0, hdr.data_start):
+                    feed(block)
             h = xxhash.xxh3_128()
-            for block in _blocks(f, t.nbytes):
+            for block in blocks(read, t.begin, t.nbytes):
                 h.update(block)
-                whole.update(block)
-                if sha256:
-                    sha.update(block)
+                feed(block)
             digests[t.name] = h.hexdigest()
-        for block in iter(lambda: f.read(READ_BYTES), b""):
-            whole.update(block)
-            if sha256:
-                sha.update(block)
+            pos = t.end
+        for block in blocks(read, pos, max(0, size - pos)):
+            feed(block)
         for t in [] if tiles else ranges:
-            f.seek(t.begin)
             h = xxhash.xxh3_128()
-            for block in _blocks(f, t.nbytes):
+            for block in blocks(read, t.begin, t.nbytes):
                 h.update(block)
             digests[t.name] = h.hexdigest()
     return whole.hexdigest(), sha.hexdigest() if sha256 else "", digests
-
-
-def _blocks(f: BinaryIO, nbytes: int) -> Iterator[bytes]:
-    """`nbytes` from the file's position, in blocks; stops early at the end of the file."""
-    left = nbytes
-    while left > 0:
-        block = f.read(min(READ_BYTES, left))
-        if not block:
-            return
-        yield block
-        left -= len(block)

@@ -32,10 +32,10 @@ def run_chunked(method: str, ctx: TaskContext, x: torch.Tensor, chunk_rows: int,
     with `remember`, the op keeps state between passes as the executor allows for one block."""
     op = METHODS[method].make(ctx)
     if remember:
-        op.remember_between_passes()
+        op.hold_state()
     rows = x.shape[1]
     spans = [(r, min(rows, r + chunk_rows)) for r in range(0, rows, chunk_rows)]
-    for p in range(op.stat_passes):
+    for p in range(METHODS[method].cost(ctx).stat_passes):
         for r0, r1 in spans:
             chunk = x[:, r0:r1].clone()
             op.observe(p, chunk, r0)

@@ -15,6 +15,7 @@ from streammerge.budget import widest_row
 from streammerge.config import parse_config
 from streammerge.executor import Executor
 from streammerge.methods import METHODS
+from streammerge.options import RunOptions
 from streammerge.planner import make_plan
 from streammerge.verifier import verify
 
@@ -65,11 +66,12 @@ def config_text(method: str, folders: list[str]) -> str:
 def test_method_end_to_end(method, tiny_set, tmp_path) -> None:
     plan = make_plan(parse_config(config_text(method, tiny_set)))
     out = str(tmp_path / "out")
-    Executor(plan, out, 1 << 34, chunk_bytes=widest_row(plan)[0] * 2).run()  # blocks of a row or two
+    tight = RunOptions(max_memory=1 << 34, chunk_bytes=widest_row(plan)[0] * 2)  # blocks of a row or two
+    Executor(plan, out, tight).run()
     assert verify(out).tensors == 39
     assert_golden(f"method/{method}", out)
     whole = str(tmp_path / "whole")  # every tensor read once, whole: the other schedule, the same bytes
-    Executor(plan, whole, 1 << 34, chunk_bytes=1 << 30).run()
+    Executor(plan, whole, RunOptions(max_memory=1 << 34, chunk_bytes=1 << 30)).run()
     assert_golden(f"method/{method}", whole)
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from streammerge.config import parse_config
 from streammerge.executor import Executor
+from streammerge.options import RunOptions
 from streammerge.planner import make_plan
 
 
@@ -29,7 +30,7 @@ def test_architecture_merges_and_runs(arch, tmp_path) -> None:
     assert ("lm_head.weight" in names) == (arch != "gemma")
     assert ("model.layers.2.self_attn.q_proj.bias" in names) == (arch == "qwen2")
     out = str(tmp_path / "out")
-    Executor(plan, out, 1 << 33).run()
+    Executor(plan, out, RunOptions(max_memory=1 << 33)).run()
     written = load_file(os.path.join(out, "model.safetensors"))
     assert set(written) == names
     with open(os.path.join(out, "config.json")) as f:

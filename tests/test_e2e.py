@@ -22,6 +22,7 @@ from streammerge.budget import widest_row
 from streammerge.cli import main
 from streammerge.config import parse_config
 from streammerge.executor import Executor
+from streammerge.options import RunOptions
 from streammerge.planner import make_plan
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
@@ -157,7 +158,7 @@ def test_output_bytes_do_not_depend_on_chunking(seed_cache, stage1, tmp_path) ->
             plan = make_plan(parse_config(read(STAGE1)), max_shard_bytes=300_000)
             need, _ = widest_row(plan)
             out = str(tmp_path / f"o{k}")
-            Executor(plan, out, 1 << 34, chunk_bytes=need * factor if factor else 1 << 30).run()
+            Executor(plan, out, RunOptions(max_memory=1 << 34, chunk_bytes=need * factor if factor else 1 << 30)).run()
             outs.append(out)
     finally:
         del os.environ["HF_HUB_CACHE"]

@@ -25,6 +25,7 @@ from streammerge.config import parse_config
 from streammerge.executor import Executor
 from streammerge.methods.base import tree_row_sums
 from streammerge.methods.rng import bernoulli_mask, draws32, draws53, stream_key
+from streammerge.options import RunOptions
 from streammerge.planner import make_plan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -67,7 +68,7 @@ def test_every_method_on_gpu_matches_cpu(method, tiny_set, tmp_path) -> None:
     for device in ("cpu", "cuda"):
         plan = make_plan(cfg, device=device)
         outs[device] = str(tmp_path / device)
-        Executor(plan, outs[device], 1 << 34).run()
+        Executor(plan, outs[device], RunOptions(max_memory=1 << 34)).run()
     cpu, gpu = tensors(outs["cpu"]), tensors(outs["cuda"])
     assert cpu.keys() == gpu.keys()
     same = total = beyond = elements = 0
@@ -103,7 +104,7 @@ def test_gpu_bytes_do_not_depend_on_gpu_chunking_or_overlap(method, tiny_set, tm
     got = {}
     for name, opts in runs.items():
         out = str(tmp_path / name)
-        Executor(plan, out, 1 << 34, **opts).run()
+        Executor(plan, out, RunOptions(max_memory=1 << 34, **opts)).run()
         got[name] = hashes(out)
     assert got["whole"] == got["rows"] == got["rows-serial"]
 

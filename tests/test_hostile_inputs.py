@@ -168,6 +168,7 @@ def test_an_input_changed_during_the_run_leaves_nothing_finished(pristine, tmp_p
     from streammerge.config import parse_config
     from streammerge.errors import InputError
     from streammerge.executor import Executor
+    from streammerge.options import RunOptions
     from streammerge.planner import make_plan
 
     folder = copy(pristine, str(tmp_path / "m"))
@@ -177,10 +178,10 @@ def test_an_input_changed_during_the_run_leaves_nothing_finished(pristine, tmp_p
     os.utime(shard, ns=(0, 0))  # what a re-download or an edit during the merge does to the file's time
     out = str(tmp_path / "out")
     with pytest.raises(InputError, match="changed during the merge"):
-        Executor(plan, out, 1 << 32).run()
+        Executor(plan, out, RunOptions(max_memory=1 << 32)).run()
     assert not os.path.exists(os.path.join(out, "streammerge.manifest.json"))
     assert not any(f.endswith(".safetensors") for f in os.listdir(out))  # only .partial shards: unfinished
-    Executor(make_plan(cfg), out, 1 << 32).run()  # the same merge, planned again, finishes
+    Executor(make_plan(cfg), out, RunOptions(max_memory=1 << 32)).run()  # the same merge, planned again, finishes
     assert CliRunner().invoke(main, ["verify", out]).exit_code == 0
 
 
@@ -216,6 +217,7 @@ def test_a_shard_truncated_under_the_run_is_an_input_error_not_sigbus(pristine, 
     from streammerge.config import parse_config
     from streammerge.errors import InputError
     from streammerge.executor import Executor
+    from streammerge.options import RunOptions
     from streammerge.planner import make_plan
 
     folder = copy(pristine, str(tmp_path / "m"))
@@ -225,5 +227,5 @@ def test_a_shard_truncated_under_the_run_is_an_input_error_not_sigbus(pristine, 
     os.truncate(shard, os.path.getsize(shard) // 2)
     out = str(tmp_path / "out")
     with pytest.raises(InputError, match=f"{os.path.basename(shard)}.*truncated during the merge"):
-        Executor(plan, out, 1 << 32).run()
+        Executor(plan, out, RunOptions(max_memory=1 << 32)).run()
     assert not os.path.exists(os.path.join(out, "streammerge.manifest.json"))

@@ -23,6 +23,7 @@ from streammerge.budget import widest_row
 from streammerge.cli import main
 from streammerge.config import parse_config
 from streammerge.executor import Executor
+from streammerge.options import RunOptions
 from streammerge.planner import make_plan
 
 SHAPE = make_models.PRESETS["tiny"]
@@ -103,7 +104,7 @@ def test_bytes_do_not_depend_on_chunking_and_explain_names_the_adapter(base, tmp
         plan = make_plan(parse_config(text))
         need, _ = widest_row(plan)
         out = str(tmp_path / f"o{k}")
-        Executor(plan, out, 1 << 34, chunk_bytes=need * factor if factor else 1 << 30).run()
+        Executor(plan, out, RunOptions(max_memory=1 << 34, chunk_bytes=need * factor if factor else 1 << 30)).run()
         assert_golden("lora/task_arithmetic", out)
         with open(os.path.join(out, "model.safetensors"), "rb") as f:
             outs.append(f.read())

@@ -176,6 +176,7 @@ def test_truncated_merge_takes_the_first_rows(tiny_set, tmp_path) -> None:
     from safetensors.torch import load_file
 
     from streammerge.executor import Executor
+    from streammerge.options import RunOptions
 
     wide = str(tmp_path / "wide")
     make_models.write_set([wide], make_models.Shape(64, 160, 4, 4, 2, 200), seed=5)
@@ -183,7 +184,7 @@ def test_truncated_merge_takes_the_first_rows(tiny_set, tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         p = plan_of(text, truncate_vocab=True)
-    Executor(p, str(tmp_path / "out"), 1 << 33).run()
+    Executor(p, str(tmp_path / "out"), RunOptions(max_memory=1 << 33)).run()
     out = load_file(str(tmp_path / "out" / "model.safetensors"))["model.embed_tokens.weight"].double().numpy()
 
     def emb(folder: str) -> np.ndarray:
@@ -202,6 +203,7 @@ def test_frankenmerge_loads_in_transformers_with_its_layer_count(tiny_set, tmp_p
     import transformers
 
     from streammerge.executor import Executor
+    from streammerge.options import RunOptions
 
     base, ft1 = tiny_set[:2]
     p = plan_of(f"""
@@ -212,7 +214,7 @@ slices:
   - sources: [{{model: {base}, layer_range: [3, 4]}}]
 """)
     out = str(tmp_path / "franken")
-    Executor(p, out, 1 << 33).run()
+    Executor(p, out, RunOptions(max_memory=1 << 33)).run()
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 7 and len(model.model.layers) == 7
     with torch.no_grad():

@@ -65,12 +65,13 @@ def test_progress_lines_and_summary_when_not_a_terminal(tiny_set, tmp_path) -> N
     r = invoke(["run", ties_config(tmp_path, tiny_set), str(tmp_path / "o")])
     assert r.exit_code == 0
     lines = r.output.strip().splitlines()
-    first = re.match(r"progress: 0/39 tensors, 0 B of ([0-9.]+ KB), ", lines[0])
+    first = re.match(r"progress: 0/39 tensors, 0 B of ([0-9.]+ KiB), ", lines[0])  # binary units, as --max-memory
     assert first, lines[0]
     total = first.group(1)
     assert lines[-2].startswith(f"progress: 39/39 tensors, {total} of {total}, ")
     last = r.output.strip().splitlines()[-1]
-    assert last.startswith("done: 39 tensors (0 resumed)") and "peak RSS" in last and "manifest xxh3-128" in last
+    assert last.startswith(f"done: 39 tensors (0 resumed), {total} in 1 shard(s)") and "peak RSS" in last
+    assert "manifest xxh3-128" in last
     quiet = invoke(["run", ties_config(tmp_path, tiny_set), str(tmp_path / "q"), "-q"])
     assert "progress:" not in quiet.output and "done: 39 tensors" in quiet.output
 

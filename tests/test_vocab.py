@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from streammerge.config import parse_config
 from streammerge.executor import Executor
+from streammerge.options import RunOptions
 from streammerge.planner import make_plan
 
 
@@ -52,7 +53,8 @@ def test_union_tokenizer_aligns_rows(three_vocabs, tmp_path) -> None:
     plan = make_plan(cfg)
     assert plan.vocab_size == 131
     out = str(tmp_path / "out")
-    Executor(plan, out, 1 << 33, chunk_bytes=1).run()  # one-row blocks: gathering crosses every boundary
+    # one-row blocks: gathering crosses every boundary
+    Executor(plan, out, RunOptions(max_memory=1 << 33, chunk_bytes=1)).run()
     assert_golden("vocab/union", out)
     got = tensors(out)
     b, e, c = (tensors(f) for f in three_vocabs)
@@ -85,7 +87,7 @@ def test_base_tokenizer_keeps_base_rows(three_vocabs, tmp_path) -> None:
     plan = make_plan(cfg)
     assert plan.vocab_size == 128
     out = str(tmp_path / "out")
-    Executor(plan, out, 1 << 33).run()
+    Executor(plan, out, RunOptions(max_memory=1 << 33)).run()
     g = tensors(out)["model.embed_tokens.weight"].double()
     bb, cc = tensors(base)["model.embed_tokens.weight"].double(), tensors(chat)["model.embed_tokens.weight"].double()
     np.testing.assert_allclose(g[:127], (bb[:127] + cc[:127]) / 2, rtol=1e-6)
@@ -116,7 +118,7 @@ tokenizer:
     plan = make_plan(cfg)
     assert plan.vocab_size == 144  # 128 + <|im_start|> + <new> = 130 -> padded to 3 x 48
     out = str(tmp_path / "out")
-    Executor(plan, out, 1 << 33, chunk_bytes=1).run()
+    Executor(plan, out, RunOptions(max_memory=1 << 33, chunk_bytes=1)).run()
     g = tensors(out)["model.embed_tokens.weight"].double()
     bb = tensors(base)["model.embed_tokens.weight"].double()
     cc = tensors(chat)["model.embed_tokens.weight"].double()

@@ -29,7 +29,7 @@ from streammerge.planner import make_plan  # noqa: E402
 def passes(cfg_text: str) -> str:
     """The distinct numbers of statistics passes + 1 (apply) over the plan's tasks."""
     plan = make_plan(parse_config(cfg_text))
-    counts = sorted({plan.method.make(t.ctx).stat_passes + 1 for t in plan.tasks})
+    counts = sorted({t.cost.stat_passes + 1 for t in plan.tasks})
     return "/".join(str(c) for c in counts)
 
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .base import MergeOp, MethodDef, TaskContext
+from .base import MergeOp, MethodDef, TaskContext, fixed_cost
 from .rng import draws53, stream_key
 
 SAMPLE = 1_000_000
@@ -32,17 +32,13 @@ def quantile(sorted_values: torch.Tensor, q: float) -> float:
 
 
 class ArceeFusion(MergeOp):
-    stat_passes = 1
-    temp_fixed = 6.0
-
     def __init__(self, ctx: TaskContext) -> None:
         assert ctx.base is not None
         self.a, self.b = ctx.base, ctx.others[0]
         self.last = ctx.shape[-1] if ctx.shape else 1
         self.scalar = len(ctx.shape) == 0
         self.ctx = ctx
-        self.positions: torch.Tensor | None = None  # drawn on the first statistics pass: ops are
-        # also built just for their cost figures (budget.py), so construction must stay cheap
+        self.positions: torch.Tensor | None = None  # drawn on the first statistics pass
         self._values: list[torch.Tensor] = []
         self.threshold = 0.0
 
@@ -77,5 +73,6 @@ class ArceeFusion(MergeOp):
 
 ARCEE_FUSION = MethodDef(
     name="arcee_fusion", params=(), base="required", min_inputs=2, max_inputs=2, make=ArceeFusion,
+    cost=fixed_cost(1, 6.0),
     min_others=1, max_others=1, pretty="Arcee Fusion", url="https://arcee.ai",
 )

@@ -2,7 +2,7 @@
 
 Imports params and torch only; methods know nothing about files. The executor feeds an
 operation aligned row chunks of all inputs, `x` of shape (n_inputs, rows, cols) in the
-compute dtype: first `stat_passes` statistics passes (observe ... end_pass), then the
+compute dtype: first `cost(ctx).stat_passes` statistics passes (observe ... end_pass), then the
 apply pass, in row order. Results must not depend on where chunk boundaries fall: every
 reduction is exact or made of per-row float64 sums combined with math.fsum.
 """
@@ -49,20 +49,37 @@ class TaskContext:
         return math.prod(self.shape)
 
 
-class MergeOp:
-    """One output tensor's merge, fed row chunks. Subclasses override what they need."""
+@dataclass(frozen=True)
+class Cost:
+    """What merging one tensor costs, declared by its method before any kernel exists."""
 
-    stat_passes = 0
+    stat_passes: int  # statistics passes before the apply pass
     # compute-dtype rows the kernel holds beyond its inputs, per row of the sub-chunk it is given,
     # at its peak in any pass (measured in a fresh process per kernel, rounded up): budget.py
-    # counts block rows · cols · n_inputs for the inputs plus sub-chunk rows · cols · temp_fixed
-    temp_fixed = 1.0
+    # counts block rows · cols · n_inputs for the inputs plus sub-chunk rows · cols · temp_rows
+    temp_rows: float = 1.0
+    # bytes per element of one input row kept between passes when the tensor is read once
+    # (hold_state: DARE's packed keep-masks)
+    held_per_element: float = 0.0
 
-    def remember_between_passes(self) -> float:
-        """Ask the op to keep per-element state from its statistics passes for the apply pass
-        (the executor does so when apply will see the same chunks); returns the bytes per
-        element of one input row it will keep, 0 if it keeps nothing."""
-        return 0.0
+
+def fixed_cost(stat_passes: int, temp_rows: float) -> Callable[[TaskContext], Cost]:
+    """A method whose cost does not depend on its parameters."""
+    cost = Cost(stat_passes, temp_rows)
+    return lambda ctx: cost
+
+
+def no_problems(ctx: TaskContext) -> list[str]:
+    return []
+
+
+class MergeOp:
+    """One output tensor's merge, fed row chunks. Subclasses override what they need; the
+    number of statistics passes is the method's `cost(ctx).stat_passes`."""
+
+    def hold_state(self) -> None:
+        """Keep per-element state from the statistics passes for the apply pass: the runner says
+        so when the apply pass sees the very same block (the method's cost counts its bytes)."""
 
     def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
         """Statistics pass `pass_idx` sees rows row0.. of every input; must not modify x."""
@@ -85,6 +102,9 @@ class MethodDef:
     min_inputs: int
     max_inputs: int | None
     make: Callable[[TaskContext], MergeOp] = field(compare=False)
+    cost: Callable[[TaskContext], Cost] = field(compare=False, default=fixed_cost(0, 1.0))
+    # problems with one tensor's resolved parameters, found at plan time (shape-dependent rules)
+    check: Callable[[TaskContext], list[str]] = field(compare=False, default=no_problems)
     min_others: int = 0  # non-base inputs required
     max_others: int | None = None
     pretty: str = ""

@@ -11,12 +11,10 @@ from __future__ import annotations
 import torch
 
 from ..params import ParamSpec
-from .base import MergeOp, MethodDef, TaskContext
+from .base import MergeOp, MethodDef, TaskContext, fixed_cost
 
 
 class Passthrough(MergeOp):
-    temp_fixed = 1.0
-
     def __init__(self, ctx: TaskContext) -> None:
         scale = ctx.input_params[0].get("scale")
         self.scale = None if scale is None else float(scale)
@@ -27,8 +25,6 @@ class Passthrough(MergeOp):
 
 class Nearswap(MergeOp):
     """w = clamp(t / max(|a−b|, 1e-6), 0, 1); out = w·b + (1−w)·a, a the base."""
-
-    temp_fixed = 3.0
 
     def __init__(self, ctx: TaskContext) -> None:
         assert ctx.base is not None
@@ -44,14 +40,11 @@ class Nearswap(MergeOp):
 class Ram(MergeOp):
     """Unique contributions added as they are, shared ones averaged over the inputs active there."""
 
-    temp_fixed = 5.0
-
     def __init__(self, ctx: TaskContext, plus: bool) -> None:
         assert ctx.base is not None
         self.base, self.others = ctx.base, ctx.others
         self.eps = float(ctx.shared["epsilon"])
         self.plus = plus
-        self.stat_passes = 1 if plus else 0
         self.r = float(ctx.shared.get("r", 0.0))
         self.alpha = float(ctx.shared.get("alpha", 0.0))
         self._shared = [0] * len(self.others)
@@ -91,22 +84,22 @@ class Ram(MergeOp):
 
 PASSTHROUGH = MethodDef(
     name="passthrough", params=(ParamSpec("scale", "float", "input", default=None, nullable=True),),
-    base="ignored", min_inputs=1, max_inputs=1, make=Passthrough, pretty="Passthrough", url="",
+    base="ignored", min_inputs=1, max_inputs=1, make=Passthrough, cost=fixed_cost(0, 1.0), pretty="Passthrough", url="",
 )
 NEARSWAP = MethodDef(
     name="nearswap", params=(ParamSpec("t", "float", "shared", required=True),),
-    base="required", min_inputs=2, max_inputs=2, make=Nearswap, min_others=1,
+    base="required", min_inputs=2, max_inputs=2, make=Nearswap, cost=fixed_cost(0, 3.0), min_others=1,
     pretty="NearSwap", url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
 )
 RAM = MethodDef(
     name="ram", params=(ParamSpec("epsilon", "float", "shared", default=1e-5),),
-    base="required", min_inputs=1, max_inputs=None, make=lambda ctx: Ram(ctx, plus=False),
+    base="required", min_inputs=1, max_inputs=None, make=lambda ctx: Ram(ctx, plus=False), cost=fixed_cost(0, 5.0),
     pretty="RAM", url="https://arxiv.org/abs/2510.23048",
 )
 RAMPLUS_TL = MethodDef(
     name="ramplus_tl",
     params=(ParamSpec("r", "float", "shared", default=0.1), ParamSpec("alpha", "float", "shared", default=0.2),
             ParamSpec("epsilon", "float", "shared", default=1e-5)),
-    base="required", min_inputs=1, max_inputs=None, make=lambda ctx: Ram(ctx, plus=True),
+    base="required", min_inputs=1, max_inputs=None, make=lambda ctx: Ram(ctx, plus=True), cost=fixed_cost(1, 5.0),
     pretty="RAM+ (TL)", url="https://arxiv.org/abs/2510.23048",
 )

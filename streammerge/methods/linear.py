@@ -5,12 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..params import ParamSpec
-from .base import MergeOp, MethodDef, TaskContext
+from .base import MergeOp, MethodDef, TaskContext, fixed_cost
 
 
 class Linear(MergeOp):
-    temp_fixed = 2.5  # the accumulator and the cast output (measured 1.6)
-
     def __init__(self, ctx: TaskContext) -> None:
         self.weights = [float(p["weight"]) for p in ctx.input_params]
         self.normalize = bool(ctx.shared["normalize"])
@@ -30,5 +28,6 @@ LINEAR = MethodDef(
     params=(ParamSpec("weight", "float", "input", required=True),
             ParamSpec("normalize", "bool", "shared", default=True)),
     base="ignored", min_inputs=1, max_inputs=None, make=Linear,
+    cost=fixed_cost(0, 2.5),  # the accumulator and the cast output (measured 1.6)
     pretty="Linear", url="https://arxiv.org/abs/2203.05482",
 )

@@ -13,7 +13,7 @@ import itertools
 import torch
 
 from ..params import ParamSpec
-from .base import MergeOp, MethodDef, RowSums, TaskContext, row_sums
+from .base import Cost, MergeOp, MethodDef, RowSums, TaskContext, row_sums
 
 
 def stock_ratio(k: int, cos_mean: torch.Tensor | float) -> torch.Tensor:
@@ -24,14 +24,11 @@ def stock_ratio(k: int, cos_mean: torch.Tensor | float) -> torch.Tensor:
 
 
 class ModelStock(MergeOp):
-    temp_fixed = 4.0
-
     def __init__(self, ctx: TaskContext) -> None:
         assert ctx.base is not None
         self.base, self.others = ctx.base, ctx.others
         self.filter_wise = bool(ctx.shared["filter_wise"])
         self.last = ctx.shape[-1] if len(ctx.shape) >= 2 else max(1, ctx.numel)  # filter_wise vector length
-        self.stat_passes = 0 if self.filter_wise else 1
         self.pairs = list(itertools.combinations(range(len(self.others)), 2))
         self._dots = {p: RowSums() for p in itertools.combinations_with_replacement(range(len(self.others)), 2)}
         self.t: torch.Tensor | None = None
@@ -74,5 +71,6 @@ class ModelStock(MergeOp):
 MODEL_STOCK = MethodDef(
     name="model_stock", params=(ParamSpec("filter_wise", "bool", "shared", default=False),),
     base="required", min_inputs=3, max_inputs=None, make=ModelStock, min_others=2,
+    cost=lambda ctx: Cost(0 if ctx.shared["filter_wise"] else 1, 4.0),
     pretty="Model Stock", url="https://arxiv.org/abs/2403.19522",
 )

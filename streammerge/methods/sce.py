@@ -14,13 +14,17 @@ import math
 import torch
 
 from ..params import ParamSpec
-from .base import MergeOp, MethodDef, RowSums, TaskContext, majority_sign, row_sums
+from .base import Cost, MergeOp, MethodDef, RowSums, TaskContext, majority_sign, row_sums
 from .sparsify import TopK
 
 
-class Sce(MergeOp):
-    temp_fixed = 8.0
+def sce_cost(ctx: TaskContext) -> Cost:
+    """select_topk <= 0 merges nothing; in (0, 1) two radix passes select, one sums; else one sums."""
+    topk = float(ctx.shared["select_topk"])
+    return Cost(0 if topk <= 0 else (3 if topk < 1 else 1), 8.0)
 
+
+class Sce(MergeOp):
     def __init__(self, ctx: TaskContext) -> None:
         assert ctx.base is not None
         self.base, self.others = ctx.base, ctx.others
@@ -29,7 +33,6 @@ class Sce(MergeOp):
         self.zero = self.topk <= 0
         self.select = 0 < self.topk < 1
         self.selector = TopK(None)
-        self.stat_passes = 0 if self.zero else (3 if self.select else 1)
         self._nonzero = 0
         self._squares = [RowSums() for _ in self.others]
         self.weights = [1.0 / len(self.others)] * len(self.others)
@@ -92,6 +95,6 @@ SCE = MethodDef(
     name="sce",
     params=(ParamSpec("int8_mask", "bool", "shared", default=False),
             ParamSpec("select_topk", "float", "shared", default=1.0, bounds=(0.0, 1.0))),
-    base="required", min_inputs=1, max_inputs=None, make=Sce, min_others=1,
+    base="required", min_inputs=1, max_inputs=None, make=Sce, cost=sce_cost, min_others=1,
     pretty="SCE", url="https://arxiv.org/abs/2408.07990",
 )

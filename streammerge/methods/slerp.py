@@ -11,7 +11,7 @@ import math
 import torch
 
 from ..params import ParamSpec
-from .base import MergeOp, MethodDef, RowSums, TaskContext, row_sums
+from .base import MergeOp, MethodDef, RowSums, TaskContext, fixed_cost, row_sums
 
 EPS = 1e-8
 DOT_THRESHOLD = 0.9995
@@ -32,9 +32,6 @@ def slerp_coefficients(t: float, nn0: float, nn1: float, dot: float) -> tuple[fl
 
 
 class Slerp(MergeOp):
-    stat_passes = 1
-    temp_fixed = 4.0  # products, scaled inputs and the output (measured 3.1)
-
     def __init__(self, ctx: TaskContext) -> None:
         assert ctx.base is not None  # the plan enforces the contract
         self.i0, self.i1 = ctx.base, ctx.others[0]
@@ -59,6 +56,8 @@ class Slerp(MergeOp):
 SLERP = MethodDef(
     name="slerp",
     params=(ParamSpec("t", "float", "shared", required=True, bounds=(0.0, 1.0)),),
-    base="required", min_inputs=2, max_inputs=2, make=Slerp, min_others=1,
+    base="required", min_inputs=2, max_inputs=2, make=Slerp,
+    cost=fixed_cost(1, 4.0),  # products, scaled inputs, the output (measured 3.1)
+    min_others=1,
     pretty="SLERP", url="https://en.wikipedia.org/wiki/Slerp",
 )

@@ -119,9 +119,16 @@ class Ranked(Sparsifier):
         self.keep_all = skip == 0 and keep >= numel and not self.zero_all
         self.rescale = rescale
         self.selectors = [TopK(skip + keep)] + ([TopK(skip)] if skip > 0 else [])
-        self.stat_passes = 0 if (self.zero_all or self.keep_all) else (3 if rescale else 2)
+        self.stat_passes = self.passes(keep, skip, numel, rescale)
         self._total = RowSums()  # Σ|δ|
         self._kept = RowSums()  # Σ|δ⊙mask|
+
+    @staticmethod
+    def passes(keep: int, skip: int, numel: int, rescale: bool) -> int:
+        """Statistics passes a band needs: none when it keeps all or nothing."""
+        zero_all = keep <= 0 or numel == 0
+        keep_all = skip == 0 and keep >= numel and not zero_all
+        return 0 if (zero_all or keep_all) else (3 if rescale else 2)
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
         if pass_idx == 2:
@@ -157,21 +164,21 @@ class Ranked(Sparsifier):
         return keep
 
 
-def magnitude(density: float, numel: int, rescale: bool) -> Ranked:
-    """TIES: the k = max(1, floor(density·N)) largest; density >= 1 keeps all, <= 0 none."""
+def magnitude_band(density: float, numel: int) -> tuple[int, int]:
+    """TIES: (keep, skip) = the k = max(1, floor(density·N)) largest; density >= 1 keeps all, <= 0 none."""
     if density >= 1:
-        return Ranked(numel, 0, numel, rescale)
-    return Ranked(0 if density <= 0 else max(1, math.floor(density * numel)), 0, numel, rescale)
+        return numel, 0
+    return (0 if density <= 0 else max(1, math.floor(density * numel))), 0
 
 
-def outliers(density: float, gamma: float, numel: int, rescale: bool) -> Ranked:
-    """Breadcrumbs: drop the `bot` smallest and the largest above them, keep floor(density·N)."""
+def outlier_band(density: float, gamma: float, numel: int) -> tuple[int, int]:
+    """Breadcrumbs: (keep, skip): drop the `bot` smallest and the largest above them, keep floor(density·N)."""
     if density >= 1:
-        return Ranked(numel, 0, numel, rescale)
+        return numel, 0
     keep = math.floor(density * numel)
     top = math.floor(gamma * numel)
     bot = max(0, numel - keep - top)
-    return Ranked(keep, numel - bot - keep, numel, rescale)
+    return keep, numel - bot - keep
 
 
 def _select_from_top(hist: np.ndarray, need: int) -> tuple[int, int]:
@@ -199,11 +206,16 @@ class RandomDrop(Sparsifier):
         self.keep_all = density >= 1
         self.zero_all = False
         self.rescale = rescale and not self.keep_all
-        self.stat_passes = 1 if self.rescale else 0
+        self.stat_passes = self.passes(density, rescale)
         self._total = RowSums()
         self._kept = RowSums()
         self.remember = False
         self._packed: dict[int, np.ndarray] = {}
+
+    @staticmethod
+    def passes(density: float, rescale: bool) -> int:
+        """One statistics pass (the L1 sums) when rescaling a mask that drops anything."""
+        return 1 if rescale and density < 1 else 0
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
         keep = self._draw(delta, flat0)

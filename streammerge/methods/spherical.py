@@ -17,14 +17,11 @@ import torch
 
 from ..errors import PlanError
 from ..params import ParamSpec
-from .base import MergeOp, MethodDef, RowSums, TaskContext, row_sums
+from .base import Cost, MergeOp, MethodDef, RowSums, TaskContext, row_sums
 
 
 class GramOp(MergeOp):
     """Accumulates the Gram matrix of some vectors formed from x (float64, chunk-independent)."""
-
-    stat_passes = 1
-    temp_fixed = 4.0
 
     def vectors(self, x: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -59,7 +56,6 @@ class MultiSlerp(GramOp):
         self.normalize = bool(ctx.shared["normalize_weights"])
         self.eps = float(ctx.shared["eps"])
         self.single = len(self.others) == 1
-        self.stat_passes = 0 if self.single else 1
         self.start_gram(len(self.others))
         self.coef = torch.zeros(len(self.others), dtype=torch.float64)
 
@@ -104,7 +100,6 @@ class Karcher(GramOp):
         self.n_in = ctx.n_inputs
         self.max_iter = int(ctx.shared["max_iter"])
         self.tol = float(ctx.shared["tol"])
-        self.stat_passes = 0 if self.n_in == 1 else 1
         self.start_gram(self.n_in)
         self.coef = torch.zeros(self.n_in, dtype=torch.float64)
 
@@ -161,25 +156,30 @@ def _nuslerp_coefficients(t: float, xx: torch.Tensor, yy: torch.Tensor,
     return c0, c1
 
 
+def nuslerp_layout(ctx: TaskContext) -> str:
+    """How nuslerp takes its vectors: "flat" (the whole tensor), "columns" or "rows"."""
+    if bool(ctx.shared["nuslerp_flatten"]) or len(ctx.shape) <= 1:
+        return "flat"  # a 1-D tensor is one vector along either axis
+    return "columns" if bool(ctx.shared["nuslerp_row_wise"]) else "rows"
+
+
+def nuslerp_check(ctx: TaskContext) -> list[str]:
+    if len(ctx.shape) > 2 and nuslerp_layout(ctx) != "flat":
+        return [f"tensor {ctx.tensor!r}: nuslerp with nuslerp_flatten: false on a {len(ctx.shape)}-D tensor is not "
+                "supported yet; use nuslerp_flatten: true"]
+    return []
+
+
 class NuSlerp(MergeOp):
     """Slerp of two (base-relative) inputs by their weights: whole tensor, per row, or per column."""
-
-    temp_fixed = 5.0
 
     def __init__(self, ctx: TaskContext) -> None:
         self.base = ctx.base
         self.a, self.b = ctx.others
         wa, wb = (float(ctx.input_params[i]["weight"]) for i in ctx.others)
         self.t = 0.5 if abs(wa + wb) < 1e-6 else wb / (wa + wb)
-        flatten, row_wise = bool(ctx.shared["nuslerp_flatten"]), bool(ctx.shared["nuslerp_row_wise"])
-        self.layout = "flat" if flatten else ("columns" if row_wise else "rows")
-        if len(ctx.shape) <= 1:
-            self.layout = "flat"  # a 1-D tensor is one vector along either axis
-        if len(ctx.shape) > 2 and self.layout != "flat":
-            raise PlanError(f"tensor {ctx.tensor!r}: nuslerp with nuslerp_flatten: false on a {len(ctx.shape)}-D "
-                            "tensor is not supported yet; use nuslerp_flatten: true")
+        self.layout = nuslerp_layout(ctx)
         self.last = ctx.shape[-1] if ctx.shape else 1
-        self.stat_passes = 0 if self.layout == "rows" else 1
         self._flat = (RowSums(), RowSums(), RowSums())
         cols = ctx.numel // (ctx.shape[0] if len(ctx.shape) >= 2 else 1) if ctx.shape else 1
         self._cols = torch.zeros(3, cols, dtype=torch.float64)
@@ -229,12 +229,14 @@ MULTISLERP = MethodDef(
             ParamSpec("normalize_weights", "bool", "shared", default=True),
             ParamSpec("eps", "float", "shared", default=1e-8)),
     base="optional", min_inputs=1, max_inputs=None, make=MultiSlerp, min_others=1,
+    cost=lambda ctx: Cost(0 if len(ctx.others) == 1 else 1, 4.0),
     pretty="Multi-SLERP", url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
 )
 KARCHER = MethodDef(
     name="karcher",
     params=(ParamSpec("max_iter", "int", "shared", default=10), ParamSpec("tol", "float", "shared", default=1e-5)),
     base="ignored", min_inputs=1, max_inputs=None, make=Karcher,
+    cost=lambda ctx: Cost(0 if ctx.n_inputs == 1 else 1, 4.0),
     pretty="Karcher Mean", url="https://en.wikipedia.org/wiki/Karcher_mean",
 )
 NUSLERP = MethodDef(
@@ -243,5 +245,6 @@ NUSLERP = MethodDef(
             ParamSpec("nuslerp_row_wise", "bool", "shared", default=False),
             ParamSpec("nuslerp_flatten", "bool", "shared", default=True)),
     base="optional", min_inputs=2, max_inputs=3, make=NuSlerp, min_others=2, max_others=2,
+    cost=lambda ctx: Cost(0 if nuslerp_layout(ctx) == "rows" else 1, 5.0), check=nuslerp_check,
     pretty="NuSLERP", url="https://en.wikipedia.org/wiki/Slerp",
 )

@@ -15,16 +15,61 @@ from functools import partial
 
 import torch
 
-from ..errors import PlanError
 from ..params import ParamSpec
-from .base import MergeOp, MethodDef, TaskContext, majority_sign
+from .base import Cost, MergeOp, MethodDef, TaskContext, majority_sign, no_problems
 from .rng import stream_key
-from .sparsify import RandomDrop, RankedDrop, Sparsifier, magnitude, outliers
+from .sparsify import RandomDrop, Ranked, RankedDrop, Sparsifier, magnitude_band, outlier_band
 
 # float32 rows held beyond the inputs, measured per sparsifier in a fresh process
 # and rounded up: sums, signs and divisors; int64 draws or bit patterns of one input at a time.
 _TEMP_ROWS = {"none": 3.0, "magnitude": 8.0, "magnitude_rescale": 9.0, "outliers": 10.0, "outliers_rescale": 11.0,
               "random": 7.0, "della": 12.0}
+
+
+def _band(sparsify: str, ctx: TaskContext, i: int) -> tuple[int, int]:
+    """(keep, skip) of input i's magnitude band (TIES, breadcrumbs)."""
+    density = float(ctx.input_params[i].get("density", 1.0))
+    if sparsify == "magnitude":
+        return magnitude_band(density, ctx.numel)
+    return outlier_band(density, float(ctx.input_params[i]["gamma"]), ctx.numel)
+
+
+def _row_len(ctx: TaskContext) -> int:
+    """The length of axis 1, along which DELLA ranks (the whole tensor for 0-D and 1-D)."""
+    return ctx.shape[1] if len(ctx.shape) >= 2 else max(1, ctx.numel)
+
+
+def _input_passes(sparsify: str, ctx: TaskContext, i: int) -> int:
+    """Statistics passes input i's sparsifier needs."""
+    rescale = bool(ctx.shared["rescale"])
+    if sparsify in ("magnitude", "outliers"):
+        return Ranked.passes(*_band(sparsify, ctx, i), ctx.numel, rescale)
+    if sparsify in ("random", "della"):
+        return RandomDrop.passes(float(ctx.input_params[i].get("density", 1.0)), rescale)
+    return 0
+
+
+def family_cost(ctx: TaskContext, sparsify: str) -> Cost:
+    passes = [_input_passes(sparsify, ctx, i) for i in ctx.others]
+    ranked = sparsify in ("magnitude", "outliers")
+    temp = _TEMP_ROWS[sparsify + ("_rescale" if bool(ctx.shared["rescale"]) and ranked else "")]
+    # a random mask drawn in the statistics pass is kept, bit-packed, for the apply pass
+    held = sum(1 for p in passes if p) / 8 if sparsify in ("random", "della") else 0.0
+    return Cost(max(passes, default=0), temp, held)
+
+
+def della_check(ctx: TaskContext) -> list[str]:
+    problems = []
+    for i in ctx.others:
+        density = float(ctx.input_params[i].get("density", 1.0))
+        eps = float(ctx.input_params[i]["epsilon"])
+        if 0 < density < 1 and not (density - eps > 0 and density + eps < 1):
+            problems.append(f"tensor {ctx.tensor!r}: della needs 0 < density - epsilon and density + epsilon < 1 "
+                            f"(density {density}, epsilon {eps}); lower epsilon")
+        elif 0 < density < 1 and _row_len(ctx) < 2:
+            problems.append(f"tensor {ctx.tensor!r}: della ranks along axis 1, which has length {_row_len(ctx)}; "
+                            "mergekit fails here too — exclude it with a filter")
+    return problems
 
 
 class TaskArithmetic(MergeOp):
@@ -39,36 +84,22 @@ class TaskArithmetic(MergeOp):
         self.sparsifiers: list[Sparsifier] = []
         for i in self.others:
             density = float(ctx.input_params[i].get("density", 1.0))
-            if sparsify == "magnitude":
-                self.sparsifiers.append(magnitude(density, ctx.numel, rescale))
-            elif sparsify == "outliers":
-                gamma = float(ctx.input_params[i]["gamma"])
-                self.sparsifiers.append(outliers(density, gamma, ctx.numel, rescale))
+            if sparsify in ("magnitude", "outliers"):
+                self.sparsifiers.append(Ranked(*_band(sparsify, ctx, i), ctx.numel, rescale))
             elif sparsify == "random":
                 key = stream_key(ctx.seed, ctx.input_positions[i], ctx.tensor)
                 self.sparsifiers.append(RandomDrop(density, key, rescale))
-            elif sparsify == "della":
+            elif sparsify == "della":  # della_check has vetted density and epsilon at plan time
                 key = stream_key(ctx.seed, ctx.input_positions[i], ctx.tensor)
                 eps = float(ctx.input_params[i]["epsilon"])
-                row_len = ctx.shape[1] if len(ctx.shape) >= 2 else max(1, ctx.numel)
-                if 0 < density < 1 and not (density - eps > 0 and density + eps < 1):
-                    raise PlanError(f"tensor {ctx.tensor!r}: della needs 0 < density - epsilon and density + "
-                                    f"epsilon < 1 (density {density}, epsilon {eps}); lower epsilon")
-                if 0 < density < 1 and row_len < 2:
-                    raise PlanError(f"tensor {ctx.tensor!r}: della ranks along axis 1, which has length "
-                                    f"{row_len}; mergekit fails here too — exclude it with a filter")
-                self.sparsifiers.append(RankedDrop(density, eps, key, rescale, row_len))
+                self.sparsifiers.append(RankedDrop(density, eps, key, rescale, _row_len(ctx)))
             else:
                 self.sparsifiers.append(Sparsifier())
-        self.stat_passes = max([s.stat_passes for s in self.sparsifiers] + [0])
-        ranked = sparsify in ("magnitude", "outliers")
-        self.temp_fixed = _TEMP_ROWS[sparsify + ("_rescale" if rescale and ranked else "")]
 
-    def remember_between_passes(self) -> float:
-        drops = [sp for sp in self.sparsifiers if isinstance(sp, RandomDrop) and sp.stat_passes]
-        for sp in drops:
-            sp.remember = True
-        return len(drops) / 8  # one packed bit per element per dropping input
+    def hold_state(self) -> None:
+        for sp in self.sparsifiers:
+            if isinstance(sp, RandomDrop) and sp.stat_passes:
+                sp.remember = True  # one packed bit per element, counted by family_cost
 
     def _delta(self, x: torch.Tensor, j: int) -> torch.Tensor:
         return x[self.others[j]] - x[self.base]
@@ -135,6 +166,8 @@ def _family(name: str, sparsify: str, consensus: bool, normalize: bool, rescale:
         params += (ParamSpec("epsilon", "float", "nonbase", default=0.15),)
     return MethodDef(name=name, params=params, base="required", min_inputs=1, max_inputs=None,
                      make=partial(TaskArithmetic, sparsify=sparsify, consensus=consensus),
+                     cost=partial(family_cost, sparsify=sparsify),
+                     check=della_check if sparsify == "della" else no_problems,
                      pretty=pretty, url=url)
 
 

@@ -1,0 +1,160 @@
+"""The committer: the only writer of output rows. It writes each task's rows at their planned
+offsets, hashes them (per tensor and per shard), syncs, and journals finished tensors.
+
+Imports planner, journal, writer, format, config (and torch, xxhash). Tensors are committed in
+groups: once GROUP_COMMIT_BYTES of finished tensors wait (and at each shard's end) the shard is
+synced once, then their journal lines are appended, so a tensor's bytes are always on disk
+before its line. Shards are written in order, each tensor's rows in row order: a shard's hash
+streams over its bytes as they are written. Runs on the write-behind thread (or inline).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from .config import ConfigWarning
+from .dtypes import torch_dtype
+from .format import blocks
+from .journal import Entry, Journal, crash_point
+from .planner import Plan, Task
+from .writer import ShardWriter
+
+# Finished tensors are synced and journaled together once this many bytes wait (and at each
+# shard's end): an fdatasync per tensor cost 5% of a 3-model TIES here, more on slow disks.
+GROUP_COMMIT_BYTES = 64 << 20
+
+
+class Progress:
+    """What a run reports as it goes; this base reports nothing. The CLI draws a bar or prints lines."""
+
+    def note(self, msg: str) -> None:
+        """A one-off message (resuming, up to date, a stage starting)."""
+
+    def start(self, tensors: int, nbytes: int, done_tensors: int, done_bytes: int) -> None:
+        """The work ahead: totals, and what an earlier run already did."""
+
+    def advance(self, name: str, nbytes: int) -> None:
+        """Tensor `name` (nbytes of output) is finished."""
+
+    def close(self) -> None:
+        """The run is over."""
+
+
+@dataclass
+class _Open:
+    """The shard being written."""
+
+    index: int
+    writer: ShardWriter
+    hasher: xxhash.xxh3_128
+    next: int  # the offset the next bytes must have (the shard's hash streams in order)
+
+
+class Committer:
+    """Writes a plan's shards in `out_dir`, journaling each finished tensor.
+
+    Example:
+        >>> c = Committer(out_dir, plan, journal, progress)
+        >>> c.open_shard(0); c.write(task, 0, rows); c.end_task(task, digests); c.end_shard()
+    """
+
+    def __init__(self, out_dir: str, plan: Plan, journal: Journal, progress: Progress) -> None:
+        self.out_dir, self.plan, self.journal, self.progress = out_dir, plan, journal, progress
+        self.entries: dict[str, Entry] = {}  # journaled tensors of this run's shards, by name
+        self.shard_hashes: dict[str, str] = {}
+        self._shard: _Open | None = None
+        self._tensor: dict[str, xxhash.xxh3_128] = {}  # per task being written: its bytes' hash
+        self._uncommitted: list[Entry] = []  # written, not yet synced and journaled
+        self._uncommitted_bytes = 0
+        self._non_finite: set[str] = set()  # tensors already reported holding NaN or Inf
+
+    def open_shard(self, index: int) -> None:
+        shard = self.plan.shards[index]
+        self._shard = _Open(index, ShardWriter(self.out_dir, shard), xxhash.xxh3_128(shard.header), len(shard.header))
+
+    def start_task(self, task: Task) -> None:
+        crash_point("task-start")
+        self._tensor[task.name] = xxhash.xxh3_128()
+
+    def write(self, task: Task, row0: int, y: torch.Tensor) -> None:
+        """Rows row0.. of `task`, cast to the output dtype, at their place in the shard."""
+        s = self._open()
+        cast = y.to(torch_dtype(task.out_dtype)).cpu()
+        if cast.is_floating_point() and task.name not in self._non_finite and not bool(torch.isfinite(cast).all()):
+            self._non_finite.add(task.name)  # said once per tensor; NaN or Inf in the output is never wanted
+            warnings.warn(f"tensor {task.name!r}: the merged values hold NaN or Inf (from row {row0} on); an "
+                          "input holds them, or the method divided by zero (`streammerge plan --explain "
+                          f"{task.name}` lists the inputs)", ConfigWarning, stacklevel=2)
+        data = _bytes_of(cast)
+        offset = task.begin + row0 * (task.nbytes // max(1, task.rows))
+        if offset != s.next:
+            raise RuntimeError(f"internal error: {task.name}: rows from {row0} arrive at byte {offset}, the shard "
+                               f"is written up to {s.next}")
+        s.writer.write(offset, data)
+        self._tensor[task.name].update(data)
+        s.hasher.update(data)
+        s.next = offset + data.nbytes
+        crash_point("chunk-written")
+
+    def end_task(self, task: Task, inputs: dict[str, str]) -> None:
+        """`task` is written: its entry (with its inputs' hashes) waits to be committed with others."""
+        s = self._open()
+        if s.next != task.begin + task.nbytes:
+            raise RuntimeError(f"internal error: {task.name} wrote {s.next - task.begin} of {task.nbytes} bytes")
+        digest = self._tensor.pop(task.name).hexdigest()
+        self._uncommitted.append(Entry(task.name, task.fingerprint, self.plan.shards[task.shard].name, task.begin,
+                                       task.nbytes, digest, inputs))
+        self._uncommitted_bytes += task.nbytes
+        if self._uncommitted_bytes >= GROUP_COMMIT_BYTES:
+            self.commit()
+        self.progress.advance(task.name, task.nbytes)
+
+    def keep(self, task: Task, entry: Entry) -> None:
+        """A tensor journaled by an earlier run: its bytes feed the shard's hash again."""
+        s = self._open()
+        for block in blocks(s.writer.read, task.begin, task.nbytes):
+            s.hasher.update(block)
+        s.next = task.begin + task.nbytes
+        self.entries[task.name] = entry
+
+    def commit(self) -> None:
+        """Group commit: the shard's bytes synced once, then the waiting tensors journaled."""
+        if not self._uncommitted:
+            return
+        self._open().writer.sync()
+        crash_point("tensor-synced")
+        self.journal.append(*self._uncommitted)
+        for e in self._uncommitted:
+            self.entries[e.name] = e
+        self._uncommitted, self._uncommitted_bytes = [], 0
+
+    def end_shard(self) -> None:
+        """Everything of the open shard is written: commit, sync, record its hash, close it."""
+        self.commit()
+        s = self._open()
+        s.writer.sync()
+        self.shard_hashes[self.plan.shards[s.index].name] = s.hasher.hexdigest()
+        crash_point("shard-synced")
+        s.writer.close()
+        self._shard = None
+
+    def close(self) -> None:
+        """Close an open shard (after an error: what is journaled stays, the rest is redone)."""
+        if self._shard is not None:
+            self._shard.writer.close()
+            self._shard = None
+
+    def _open(self) -> _Open:
+        if self._shard is None:
+            raise RuntimeError("internal error: no shard is open")
+        return self._shard
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor, without a copy when it is contiguous."""
+    arr = t.contiguous().view(torch.uint8).numpy().reshape(-1)
+    return memoryview(arr)  # type: ignore[arg-type]  # ndarray has the buffer protocol; numpy's 3.11 stubs omit it

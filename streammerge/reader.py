@@ -1,0 +1,255 @@
+"""Input rows into blocks: what the runner computes on, read as the schedule says.
+
+Imports schedule, planner, overlap, dtypes, errors (and torch, xxhash). `InputReader.load`
+reads one block (rows r0..r1 of every input of a task) into the block arena, cast to the
+compute dtype, or gathers vocabulary rows to the output tokenizer; with a GPU it stages the raw
+bytes in pinned memory and converts them on the device. The apply pass's reads feed each
+input's hasher, so the manifest records what the merge read; `input_digests` finishes them.
+The reader knows nothing of the output folder; it may run on a helper thread (ReadAhead) or in
+another process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import xxhash
+
+from .dtypes import compute_dtype, itemsize, torch_dtype
+from .errors import InputError
+from .overlap import ReadAhead, RingArena
+from .planner import INPUT_KEY_SEP, Plan, Task
+from .schedule import Read, input_bytes
+
+Block = torch.Tensor | list[torch.Tensor]  # merge inputs (n, rows, cols), or a copied tensor's raw rows
+
+
+class InputReader:
+    """Reads blocks of a plan's inputs on `device`, into `arena` (sized by the schedule).
+
+    Example:
+        >>> reader = InputReader(plan, torch.device("cpu"), RingArena(schedule.arena))
+        >>> x = reader.load(schedule.tasks[0].steps[0].read)
+    """
+
+    def __init__(self, plan: Plan, device: torch.device, arena: RingArena) -> None:
+        self.plan, self.device, self.arena = plan, device, arena
+        self._hashers: dict[int, list[xxhash.xxh3_128]] = {}  # per task: each input's bytes, as read
+        self._means: dict[str, torch.Tensor] = {}  # padding rows per vocabulary tensor
+        self._copy_stream: torch.cuda.Stream | None = None  # host-to-GPU copies
+
+    def load(self, read: Read) -> Block:
+        """A block's rows, on the device they compute on."""
+        task = self.plan.tasks[read.task]
+        hashers = self._task_hashers(read.task) if read.hash else None
+        if task.copy_exact:
+            assert hashers is not None
+            return [self.plan.models[i.model].index.read_rows(i.tensor, read.r0, read.r1, hasher=hi)
+                    for i, hi in zip(task.inputs, hashers)]
+        if self.device.type != "cuda":
+            return self._read(task, read.r0, read.r1, hashers)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        if task.vocab is None:
+            xg = self._upload_raw(task, read, hashers, self._copy_stream)
+        else:  # rows gathered to another vocabulary are assembled on the host
+            xg = upload(self._read(task, read.r0, read.r1, hashers), self._copy_stream)
+        self.arena.give_back()  # staged and copied: the host block is free
+        return xg
+
+    def release(self, read: Read) -> None:
+        """The runner is done with `read`'s block: its arena room (on the CPU) is free again."""
+        if self.device.type != "cuda" and not self.plan.tasks[read.task].copy_exact:
+            self.arena.give_back()
+
+    def input_digests(self, ti: int) -> dict[str, str]:
+        """Task `ti`'s inputs' xxh3-128, by "model ref::tensor", once all its blocks are read: rows
+        past the output's (--unsafe-truncate-embeddings) are hashed too. Rows gathered to a new
+        vocabulary are not the inputs' bytes in order: none for them."""
+        task = self.plan.tasks[ti]
+        hashers = self._hashers.pop(ti, None) or [xxhash.xxh3_128() for _ in task.inputs]
+        if task.vocab is not None:
+            return {}
+        self._hash_tails(task, hashers)
+        return {f"{self.plan.models[i.model].ref}{INPUT_KEY_SEP}{i.tensor}": h.hexdigest()
+                for i, h in zip(task.inputs, hashers)}
+
+    def _task_hashers(self, ti: int) -> list[xxhash.xxh3_128]:
+        if ti not in self._hashers:
+            self._hashers[ti] = [xxhash.xxh3_128() for _ in self.plan.tasks[ti].inputs]
+        return self._hashers[ti]
+
+    def _hash_tails(self, task: Task, hashers: list[xxhash.xxh3_128]) -> None:
+        """Rows an input has past the output's, in slices of at most 16 MiB."""
+        for inp, h in zip(task.inputs, hashers):
+            index = self.plan.models[inp.model].index
+            ref = index.tensors[inp.tensor]
+            step = max(1, (16 << 20) // max(1, ref.cols * itemsize(inp.dtype)))
+            for r0 in range(task.rows, ref.rows, step):
+                index.read_rows(inp.tensor, r0, min(ref.rows, r0 + step), hasher=h)
+
+    def _read(self, task: Task, row0: int, row1: int, hashers: list[xxhash.xxh3_128] | None = None) -> torch.Tensor:
+        """Rows [row0, row1) of every input, cast as the config asks, in the compute dtype, in the
+        arena (its next block; the runner gives it back)."""
+        dt = compute_dtype(task.compute)
+        shape = (len(task.inputs), row1 - row0, task.cols)
+        x = self.arena.take(input_bytes(task, row1 - row0), dt, shape)
+        if task.vocab is not None:
+            return self._gather(task, row0, row1, x.zero_())
+        for k, inp in enumerate(task.inputs):
+            index = self.plan.models[inp.model].index
+            hasher = hashers[k] if hashers is not None else None
+            if task.load_dtype is None or task.load_dtype == inp.dtype:
+                index.read_rows(inp.tensor, row0, row1, out=x[k], hasher=hasher)  # one copy, converting
+            else:
+                raw = index.read_rows(inp.tensor, row0, row1, hasher=hasher)
+                x[k].copy_(raw.to(torch_dtype(task.load_dtype)))
+        return x
+
+    def _gather(self, task: Task, row0: int, row1: int, x: torch.Tensor) -> torch.Tensor:
+        """Vocabulary rows row0..row1 of every input, aligned to the output vocabulary: each input's
+        own row for a token it has, the token's default row (the base's, one holder's, or the
+        holders' average; zeros if none) otherwise. Contiguous runs are read at once."""
+        assert task.vocab is not None
+        models = [self.plan.models[i.model].index for i in task.inputs]
+        real = len(task.vocab.rows[0])  # rows past the vocabulary are padding
+        if row1 > real:
+            means = self._pad_means(task)
+            x[:, max(0, real - row0):] = means.to(x.dtype).unsqueeze(1)
+            row1 = max(row0, min(row1, real))
+
+        def row(k: int, r: int) -> torch.Tensor:
+            return models[k].read_rows(task.inputs[k].tensor, r, r + 1)[0].to(x.dtype)
+
+        for k, inp in enumerate(task.inputs):
+            rows = task.vocab.rows[k]
+            j = row0
+            while j < row1:
+                r = rows[j]
+                if r < 0:
+                    j += 1
+                    continue
+                end = j + 1
+                while end < row1 and rows[end] == rows[end - 1] + 1:
+                    end += 1
+                models[k].read_rows(inp.tensor, r, r + end - j, out=x[k, j - row0:end - row0])
+                j = end
+        for j, sources in task.vocab.defaults:
+            if not row0 <= j < row1:
+                continue
+            default = torch.zeros(task.cols, dtype=x.dtype)
+            for k, r in sources:
+                default += row(k, r)
+            if sources:
+                default /= len(sources)
+            for k in range(len(task.inputs)):
+                if task.vocab.rows[k][j] < 0:
+                    x[k, j - row0] = default
+        if task.load_dtype is not None:  # the config's dtype applies to gathered rows too
+            x = x.to(torch_dtype(task.load_dtype)).to(x.dtype)
+        return x
+
+    def _pad_means(self, task: Task) -> torch.Tensor:
+        """Each input's mean aligned row (pad_to_multiple_of's padding rows), (n_inputs, cols) float64.
+
+        Sums absolute 64-row blocks in order, so the result is the same whatever the chunking."""
+        assert task.vocab is not None
+        cached = self._means.get(task.name)
+        if cached is not None:
+            return cached
+        real = len(task.vocab.rows[0])
+        total = torch.zeros(len(task.inputs), task.cols, dtype=torch.float64)
+        for r0 in range(0, real, 64):
+            block = torch.empty((len(task.inputs), min(real, r0 + 64) - r0, task.cols), dtype=torch.float32)
+            total += self._gather(task, r0, min(real, r0 + 64), block).double().sum(dim=1)
+        self._means[task.name] = total / max(1, real)
+        return self._means[task.name]
+
+    def _upload_raw(self, task: Task, read: Read, hashers: list[xxhash.xxh3_128] | None,
+                    stream: torch.cuda.Stream) -> torch.Tensor:
+        """A block on the GPU: each input's raw bytes read (pread) into the pinned arena, copied as
+        they are, and converted to the compute dtype there; half the host traffic of converting
+        first, and no conversion on the host's one reading thread."""
+        rows = read.r1 - read.r0
+        sizes = [rows * task.cols * itemsize(i.dtype) for i in task.inputs]
+        offsets = [0]
+        for n in sizes:
+            offsets.append(offsets[-1] + -(-n // 64) * 64)
+        stage = self.arena.take(offsets[-1], torch.uint8, (offsets[-1],))
+        for k, inp in enumerate(task.inputs):
+            part = stage[offsets[k]:offsets[k] + sizes[k]].view(torch_dtype(inp.dtype))
+            self.plan.models[inp.model].index.pread_rows(inp.tensor, read.r0, read.r1, part,
+                                                         hashers[k] if hashers is not None else None)
+
+        def convert(staged: torch.Tensor) -> torch.Tensor:
+            xg = torch.empty((len(task.inputs), rows, task.cols), dtype=compute_dtype(task.compute),
+                             device=staged.device)
+            for k, inp in enumerate(task.inputs):
+                raw = staged[offsets[k]:offsets[k] + sizes[k]].view(torch_dtype(inp.dtype)).view(rows, task.cols)
+                if task.load_dtype is not None and task.load_dtype != inp.dtype:
+                    raw = raw.to(torch_dtype(task.load_dtype))  # the config's dtype, as on the host
+                xg[k].copy_(raw)
+            return xg
+
+        return upload(stage, stream, convert)
+
+
+class ReadBlocks:
+    """The runner's source of blocks: a read-ahead over the reader, each block released when done.
+
+    Example:
+        >>> blocks = ReadBlocks(reader, schedule.reads(), capacity, threaded=True)
+        >>> read, x = blocks.take(); ...; blocks.done(read)
+    """
+
+    def __init__(self, reader: InputReader, reads: list[Read], capacity: int, threaded: bool) -> None:
+        self.reader = reader
+        self._ahead: ReadAhead[Read, Block] = ReadAhead(reads, reader.load, lambda r: r.cost, capacity, threaded)
+
+    def take(self) -> tuple[Read, Block]:
+        return self._ahead.take()
+
+    def done(self, read: Read) -> None:
+        self._ahead.done(read)
+        self.reader.release(read)
+
+    def close(self) -> None:
+        """Stop reading ahead; a read waiting for arena room gives up."""
+        self.reader.arena.close()
+        self._ahead.close()
+
+
+def check_inputs_unchanged(plan: Plan) -> None:
+    """Inputs that changed while the merge read them (size, time or header) leave the run unfinished:
+    nothing is finalised, and the next run redoes the tensors made from them.
+
+    Raises:
+        InputError: naming the model that changed.
+    """
+    for m in plan.models:
+        try:
+            now = m.index.identity_hash()
+        except OSError as e:
+            raise InputError(f"model {m.ref}: its files changed during the merge ({e}); nothing was "
+                             "finalised: run the same command again once the inputs are stable") from None
+        if now != m.identity:
+            raise InputError(f"model {m.ref}: its files in {m.folder} changed during the merge (size, time or "
+                             "header); nothing was finalised: run the same command again once the inputs are "
+                             "stable, and the tensors made from them are merged again")
+
+
+def upload(x: torch.Tensor, stream: torch.cuda.Stream,
+           convert: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """x on the GPU, copied from pinned memory on `stream` (then `convert`ed there, on the same
+    stream); returns once all is done, so the caller may drop x and the result is safe to use
+    on any stream."""
+    if not x.is_pinned():
+        x = x.pin_memory()
+    with torch.cuda.stream(stream):
+        xg = x.to(stream.device, non_blocking=True)
+        if convert is not None:
+            xg = convert(xg)
+    stream.synchronize()
+    xg.record_stream(torch.cuda.current_stream(stream.device))
+    return xg

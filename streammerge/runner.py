@@ -1,0 +1,80 @@
+"""The runner: one task and its blocks in, finished output rows out.
+
+Imports schedule, planner, methods, errors (and torch). Pure of the output folder, the
+journal and the process: given a task, its schedule, a source of blocks (`take`/`done`) and
+the method, it yields `(row0, rows)` in row order, in the compute dtype, on the device the
+blocks are on. It may run beside the committer on the same thread, or in another process or
+on another machine (the committer writes what it yields).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from .errors import PlanError
+from .methods import MethodDef
+from .planner import Task
+from .schedule import Read, TaskSchedule, spans
+
+
+class BlockSource(Protocol):
+    """Blocks in the order of the schedule's reads; each handed back with `done` once used."""
+
+    def take(self) -> tuple[Read, torch.Tensor | list[torch.Tensor]]: ...
+
+    def done(self, read: Read) -> None: ...
+
+
+def run_task(task: Task, sched: TaskSchedule, blocks: BlockSource,
+             method: MethodDef) -> Iterator[tuple[int, torch.Tensor]]:
+    """Task `task`'s output rows, as (first row, rows), in order."""
+    if task.copy_exact:
+        yield from _copy(task, sched, blocks)
+    else:
+        yield from _merge(task, sched, blocks, method)
+
+
+def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource,
+           method: MethodDef) -> Iterator[tuple[int, torch.Tensor]]:
+    """Each step's block through its passes: statistics passes observe it (a pass ends with the
+    block that ends the tensor), the apply pass yields merged rows, sub-chunk by sub-chunk."""
+    op = method.make(task.ctx)
+    if sched.whole:
+        op.hold_state()  # the apply pass sees the very blocks the statistics passes saw
+    for step in sched.steps:
+        read, x = blocks.take()
+        _check(read, step.read, task)
+        assert isinstance(x, torch.Tensor)
+        for p in step.passes:
+            for a, b in spans(0, read.r1 - read.r0, sched.sub):
+                if p < sched.stat_passes:
+                    op.observe(p, x[:, a:b], read.r0 + a)
+                else:
+                    yield read.r0 + a, op.apply(x[:, a:b], read.r0 + a)
+            if p < sched.stat_passes and read.r1 == task.rows:
+                op.end_pass(p)
+        del x
+        blocks.done(read)
+
+
+def _copy(task: Task, sched: TaskSchedule, blocks: BlockSource) -> Iterator[tuple[int, torch.Tensor]]:
+    """A non-float tensor: its inputs must agree, and the first is written."""
+    for step in sched.steps:
+        read, parts = blocks.take()
+        _check(read, step.read, task)
+        assert isinstance(parts, list)
+        if any(not torch.equal(parts[0], p) for p in parts[1:]):
+            raise PlanError(f"tensor {task.name!r}: non-floating buffer differs between inputs; such tensors "
+                            "cannot be merged, only copied when identical")
+        yield read.r0, parts[0]
+        del parts
+        blocks.done(read)
+
+
+def _check(got: Read, want: Read, task: Task) -> None:
+    if got != want:
+        raise RuntimeError(f"internal error: {task.name}: the reader gave rows {got.r0}..{got.r1} where the "
+                           f"schedule has {want.r0}..{want.r1}")

@@ -1,0 +1,143 @@
+"""The pass schedule: for each task still to merge, which blocks of rows are read, in what
+order, and which of the method's passes run over each; computed once from the plan and the
+memory budget, then followed by the reader and the runner alike.
+
+Imports planner, budget, dtypes, errors (and torch, for the GPU's free memory). A task whose
+whole tensor fits is read once: every pass runs over that one block (and the method may keep
+per-element state between its passes). Otherwise each statistics pass reads the tensor again
+in blocks, then the apply pass does; the apply pass's reads feed the input hashes, since it
+reads every input row exactly once.
+
+`--max-memory` reaches the chunk sizes here and only here: `make_schedule` takes the whole
+process's budget and asks budget.py what the chunk buffers get.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .budget import block_bytes, chunk_budget, chunk_rows, widest_row
+from .dtypes import itemsize
+from .errors import PlanError
+from .planner import Plan, Task
+
+
+@dataclass(frozen=True)
+class Read:
+    """One block: rows [r0, r1) of every input of task `task` (its index in plan.tasks)."""
+
+    task: int
+    r0: int
+    r1: int
+    hash: bool  # the read of the apply pass: each input row is read once here, and hashed
+    cost: int  # bytes the block holds while it is computed, on the device it computes on
+
+
+@dataclass(frozen=True)
+class Step:
+    """A block and the passes that run over it, in order (pass == stat_passes is the apply pass)."""
+
+    read: Read
+    passes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TaskSchedule:
+    task: int
+    sub: int  # rows of a compute sub-chunk
+    stat_passes: int
+    whole: bool  # one block: read once, every pass over it
+    steps: tuple[Step, ...]
+    block_inputs: int  # bytes of the largest block's inputs, as the arena holds them
+    block_other: int  # bytes a block holds beside its inputs (kernel temporaries, kept masks)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every task's steps, in the order the run takes them, and the reader's memory."""
+
+    tasks: tuple[TaskSchedule, ...]
+    capacity: int  # bytes of blocks the reader may hold ahead of the runner (the current one counts)
+    device: str
+
+    def reads(self) -> list[Read]:
+        return [s.read for t in self.tasks for s in t.steps]
+
+    def only(self, todo: list[int]) -> Schedule:
+        """The schedule of tasks `todo` (indices into plan.tasks), in that order."""
+        by_task = {t.task: t for t in self.tasks}
+        return Schedule(tuple(by_task[ti] for ti in todo), self.capacity, self.device)
+
+    @property
+    def arena(self) -> int:
+        """Bytes of the buffer blocks are carved from. On the CPU: the chunk budget less what else a
+        block holds beside its inputs, so a full arena still keeps the budget. On a GPU: one block
+        staged at a time."""
+        widest = max((t.block_inputs for t in self.tasks), default=0)
+        if self.device != "cpu":
+            return widest
+        return max(self.capacity - max((t.block_other for t in self.tasks), default=0), widest)
+
+
+def spans(start: int, stop: int, step: int) -> list[tuple[int, int]]:
+    """[start, stop) cut into pieces of `step`."""
+    return [(r, min(stop, r + step)) for r in range(start, stop, step)]
+
+
+def task_schedule(plan: Plan, ti: int, block: int, sub: int, staged: bool = False) -> TaskSchedule:
+    """Task `ti` read in blocks of `block` rows, computed in sub-chunks of `sub` rows (`staged`: a
+    GPU's block, staged in host memory with each input 64-byte aligned)."""
+    task = plan.tasks[ti]
+    passes = 0 if task.copy_exact else task.cost.stat_passes
+    blocks = spans(0, task.rows, block)
+
+    def read(r0: int, r1: int, hash_: bool) -> Read:
+        return Read(ti, r0, r1, hash_, block_bytes(task, r1 - r0, min(sub, r1 - r0)))
+
+    steps: tuple[Step, ...]
+    if len(blocks) == 1:
+        steps = (Step(read(0, task.rows, True), tuple(range(passes + 1))),)
+    else:
+        steps = tuple(Step(read(r0, r1, p == passes), (p,)) for p in range(passes + 1) for r0, r1 in blocks)
+    block = min(block, task.rows)
+    inputs = input_bytes(task, block) + (64 * len(task.inputs) if staged else 0)
+    return TaskSchedule(ti, sub, passes, len(blocks) == 1, steps, inputs,
+                        block_bytes(task, block, sub) - input_bytes(task, block))
+
+
+def make_schedule(plan: Plan, max_memory: int, overlap: bool, chunk_bytes: int | None = None,
+                  max_gpu_memory: int | None = None) -> Schedule:
+    """The schedule of every task within `max_memory` bytes for the whole process (or chunk
+    buffers of exactly `chunk_bytes`, for tests and benchmarks).
+
+    Raises:
+        PlanError: the budget does not fit one row of the widest task (named, with the smallest
+            budget that does); on a GPU, the GPU's budget does not.
+    """
+    budget = max(chunk_bytes, widest_row(plan)[0]) if chunk_bytes is not None else chunk_budget(plan, max_memory)
+    if plan.device == "cpu":
+        sched = tuple(task_schedule(plan, ti, *chunk_rows(t, budget, overlap)) for ti, t in enumerate(plan.tasks))
+        return Schedule(sched, budget, "cpu")
+    gpu = _gpu_budget(plan, max_gpu_memory)
+    tasks = []
+    for ti, t in enumerate(plan.tasks):  # a block is staged whole in host memory, computed whole on the GPU
+        block = min(chunk_rows(t, budget)[0], chunk_rows(t, gpu, overlap, whole_blocks=True)[0])
+        tasks.append(task_schedule(plan, ti, block, block, staged=True))
+    return Schedule(tuple(tasks), gpu, plan.device)
+
+
+def input_bytes(task: Task, rows: int) -> int:
+    """Bytes `rows` rows of every input take in the compute dtype."""
+    return len(task.inputs) * rows * task.cols * itemsize(task.compute)
+
+
+def _gpu_budget(plan: Plan, max_gpu_memory: int | None) -> int:
+    free, _total = torch.cuda.mem_get_info(torch.device(plan.device))
+    budget = max_gpu_memory if max_gpu_memory is not None else int(free * 0.8)
+    need = widest_row(plan)[0]
+    if budget < need:
+        raise PlanError(f"--max-gpu-memory {budget >> 20}MiB is too small for one row of the widest tensor "
+                        f"({need >> 20}MiB); give the GPU more, or run on the CPU (--device cpu)")
+    return budget
