@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -22,10 +23,11 @@ import click
 from ._version import __version__
 from .config import ConfigWarning, MergeConfig
 from .errors import ConfigError, OutputError, StreamMergeError
-from .executor import Progress, RunStats
+from .executor import RunStats
 from .lora import AdaptedIndex
-from .options import DEFAULT_SEED, DEFAULT_SHARD_BYTES, RunOptions
+from .options import DEFAULT_SEED, RunOptions
 from .planner import Plan, PlannedIndex, Task, parse
+from .progress import Progress, Totals
 from .units import parse_size, size_str
 
 
@@ -103,7 +105,7 @@ def main() -> None:
     """
 
 
-_shard = click.option("--out-shard-size", type=ByteSize(), default=DEFAULT_SHARD_BYTES, show_default="5B",
+_shard = click.option("--out-shard-size", type=ByteSize(), default="5B", show_default=True,
                       help="Largest output shard, in bytes (K/M/B suffixes: 10^3/10^6/10^9); 0 or less: no limit, "
                            "one shard, as in mergekit.")
 _seed = click.option("--random-seed", "--seed", "seed", type=int, default=DEFAULT_SEED, show_default=True,
@@ -130,7 +132,7 @@ _NOT_NEEDED = {
 
 def _mergekit_options(fn: Callable[..., None]) -> Callable[..., None]:
     opts = [
-        click.option("--cuda", is_flag=True, help="Merge on the GPU (same as --device cuda)."),
+        click.option("--cuda/--no-cuda", default=False, help="Merge on the GPU (same as --device cuda)."),
         click.option("--device", default="cpu", show_default=True,
                      help="Where the kernels run: cpu, cuda, cuda:N, or auto (cuda when a GPU is visible)."),
         click.option("--max-gpu-memory", type=ByteSize(), default=None,
@@ -138,7 +140,7 @@ def _mergekit_options(fn: Callable[..., None]) -> Callable[..., None]:
         click.option("--overlap/--no-overlap", default=None,
                      help="Read ahead and write behind on helper threads while kernels run "
                           "[default: with 4 or more cores]."),
-        click.option("--gpu-rich", is_flag=True, help="mergekit's all-GPU switch: here, --device cuda."),
+        click.option("--gpu-rich/--no-gpu-rich", default=False, help="mergekit's all-GPU switch: here, --device cuda."),
         click.option("-j", "--num-threads", type=int, default=None, help="CPU threads for the kernels."),
         click.option("--transformers-cache", type=click.Path(file_okay=False), default=None,
                      help="A Hugging Face cache folder to look in first."),
@@ -147,15 +149,11 @@ def _mergekit_options(fn: Callable[..., None]) -> Callable[..., None]:
         click.option("--write-model-card/--no-write-model-card", default=True, show_default=True,
                      help="Write README.md and mergekit_config.yml."),
         click.option("--safe-serialization/--no-safe-serialization", default=True, hidden=True),
-        click.option("--allow-crimes", is_flag=True, hidden=True),
-        click.option("--lazy-unpickle", is_flag=True, hidden=True),
-        click.option("--low-cpu-memory", is_flag=True, hidden=True),
-        click.option("--read-to-gpu", is_flag=True, hidden=True),
-        click.option("--trust-remote-code", is_flag=True, hidden=True),
-        click.option("--clone-tensors", is_flag=True, hidden=True),
-        click.option("--async-write", is_flag=True, hidden=True),
+        # mergekit's switches with nothing to do here: both forms accepted (mergekit-yaml takes --no-X too)
+        *(click.option(f"--{flag}/--no-{flag}", default=False, hidden=True)
+          for flag in ("allow-crimes", "lazy-unpickle", "low-cpu-memory", "read-to-gpu", "trust-remote-code",
+                       "clone-tensors", "async-write", "multi-gpu")),
         click.option("--write-threads", type=int, default=None, hidden=True),
-        click.option("--multi-gpu", is_flag=True, hidden=True),
         click.option("--lora-merge-cache", default=None, hidden=True),
         click.option("--lora-merge-dtype", default=None, hidden=True),
         click.option("--unsafe-truncate-embeddings", is_flag=True,
@@ -186,64 +184,139 @@ def _apply_mergekit_options(opts: dict[str, Any]) -> str:
     return device
 
 
-class _Bar(Progress):
-    """A tqdm bar on a terminal: tensors, bytes, throughput and ETA."""
+class _Live(Progress):
+    """What both progress displays count, and a ticker thread that shows it every `every_s`
+    seconds, so the clock, the rate and the memory move even inside one large tensor."""
+
+    every_s = 0.5
 
     def __init__(self) -> None:
+        self._stage = ""
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self.totals = Totals(0, 0, 0, 0, 0, 0)
+        self.tensors_done = self.bytes_written = self.bytes_read = 0
+        self.current = ""
+        self.t0 = time.monotonic()
+
+    def stage(self, index: int, count: int, name: str) -> None:
+        self._stage = f"stage {index}/{count} {name}"
+
+    def start(self, totals: Totals) -> None:
+        with self._lock:
+            self.totals = totals
+            self.tensors_done, self.bytes_written, self.bytes_read = totals.done_tensors, totals.done_bytes, 0
+            self.current, self.t0 = "", time.monotonic()
+        self._stop.clear()
+        self._ticker = threading.Thread(target=self._tick, name="streammerge-progress", daemon=True)
+        self._ticker.start()
+
+    def tensor(self, name: str) -> None:
+        self.current = name
+
+    def read(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_read += nbytes
+
+    def written(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_written += nbytes
+
+    def committed(self, tensors: int, nbytes: int) -> None:
+        with self._lock:
+            self.tensors_done += tensors
+
+    def close(self) -> None:
+        """Stop the ticker and show the final counts (after an interruption too: what a resume keeps)."""
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            self._ticker = None
+            self.show(final=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.show()
+
+    def show(self, final: bool = False) -> None:
+        raise NotImplementedError
+
+    def memory(self) -> str:
+        import psutil
+
+        return f"RSS {size_str(psutil.Process().memory_info().rss)} of {size_str(self.totals.budget)}"
+
+
+class _Bar(_Live):
+    """A tqdm bar on a terminal over the input bytes read (the rate comparable to the disk's), with
+    the tensors committed (what a resume keeps), the output written, memory against the budget,
+    and the tensor being merged."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.bar: Any = None
 
     def note(self, msg: str) -> None:
         (self.bar.write if self.bar is not None else lambda m: click.echo(m, err=True))(msg)
 
-    def start(self, tensors: int, nbytes: int, done_tensors: int, done_bytes: int) -> None:
+    def start(self, totals: Totals) -> None:
         from tqdm import tqdm
 
-        self.tensors, self.done = tensors, done_tensors
-        self.bar = tqdm(total=nbytes, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                        file=sys.stderr, dynamic_ncols=True, desc="merging")
-        self.bar.set_postfix_str(f"{done_tensors}/{tensors} tensors")
+        self.bar = tqdm(total=totals.read_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                        dynamic_ncols=True, smoothing=0.05, mininterval=0.2,
+                        desc=f"{self._stage + ' ' if self._stage else ''}read")
+        super().start(totals)
+        self.show()
 
-    def advance(self, name: str, nbytes: int) -> None:
-        self.done += 1
-        self.bar.set_postfix_str(f"{self.done}/{self.tensors} tensors", refresh=False)
-        self.bar.update(nbytes)
+    def read(self, nbytes: int) -> None:
+        super().read(nbytes)
+        if self.bar is not None:
+            self.bar.update(nbytes)
+
+    def show(self, final: bool = False) -> None:
+        if self.bar is None:
+            return
+        with self._lock:
+            t = self.totals
+            post = (f"{self.tensors_done}/{t.tensors} tensors saved, wrote {size_str(self.bytes_written)}, "
+                    f"{self.memory()}" + ("" if final or not self.current else f", {self.current}"))
+        self.bar.set_postfix_str(post, refresh=False)
+        self.bar.refresh()
 
     def close(self) -> None:
+        super().close()
         if self.bar is not None:
             self.bar.close()
             self.bar = None
 
 
-class _Lines(Progress):
-    """Plain progress lines, at most every `every_s` seconds, when stderr is not a terminal."""
+class _Lines(_Live):
+    """Plain progress lines, every `every_s` seconds, when stderr is not a terminal."""
 
     def __init__(self, every_s: float = 10.0) -> None:
+        super().__init__()
         self.every_s = every_s
 
     def note(self, msg: str) -> None:
         click.echo(msg, err=True)
 
-    def start(self, tensors: int, nbytes: int, done_tensors: int, done_bytes: int) -> None:
-        self.tensors, self.nbytes = tensors, nbytes
-        self.done, self.done_bytes, self.start_bytes = done_tensors, done_bytes, done_bytes
-        self.t0 = self.last = time.monotonic()
-        self._line()
+    def start(self, totals: Totals) -> None:
+        super().start(totals)
+        self.show()
 
-    def advance(self, name: str, nbytes: int) -> None:
-        self.done += 1
-        self.done_bytes += nbytes
-        now = time.monotonic()
-        if now - self.last >= self.every_s or self.done == self.tensors:
-            self.last = now
-            self._line()
-
-    def _line(self) -> None:
-        secs = max(1e-9, time.monotonic() - self.t0)
-        rate = (self.done_bytes - self.start_bytes) / secs
-        left = self.nbytes - self.done_bytes
-        eta = f", ETA {left / rate:.0f} s" if rate > 0 and left > 0 else ""
-        click.echo(f"progress: {self.done}/{self.tensors} tensors, {size_str(self.done_bytes)} of "
-                   f"{size_str(self.nbytes)}, {size_str(rate)}/s{eta}", err=True)
+    def show(self, final: bool = False) -> None:
+        with self._lock:
+            t = self.totals
+            secs = max(1e-9, time.monotonic() - self.t0)
+            rate = self.bytes_read / secs
+            left = t.read_bytes - self.bytes_read
+            eta = f", ETA {left / rate:.0f} s" if rate > 0 and left > 0 and not final else ""
+            line = (f"progress: {self._stage + ': ' if self._stage else ''}{self.tensors_done}/{t.tensors} tensors, "
+                    f"{size_str(self.bytes_written)} of {size_str(t.output_bytes)} written, read "
+                    f"{size_str(self.bytes_read)} of {size_str(t.read_bytes)} at {size_str(rate)}/s, "
+                    f"{self.memory()}{eta}")
+        click.echo(line, err=True)
 
 
 def _progress(quiet: bool) -> Progress:
@@ -281,7 +354,7 @@ def _run_options_of(max_memory: int | None, out_shard_size: int, seed: int, over
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("-q", "--quiet", is_flag=True, help="Print only errors and the final summary.")
+@click.option("-q", "--quiet/--no-quiet", default=False, help="Print only errors and the final summary.")
 @_options
 @_verbose
 @_guard
@@ -307,7 +380,7 @@ def _summary(stats: RunStats, prefix: str) -> None:
         return
     size = f", {size_str(stats.output_bytes)} in {stats.shards} shard(s)"
     click.echo(f"{prefix}done: {stats.tensors} tensors ({stats.resumed} resumed){size}, {stats.seconds:.1f} s, "
-               f"peak RSS {stats.peak_rss / 2**20:.0f} MiB, manifest xxh3-128 {stats.manifest_hash}", err=True)
+               f"peak RSS {stats.peak_rss / 2**20:.0f} MiB, content xxh3-128 {stats.content_hash}", err=True)
 
 
 @main.command()
@@ -421,7 +494,9 @@ def _explain(p: Plan, name: str) -> str:
 
 
 def _explain_lines(p: Plan, t: Task) -> list[str]:
-    where = "a non-layer tensor, t = 0" if ".layers." not in t.name else f"gradient position t = {t.t:.6g}"
+    where = "not a layer tensor" if ".layers." not in t.name else f"layer {t.name.split('.layers.')[1].split('.')[0]}"
+    if any("gradient" in how for how in t.provenance.values()):  # the position only where a gradient used it
+        where += f"; gradients read at position {t.t:.6g} of its slice"
     lines = [f"{t.name}  {list(t.shape)} -> {t.out_dtype}  ({where})", f"method: {p.method.name}", "inputs:"]
     for k, inp in enumerate(t.inputs):
         role = " (base)" if k == t.ctx.base else ""
@@ -498,3 +573,4 @@ def hash_cmd(model_dir: str, sha256: bool, write_to: bool, verbose: int) -> None
         raise OutputError(f"{path}: cannot write the manifest ({e.strerror}); print it instead (without --write) "
                           "or make the folder writable") from None
     click.echo(f"wrote {path}")
+

@@ -1,7 +1,7 @@
 """The committer: the only writer of output rows. It writes each task's rows at their planned
 offsets, hashes them (per tensor and per shard), syncs, and journals finished tensors.
 
-Imports planner, journal, writer, format, config (and torch, xxhash). Tensors are committed in
+Imports planner, journal, writer, progress, format, config (and torch, xxhash). Tensors are committed in
 groups: once GROUP_COMMIT_BYTES of finished tensors wait (and at each shard's end) the shard is
 synced once, then their journal lines are appended, so a tensor's bytes are always on disk
 before its line. Shards are written in order, each tensor's rows in row order: a shard's hash
@@ -21,27 +21,12 @@ from .dtypes import torch_dtype
 from .format import blocks
 from .journal import Entry, Journal, crash_point
 from .planner import Plan, Task
+from .progress import Progress
 from .writer import ShardWriter
 
 # Finished tensors are synced and journaled together once this many bytes wait (and at each
 # shard's end): an fdatasync per tensor cost 5% of a 3-model TIES here, more on slow disks.
 GROUP_COMMIT_BYTES = 64 << 20
-
-
-class Progress:
-    """What a run reports as it goes; this base reports nothing. The CLI draws a bar or prints lines."""
-
-    def note(self, msg: str) -> None:
-        """A one-off message (resuming, up to date, a stage starting)."""
-
-    def start(self, tensors: int, nbytes: int, done_tensors: int, done_bytes: int) -> None:
-        """The work ahead: totals, and what an earlier run already did."""
-
-    def advance(self, name: str, nbytes: int) -> None:
-        """Tensor `name` (nbytes of output) is finished."""
-
-    def close(self) -> None:
-        """The run is over."""
 
 
 @dataclass
@@ -98,6 +83,7 @@ class Committer:
         self._tensor[task.name].update(data)
         s.hasher.update(data)
         s.next = offset + data.nbytes
+        self.progress.written(data.nbytes)
         crash_point("chunk-written")
 
     def end_task(self, task: Task, inputs: dict[str, str]) -> None:
@@ -111,7 +97,6 @@ class Committer:
         self._uncommitted_bytes += task.nbytes
         if self._uncommitted_bytes >= GROUP_COMMIT_BYTES:
             self.commit()
-        self.progress.advance(task.name, task.nbytes)
 
     def keep(self, task: Task, entry: Entry) -> None:
         """A tensor journaled by an earlier run: its bytes feed the shard's hash again."""
@@ -130,6 +115,7 @@ class Committer:
         self.journal.append(*self._uncommitted)
         for e in self._uncommitted:
             self.entries[e.name] = e
+        self.progress.committed(len(self._uncommitted), self._uncommitted_bytes)
         self._uncommitted, self._uncommitted_bytes = [], 0
 
     def end_shard(self) -> None:

@@ -20,15 +20,16 @@ import psutil
 import torch
 
 from .budget import WRITE_BEHIND_BYTES, default_max_memory
-from .committer import Committer, Progress
+from .committer import Committer
 from .errors import PlanError
 from .folder import OutputFolder
 from .journal import Journal, crash_point
 from .options import RunOptions
-from .output import finalize
+from .output import content_hash, finalize, manifest_field
 from .overlap import RingArena, WriteBehind
 from .planner import Plan
-from .reader import InputReader, ReadBlocks, check_inputs_unchanged
+from .progress import Progress, Totals
+from .reader import InputReader, ReadBlocks, check_inputs_unchanged, raw_bytes
 from .runner import run_task
 from .schedule import Schedule, make_schedule
 
@@ -53,6 +54,7 @@ class RunStats:
     up_to_date: bool = False  # OUT already held this exact merge; nothing was done
     output_bytes: int = 0  # the output's tensor bytes
     shards: int = 0
+    content_hash: str = ""  # output.content_hash: the weights' identity, wherever inputs and output lie
 
 
 def cores() -> int:
@@ -117,6 +119,7 @@ class Executor:
         self.stage = stage
         self.overlap = self.options.overlap if self.options.overlap is not None else cores() >= OVERLAP_MIN_CORES
         self.device = torch.device(plan.device)  # the plan was made for it: fingerprints say where
+        self.max_memory = 0  # the whole process's budget, fixed when the run starts
         opts = self.options
         self.folder = OutputFolder(out_dir, plan, opts.overwrite, opts.restart, replace_changed, opts.copy_tokenizer,
                                    opts.write_card)
@@ -126,11 +129,12 @@ class Executor:
         plan, opts = self.plan, self.options
         if self.device.type == "cuda":
             _start_cuda(self.device)  # its context and libraries count in the baseline the budget is left from
-        schedule = make_schedule(plan, opts.memory_bytes or default_max_memory(), self.overlap, opts.chunk_bytes,
+        self.max_memory = opts.memory_bytes or default_max_memory()
+        schedule = make_schedule(plan, self.max_memory, self.overlap, opts.chunk_bytes,
                                  opts.gpu_bytes)  # a budget too small fails before OUT is touched
         if self.folder.up_to_date(self.progress.note):
             return RunStats(time.monotonic() - start, len(plan.tasks), 0, 0, peak_rss(), "", True, plan.total_bytes,
-                            len(plan.shards))
+                            len(plan.shards), str(manifest_field(self.out_dir, "content_xxh3_128") or ""))
         lock = self.folder.prepare()
         try:
             self.folder.check_disk_space()
@@ -155,7 +159,7 @@ class Executor:
         finally:
             lock.release()
         return RunStats(time.monotonic() - start, len(plan.tasks), kept, written, peak_rss(), manifest_hash, False,
-                        plan.total_bytes, len(plan.shards))
+                        plan.total_bytes, len(plan.shards), content_hash(plan, committer.shard_hashes))
 
     def _todo(self, journal: Journal) -> tuple[list[int], int]:
         """Tasks still to merge, in output-file order, and how many an earlier run finished (said)."""
@@ -170,8 +174,6 @@ class Executor:
             self.progress.note(f"resuming an interrupted run: {kept} of {len(tasks)} tensors already done"
                                + (f", {changed} changed since and recomputed" if changed else "")
                                + f", {len(tasks) - kept - changed} still to do")
-        kept_bytes = sum(t.nbytes for t in tasks if journal.done(t.name, t.fingerprint))
-        self.progress.start(len(tasks), self.plan.total_bytes, kept, kept_bytes)
         todo = [ti for shard in self.plan.shards for ti in shard.tasks
                 if journal.done(tasks[ti].name, tasks[ti].fingerprint) is None]
         return todo, kept
@@ -180,9 +182,14 @@ class Executor:
         plan = self.plan
         todo, kept = self._todo(journal)
         sched = schedule.only(todo)
+        reads = sched.reads()
+        kept_bytes = sum(t.nbytes for t in plan.tasks if journal.done(t.name, t.fingerprint))
+        self.progress.start(Totals(len(plan.tasks), plan.total_bytes,
+                                   sum(raw_bytes(plan.tasks[r.task], r) for r in reads), kept, kept_bytes,
+                                   self.max_memory))
         steps = {t.task: t for t in sched.tasks}
         reader = InputReader(plan, self.device, RingArena(sched.arena, pin=self.device.type == "cuda"))
-        source = ReadBlocks(reader, sched.reads(), sched.capacity, self.overlap)
+        source = ReadBlocks(reader, reads, sched.capacity, self.overlap, self.progress.read)
         writes = WriteBehind(WRITE_BEHIND_BYTES, self.overlap)
         committer = Committer(self.out_dir, plan, journal, self.progress)
         try:
@@ -196,6 +203,7 @@ class Executor:
                         writes.submit(partial(committer.keep, task, entry))
                         continue
                     writes.submit(partial(committer.start_task, task))
+                    self.progress.tensor(task.name)
                     for row0, y in run_task(task, steps[ti], source, plan.method):
                         writes.submit(partial(committer.write, task, row0, y), y.nbytes)
                         del y  # the committer holds it now
@@ -206,7 +214,7 @@ class Executor:
             writes.close()
             source.close()  # before the inputs' files are closed
             committer.close()
-        self.progress.close()
+            self.progress.close()  # after the committer stopped: the count shown is what is journaled
         return kept, sum(plan.tasks[ti].nbytes for ti in todo), committer
 
 

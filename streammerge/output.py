@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import xxhash
 
@@ -16,7 +17,7 @@ from ._version import __version__
 from .dtypes import config_name
 from .errors import InputError
 from .journal import WORK_DIR, Entry, crash_point
-from .planner import INPUT_KEY_SEP, Plan
+from .planner import INPUT_KEY_SEP, Model, Plan
 from .writer import PARTIAL, fsync_dir, write_file_atomic
 
 MANIFEST = "streammerge.manifest.json"
@@ -84,6 +85,16 @@ def finalize(plan: Plan, out: str, entries: dict[str, Entry], shard_hashes: dict
         write_file_atomic(os.path.join(out, INDEX), index)
         crash_point("index-written")
     return xxhash.xxh3_128_hexdigest(manifest)
+
+
+def content_hash(plan: Plan, shard_hashes: dict[str, str]) -> str:
+    """The merge's identity by content: xxh3-128 over every shard's name and xxh3-128 (headers and
+    all tensor bytes), the same wherever the inputs or the output lie. The manifest keeps the
+    provenance (input folders, their identities) beside it."""
+    h = xxhash.xxh3_128()
+    for s in plan.shards:
+        h.update(f"{s.name}\0{shard_hashes[s.name]}\n".encode())
+    return h.hexdigest()
 
 
 def output_files(plan: Plan, out: str, copy_tokenizer: bool = True, write_card: bool = True) -> dict[str, bytes]:
@@ -182,6 +193,7 @@ def make_manifest(plan: Plan, entries: dict[str, Entry], shard_hashes: dict[str,
         "format": MANIFEST_FORMAT,
         "streammerge_version": __version__,
         "plan_fingerprint": plan.fingerprint,
+        "content_xxh3_128": content_hash(plan, shard_hashes),
         "layout_fingerprint": plan.layout_fingerprint,
         "seed": plan.seed,
         "merge_method": plan.method.name,
@@ -258,20 +270,28 @@ def _with_template(path: str, data: bytes, template: str) -> bytes:
     return (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode()
 
 
-def _is_hub_id(ref: str) -> bool:
-    return not ref.startswith(("/", "~", ".")) and ref.count("/") == 1
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_id(m: Model) -> str | None:
+    """The Hub repository a model came from: an `org/name` reference found in a Hugging Face cache
+    (its folder is a cache snapshot), else None (a local folder, whatever its name looks like)."""
+    path = m.ref.base.path
+    cached = f"{os.sep}models--" in m.folder and f"{os.sep}snapshots{os.sep}" in m.folder
+    return path if _HUB_ID.fullmatch(path) and cached else None
 
 
 def model_card(plan: Plan, title: str) -> str:
-    """A README.md with front matter the Hugging Face Hub understands."""
+    """A README.md with front matter the Hugging Face Hub understands: base_model lists only models
+    that came from the Hub; the body names the base model and every input."""
     refs = [str(m.ref) for m in plan.models]
     base = plan.config.base_model
-    hub = sorted({r.split("@")[0] for r in refs if _is_hub_id(r)})
+    hub = sorted({h for m in plan.models if (h := hub_id(m)) is not None})
     front = ["---", "base_model:"] + [f"- {r}" for r in hub] if hub else ["---"]
     front += ["base_model_relation: merge", "library_name: transformers", "tags:", "- merge", "- mergekit",
               "- streammerge", "---"]
     m = plan.method
-    using = f" using {base} as a base" if base is not None and m.name != "slerp" else ""
+    using = f" using {base} as a base" if base is not None else ""
     others = [r for r in refs if base is None or r != str(base)]
     dtype = config_name(plan.tasks[0].out_dtype) if plan.tasks else None
     lines = front + [

@@ -86,6 +86,7 @@ def run_pipeline(configs: list[MergeConfig], out: str, options: RunOptions | Non
         last = i == len(plan_stages) - 1
         if len(plan_stages) > 1:
             progress.note(f"stage {i + 1}/{len(plan_stages)} {st.name} -> {st.out}")
+            progress.stage(i + 1, len(plan_stages), st.name)
         plan = plan_stage(st.config, opts, aliases)
         # Intermediates are the pipeline's own; OUT is replaced without --overwrite only when it
         # holds this very stage's recipe, made from inputs that have changed since.

@@ -203,12 +203,18 @@ class ReadBlocks:
         >>> read, x = blocks.take(); ...; blocks.done(read)
     """
 
-    def __init__(self, reader: InputReader, reads: list[Read], capacity: int, threaded: bool) -> None:
+    def __init__(self, reader: InputReader, reads: list[Read], capacity: int, threaded: bool,
+                 on_read: Callable[[int], None] | None = None) -> None:
+        """`on_read(nbytes)` hears of each block's input bytes as the runner takes it."""
         self.reader = reader
+        self.on_read = on_read
         self._ahead: ReadAhead[Read, Block] = ReadAhead(reads, reader.load, lambda r: r.cost, capacity, threaded)
 
     def take(self) -> tuple[Read, Block]:
-        return self._ahead.take()
+        read, block = self._ahead.take()
+        if self.on_read is not None:
+            self.on_read(raw_bytes(self.reader.plan.tasks[read.task], read))
+        return read, block
 
     def done(self, read: Read) -> None:
         self._ahead.done(read)
@@ -218,6 +224,11 @@ class ReadBlocks:
         """Stop reading ahead; a read waiting for arena room gives up."""
         self.reader.arena.close()
         self._ahead.close()
+
+
+def raw_bytes(task: Task, read: Read) -> int:
+    """Input bytes a read takes from disk: its rows of every input, in each input's own dtype."""
+    return (read.r1 - read.r0) * task.cols * sum(itemsize(i.dtype) for i in task.inputs)
 
 
 def check_inputs_unchanged(plan: Plan) -> None:

@@ -238,3 +238,15 @@ def test_method_checks_and_costs_need_no_kernel() -> None:
         assert cost.held_per_element == held / 8
 
     declared_matches_kernel()
+
+
+def test_mergekit_negative_flags_are_accepted(tiny_set, tmp_path) -> None:
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(ties_config(tiny_set))
+    flags = ["--no-cuda", "--no-lazy-unpickle", "--no-allow-crimes", "--no-copy-tokenizer", "--no-low-cpu-memory",
+             "--no-trust-remote-code", "--no-clone-tensors", "--no-read-to-gpu", "--no-multi-gpu", "--no-async-write",
+             "--no-write-model-card", "--no-safe-serialization", "--no-gpu-rich", "--no-quiet"]
+    r = CliRunner().invoke(main, [str(cfg), str(tmp_path / "o"), *flags])
+    assert r.exit_code == 0, r.output
+    assert "tokenizer.json" not in os.listdir(tmp_path / "o")  # --no-copy-tokenizer did what it says
+    assert "--allow-crimes: not needed" not in r.output  # a --no- flag asks for nothing to be explained

@@ -65,13 +65,16 @@ def test_progress_lines_and_summary_when_not_a_terminal(tiny_set, tmp_path) -> N
     r = invoke(["run", ties_config(tmp_path, tiny_set), str(tmp_path / "o")])
     assert r.exit_code == 0
     lines = r.output.strip().splitlines()
-    first = re.match(r"progress: 0/39 tensors, 0 B of ([0-9.]+ KiB), ", lines[0])  # binary units, as --max-memory
+    # binary units, as --max-memory; input bytes read (what the disk delivers) beside output written
+    first = re.match(r"progress: 0/39 tensors, 0 B of ([0-9.]+ KiB) written, read 0 B of ([0-9.]+ [KM]iB) at ",
+                     lines[0])
     assert first, lines[0]
-    total = first.group(1)
-    assert lines[-2].startswith(f"progress: 39/39 tensors, {total} of {total}, ")
+    total, read = first.groups()
+    assert lines[-2].startswith(f"progress: 39/39 tensors, {total} of {total} written, read {read} of {read} at ")
+    assert "RSS " in lines[-2] and " of " in lines[-2].split("RSS ")[1]
     last = r.output.strip().splitlines()[-1]
     assert last.startswith(f"done: 39 tensors (0 resumed), {total} in 1 shard(s)") and "peak RSS" in last
-    assert "manifest xxh3-128" in last
+    assert "content xxh3-128" in last
     quiet = invoke(["run", ties_config(tmp_path, tiny_set), str(tmp_path / "q"), "-q"])
     assert "progress:" not in quiet.output and "done: 39 tensors" in quiet.output
 
@@ -93,14 +96,14 @@ def test_explain_shows_scope_filter_and_gradient(seed_cache) -> None:
     r = invoke(["plan", STAGE2, "--explain", "model.layers.12.self_attn.q_proj.weight"], env)
     assert r.exit_code == 0, r.output
     # t = 12/31 on [0, .5, .3, .7, 1]: s = 1.548, between 0.5 and 0.3 -> 0.5 - 0.548*0.2 = 0.390323
-    assert "gradient position t = 0.387097" in r.output
+    assert "(layer 12; gradients read at position 0.387097 of its slice)" in r.output
     assert ("t = 0.390323    from parameters.t [0] (filter 'self_attn' matches), gradient [0, 0.5, 0.3, 0.7, 1] "
             "at t=0.387097") in r.output
     assert "(base)" in r.output
     r = invoke(["plan", STAGE2, "--explain", "model.layers.12.mlp.up_proj.weight"], env)
     assert "from parameters.t [1] (filter 'mlp' matches)" in r.output
     r = invoke(["plan", STAGE2, "--explain", "model.norm.weight"], env)
-    assert "t = 0.5    from parameters.t [2] (no filter)" in r.output and "non-layer tensor, t = 0" in r.output
+    assert "t = 0.5    from parameters.t [2] (no filter)" in r.output and "(not a layer tensor)" in r.output
     r = invoke(["plan", STAGE2, "--explain", "model.layers.12.self_attn.q_proj"], env)
     assert r.exit_code == 3 and "did you mean 'model.layers.12.self_attn.q_proj.weight'" in r.output
 
