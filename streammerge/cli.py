@@ -574,3 +574,43 @@ def hash_cmd(model_dir: str, sha256: bool, write_to: bool, verbose: int) -> None
                           "or make the folder writable") from None
     click.echo(f"wrote {path}")
 
+
+@main.command("diff")
+@click.argument("a", type=click.Path(file_okay=False, exists=True))
+@click.argument("b", type=click.Path(file_okay=False, exists=True))
+@click.option("--top", type=int, default=10, show_default=True, help="How many of the most different tensors to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print every tensor's figures as JSON.")
+@_verbose
+@_guard
+def diff_cmd(a: str, b: str, top: int, as_json: bool, verbose: int) -> None:
+    """Compare two model folders tensor by tensor (a streammerge output with a mergekit one, or two
+    recipes): shape, dtype, largest and relative error, cosine, elements beyond one unit in the last
+    place, summarised per layer. Exit 0 when they are identical or equal within rounding, 1 otherwise."""
+    from .diff import diff_folders
+
+    rep = diff_folders(a, b)
+    if as_json:
+        click.echo(json.dumps({"verdict": rep.verdict, "only_a": rep.only_a, "only_b": rep.only_b,
+                               "tensors": [{**t.__dict__, "layer": t.layer} for t in rep.tensors]}, indent=2))
+    else:
+        same = sum(t.identical for t in rep.tensors)
+        click.echo(f"{len(rep.tensors)} tensors in both ({same} identical), {len(rep.only_a)} only in A, "
+                   f"{len(rep.only_b)} only in B: {rep.verdict.upper()}")
+        for name in rep.only_a[:top]:
+            click.echo(f"  only in A: {name}")
+        for name in rep.only_b[:top]:
+            click.echo(f"  only in B: {name}")
+        for t in rep.tensors:
+            if not t.comparable:
+                click.echo(f"  shape differs: {t.name} {list(t.shape[0])} vs {list(t.shape[1])}")
+        click.echo(f"{'layer':>10}  {'tensors':>7}  {'max rel err':>11}  {'min cosine':>12}  {'beyond 1 ulp':>12}")
+        for layer, n, rel, cos, beyond in rep.by_layer():
+            click.echo(f"{layer:>10}  {n:7d}  {rel:11.3e}  {cos:12.9f}  {beyond:12d}")
+        worst = sorted((t for t in rep.tensors if t.comparable and not t.identical), key=lambda t: -t.rel)[:top]
+        if worst:
+            click.echo("most different:")
+            for t in worst:
+                click.echo(f"  {t.name}  [{t.dtype[0]}/{t.dtype[1]}]  rel {t.rel:.3e}  max |a-b| {t.max_abs:.3e}  "
+                           f"cosine {t.cosine:.9f}  beyond 1 ulp {t.beyond_ulp}/{t.numel}")
+    if rep.verdict == "different":
+        sys.exit(1)
