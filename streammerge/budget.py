@@ -40,14 +40,17 @@ def input_row_bytes(task: Task) -> int:
     raw = max(itemsize(i.dtype) for i in task.inputs)
     cast = itemsize(task.load_dtype) if task.load_dtype else 0
     kept = 0.0 if task.copy_exact else task.cost.held_per_element
+    # the report's per-row statistics (stats.py): three float64 sums per input and row, one for the output
+    stats = 0 if task.copy_exact else 8 * (3 * len(task.inputs) + 1)
     # a raw row is both mapped (until dropped) and copied out while it is read
-    return int(task.cols * (len(task.inputs) * csize + 2 * raw + cast + kept)) + 64
+    return int(task.cols * (len(task.inputs) * csize + 2 * raw + cast + kept)) + 64 + stats
 
 
 def compute_row_bytes(task: Task) -> int:
-    """Bytes one row of a compute sub-chunk adds: the kernel's temporaries and the cast output."""
+    """Bytes one row of a compute sub-chunk adds: the kernel's temporaries and the cast output, and
+    for the report's statistics a copy of the inputs' rows (apply may overwrite them) and two rows."""
     csize = itemsize(task.compute)
-    temp = 1.0 if task.copy_exact else task.cost.temp_rows
+    temp = 1.0 if task.copy_exact else task.cost.temp_rows + len(task.inputs) + 2
     return int(task.cols * (temp * csize + itemsize(task.out_dtype))) + 64
 
 

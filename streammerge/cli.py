@@ -614,3 +614,22 @@ def diff_cmd(a: str, b: str, top: int, as_json: bool, verbose: int) -> None:
                            f"cosine {t.cosine:.9f}  beyond 1 ulp {t.beyond_ulp}/{t.numel}")
     if rep.verdict == "different":
         sys.exit(1)
+
+
+@main.command("report")
+@click.argument("out", type=click.Path(file_okay=False, exists=True))
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+              help="Where the HTML report goes [default: OUT.report.html, beside OUT].")
+@_verbose
+@_guard
+def report_cmd(out: str, html_path: str | None, verbose: int) -> None:
+    """What the merge in OUT did, from what the run recorded: a short summary here, and one
+    self-contained HTML page (parameter schedules, which model shaped which layers, kept share and
+    sign agreement per layer, the largest and most contested tensors). Pipelines: every stage."""
+    from .report import load, summary, write_html
+
+    stages = load(out)
+    path = html_path or os.path.abspath(out).rstrip("/") + ".report.html"
+    write_html(stages, path)
+    click.echo(summary(stages))
+    click.echo(f"report: {path}")

@@ -86,14 +86,15 @@ class Committer:
         self.progress.written(data.nbytes)
         crash_point("chunk-written")
 
-    def end_task(self, task: Task, inputs: dict[str, str]) -> None:
-        """`task` is written: its entry (with its inputs' hashes) waits to be committed with others."""
+    def end_task(self, task: Task, inputs: dict[str, str], stats: dict[str, object] | None = None) -> None:
+        """`task` is written: its entry (with its inputs' hashes and what the merge did) waits to be
+        committed with others."""
         s = self._open()
         if s.next != task.begin + task.nbytes:
             raise RuntimeError(f"internal error: {task.name} wrote {s.next - task.begin} of {task.nbytes} bytes")
         digest = self._tensor.pop(task.name).hexdigest()
         self._uncommitted.append(Entry(task.name, task.fingerprint, self.plan.shards[task.shard].name, task.begin,
-                                       task.nbytes, digest, inputs))
+                                       task.nbytes, digest, inputs, stats))
         self._uncommitted_bytes += task.nbytes
         if self._uncommitted_bytes >= GROUP_COMMIT_BYTES:
             self.commit()

@@ -11,6 +11,7 @@ disk and the inputs are unchanged, output.finalize writes the manifest and the l
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .progress import Progress, Totals
 from .reader import InputReader, ReadBlocks, check_inputs_unchanged, raw_bytes
 from .runner import run_task
 from .schedule import Schedule, make_schedule
+from .stats import TensorStats
 
 __all__ = ["Executor", "Progress", "RunStats", "peak_rss", "resolve_device"]
 
@@ -204,10 +206,12 @@ class Executor:
                         continue
                     writes.submit(partial(committer.start_task, task))
                     self.progress.tensor(task.name)
-                    for row0, y in run_task(task, steps[ti], source, plan.method):
+                    stats = None if task.copy_exact else TensorStats(len(task.inputs), task.rows, task.ctx.base)
+                    for row0, y in run_task(task, steps[ti], source, plan.method, stats):
                         writes.submit(partial(committer.write, task, row0, y), y.nbytes)
                         del y  # the committer holds it now
-                    writes.submit(partial(committer.end_task, task, reader.input_digests(ti)))
+                    record = stats.record(math.prod(task.shape)) if stats is not None else None
+                    writes.submit(partial(committer.end_task, task, reader.input_digests(ti), record))
                 writes.submit(committer.end_shard)
             writes.drain()
         finally:

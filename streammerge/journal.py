@@ -35,6 +35,7 @@ class Entry:
     nbytes: int
     xxh3_128: str
     inputs: dict[str, str] = field(default_factory=dict)  # "model-index/tensor" -> xxh3-128 of its bytes
+    stats: dict[str, object] | None = None  # what the merge did to it (stats.TensorStats.record), for the report
 
 
 class RunLock:

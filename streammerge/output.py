@@ -17,7 +17,7 @@ from ._version import __version__
 from .dtypes import config_name
 from .errors import InputError
 from .journal import WORK_DIR, Entry, crash_point
-from .planner import INPUT_KEY_SEP, Model, Plan
+from .planner import INPUT_KEY_SEP, Model, Plan, Task
 from .writer import PARTIAL, fsync_dir, write_file_atomic
 
 MANIFEST = "streammerge.manifest.json"
@@ -177,6 +177,13 @@ def shard_index(plan: Plan) -> dict[str, object]:
             "weight_map": {t.name: plan.shards[t.shard].name for t in plan.tasks}}
 
 
+def report_record(plan: Plan, t: Task, entry: Entry) -> dict[str, object]:
+    """What `streammerge report` shows of one tensor: its inputs, resolved parameters, and what the
+    merge did (the statistics the run recorded; none for a copied tensor)."""
+    return {"models": [str(plan.models[i.model].ref) for i in t.inputs], "base": t.ctx.base, "t": t.t,
+            "shared": t.ctx.shared, "per_input": list(t.ctx.input_params), "stats": entry.stats}
+
+
 def make_manifest(plan: Plan, entries: dict[str, Entry], shard_hashes: dict[str, str],
                   files: dict[str, dict[str, object]] | None = None) -> dict[str, object]:
     """The manifest: what was merged from what, and the xxh3-128 of every tensor and shard.
@@ -204,7 +211,7 @@ def make_manifest(plan: Plan, entries: dict[str, Entry], shard_hashes: dict[str,
                    for s in plan.shards},
         "tensors": {t.name: {"shard": plan.shards[t.shard].name, "offset": t.begin, "nbytes": t.nbytes,
                              "dtype": t.out_dtype, "shape": list(t.shape), "xxh3_128": entries[t.name].xxh3_128,
-                             "fingerprint": t.fingerprint}
+                             "fingerprint": t.fingerprint, "report": report_record(plan, t, entries[t.name])}
                     for t in plan.tasks},
         "files": files or {},
     }

@@ -205,18 +205,31 @@ class ReadBlocks:
 
     def __init__(self, reader: InputReader, reads: list[Read], capacity: int, threaded: bool,
                  on_read: Callable[[int], None] | None = None) -> None:
-        """`on_read(nbytes)` hears of each block's input bytes as the runner takes it."""
+        """`on_read(nbytes)` hears of each block's input bytes as the runner works through them (a
+        share per sub-chunk and pass), so progress moves inside a large block too."""
         self.reader = reader
         self.on_read = on_read
         self._ahead: ReadAhead[Read, Block] = ReadAhead(reads, reader.load, lambda r: r.cost, capacity, threaded)
+        self._counted: dict[Read, float] = {}  # bytes of a block reported so far, as a float share
 
     def take(self) -> tuple[Read, Block]:
-        read, block = self._ahead.take()
-        if self.on_read is not None:
-            self.on_read(raw_bytes(self.reader.plan.tasks[read.task], read))
-        return read, block
+        return self._ahead.take()
+
+    def advanced(self, read: Read, share: float) -> None:
+        if self.on_read is None:
+            return
+        total = raw_bytes(self.reader.plan.tasks[read.task], read)
+        before = self._counted.get(read, 0.0)
+        now = min(float(total), before + share * total)
+        self._counted[read] = now
+        if int(now) > int(before):
+            self.on_read(int(now) - int(before))
 
     def done(self, read: Read) -> None:
+        counted = self._counted.pop(read, 0.0)
+        total = raw_bytes(self.reader.plan.tasks[read.task], read)
+        if self.on_read is not None and int(counted) < total:
+            self.on_read(total - int(counted))  # rounding: a block counts its bytes exactly once in all
         self._ahead.done(read)
         self.reader.release(read)
 

@@ -1,6 +1,6 @@
 """The runner: one task and its blocks in, finished output rows out.
 
-Imports schedule, planner, methods, errors (and torch). Pure of the output folder, the
+Imports schedule, stats, planner, methods, errors (and torch). Pure of the output folder, the
 journal and the process: given a task, its schedule, a source of blocks (`take`/`done`) and
 the method, it yields `(row0, rows)` in row order, in the compute dtype, on the device the
 blocks are on. It may run beside the committer on the same thread, or in another process or
@@ -18,42 +18,55 @@ from .errors import PlanError
 from .methods import MethodDef
 from .planner import Task
 from .schedule import Read, TaskSchedule, spans
+from .stats import TensorStats
 
 
 class BlockSource(Protocol):
-    """Blocks in the order of the schedule's reads; each handed back with `done` once used."""
+    """Blocks in the order of the schedule's reads; each handed back with `done` once used, and
+    `advanced(read, share)` told as each share of its work (a sub-chunk of one pass) is computed."""
 
     def take(self) -> tuple[Read, torch.Tensor | list[torch.Tensor]]: ...
 
     def done(self, read: Read) -> None: ...
 
+    def advanced(self, read: Read, share: float) -> None: ...
 
-def run_task(task: Task, sched: TaskSchedule, blocks: BlockSource,
-             method: MethodDef) -> Iterator[tuple[int, torch.Tensor]]:
-    """Task `task`'s output rows, as (first row, rows), in order."""
+
+def run_task(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodDef,
+             stats: TensorStats | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Task `task`'s output rows, as (first row, rows), in order; `stats` records what the merge did."""
     if task.copy_exact:
         yield from _copy(task, sched, blocks)
     else:
-        yield from _merge(task, sched, blocks, method)
+        yield from _merge(task, sched, blocks, method, stats)
 
 
-def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource,
-           method: MethodDef) -> Iterator[tuple[int, torch.Tensor]]:
+def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodDef,
+           stats: TensorStats | None) -> Iterator[tuple[int, torch.Tensor]]:
     """Each step's block through its passes: statistics passes observe it (a pass ends with the
     block that ends the tensor), the apply pass yields merged rows, sub-chunk by sub-chunk."""
     op = method.make(task.ctx)
     if sched.whole:
         op.hold_state()  # the apply pass sees the very blocks the statistics passes saw
+    if stats is not None:
+        op.tally = stats.tally
     for step in sched.steps:
         read, x = blocks.take()
         _check(read, step.read, task)
         assert isinstance(x, torch.Tensor)
+        rows = read.r1 - read.r0
         for p in step.passes:
-            for a, b in spans(0, read.r1 - read.r0, sched.sub):
+            for a, b in spans(0, rows, sched.sub):
                 if p < sched.stat_passes:
                     op.observe(p, x[:, a:b], read.r0 + a)
                 else:
-                    yield read.r0 + a, op.apply(x[:, a:b], read.r0 + a)
+                    before = x[:, a:b].clone() if stats is not None else None  # apply may overwrite x
+                    y = op.apply(x[:, a:b], read.r0 + a)
+                    if stats is not None and before is not None:
+                        stats.add(before, y, read.r0 + a)
+                        del before
+                    yield read.r0 + a, y
+                blocks.advanced(read, (b - a) / rows / len(step.passes))
             if p < sched.stat_passes and read.r1 == task.rows:
                 op.end_pass(p)
         del x
@@ -71,6 +84,7 @@ def _copy(task: Task, sched: TaskSchedule, blocks: BlockSource) -> Iterator[tupl
                             "cannot be merged, only copied when identical")
         yield read.r0, parts[0]
         del parts
+        blocks.advanced(read, 1.0)
         blocks.done(read)
 
 

@@ -5,6 +5,7 @@ table's invalid parameters; the command line and the API take the same options."
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 
@@ -28,6 +29,7 @@ from streammerge.planner import make_plan, parse
 from streammerge.reader import InputReader, ReadBlocks
 from streammerge.runner import run_task
 from streammerge.schedule import make_schedule
+from streammerge.stats import TensorStats
 
 CHUNK = 20_000  # bytes of chunk buffers: several blocks per tensor, every pass re-reading
 
@@ -49,9 +51,11 @@ def _runner_process(text: str, conn) -> None:  # type: ignore[no-untyped-def]
         sched = schedule.only([ti])
         reader = InputReader(plan, torch.device("cpu"), RingArena(sched.arena))
         source = ReadBlocks(reader, sched.reads(), sched.capacity, threaded=False)
-        for row0, y in run_task(plan.tasks[ti], sched.tasks[0], source, plan.method):
+        task = plan.tasks[ti]
+        stats = None if task.copy_exact else TensorStats(len(task.inputs), task.rows, task.ctx.base)
+        for row0, y in run_task(task, sched.tasks[0], source, plan.method, stats):
             conn.send((row0, y.numpy().copy()))
-        conn.send(reader.input_digests(ti))
+        conn.send((reader.input_digests(ti), stats.record(math.prod(task.shape)) if stats else None))
         source.close()
 
 
@@ -80,12 +84,12 @@ def test_runner_in_another_process_committed_by_the_parent(tiny_set, tmp_path) -
                 parent.send(ti)
                 committer.start_task(task)
                 chunks = 0
-                while not isinstance(msg := parent.recv(), dict):
+                while not isinstance((msg := parent.recv())[0], dict):
                     row0, rows = msg
                     committer.write(task, row0, torch.from_numpy(rows))
                     chunks += 1
                 multi_block += chunks > 1
-                committer.end_task(task, msg)
+                committer.end_task(task, *msg)
             committer.end_shard()
         parent.send(None)
         worker.join(60)

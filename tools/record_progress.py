@@ -31,7 +31,7 @@ def tmux(*args: str) -> str:
 
 
 def bar_line(screen: str) -> str:
-    lines = [ln for ln in screen.splitlines() if " read" in ln and "|" in ln]
+    lines = [ln for ln in screen.splitlines() if re.search(r"\bread: ", ln) and "|" in ln]
     return lines[-1].strip() if lines else ""
 
 
@@ -49,7 +49,7 @@ def main() -> None:
         make_models.make_seed_cache(cache, make_models.PRESETS[a.preset], seed=3, shard_bytes=400_000_000)
     out = os.path.join(root, "out")
     cmd = (f"cd {shlex.quote(os.getcwd())} && HF_HUB_CACHE={shlex.quote(cache)} {shlex.quote(sys.executable)} -m "
-           f"streammerge run {shlex.quote(STAGE1)} {shlex.quote(out)} --max-memory {a.max_memory} --restart; "
+           f"streammerge run {shlex.quote(STAGE1)} {shlex.quote(out)} --max-memory {a.max_memory} --restart --overwrite; "
            "echo EXIT=$?; sleep 600")
     session = f"sm-progress-{os.getpid()}"
     tmux("new-session", "-d", "-s", session, "-x", "200", "-y", "12", cmd)

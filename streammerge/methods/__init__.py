@@ -7,7 +7,7 @@ Imports the method modules only. Each method is a MethodDef (contract, parameter
 from __future__ import annotations
 
 from .arcee_fusion import ARCEE_FUSION
-from .base import ARITHMETIC, Cost, MergeOp, MethodDef, TaskContext
+from .base import ARITHMETIC, Cost, MergeOp, MethodDef, Tally, TaskContext
 from .elementwise import NEARSWAP, PASSTHROUGH, RAM, RAMPLUS_TL
 from .linear import LINEAR
 from .model_stock import MODEL_STOCK
@@ -32,4 +32,4 @@ METHODS: dict[str, MethodDef] = {
               SCE, ARCEE_FUSION)
 }
 
-__all__ = ["ARITHMETIC", "METHODS", "Cost", "MergeOp", "MethodDef", "TaskContext"]
+__all__ = ["ARITHMETIC", "METHODS", "Cost", "MergeOp", "MethodDef", "Tally", "TaskContext"]

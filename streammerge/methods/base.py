@@ -73,9 +73,28 @@ def no_problems(ctx: TaskContext) -> list[str]:
     return []
 
 
+class Tally:
+    """Counts a method keeps for the report, per input: elements of its delta kept by
+    sparsification, and of its nonzero delta how many agree with the elected sign (None where the
+    method does not sparsify or elect)."""
+
+    def __init__(self, n_inputs: int) -> None:
+        self.used = False
+        self.kept: list[int | None] = [None] * n_inputs
+        self.agree: list[int | None] = [None] * n_inputs
+        self.nonzero: list[int | None] = [None] * n_inputs
+
+    def add(self, counts: list[int | None], i: int, n: int) -> None:
+        self.used = True
+        counts[i] = (counts[i] or 0) + n
+
+
 class MergeOp:
     """One output tensor's merge, fed row chunks. Subclasses override what they need; the
-    number of statistics passes is the method's `cost(ctx).stat_passes`."""
+    number of statistics passes is the method's `cost(ctx).stat_passes`. A method that sparsifies
+    or elects signs counts what it kept into `tally` when the runner gives it one."""
+
+    tally: Tally | None = None
 
     def hold_state(self) -> None:
         """Keep per-element state from the statistics passes for the apply pass: the runner says

@@ -118,10 +118,13 @@ class TaskArithmetic(MergeOp):
     def apply(self, x: torch.Tensor, row0: int) -> torch.Tensor:
         flat0 = row0 * x.shape[2]
         base = x[self.base]
+        tally = self.tally
         for j, (sp, w) in enumerate(zip(self.sparsifiers, self.weights)):
             d = x[self.others[j]]
             d -= base  # δ in place: x is ours to overwrite
             keep = sp.mask(d, flat0)
+            if tally is not None and type(sp) is not Sparsifier:  # a sparsifier: how much of δ it kept
+                tally.add(tally.kept, self.others[j], d.numel() if keep is None else int(keep.sum()))
             if keep is not None:
                 d *= keep
             d *= sp.factor * w if sp.factor != 1.0 else w
@@ -138,10 +141,13 @@ class TaskArithmetic(MergeOp):
             sign = majority_sign(total)
             total.zero_()
             div = torch.zeros_like(base)
-            for d, w in zip(deltas, self.weights):
+            for j, (d, w) in enumerate(zip(deltas, self.weights)):
                 agree = (d * sign) > 0  # sign(d) == sign: zeros and NaNs never agree
                 total += d * agree
                 div.add_(agree, alpha=w)
+                if tally is not None:  # sign agreement: of the nonzero (kept, weighted) δ, how much agrees
+                    tally.add(tally.agree, self.others[j], int(agree.sum()))
+                    tally.add(tally.nonzero, self.others[j], int((d != 0).sum()))
             divisor = torch.where(div == 0, 1.0, div)
         if self.normalize:
             total /= divisor
