@@ -199,6 +199,7 @@ class _Live(Progress):
         self.tensors_done = self.bytes_written = self.bytes_read = 0
         self.current = ""
         self.t0 = time.monotonic()
+        self._rate_state = (self.t0, 0, 0.0)
 
     def stage(self, index: int, count: int, name: str) -> None:
         self._stage = f"stage {index}/{count} {name}"
@@ -208,6 +209,7 @@ class _Live(Progress):
             self.totals = totals
             self.tensors_done, self.bytes_written, self.bytes_read = totals.done_tensors, totals.done_bytes, 0
             self.current, self.t0 = "", time.monotonic()
+            self._rate_state = (self.t0, 0, 0.0)  # (when, bytes read then, smoothed rate)
         self._stop.clear()
         self._ticker = threading.Thread(target=self._tick, name="streammerge-progress", daemon=True)
         self._ticker.start()
@@ -239,6 +241,25 @@ class _Live(Progress):
         while not self._stop.wait(self.every_s):
             self.show()
 
+    def rate(self) -> float:
+        """Input bytes per second, smoothed over the last several seconds (an exponential average of
+        the rate between ticks), so the ETA does not swing with each tensor's cost."""
+        now = time.monotonic()
+        last_t, last_b, smooth = self._rate_state
+        if now - last_t >= 0.25:
+            inst = (self.bytes_read - last_b) / (now - last_t)
+            smooth = inst if last_b == 0 and smooth == 0.0 else 0.85 * smooth + 0.15 * inst
+            self._rate_state = (now, self.bytes_read, smooth)
+        return smooth
+
+    def eta(self, rate: float) -> str:
+        left = self.totals.read_bytes - self.bytes_read
+        if rate <= 0 or left <= 0:
+            return ""
+        secs = int(left / rate)
+        return f", ETA {secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}" if secs >= 3600 else \
+            f", ETA {secs // 60}:{secs % 60:02d}"
+
     def show(self, final: bool = False) -> None:
         raise NotImplementedError
 
@@ -263,25 +284,47 @@ class _Bar(_Live):
     def start(self, totals: Totals) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=totals.read_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                        dynamic_ncols=True, smoothing=0.05, mininterval=0.2,
-                        desc=f"{self._stage + ' ' if self._stage else ''}read")
+        class Bar(tqdm):  # type: ignore[misc]  # tqdm's stubs
+            figures = ""
+
+            @property
+            def format_dict(self) -> dict[str, Any]:
+                return {**super().format_dict, "figures": self.figures}
+
+        # one unit style (size_str's KiB/MiB/GiB) for every figure: tqdm draws only the bar itself
+        try:
+            size = os.get_terminal_size(sys.stderr.fileno())
+            sized = size.columns > 0 and size.lines > 0
+        except (OSError, ValueError):
+            sized = False
+        # a terminal that reports no size (some pseudo-terminals) gets 120 x 24, not a hidden bar
+        self.bar = Bar(total=totals.read_bytes, file=sys.stderr, dynamic_ncols=sized, ncols=None if sized else 120,
+                       nrows=None if sized else 24, mininterval=0.2,
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {figures}",
+                       desc=f"{self._stage + ' ' if self._stage else ''}read")
         super().start(totals)
         self.show()
 
     def read(self, nbytes: int) -> None:
         super().read(nbytes)
         if self.bar is not None:
-            self.bar.update(nbytes)
+            self.bar.update(nbytes)  # the bar's length; the figures come from show()
 
     def show(self, final: bool = False) -> None:
         if self.bar is None:
             return
         with self._lock:
             t = self.totals
-            post = (f"{self.tensors_done}/{t.tensors} tensors saved, wrote {size_str(self.bytes_written)}, "
+            elapsed = max(1e-9, time.monotonic() - self.t0)
+            rate = self.rate()
+            if final or rate <= 0:
+                rate = self.bytes_read / elapsed  # the whole run's average
+            secs = int(elapsed)
+            post = (f"{size_str(self.bytes_read)} of {size_str(t.read_bytes)} at {size_str(rate)}/s, "
+                    f"{secs // 60}:{secs % 60:02d}{'' if final else self.eta(rate)} | "
+                    f"{self.tensors_done}/{t.tensors} tensors saved, wrote {size_str(self.bytes_written)}, "
                     f"{self.memory()}" + ("" if final or not self.current else f", {self.current}"))
-        self.bar.set_postfix_str(post, refresh=False)
+        self.bar.figures = post
         self.bar.refresh()
 
     def close(self) -> None:
@@ -309,7 +352,7 @@ class _Lines(_Live):
         with self._lock:
             t = self.totals
             secs = max(1e-9, time.monotonic() - self.t0)
-            rate = self.bytes_read / secs
+            rate = self.bytes_read / secs  # lines come every 10 s: the run's average is smooth enough
             left = t.read_bytes - self.bytes_read
             eta = f", ETA {left / rate:.0f} s" if rate > 0 and left > 0 and not final else ""
             line = (f"progress: {self._stage + ': ' if self._stage else ''}{self.tensors_done}/{t.tensors} tensors, "

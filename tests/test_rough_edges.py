@@ -94,3 +94,62 @@ def test_explain_headings_fit_the_method(tiny_set, tmp_path) -> None:
     assert "(not a layer tensor)" in r.output and "t = 0.5" in r.output and "t = 0 " not in r.output, r.output
     r = CliRunner().invoke(main, ["plan", str(slerp), "--explain", "model.layers.3.self_attn.q_proj.weight"])
     assert "(layer 3; gradients read at position 1 of its slice)" in r.output, r.output
+
+
+def test_plan_on_a_pipeline_shows_every_stage(tiny_set, tmp_path) -> None:
+    cfg = tmp_path / "p.yml"
+    cfg.write_text(PIPELINE.format(a=tiny_set[0], b=tiny_set[1], c=tiny_set[2]))
+    r = CliRunner().invoke(main, ["plan", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("pipeline of 2 stages: first, stage2")
+    assert "== stage 1/2 first" in r.output and "== stage 2/2 stage2" in r.output and "?" not in r.output.split("\n")[0]
+    assert "model 0: first  (written by an earlier stage)" in r.output
+
+
+def test_the_bar_on_a_terminal_uses_one_unit_style(tiny_set, tmp_path) -> None:
+    import pty
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {tiny_set[0]}\n  - model: {tiny_set[1]}\n"
+                   "parameters: {weight: 1}\n")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "streammerge", "run", str(cfg), str(tmp_path / "o")],
+                            stderr=follower, stdout=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(60) == 0
+    os.close(leader)
+    screen = b"".join(chunks).decode(errors="replace")
+    bars = [ln for ln in screen.replace("\r", "\n").splitlines() if "read:" in ln and "tensors saved" in ln]
+    assert bars, screen
+    final = bars[-1]
+    assert "100%" in final and "39/39 tensors saved" in final and " of " in final and "/s" in final
+    assert "RSS " in final and "MiB" in final and "MB" not in final.replace("MiB", ""), final
+
+
+def test_readme_says_what_a_user_needs_and_names_only_files_it_has() -> None:
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert "--index-url https://download.pytorch.org/whl/cpu" in text  # the CPU-only torch on a user's machine
+    assert "## Reproduce the seed merge" in text and "examples/mistral-7b-merge-14-pipeline.yml" in text
+    assert "GPU tests are skipped" in text and "five minutes" in text
+    assert 'max_memory="2GiB"' in text  # the API, with sizes as the command line writes them
+    for name in set(re.findall(r"\b([\w./-]+\.(?:md|yml|py|sh))\b", text)):
+        if name in {"merge.yml", "mergekit_config.yml", "README.md"}:
+            continue  # the user's own config in the usage examples; files of an output folder
+        places = [name] if "/" in name else [name, *(os.path.join(d, name) for d in
+                                                      ("streammerge", "tools", "tests", "examples"))]
+        assert any(os.path.exists(os.path.join(root, p)) for p in places), f"README names {name}, which is not here"

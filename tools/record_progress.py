@@ -49,7 +49,8 @@ def main() -> None:
         make_models.make_seed_cache(cache, make_models.PRESETS[a.preset], seed=3, shard_bytes=400_000_000)
     out = os.path.join(root, "out")
     cmd = (f"cd {shlex.quote(os.getcwd())} && HF_HUB_CACHE={shlex.quote(cache)} {shlex.quote(sys.executable)} -m "
-           f"streammerge run {shlex.quote(STAGE1)} {shlex.quote(out)} --max-memory {a.max_memory} --restart --overwrite; "
+           f"streammerge run {shlex.quote(STAGE1)} {shlex.quote(out)} --max-memory {a.max_memory} "
+           "--restart --overwrite; "
            "echo EXIT=$?; sleep 600")
     session = f"sm-progress-{os.getpid()}"
     tmux("new-session", "-d", "-s", session, "-x", "200", "-y", "12", cmd)
