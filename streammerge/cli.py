@@ -8,6 +8,7 @@ mergekit-yaml flag is accepted, doing what it means here or saying once why it i
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -199,7 +200,7 @@ class _Live(Progress):
         self.tensors_done = self.bytes_written = self.bytes_read = 0
         self.current = ""
         self.t0 = time.monotonic()
-        self._rate_state = (self.t0, 0, 0.0)
+        self._samples: collections.deque[tuple[float, int]] = collections.deque([(self.t0, 0)])
 
     def stage(self, index: int, count: int, name: str) -> None:
         self._stage = f"stage {index}/{count} {name}"
@@ -209,7 +210,7 @@ class _Live(Progress):
             self.totals = totals
             self.tensors_done, self.bytes_written, self.bytes_read = totals.done_tensors, totals.done_bytes, 0
             self.current, self.t0 = "", time.monotonic()
-            self._rate_state = (self.t0, 0, 0.0)  # (when, bytes read then, smoothed rate)
+            self._samples = collections.deque([(self.t0, 0)])  # (when, bytes read by then)
         self._stop.clear()
         self._ticker = threading.Thread(target=self._tick, name="streammerge-progress", daemon=True)
         self._ticker.start()
@@ -241,16 +242,19 @@ class _Live(Progress):
         while not self._stop.wait(self.every_s):
             self.show()
 
+    RATE_WINDOW_S = 60.0
+
     def rate(self) -> float:
-        """Input bytes per second, smoothed over the last several seconds (an exponential average of
-        the rate between ticks), so the ETA does not swing with each tensor's cost."""
+        """Input bytes per second over the last minute (since the start, in the first one): bytes
+        arrive in bursts (a tensor's passes, a busy machine), and a rate over a short span made the
+        ETA swing tenfold."""
         now = time.monotonic()
-        last_t, last_b, smooth = self._rate_state
-        if now - last_t >= 0.25:
-            inst = (self.bytes_read - last_b) / (now - last_t)
-            smooth = inst if last_b == 0 and smooth == 0.0 else 0.85 * smooth + 0.15 * inst
-            self._rate_state = (now, self.bytes_read, smooth)
-        return smooth
+        samples = self._samples
+        samples.append((now, self.bytes_read))
+        while len(samples) > 2 and now - samples[1][0] >= self.RATE_WINDOW_S:
+            samples.popleft()
+        t0, b0 = samples[0]
+        return (self.bytes_read - b0) / (now - t0) if now > t0 else 0.0
 
     def eta(self, rate: float) -> str:
         left = self.totals.read_bytes - self.bytes_read
