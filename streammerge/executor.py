@@ -11,7 +11,6 @@ disk and the inputs are unchanged, output.finalize writes the manifest and the l
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -210,7 +209,7 @@ class Executor:
                     for row0, y in run_task(task, steps[ti], source, plan.method, stats):
                         writes.submit(partial(committer.write, task, row0, y), y.nbytes)
                         del y  # the committer holds it now
-                    record = stats.record(math.prod(task.shape)) if stats is not None else None
+                    record = stats.record() if stats is not None else None
                     writes.submit(partial(committer.end_task, task, reader.input_digests(ti), record))
                 writes.submit(committer.end_shard)
             writes.drain()

@@ -5,7 +5,6 @@ table's invalid parameters; the command line and the API take the same options."
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 
@@ -55,7 +54,7 @@ def _runner_process(text: str, conn) -> None:  # type: ignore[no-untyped-def]
         stats = None if task.copy_exact else TensorStats(len(task.inputs), task.rows, task.ctx.base)
         for row0, y in run_task(task, sched.tasks[0], source, plan.method, stats):
             conn.send((row0, y.numpy().copy()))
-        conn.send((reader.input_digests(ti), stats.record(math.prod(task.shape)) if stats else None))
+        conn.send((reader.input_digests(ti), stats.record() if stats else None))
         source.close()
 
 

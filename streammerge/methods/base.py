@@ -74,12 +74,15 @@ def no_problems(ctx: TaskContext) -> list[str]:
 
 
 class Tally:
-    """Counts a method keeps for the report, per input: elements of its delta kept by
-    sparsification, and of its nonzero delta how many agree with the elected sign (None where the
-    method does not sparsify or elect)."""
+    """Counts a method keeps for the report, per input, over the rows `pick` selects in the chunk
+    it is given (the runner sets it: a fixed sample of rows, see stats.py): elements of its delta
+    seen and kept by sparsification, and of its nonzero delta how many agree with the elected sign
+    (None where the method does not sparsify or elect)."""
 
     def __init__(self, n_inputs: int) -> None:
         self.used = False
+        self.pick: torch.Tensor | None = None  # rows of the current chunk to count (None: none)
+        self.seen: list[int | None] = [None] * n_inputs
         self.kept: list[int | None] = [None] * n_inputs
         self.agree: list[int | None] = [None] * n_inputs
         self.nonzero: list[int | None] = [None] * n_inputs
@@ -87,6 +90,16 @@ class Tally:
     def add(self, counts: list[int | None], i: int, n: int) -> None:
         self.used = True
         counts[i] = (counts[i] or 0) + n
+
+    def count(self, counts: list[int | None], i: int, x: torch.Tensor | None, rows_of: torch.Tensor) -> None:
+        """Add the nonzero elements of x's picked rows (x None: every picked element of rows_of,
+        a (rows, cols) chunk)."""
+        if self.pick is None:
+            return
+        if x is None:
+            self.add(counts, i, int(self.pick.numel()) * rows_of.shape[1])
+        else:
+            self.add(counts, i, int(torch.count_nonzero(x.index_select(0, self.pick))))
 
 
 class MergeOp:

@@ -124,7 +124,8 @@ class TaskArithmetic(MergeOp):
             d -= base  # δ in place: x is ours to overwrite
             keep = sp.mask(d, flat0)
             if tally is not None and type(sp) is not Sparsifier:  # a sparsifier: how much of δ it kept
-                tally.add(tally.kept, self.others[j], d.numel() if keep is None else int(keep.sum()))
+                tally.count(tally.seen, self.others[j], None, d)
+                tally.count(tally.kept, self.others[j], keep, d)
             if keep is not None:
                 d *= keep
             d *= sp.factor * w if sp.factor != 1.0 else w
@@ -146,8 +147,8 @@ class TaskArithmetic(MergeOp):
                 total += d * agree
                 div.add_(agree, alpha=w)
                 if tally is not None:  # sign agreement: of the nonzero (kept, weighted) δ, how much agrees
-                    tally.add(tally.agree, self.others[j], int(agree.sum()))
-                    tally.add(tally.nonzero, self.others[j], int((d != 0).sum()))
+                    tally.count(tally.agree, self.others[j], agree, d)
+                    tally.count(tally.nonzero, self.others[j], d, d)
             divisor = torch.where(div == 0, 1.0, div)
         if self.normalize:
             total /= divisor
