@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import MergeConfig
 from .errors import OptionError
-from .executor import Progress, RunStats, resolve_device
+from .executor import Progress, RunStats, cores, resolve_device
 from .options import RunOptions
 from .pipeline import check_pipeline, run_pipeline
 from .planner import Plan, parse
@@ -94,10 +94,12 @@ def merge(config: Config, out: str | os.PathLike[str], options: RunOptions | Non
         >>> streammerge.merge("merge.yml", "merged", max_memory="2GiB")[-1].manifest_hash
     """
     opts = options_of(options, overrides)
-    if opts.num_threads:
-        import torch
+    import torch
 
+    if opts.num_threads:
         torch.set_num_threads(opts.num_threads)
+    elif torch.get_num_threads() > cores():
+        torch.set_num_threads(cores())  # torch counts the host's cores, not the container's quota
     return run_pipeline(configs_of(config), str(out), opts, progress)
 
 

@@ -11,6 +11,7 @@ disk and the inputs are unchanged, output.finalize writes the manifest and the l
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -59,11 +60,45 @@ class RunStats:
 
 
 def cores() -> int:
-    """The cores this process may run on."""
+    """The cores this process may use: its CPU affinity, capped by its cgroup's CPU quota (a
+    container given 2 CPUs on a 16-core host has 2, though os.cpu_count() says 16)."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    quota = cgroup_cpus()
+    return max(1, min(n, quota)) if quota is not None else n
+
+
+def cgroup_cpus(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """CPUs the process's cgroup may use (its quota over its period, rounded up), or None when
+    it has no quota: cgroup v2's cpu.max, else v1's cpu.cfs_quota_us and cpu.cfs_period_us."""
+    own = ""
+    try:
+        with open(proc_cgroup) as f:
+            for line in f:
+                parts = line.strip().split(":", 2)
+                if len(parts) == 3 and parts[0] == "0":  # the v2 unified hierarchy
+                    own = parts[2].lstrip("/")
+    except OSError:
+        pass
+    for folder in dict.fromkeys([os.path.join(root, own), root]):
+        try:
+            with open(os.path.join(folder, "cpu.max")) as f:
+                quota, period = f.read().split()[:2]
+            return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+        except (OSError, ValueError):
+            continue
+    for folder in (os.path.join(root, "cpu"), os.path.join(root, "cpu,cpuacct")):
+        try:
+            with open(os.path.join(folder, "cpu.cfs_quota_us")) as f:
+                quota_us = int(f.read())
+            with open(os.path.join(folder, "cpu.cfs_period_us")) as f:
+                period_us = int(f.read())
+            return None if quota_us <= 0 else max(1, math.ceil(quota_us / period_us))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def resolve_device(name: str) -> str:

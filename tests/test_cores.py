@@ -1,0 +1,23 @@
+"""The cores a run may use: affinity capped by a cgroup CPU quota (v2 cpu.max, v1 cfs files)."""
+
+from __future__ import annotations
+
+from streammerge.executor import cgroup_cpus
+
+
+def test_cgroup_quota_v2_v1_and_none(tmp_path) -> None:
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/box\n")
+    (tmp_path / "box").mkdir()
+    (tmp_path / "box" / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpus(str(tmp_path), str(proc)) == 2  # 1.5 CPUs, rounded up
+    (tmp_path / "box" / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpus(str(tmp_path), str(proc)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpus(str(v1), str(tmp_path / "missing")) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpus(str(v1), str(tmp_path / "missing")) is None
+    assert cgroup_cpus(str(tmp_path / "nothing"), str(tmp_path / "missing")) is None
