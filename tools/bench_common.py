@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,3 +86,17 @@ def write_floor(path: str, nbytes: int) -> float:
 def tensor_hashes(out: str) -> dict[str, str]:
     with open(os.path.join(out, "streammerge.manifest.json")) as f:
         return {k: v["xxh3_128"] for k, v in json.load(f)["tensors"].items()}
+
+
+@contextlib.contextmanager
+def busy(n: int) -> Iterator[None]:
+    """`n` processes spinning on the CPU beside whatever runs inside (a laptop with a browser and a
+    build running); stopped on the way out."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()

@@ -7,7 +7,9 @@ dare_ties it prints wall time and peak RSS, and the I/O floor measured in the sa
 every input byte once from a warm page cache plus writing and syncing the output's size.
 
   python tools/bench_speed.py --dir /work/bench/medium [--max-memory 1GiB] [--mergekit /venv/bin/mergekit-yaml]
-                               [--variants cpu,no-overlap,cuda]
+                               [--variants cpu,no-overlap,cuda] [--busy N]
+
+--busy N runs every merge beside N processes spinning on the CPU (a loaded laptop).
 
 Variants (each a streammerge run of every config): cpu (the defaults: read-ahead and
 write-behind threads with 4 or more cores), no-overlap (--no-overlap: one thread does
@@ -26,6 +28,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_common import (  # noqa: E402
+    busy,
     dare_ties_14,
     ensure_medium_set,
     measure,
@@ -80,6 +83,8 @@ def main() -> None:
     ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml of a separate environment")
     ap.add_argument("--only", default=None, help="run only configs whose name contains this")
     ap.add_argument("--variants", default="cpu", help="comma-separated: " + ", ".join(VARIANTS))
+    ap.add_argument("--busy", type=int, default=0,
+                    help="run every merge (and mergekit) beside this many processes spinning on the CPU")
     a = ap.parse_args()
     variants = a.variants.split(",")
     if any(v not in VARIANTS for v in variants):
@@ -101,8 +106,9 @@ def main() -> None:
         runs = {}
         for v in variants:
             shutil.rmtree(out, ignore_errors=True)
-            sm = measure([sys.executable, "-m", "streammerge", "run", cfg, out, "-q", "--max-memory", a.max_memory,
-                          *VARIANTS[v]])
+            with busy(a.busy):
+                sm = measure([sys.executable, "-m", "streammerge", "run", cfg, out, "-q", "--max-memory",
+                              a.max_memory, *VARIANTS[v]])
             if sm.rc != 0:
                 print(f"streammerge ({v}) failed on {name}:\n{sm.stderr[-3000:]}", flush=True)
                 continue
@@ -116,11 +122,13 @@ def main() -> None:
         if a.mergekit:
             mk_out = os.path.join(root, "mk-" + name.split()[0])
             shutil.rmtree(mk_out, ignore_errors=True)
-            row["mk"] = measure([a.mergekit, cfg, mk_out])
+            with busy(a.busy):
+                row["mk"] = measure([a.mergekit, cfg, mk_out])
         rows.append(row)
         print(f"{name}: " + ", ".join(f"{v} {r[0].wall_s:.1f} s" for v, r in runs.items()) + f", floor {floor:.1f} s"
               + (f", mergekit {row['mk'].wall_s:.1f} s" if "mk" in row else ""), flush=True)
-    print(f"\nmedium set, {os.cpu_count()} cores, warm page cache, streammerge --max-memory {a.max_memory}")
+    load = f", beside {a.busy} busy processes" if a.busy else ", quiet"
+    print(f"\nmedium set, {os.cpu_count()} cores{load}, warm page cache, streammerge --max-memory {a.max_memory}")
     head = (f"{'merge':<22} {'variant':<16} {'wall s':>7} {'merge s':>7} {'peak RSS MiB':>12} {'I/O floor s':>11} "
             f"{'x floor':>8}")
     if a.mergekit:

@@ -63,6 +63,9 @@ PRESETS = {
     "tiny32": Shape(32, 96, 32, 4, 2, 96),  # ~0.7 MB, 32 layers: the seed configs end to end
     "small": Shape(384, 1344, 32, 6, 2, 32000),  # ~174 MB per model in bf16, 32 layers
     "medium": Shape(1024, 3584, 16, 32, 8, 32000),  # ~560 MB per model in bf16
+    # Mistral-7B's own hidden, intermediate and vocabulary sizes with 2 layers: ~1.4 GB per model in
+    # bf16, so benchmarks see 4096 x 14336 rows and 32000 x 4096 embeddings as the real files have
+    "7b": Shape(4096, 14336, 2, 32, 8, 32000),
 }
 
 SEED_STAGE1 = [
