@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import MergeConfig
 from .errors import OptionError
-from .executor import Progress, RunStats, cores, resolve_device
+from .executor import Progress, RunStats, cores, default_threads, idle_cpus, resolve_device
 from .options import RunOptions
 from .pipeline import check_pipeline, run_pipeline
 from .planner import Plan, parse
@@ -96,11 +96,16 @@ def merge(config: Config, out: str | os.PathLike[str], options: RunOptions | Non
     opts = options_of(options, overrides)
     import torch
 
+    before = torch.get_num_threads()
     if opts.num_threads:
         torch.set_num_threads(opts.num_threads)
-    elif torch.get_num_threads() > cores():
-        torch.set_num_threads(cores())  # torch counts the host's cores, not the container's quota
-    return run_pipeline(configs_of(config), str(out), opts, progress)
+    else:  # torch counts the host's cores, not the container's quota nor what else is running
+        idle = idle_cpus()
+        torch.set_num_threads(default_threads(cores(), cores() if idle is None else idle, before))
+    try:
+        return run_pipeline(configs_of(config), str(out), opts, progress)
+    finally:
+        torch.set_num_threads(before)  # the caller's torch is left as it was
 
 
 def verify(out: str | os.PathLike[str], inputs: bool = False) -> Report:
