@@ -24,7 +24,7 @@ from .budget import WRITE_BEHIND_BYTES, default_max_memory
 from .committer import Committer
 from .errors import PlanError
 from .folder import OutputFolder
-from .journal import Journal, crash_point
+from .journal import Entry, Journal, crash_point
 from .options import RunOptions
 from .output import content_hash, finalize, manifest_field
 from .overlap import RingArena, WriteBehind
@@ -227,32 +227,33 @@ class Executor:
         return RunStats(time.monotonic() - start, len(plan.tasks), kept, written, peak_rss(), manifest_hash, False,
                         plan.total_bytes, len(plan.shards), content_hash(plan, committer.shard_hashes))
 
-    def _todo(self, journal: Journal) -> tuple[list[int], int]:
-        """Tasks still to merge, in output-file order, and how many an earlier run finished (said)."""
+    def _todo(self, journal: Journal) -> tuple[list[int], dict[int, Entry]]:
+        """Tasks still to merge, in output-file order, and the journal entries of those an earlier run
+        finished (said), asked of the journal once, before this run appends to it."""
         tasks = self.plan.tasks
         damaged = self.folder.check_kept(journal)
-        kept = sum(1 for t in tasks if journal.done(t.name, t.fingerprint))
+        entries = {ti: journal.done(t.name, t.fingerprint) for ti, t in enumerate(tasks)}
+        done = {ti: e for ti, e in entries.items() if e is not None}
+        kept = len(done)
         if damaged:
             self.progress.note(f"{len(damaged)} tensor(s) an earlier run journaled no longer match their bytes "
                                f"on disk (e.g. {damaged[0]}); they are merged again")
         if journal.resumed:
-            changed = sum(1 for t in tasks if t.name in journal.entries and not journal.done(t.name, t.fingerprint))
+            changed = sum(1 for ti, t in enumerate(tasks) if t.name in journal.entries and ti not in done)
             self.progress.note(f"resuming an interrupted run: {kept} of {len(tasks)} tensors already done"
                                + (f", {changed} changed since and recomputed" if changed else "")
                                + f", {len(tasks) - kept - changed} still to do")
-        todo = [ti for shard in self.plan.shards for ti in shard.tasks
-                if journal.done(tasks[ti].name, tasks[ti].fingerprint) is None]
-        return todo, kept
+        todo = [ti for shard in self.plan.shards for ti in shard.tasks if ti not in done]
+        return todo, done
 
     def _run_tasks(self, journal: Journal, schedule: Schedule) -> tuple[int, int, Committer]:
         plan = self.plan
-        todo, kept = self._todo(journal)
+        todo, done = self._todo(journal)
         sched = schedule.only(todo)
         reads = sched.reads()
-        kept_bytes = sum(t.nbytes for t in plan.tasks if journal.done(t.name, t.fingerprint))
         self.progress.start(Totals(len(plan.tasks), plan.total_bytes,
-                                   sum(raw_bytes(plan.tasks[r.task], r) for r in reads), kept, kept_bytes,
-                                   self.max_memory))
+                                   sum(raw_bytes(plan.tasks[r.task], r) for r in reads), len(done),
+                                   sum(plan.tasks[ti].nbytes for ti in done), self.max_memory))
         steps = {t.task: t for t in sched.tasks}
         reader = InputReader(plan, self.device, RingArena(sched.arena, pin=self.device.type == "cuda"))
         source = ReadBlocks(reader, reads, sched.capacity, self.overlap, self.progress.read)
@@ -264,7 +265,7 @@ class Executor:
                 writes.submit(partial(committer.open_shard, si))
                 for ti in shard.tasks:
                     task = plan.tasks[ti]
-                    entry = journal.done(task.name, task.fingerprint)
+                    entry = done.get(ti)
                     if entry is not None:
                         writes.submit(partial(committer.keep, task, entry))
                         continue
@@ -283,7 +284,7 @@ class Executor:
             source.close()  # before the inputs' files are closed
             committer.close()
             self.progress.close()  # after the committer stopped: the count shown is what is journaled
-        return kept, sum(plan.tasks[ti].nbytes for ti in todo), committer
+        return len(done), sum(plan.tasks[ti].nbytes for ti in todo), committer
 
 
 def _start_cuda(device: torch.device) -> None:
