@@ -18,7 +18,7 @@ from .errors import PlanError
 from .methods import MethodDef
 from .planner import Task
 from .schedule import Read, TaskSchedule, spans
-from .stats import TensorStats, sampled
+from .stats import TensorStats
 
 
 class BlockSource(Protocol):
@@ -60,17 +60,10 @@ def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodD
                 if p < sched.stat_passes:
                     op.observe(p, x[:, a:b], read.r0 + a)
                 else:
-                    picked = sampled(read.r0 + a, read.r0 + b) if stats is not None else range(0)
-                    # the sampled rows as they are before apply, which may overwrite x
-                    idx = torch.arange(picked.start - read.r0 - a, picked.stop - read.r0 - a, picked.step,
-                                       device=x.device) if len(picked) else None
-                    before = x[:, a:b].index_select(1, idx) if idx is not None else None
-                    if stats is not None:
-                        stats.tally.pick = idx  # the kernel counts kept and agreeing elements of these rows
+                    before = stats.before(x[:, a:b], read.r0 + a) if stats is not None else None
                     y = op.apply(x[:, a:b], read.r0 + a)
-                    if stats is not None and before is not None and idx is not None:
-                        stats.add(before, y.index_select(0, idx), picked.start)
-                        del before
+                    if stats is not None and before is not None:
+                        stats.after(before, y)
                     yield read.r0 + a, y
                 blocks.advanced(read, (b - a) / rows / len(step.passes))
             if p < sched.stat_passes and read.r1 == task.rows:
