@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 
 from .errors import InputError, OutputError
@@ -242,10 +243,19 @@ def write_html(stages: list[Stage], path: str) -> None:
                  "for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)n++;}"
                  "document.title='streammerge report: '+n+'/'+im.length+' images loaded';"
                  "document.body.setAttribute('data-images-loaded',n+'/'+im.length);});</script></body></html>")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
-    os.replace(tmp, path)
+    # a fresh file of our own (O_EXCL: never through a link someone left), then renamed over the report
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".streammerge-report-", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write the report there ({e.strerror}); choose another --html path") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(parts))
+        os.chmod(tmp, 0o644)  # a page to share, as the output's other files (mkstemp makes it 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _figures(st: Stage) -> list[tuple[str, bytes]]:

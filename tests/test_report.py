@@ -73,6 +73,12 @@ def test_summary_and_html_with_every_image(merged, tmp_path) -> None:
     foreign.write_text("<html>my notes</html>")
     r = CliRunner().invoke(main, ["report", merged, "--html", str(foreign)])
     assert r.exit_code == 6 and "not a streammerge report" in r.output and "my notes" in foreign.read_text()
+    link = tmp_path / "link.html"
+    link.symlink_to(foreign)  # a link is never written through, even to a report
+    r = CliRunner().invoke(main, ["report", merged, "--html", str(link)])
+    assert r.exit_code == 6 and "my notes" in foreign.read_text()
+    r = CliRunner().invoke(main, ["report", merged, "--html", str(tmp_path / "no" / "such" / "dir.html")])
+    assert r.exit_code == 6 and "cannot write the report there" in r.output
 
 
 @pytest.mark.parametrize("name", ["model.layers.5.self_attn.k_proj.weight", "model.layers.30.mlp.down_proj.weight",
