@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from .config import MergeConfig
+from .distributed import ray_session
 from .errors import OptionError
 from .executor import Progress, RunStats, cores, default_threads, idle_cpus, resolve_device
 from .options import RunOptions
@@ -47,6 +48,8 @@ def options_of(options: RunOptions | None, overrides: dict[str, Any]) -> RunOpti
     if unknown:
         raise OptionError(f"unknown option(s) {', '.join(unknown)}; the options are: {', '.join(sorted(fields))}")
     opts = dataclasses.replace(options or RunOptions(), **overrides).resolved()
+    if opts.ray is not None and opts.device.strip().lower().split(":")[0] == "cuda":
+        return dataclasses.replace(opts, device="cuda")  # the workers' GPUs, not this machine's: Ray assigns them
     return dataclasses.replace(opts, device=resolve_device(opts.device))
 
 
@@ -103,7 +106,8 @@ def merge(config: Config, out: str | os.PathLike[str], options: RunOptions | Non
         idle = idle_cpus()
         torch.set_num_threads(default_threads(cores(), cores() if idle is None else idle, before))
     try:
-        return run_pipeline(configs_of(config), str(out), opts, progress)
+        with ray_session(opts.ray, cores()):
+            return run_pipeline(configs_of(config), str(out), opts, progress)
     finally:
         torch.set_num_threads(before)  # the caller's torch is left as it was
 

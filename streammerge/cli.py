@@ -125,7 +125,7 @@ _NOT_NEEDED = {
     "clone_tensors": "--clone-tensors: not needed, every output tensor is written from its own buffer",
     "async_write": "--async-write: not needed, output is written in place as it is merged",
     "write_threads": "--write-threads: not needed, output is written in place as it is merged",
-    "multi_gpu": "--multi-gpu: streammerge uses one device; merging continues on it",
+    "multi_gpu": "--multi-gpu: one process uses one device; for one task stream per GPU run with --ray --device cuda",
     "lora_merge_cache": "--lora-merge-cache: not needed, adapters are applied row by row as they are read",
     "lora_merge_dtype": "--lora-merge-dtype: not needed, an adapted weight keeps its base tensor's dtype",
 }
@@ -177,6 +177,8 @@ def _apply_mergekit_options(opts: dict[str, Any]) -> str:
     from .executor import resolve_device
 
     flag = "--cuda" if opts.get("cuda") else "--gpu-rich" if opts.get("gpu_rich") else None
+    if opts.get("ray") is not None and (flag or opts.get("device", "cpu").lower().startswith("cuda")):
+        return "cuda"  # the Ray workers' GPUs, which need not be on this machine
     if flag is None:
         return resolve_device(opts.get("device", "cpu"))
     device = resolve_device("auto")  # mergekit's flags ask for a GPU where there is one
@@ -377,6 +379,18 @@ _run_options = [
     click.option("--restart", is_flag=True, help="Discard an unfinished run in OUT instead of resuming it."),
     click.option("--intermediate-dir", type=click.Path(file_okay=False), default=None,
                  help="Pipelines: where earlier stages are written (default: OUT.stages/)."),
+    click.option("--ray", "ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                 help="Run the tensor tasks on Ray: a cluster's ADDRESS (auto, ray://host:port), or none to "
+                      "start Ray on this machine. Needs: pip install \"streammerge[ray]\"."),
+    click.option("--workers", type=click.IntRange(min=1), default=None,
+                 help="Ray: tasks running at once [default: as many as the cluster's CPUs (GPUs) allow]."),
+    click.option("--ray-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+                 help="Ray: CPUs each task asks for (its kernels' threads)."),
+    click.option("--ray-gpus", type=click.FloatRange(min=0), default=None,
+                 help="Ray: GPUs each task asks for [default: 1 with --device cuda, else 0]."),
+    click.option("--ray-write", type=click.Choice(["auto", "workers", "driver"]), default="auto", show_default=True,
+                 help="Ray: workers write OUT in place (it must be on storage every node shares), or rows "
+                      "travel to this machine, which writes them; auto probes OUT from every node."),
 ]
 
 
@@ -395,7 +409,9 @@ def _run_options_of(max_memory: int | None, out_shard_size: int, seed: int, over
                       max_gpu_memory=mk["max_gpu_memory"], overwrite=overwrite, restart=restart,
                       overlap=mk["overlap"], truncate_vocab=mk["unsafe_truncate_embeddings"],
                       copy_tokenizer=mk["copy_tokenizer"], write_card=mk["write_model_card"],
-                      intermediate_dir=intermediate_dir, num_threads=mk["num_threads"])
+                      intermediate_dir=intermediate_dir, num_threads=mk["num_threads"], ray=mk.get("ray"),
+                      workers=mk.get("workers"), ray_cpus=mk.get("ray_cpus", 1.0), ray_gpus=mk.get("ray_gpus"),
+                      ray_write=mk.get("ray_write", "auto"))
 
 
 @main.command()

@@ -111,13 +111,17 @@ class Committer:
         """Group commit: the shard's bytes synced once, then the waiting tensors journaled."""
         if not self._uncommitted:
             return
-        self._open().writer.sync()
+        self._sync()
         crash_point("tensor-synced")
         self.journal.append(*self._uncommitted)
         for e in self._uncommitted:
             self.entries[e.name] = e
         self.progress.committed(len(self._uncommitted), self._uncommitted_bytes)
         self._uncommitted, self._uncommitted_bytes = [], 0
+
+    def _sync(self) -> None:
+        """The waiting tensors' bytes on disk (they are all in the open shard)."""
+        self._open().writer.sync()
 
     def end_shard(self) -> None:
         """Everything of the open shard is written: commit, sync, record its hash, close it."""

@@ -67,3 +67,9 @@ class IntegrityError(StreamMergeError):
     """Bytes on disk do not match the manifest or journal."""
 
     exit_code = 7
+
+
+class ClusterError(StreamMergeError):
+    """A Ray cluster cannot run the merge: Ray missing, no connection, a worker or node lost."""
+
+    exit_code = 8

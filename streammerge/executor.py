@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 import psutil
 import torch
@@ -35,7 +36,7 @@ from .runner import run_task
 from .schedule import Schedule, make_schedule
 from .stats import TensorStats
 
-__all__ = ["Executor", "Progress", "RunStats", "peak_rss", "resolve_device"]
+__all__ = ["Executor", "Progress", "RunStats", "peak_rss", "resolve_device", "start_cuda"]
 
 # Fewer cores than this: no helper threads by default. Measured on 2 cores (14-model DARE-TIES):
 # kernels on 2 threads beside a reading thread ran 27% slower than everything in turn, since a
@@ -165,6 +166,13 @@ def peak_rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+class Committed(Protocol):
+    """What finalisation needs of a run's writer: each tensor's journal entry and each shard's hash."""
+
+    entries: dict[str, Entry]
+    shard_hashes: dict[str, str]
+
+
 class Executor:
     """Runs one plan into one output folder.
 
@@ -194,10 +202,9 @@ class Executor:
         start = time.monotonic()
         plan, opts = self.plan, self.options
         if self.device.type == "cuda":
-            _start_cuda(self.device)  # its context and libraries count in the baseline the budget is left from
+            start_cuda(self.device)  # its context and libraries count in the baseline the budget is left from
         self.max_memory = opts.memory_bytes or default_max_memory()
-        schedule = make_schedule(plan, self.max_memory, self.overlap, opts.chunk_bytes,
-                                 opts.gpu_bytes)  # a budget too small fails before OUT is touched
+        schedule = self._schedule()  # a budget too small fails before OUT is touched
         if self.folder.up_to_date(self.progress.note):
             return RunStats(time.monotonic() - start, len(plan.tasks), 0, 0, peak_rss(), "", True, plan.total_bytes,
                             len(plan.shards), str(manifest_field(self.out_dir, "content_xxh3_128") or ""))
@@ -227,6 +234,10 @@ class Executor:
         return RunStats(time.monotonic() - start, len(plan.tasks), kept, written, peak_rss(), manifest_hash, False,
                         plan.total_bytes, len(plan.shards), content_hash(plan, committer.shard_hashes))
 
+    def _schedule(self) -> Schedule:
+        opts = self.options
+        return make_schedule(self.plan, self.max_memory, self.overlap, opts.chunk_bytes, opts.gpu_bytes)
+
     def _todo(self, journal: Journal) -> tuple[list[int], dict[int, Entry]]:
         """Tasks still to merge, in output-file order, and the journal entries of those an earlier run
         finished (said), asked of the journal once, before this run appends to it."""
@@ -246,7 +257,7 @@ class Executor:
         todo = [ti for shard in self.plan.shards for ti in shard.tasks if ti not in done]
         return todo, done
 
-    def _run_tasks(self, journal: Journal, schedule: Schedule) -> tuple[int, int, Committer]:
+    def _run_tasks(self, journal: Journal, schedule: Schedule) -> tuple[int, int, Committed]:
         plan = self.plan
         todo, done = self._todo(journal)
         sched = schedule.only(todo)
@@ -287,7 +298,7 @@ class Executor:
         return len(done), sum(plan.tasks[ti].nbytes for ti in todo), committer
 
 
-def _start_cuda(device: torch.device) -> None:
+def start_cuda(device: torch.device) -> None:
     """Create the GPU context and load the kernels a merge uses, so that the host memory they
     take (hundreds of MiB: the context, the CUDA libraries' pages) is measured before the budget
     is divided: on an H200 a 1 GiB run peaked at 1459 MiB RSS when this came later."""

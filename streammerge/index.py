@@ -123,7 +123,8 @@ class ModelIndex:
                              "re-download the model") from e
 
     def identity(self) -> dict[str, object]:
-        """What identifies this input: per shard its name, size, mtime and header hash."""
+        """What identifies this input: per shard its name, size, mtime and header hash, and in a
+        Hugging Face cache the blob it links to (named by the file's sha256 or git hash)."""
         shards = {}
         for name, hdr in sorted(self.headers.items()):
             st = os.stat(hdr.path)
@@ -131,6 +132,9 @@ class ModelIndex:
                 head = f.read(hdr.data_start)
             shards[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
                             "header_xxh3_128": xxhash.xxh3_128_hexdigest(head)}
+            real = os.path.realpath(hdr.path)
+            if os.path.basename(os.path.dirname(real)) == "blobs":  # a Hugging Face cache names blobs by content
+                shards[name]["blob"] = os.path.basename(real)
         return {"folder": self.folder, "shards": shards}
 
     def identity_hash(self) -> str:

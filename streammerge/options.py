@@ -16,6 +16,7 @@ from .units import parse_size
 
 DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default `5B`, counted in bytes
 DEFAULT_SEED = 0
+RAY_WRITE = ("auto", "workers", "driver")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class RunOptions:
     intermediate_dir: str | None = None  # pipelines: where earlier stages go (default OUT.stages/)
     num_threads: int | None = None  # torch's CPU threads for the kernels
     chunk_bytes: int | None = None  # fix the chunk buffers' size instead (tests and benchmarks)
+    ray: str | None = None  # run the tasks on Ray: "local" (start one here), "auto", "ray://host:port", ...
+    workers: int | None = None  # Ray: tasks running at once; None: as many as the cluster's resources allow
+    ray_cpus: float = 1.0  # Ray: CPUs each task asks for (its kernels' threads)
+    ray_gpus: float | None = None  # Ray: GPUs each task asks for; None: 1 with a CUDA device, else 0
+    ray_write: str = "auto"  # Ray: who writes rows: "workers" (OUT shared), "driver", "auto" (probe)
 
     def resolved(self) -> RunOptions:
         """These options with sizes in bytes.
@@ -54,6 +60,12 @@ class RunOptions:
             raise OptionError(str(e)) from None
 
     def _resolved(self) -> RunOptions:
+        if self.ray_write not in RAY_WRITE:
+            raise ValueError(f"ray_write {self.ray_write!r}: use one of {', '.join(RAY_WRITE)}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers {self.workers}: give at least 1")
+        if self.ray_cpus <= 0 or (self.ray_gpus is not None and self.ray_gpus < 0):
+            raise ValueError("ray_cpus must be above 0 and ray_gpus at least 0")
         mem = self.max_memory
         gpu = self.max_gpu_memory
         return dataclasses.replace(

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 
 from .config import MergeConfig
+from .distributed import RayExecutor
 from .errors import StreamMergeError
 from .executor import Executor, Progress, RunStats
 from .options import RunOptions
@@ -96,6 +97,11 @@ def run_pipeline(configs: list[MergeConfig], out: str, options: RunOptions | Non
         own = len(plan_stages) > 1 and (manifest_field(st.out, "config") == st.config.text or (
             label is not None and manifest_field(st.out, "pipeline_stage") == label))
         stage_opts = dataclasses.replace(opts, overwrite=opts.overwrite and last)
-        results.append(Executor(plan, st.out, stage_opts, progress, replace_changed=own, stage=label).run())
+        if opts.ray is None:
+            executor = Executor(plan, st.out, stage_opts, progress, replace_changed=own, stage=label)
+        else:  # workers plan the stage themselves: they need the earlier stages' folders by name
+            done = {k: v for k, v in aliases.items() if isinstance(v, str)}
+            executor = RayExecutor(plan, st.out, stage_opts, progress, own, label, done)
+        results.append(executor.run())
         aliases[st.name] = os.path.abspath(st.out)
     return results

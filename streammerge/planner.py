@@ -654,3 +654,27 @@ def _fingerprint(t: Task, shard: str, begin: int, method: str, identities: list[
     if arithmetic != "cpu" and not t.copy_exact:
         canon["device"] = arithmetic  # a GPU's kernels may round differently; CPU fingerprints stay as they were
     return xxhash.xxh3_128_hexdigest(json.dumps(canon, sort_keys=True).encode())
+
+
+def content_identity(identity: object) -> object:
+    """An input's identity() without where it lies and when it was written (folder paths, mtimes):
+    what two machines holding the same files agree on, though each downloaded its own copy."""
+    if isinstance(identity, dict):
+        return {k: content_identity(v) for k, v in identity.items() if k not in ("folder", "mtime_ns")}
+    return identity
+
+
+def content_fingerprint(plan: Plan) -> str:
+    """The plan's fingerprint with each input identified by its content identity: equal on every
+    machine that would merge the same tensors from the same files to the same layout, wherever
+    those files lie. A Ray worker plans the merge itself and must arrive at this value."""
+    contents = [xxhash.xxh3_128_hexdigest(json.dumps(content_identity(m.index.identity()), sort_keys=True).encode())
+                for m in plan.models]
+    fp = xxhash.xxh3_128(plan.layout_fingerprint.encode())
+    for t in plan.tasks:
+        fp.update(_fingerprint(t, plan.shards[t.shard].name, t.begin, plan.method.name,
+                               [contents[i.model] for i in t.inputs], plan.device.split(":")[0]).encode())
+    for extra in (plan.tokenizer_json, plan.chat_template):
+        fp.update(b"\0" + (extra or "").encode())
+    return fp.hexdigest()
+
