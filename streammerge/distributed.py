@@ -101,13 +101,17 @@ def ray_session(address: str | None, cpus: int | None = None) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Ray's own deprecation notes are not the user's to act on
             if address == "local":
-                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.ERROR)  # a new instance, even where another runs
             else:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = "a local Ray instance" if address == "local" else f"the Ray cluster at {address}"
-        raise ClusterError(f"cannot start or reach {where}: {e}; start one with `ray start --head` and pass its "
-                           "address, or give --ray alone to start one on this machine") from None
+        token = "" if address in ("local", "auto") else (
+            "; a cluster started by `ray start` may want its token: set RAY_AUTH_MODE=token (the token is read "
+            "from ~/.ray/auth_token or RAY_AUTH_TOKEN), or pass --ray auto on one of its nodes")
+        raise ClusterError(f"cannot start or reach {where}: {e}{token}; start one with `ray start --head` and "
+                           "pass its address, or give --ray alone to start one on this machine") from None
     try:
         yield
     finally:

@@ -59,14 +59,17 @@ def worker_rss(stderr: str) -> str:
 def run_cli(out: str, args: list[str], cache: str) -> tuple[float, int, str, dict[str, str]]:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "HF_HUB_CACHE": cache}
-    m = measure(["-m", "streammerge", "run", STAGE1, out, *args], env)
+    m = measure([sys.executable, "-m", "streammerge", "run", STAGE1, out, *args], env)
     if m.rc != 0:
         sys.exit(f"streammerge {' '.join(args)} failed:\n{m.stderr[-3000:]}")
     return m.wall_s, m.peak_rss_mib, worker_rss(m.stderr), tensor_hashes(out)
 
 
-def overhead(address: str) -> list[str]:
-    """Per-task cost of the Ray path on the tiny set, in this process."""
+def overhead() -> list[str]:
+    """Per-task cost of the Ray path on the tiny set, in this process, on a Ray instance of its own
+    (its workers inherit this process's HF_HUB_CACHE: the tiny set's)."""
+    import ray
+
     import streammerge
     import streammerge.distributed as dist
 
@@ -84,7 +87,10 @@ def overhead(address: str) -> list[str]:
             shutil.rmtree(out)
             return took
 
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        address = "local"  # merge() uses the connection made here
         timed("warm")  # the page cache and torch's first calls
+        timed("warm-ray", ray=address)  # Ray's worker processes started, torch imported in them
         local = timed("local")
         grouped = timed("grouped", ray=address)
         default_group = dist.GROUP_READ_BYTES
@@ -93,6 +99,7 @@ def overhead(address: str) -> list[str]:
             single = timed("single", ray=address)
         finally:
             dist.GROUP_READ_BYTES = default_group
+            ray.shutdown()
         n = 291
         lines.append(f"tiny set, 291 tensors: local {local:.2f} s; Ray default grouping {grouped:.2f} s; "
                      f"Ray one tensor per task {single:.2f} s")
@@ -109,7 +116,11 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--busy", type=int, default=0, help="spinning processes beside every run")
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--overhead-only", action="store_true", help="only the per-task overhead on the tiny set")
     a = ap.parse_args()
+    if a.overhead_only:
+        print("\n".join(overhead()))
+        return
     ensure_cache(a.cache, a.preset)
     files = seed_files(a.cache)
     size = sum(os.path.getsize(f) for f in files)
@@ -119,31 +130,34 @@ def main() -> None:
     print(f"inputs {size / 2**30:.2f} GiB in {len(files)} files; read floor (warm) {floor:.1f} s; "
           f"{os.cpu_count()} CPUs; busy {a.busy}; --max-memory {a.max_memory} per process", flush=True)
     tmp = tempfile.mkdtemp(prefix="bench-ray-")
-    rows = []
-    t0 = time.monotonic()
-    head = subprocess.run(["ray", "start", "--head", f"--num-cpus={max(workers)}", "--include-dashboard=false",
-                           "--disable-usage-stats"], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_CACHE": a.cache})
-    if head.returncode != 0:
-        sys.exit(f"ray start failed:\n{head.stderr[-2000:]}")
-    started = time.monotonic() - t0
-    address = re.search(r"--address='([^']+)'", head.stdout + head.stderr)
-    addr = address.group(1) if address else "auto"
+    rows: list[tuple[str, float, int, str, bool]] = []
+
+    def row(label: str, wall: float, rss: int, wr: str, same: bool) -> None:
+        rows.append((label, wall, rss, wr, same))
+        print(f"  {label}: {wall:.1f} s, driver {rss} MiB, workers {wr}, identical {same}", flush=True)
+
     try:
         with busy(a.busy):
             wall, rss, _, ref = run_cli(os.path.join(tmp, "local"), ["--max-memory", a.max_memory], a.cache)
-            rows.append(("local executor", wall, rss, "-", True))
+            row("local executor", wall, rss, "-", True)
+            args = ["--max-memory", a.max_memory, "--ray", "--workers", "2"]
+            wl, rs, wr, got = run_cli(os.path.join(tmp, "rayown"), args, a.cache)
+            row("--ray (its own instance, start-up included), 2 workers", wl, rs, wr, got == ref)
+        t0 = time.monotonic()
+        head = subprocess.run(["ray", "start", "--head", f"--num-cpus={max(workers)}", "--include-dashboard=false",
+                               "--disable-usage-stats"], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_CACHE": a.cache})
+        if head.returncode != 0:
+            sys.exit(f"ray start failed:\n{head.stderr[-2000:]}")
+        started = time.monotonic() - t0
+        addr = "auto"  # the instance `ray start` made (this also reads the token `ray start` saved)
+        with busy(a.busy):
             for w in workers:
                 for write in ("auto", "driver") if w == 2 else ("auto",):
                     args = ["--max-memory", a.max_memory, "--ray", addr, "--workers", str(w), "--ray-write", write]
                     wl, rs, wr, got = run_cli(os.path.join(tmp, f"ray{w}{write}"), args, a.cache)
-                    label = f"Ray, {w} worker(s), " + ("workers write in place" if write == "auto" else "driver writes")
-                    rows.append((label, wl, rs, wr, got == ref))
-        with busy(a.busy):
-            args = ["--max-memory", a.max_memory, "--ray", "--workers", "2"]
-            wl, rs, wr, got = run_cli(os.path.join(tmp, "rayown"), args, a.cache)
-            rows.append(("--ray (own instance, start-up included), 2 workers", wl, rs, wr, got == ref))
-        extra = [] if a.skip_overhead else overhead(addr)
+                    how = "workers write in place" if write == "auto" else "the driver writes"
+                    row(f"Ray, {w} worker(s), {how}", wl, rs, wr, got == ref)
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,8 +168,8 @@ def main() -> None:
     for label, wall, rss, wr, same in rows:
         print(f"| {label} | {wall:.1f} s | {size / wall / 2**20:.0f} MiB/s | {wall / local:.2f}x | {rss} MiB | {wr} | "
               f"{'yes' if same else 'NO'} |")
-    for line in extra:
-        print(line)
+    if not a.skip_overhead:
+        print("\n".join(overhead()))
 
 
 if __name__ == "__main__":
