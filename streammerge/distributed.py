@@ -494,6 +494,9 @@ def _worker_plan(job: Job) -> tuple[Plan, Schedule]:
     """The merge planned here (once per worker process and run), and its schedule in this worker's budget."""
     if job.run_id in _PLANS:
         return _PLANS[job.run_id]
+    for old, _ in _PLANS.values():  # an earlier run's plan: its input files are closed
+        for m in old.models:
+            m.index.close()
     _PLANS.clear()
     here = os.getcwd()
     try:
@@ -509,6 +512,8 @@ def _worker_plan(job: Job) -> tuple[Plan, Schedule]:
     if plan.device != "cpu":
         start_cuda(torch.device(plan.device))  # its host memory counts in the baseline the budget is left from
     budget = job.max_memory or _node_share(job.cpus)
+    if not job.write:  # pieces on their way to the driver: being filled, copied, and in the object store
+        budget -= (3 + AHEAD) * PIECE_BYTES
     schedule = make_schedule(plan, budget, overlap=False, chunk_bytes=job.chunk_bytes)
     _check_same(job, plan)  # before the plan is kept: a node that differs never merges
     _PLANS[job.run_id] = (plan, schedule)
