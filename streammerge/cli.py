@@ -380,6 +380,7 @@ _run_options = [
     click.option("--intermediate-dir", type=click.Path(file_okay=False), default=None,
                  help="Pipelines: where earlier stages are written (default: OUT.stages/)."),
     click.option("--ray", "ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                 callback=lambda _ctx, _param, value: _ray_address(value), is_eager=True,
                  help="Run the tensor tasks on Ray: a cluster's ADDRESS (auto, ray://host:port), or none to "
                       "start Ray on this machine. Needs: pip install \"streammerge[ray]\"."),
     click.option("--workers", type=click.IntRange(min=1), default=None,
@@ -392,6 +393,15 @@ _run_options = [
                  help="Ray: workers write OUT in place (it must be on storage every node shares), or rows "
                       "travel to this machine, which writes them; auto probes OUT from every node."),
 ]
+
+
+def _ray_address(value: str | None) -> str | None:
+    """--ray's optional ADDRESS, refused when it is the config file (`run --ray CONFIG OUT`)."""
+    if value is not None and (value.endswith((".yml", ".yaml")) or os.path.isfile(value)):
+        raise click.BadParameter(f"{value!r} is a file, not a Ray address: --ray takes an optional ADDRESS, so "
+                                 "put it after CONFIG OUT (`streammerge run CONFIG OUT --ray`) or write --ray=local",
+                                 param_hint="--ray")
+    return value
 
 
 def _options(fn: Callable[..., None]) -> Callable[..., None]:

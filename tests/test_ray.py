@@ -188,6 +188,8 @@ def test_ray_options_reach_the_run(tiny_set, tmp_path) -> None:
     assert r.exit_code == 2 and "somewhere" in r.output
     r = CliRunner().invoke(main, ["run", str(config), str(tmp_path / "out"), "--workers", "0"])
     assert r.exit_code == 2
+    r = CliRunner().invoke(main, ["run", "--ray", str(config), str(tmp_path / "out")])  # --ray took CONFIG
+    assert r.exit_code == 2 and "is a file, not a Ray address" in r.output, r.output
     r = CliRunner().invoke(main, ["plan", str(config), "--ray", "--workers", "2", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["tensors"]
