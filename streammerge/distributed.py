@@ -11,9 +11,9 @@ A node that differs is refused, by name. When every node sees the probe, workers
 rows in place at the planned offsets and sync them before reporting a tensor; otherwise rows
 travel back through Ray's object store and the driver writes them. Either way the driver
 journals finished tensors once their bytes are on disk (in groups: by size, at each
-shard's end, and at least every COMMIT_EVERY_S seconds), and at the end reads every shard back once:
-the shard hashes (writes now arrive out of order) and a check of each tensor's bytes against
-the hash its worker reported.
+shard's end, and at least every COMMIT_EVERY_S seconds). At the end every shard is read back once
+(by the workers in parallel when they share OUT, else by the driver): the shard hashes (writes
+now arrive out of order) and a check of each tensor's bytes against its worker's hash.
 
 Tasks go to Ray in groups of consecutive tensors (a Ray generator task each): every group
 yields a start record, then a record per fixed piece of each tensor (rows, or just its size
@@ -188,8 +188,23 @@ class RayExecutor(Executor):
         finally:
             gather.close()
             self.progress.close()
-        gather.finish()
+        gather.finish(self._read_back(ray, job, gather))
         return len(done), sum(plan.tasks[ti].nbytes for ti in todo), gather
+
+    def _read_back(self, ray: Any, job: Job, gather: _Gatherer) -> dict[int, tuple[str, list[str]]]:
+        """Every shard read back once (read_shard): by the workers, in parallel, when they share OUT;
+        by the driver otherwise (it wrote the bytes: they are in its page cache)."""
+        plan = self.plan
+        if not job.write:
+            return {si: read_shard(self.out_dir, plan, si, gather.expected(si)) for si in range(len(plan.shards))}
+        remote = ray.remote(_read_shard_remote).options(num_cpus=self.options.ray_cpus, max_retries=RETRIES)
+        job_ref = ray.put(job)
+        refs = {si: remote.remote(job_ref, si, gather.expected(si)) for si in range(len(plan.shards))}
+        try:
+            return {si: ray.get(ref) for si, ref in refs.items()}
+        except ray.exceptions.RayError as e:
+            raise ClusterError(f"a Ray worker failed while reading the output shards back ({_short(e)}); what is "
+                               "journaled is kept: run the same command again to finish") from None
 
     def _schedule(self) -> Schedule:
         """The reads as a CPU run would make them, for the progress totals (workers schedule their own)."""
@@ -310,7 +325,8 @@ class RayExecutor(Executor):
             gather.finished(task, digest, inputs, stats)
         elif kind == "error":
             _, cls, message, tensor = record
-            raise _rebuilt(cls, f"node {group.node}, tensor {tensor!r}: {message}")
+            where = "" if f"tensor {tensor!r}" in message else f", tensor {tensor!r}"
+            raise _rebuilt(cls, f"node {group.node}{where}: {message}")
 
 
 PROBE_FILE = "ray-probe"
@@ -372,41 +388,55 @@ class _Gatherer(Committer):
         with contextlib.suppress(OSError):
             os.unlink(self._probe)
 
-    def finish(self) -> None:
-        """Every shard read back, opened afresh (so a shared filesystem shows what other nodes wrote):
-        its hash, and each tensor written this run checked against its worker's hash.
+    def expected(self, si: int) -> dict[str, str]:
+        """Shard `si`'s tensors written this run, with the hashes their workers reported."""
+        names = (self.plan.tasks[ti].name for ti in self.plan.shards[si].tasks)
+        return {n: self.entries[n].xxh3_128 for n in names if n in self._written}
+
+    def finish(self, read_back: dict[int, tuple[str, list[str]]]) -> None:
+        """Each shard's hash and the tensors whose bytes differ from their worker's hash, as
+        `read_shard` found them (on the driver, or on workers sharing OUT).
 
         Raises:
             IntegrityError: a tensor's bytes differ from what its worker reported; it is forgotten,
                 so the next run merges it again.
         """
-        wrong: list[str] = []
-        for shard in self.plan.shards:
-            path = os.path.join(self.out_dir, shard.name + PARTIAL)
-            whole = xxhash.xxh3_128()
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                def read(off: int, n: int, fd: int = fd) -> bytes:
-                    return os.pread(fd, n, off)
-
-                for block in blocks(read, 0, len(shard.header)):
-                    whole.update(block)
-                for ti in shard.tasks:
-                    task = self.plan.tasks[ti]
-                    h = xxhash.xxh3_128()
-                    for block in blocks(read, task.begin, task.nbytes):
-                        h.update(block)
-                        whole.update(block)
-                    if task.name in self._written and h.hexdigest() != self.entries[task.name].xxh3_128:
-                        wrong.append(task.name)
-            finally:
-                os.close(fd)
-            self.shard_hashes[shard.name] = whole.hexdigest()
+        wrong = [name for si in sorted(read_back) for name in read_back[si][1]]
+        for si, (digest, _) in read_back.items():
+            self.shard_hashes[self.plan.shards[si].name] = digest
         if wrong:
             self.journal.forget(wrong)
             raise IntegrityError(f"{len(wrong)} tensor(s) in {self.out_dir} do not hold the bytes their worker "
                                  f"reported (e.g. {wrong[0]}); is OUT's shared storage coherent between nodes? "
                                  "Run the same command again: they are merged again")
+
+
+def read_shard(out_dir: str, plan: Plan, si: int, expected: dict[str, str]) -> tuple[str, list[str]]:
+    """Shard `si` read back once, opened afresh (a shared filesystem then shows what other nodes
+    wrote): its xxh3-128 (header and tensors in order, as a local run streams it), and the names
+    of the `expected` tensors whose bytes do not hash as expected."""
+    shard = plan.shards[si]
+    path = os.path.join(out_dir, shard.name + PARTIAL)
+    whole = xxhash.xxh3_128()
+    wrong = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def read(off: int, n: int) -> bytes:
+            return os.pread(fd, n, off)
+
+        for block in blocks(read, 0, len(shard.header)):
+            whole.update(block)
+        for ti in shard.tasks:
+            task = plan.tasks[ti]
+            h = xxhash.xxh3_128()
+            for block in blocks(read, task.begin, task.nbytes):
+                h.update(block)
+                whole.update(block)
+            if task.name in expected and h.hexdigest() != expected[task.name]:
+                wrong.append(task.name)
+    finally:
+        os.close(fd)
+    return whole.hexdigest(), wrong
 
 
 def _groups(todo: list[int], read_of: dict[int, int], workers: int) -> list[_Group]:
@@ -614,6 +644,12 @@ def _merge_group(job: Job, plan: Plan, schedule: Schedule, tasks: list[int],
         source.close()
         for fd, _path in files.values():
             os.close(fd)
+
+
+def _read_shard_remote(job: Job, si: int, expected: dict[str, str]) -> tuple[str, list[str]]:
+    """read_shard on a worker that shares OUT with the driver."""
+    plan, _ = _worker_plan(job)
+    return read_shard(job.out_dir, plan, si, expected)
 
 
 def _synced(files: dict[int, tuple[int, str]], waiting: list[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
