@@ -15,8 +15,9 @@ reading at most `node-read` MB/s from its storage. A stage takes the longer of
   - its input bytes / (nodes x min(node-read, cores x worker-rate)), and
   - its largest tensor's input bytes / min(worker-rate, node-read): one task is one tensor, on
     one worker (the critical path: the embeddings, 15 inputs of vocab x hidden),
-plus the driver reading the stage's output back once (shard hashes) at `node-read`. Stage 2 is
-taken as bound by reading (SLERP is cheap: bench_speed.py measures it near the I/O floor).
+plus reading the stage's output back once (the shard hashes), one shard per worker in parallel
+(OUT on shared storage). Stage 2 is taken as bound by reading (SLERP is cheap: bench_speed.py
+measures it near the I/O floor).
 """
 
 from __future__ import annotations
@@ -48,14 +49,16 @@ SHAPES = [
     Shape("405B (Llama-3.1-405B)", 16384, 53248, 126, 128256, 8, 128),
 ]
 BYTES = 2  # bfloat16
+SHARD = 5e9  # the output's shards (--out-shard-size 5B, mergekit's default)
 
 
 def estimate(s: Shape, nodes: int, cores: int, worker: float, node_read: float) -> float:
     model = s.params * BYTES
     largest = s.vocab * s.hidden * BYTES
     node = min(node_read, cores * worker)
-    stage1 = max(15 * model / (nodes * node), 15 * largest / min(worker, node_read)) + model / node_read
-    stage2 = max(2 * model / (nodes * node_read), 2 * largest / node_read) + model / node_read
+    read_back = max(model / (nodes * node_read), SHARD / node_read)  # workers, one shard each, in parallel
+    stage1 = max(15 * model / (nodes * node), 15 * largest / min(worker, node_read)) + read_back
+    stage2 = max(2 * model / (nodes * node_read), 2 * largest / node_read) + read_back
     return stage1 + stage2
 
 
