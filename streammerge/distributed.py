@@ -48,14 +48,14 @@ from .committer import GROUP_COMMIT_BYTES, Committer
 from .config import ConfigWarning, MergeConfig
 from .dtypes import torch_dtype
 from .errors import ClusterError, InputError, IntegrityError, StreamMergeError
-from .executor import Executor, peak_rss, start_cuda
+from .executor import Committed, Executor, peak_rss, start_cuda
 from .format import blocks
 from .journal import WORK_DIR, Entry, Journal, crash_point
 from .methods import ARITHMETIC
 from .options import RunOptions
 from .overlap import RingArena
-from .planner import Plan, content_fingerprint, content_identity, make_plan
-from .progress import Totals
+from .planner import Plan, Task, content_fingerprint, content_identity, make_plan
+from .progress import Progress, Totals
 from .reader import InputReader, ReadBlocks, raw_bytes
 from .runner import run_task
 from .schedule import Schedule, make_schedule
@@ -156,7 +156,7 @@ class RayExecutor(Executor):
         ...     RayExecutor(plan, "merged", RunOptions(ray="local"), aliases={}).run()
     """
 
-    def __init__(self, plan: Plan, out_dir: str, options: RunOptions | None = None, progress: Any = None,
+    def __init__(self, plan: Plan, out_dir: str, options: RunOptions | None = None, progress: Progress | None = None,
                  replace_changed: bool = False, stage: str | None = None,
                  aliases: dict[str, str] | None = None) -> None:
         super().__init__(plan, out_dir, options, progress, replace_changed, stage)
@@ -165,7 +165,7 @@ class RayExecutor(Executor):
         self.worker_peak_rss = 0
         self.nodes_used: set[str] = set()
 
-    def _run_tasks(self, journal: Journal, schedule: Schedule) -> tuple[int, int, Any]:
+    def _run_tasks(self, journal: Journal, schedule: Schedule) -> tuple[int, int, Committed]:
         ray = _ray()
         plan = self.plan
         todo, done = self._todo(journal)
@@ -337,7 +337,7 @@ class _Gatherer(Committer):
     journals finished tensors in groups once their bytes are synced, and reads every shard back
     at the end."""
 
-    def __init__(self, out_dir: str, plan: Plan, journal: Journal, progress: Any, done: dict[int, Entry]) -> None:
+    def __init__(self, out_dir: str, plan: Plan, journal: Journal, progress: Progress, done: dict[int, Entry]) -> None:
         super().__init__(out_dir, plan, journal, progress)
         self.entries.update({plan.tasks[ti].name: e for ti, e in done.items()})
         self._written: set[str] = set()  # tensors this run wrote
@@ -359,11 +359,11 @@ class _Gatherer(Committer):
             raise disk_error(self._probe, e) from e
         return token
 
-    def write_piece(self, task: Any, offset: int, rows: np.ndarray) -> None:
+    def write_piece(self, task: Task, offset: int, rows: np.ndarray) -> None:
         self._writers[task.shard].write(offset, memoryview(rows))  # type: ignore[arg-type]  # numpy's stubs
         self._dirty.add(task.shard)
 
-    def finished(self, task: Any, digest: str, inputs: dict[str, str], stats: dict[str, object] | None) -> None:
+    def finished(self, task: Task, digest: str, inputs: dict[str, str], stats: dict[str, object] | None) -> None:
         """A worker reported `task` done (its bytes synced, if it wrote them): journaled with others
         when enough wait, at its shard's end, or COMMIT_EVERY_S after the last commit."""
         self._uncommitted.append(Entry(task.name, task.fingerprint, self.plan.shards[task.shard].name, task.begin,
@@ -679,7 +679,7 @@ class _Pieces:
     """A tensor's rows in pieces of a fixed number of rows (about PIECE_BYTES): each written in
     place (`file`) and reported by its size, or sent whole; the tensor's hash over all of them."""
 
-    def __init__(self, ti: int, task: Any, file: tuple[int, str] | None) -> None:
+    def __init__(self, ti: int, task: Task, file: tuple[int, str] | None) -> None:
         self.ti, self.task, self.file = ti, task, file
         self.row_bytes = task.nbytes // max(1, task.rows)
         self.rows = max(1, PIECE_BYTES // max(1, self.row_bytes))
