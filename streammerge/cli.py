@@ -177,10 +177,10 @@ def _apply_mergekit_options(opts: dict[str, Any]) -> str:
     from .executor import resolve_device
 
     flag = "--cuda" if opts.get("cuda") else "--gpu-rich" if opts.get("gpu_rich") else None
-    if opts.get("ray") is not None and (flag or opts.get("device", "cpu").lower().startswith("cuda")):
-        return "cuda"  # the Ray workers' GPUs, which need not be on this machine
     if flag is None:
-        return resolve_device(opts.get("device", "cpu"))
+        return str(opts.get("device", "cpu"))  # the API resolves it (Ray's workers' GPUs with --ray)
+    if opts.get("ray") is not None:
+        return "cuda"  # the Ray workers' GPUs, which need not be on this machine
     device = resolve_device("auto")  # mergekit's flags ask for a GPU where there is one
     if device == "cpu":
         click.echo(f"note: {flag}: torch sees no CUDA GPU here; merging on the CPU", err=True)

@@ -71,10 +71,8 @@ class Committer:
         cast = y.to(torch_dtype(task.out_dtype)).cpu()
         if cast.is_floating_point() and task.name not in self._non_finite and not bool(torch.isfinite(cast).all()):
             self._non_finite.add(task.name)  # said once per tensor; NaN or Inf in the output is never wanted
-            warnings.warn(f"tensor {task.name!r}: the merged values hold NaN or Inf (from row {row0} on); an "
-                          "input holds them, or the method divided by zero (`streammerge plan --explain "
-                          f"{task.name}` lists the inputs)", ConfigWarning, stacklevel=2)
-        data = _bytes_of(cast)
+            warn_non_finite(task.name, row0)
+        data = bytes_of(cast)
         offset = task.begin + row0 * (task.nbytes // max(1, task.rows))
         if offset != s.next:
             raise RuntimeError(f"internal error: {task.name}: rows from {row0} arrive at byte {offset}, the shard "
@@ -145,7 +143,14 @@ class Committer:
         return self._shard
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
+def warn_non_finite(tensor: str, row0: int) -> None:
+    """Say that tensor `tensor`'s merged values hold NaN or Inf, from row `row0` on."""
+    warnings.warn(f"tensor {tensor!r}: the merged values hold NaN or Inf (from row {row0} on); an input holds "
+                  f"them, or the method divided by zero (`streammerge plan --explain {tensor}` lists the inputs)",
+                  ConfigWarning, stacklevel=3)
+
+
+def bytes_of(t: torch.Tensor) -> memoryview:
     """The bytes of a CPU tensor, without a copy when it is contiguous."""
     arr = t.contiguous().view(torch.uint8).numpy().reshape(-1)
     return memoryview(arr)  # type: ignore[arg-type]  # ndarray has the buffer protocol; numpy's 3.11 stubs omit it

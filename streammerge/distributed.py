@@ -44,24 +44,24 @@ import xxhash
 from . import errors
 from ._version import __version__
 from .budget import default_max_memory
-from .committer import GROUP_COMMIT_BYTES, Committer
-from .config import ConfigWarning, MergeConfig
+from .committer import GROUP_COMMIT_BYTES, Committer, bytes_of, warn_non_finite
+from .config import MergeConfig
 from .dtypes import torch_dtype
 from .errors import ClusterError, InputError, IntegrityError, StreamMergeError
 from .executor import Committed, Executor, peak_rss, start_cuda
-from .format import blocks
+from .format import blocks, preader
 from .journal import WORK_DIR, Entry, Journal, crash_point
 from .methods import ARITHMETIC
 from .options import RunOptions
 from .overlap import RingArena
-from .planner import Plan, Task, content_fingerprint, content_identity, make_plan
-from .progress import Progress, Totals
+from .planner import Plan, Task, content_fingerprint, content_identities, make_plan
+from .progress import Progress
 from .reader import InputReader, ReadBlocks, raw_bytes
 from .runner import run_task
 from .schedule import Schedule, make_schedule
 from .stats import TensorStats
 from .units import size_str
-from .writer import PARTIAL, ShardWriter, disk_error
+from .writer import PARTIAL, ShardWriter, disk_error, pwrite_all
 
 __all__ = ["RayExecutor", "ray_session"]
 
@@ -173,8 +173,7 @@ class RayExecutor(Executor):
         read_of = {ti: 0 for ti in todo}
         for r in reads:
             read_of[r.task] += raw_bytes(plan.tasks[r.task], r)
-        self.progress.start(Totals(len(plan.tasks), plan.total_bytes, sum(read_of.values()), len(done),
-                                   sum(plan.tasks[ti].nbytes for ti in done), self.max_memory))
+        self._start_progress(reads, done)
         for shard in plan.shards:
             self.folder.unrename(shard.name)
         gather = _Gatherer(self.out_dir, plan, journal, self.progress, done)
@@ -215,10 +214,11 @@ class RayExecutor(Executor):
         opts, plan = self.options, self.plan
         out = os.path.abspath(self.out_dir)
         device = "cuda" if plan.device.startswith("cuda") else plan.device  # Ray gives each task its own GPU
+        contents = content_identities(plan)
         return Job(token, plan.config, os.getcwd(), self.aliases, opts.shard_bytes, plan.seed, opts.truncate_vocab,
                    device, opts.memory_bytes, opts.chunk_bytes, max(1, int(opts.ray_cpus)), opts.ray_cpus, out,
                    False, os.path.join(out, WORK_DIR, PROBE_FILE), (__version__, ARITHMETIC),
-                   {str(m.ref): content_identity(m.index.identity()) for m in plan.models}, content_fingerprint(plan))
+                   {str(m.ref): c for m, c in zip(plan.models, contents)}, content_fingerprint(plan, contents))
 
     def _gpus(self) -> float:
         opts = self.options
@@ -315,13 +315,11 @@ class RayExecutor(Executor):
             self.progress.read(int(read_of[ti] * nbytes / max(1, task.nbytes)))
             self.progress.written(nbytes)
         elif kind == "done":
-            _, ti, digest, inputs, stats, non_finite, rss = record
+            _, ti, digest, inputs, stats, non_finite_row, rss = record
             self.worker_peak_rss = max(self.worker_peak_rss, rss)
             task = self.plan.tasks[ti]
-            if non_finite:
-                warnings.warn(f"tensor {task.name!r}: the merged values hold NaN or Inf; an input holds them, or "
-                              f"the method divided by zero (`streammerge plan --explain {task.name}` lists the "
-                              "inputs)", ConfigWarning, stacklevel=2)
+            if non_finite_row is not None:
+                warn_non_finite(task.name, non_finite_row)
             gather.finished(task, digest, inputs, stats)
         elif kind == "error":
             _, cls, message, tensor = record
@@ -350,8 +348,9 @@ class _Gatherer(Committer):
     def probe_token(self) -> str:
         """A new token in the probe file: a worker that reads it back sees OUT as the driver does."""
         token = secrets.token_hex(16)
-        try:
-            with open(self._probe, "w") as f:
+        try:  # in the work folder, which is ours; never written through a link
+            fd = os.open(self._probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
                 f.write(token)
                 f.flush()
                 os.fsync(f.fileno())
@@ -419,11 +418,8 @@ def read_shard(out_dir: str, plan: Plan, si: int, expected: dict[str, str]) -> t
     path = os.path.join(out_dir, shard.name + PARTIAL)
     whole = xxhash.xxh3_128()
     wrong = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        def read(off: int, n: int) -> bytes:
-            return os.pread(fd, n, off)
-
+    with open(path, "rb") as f:
+        read = preader(f)
         for block in blocks(read, 0, len(shard.header)):
             whole.update(block)
         for ti in shard.tasks:
@@ -434,8 +430,6 @@ def read_shard(out_dir: str, plan: Plan, si: int, expected: dict[str, str]) -> t
                 whole.update(block)
             if task.name in expected and h.hexdigest() != expected[task.name]:
                 wrong.append(task.name)
-    finally:
-        os.close(fd)
     return whole.hexdigest(), wrong
 
 
@@ -456,16 +450,13 @@ def _groups(todo: list[int], read_of: dict[int, int], workers: int) -> list[_Gro
 
 
 def _slots(ray: Any, cpus: float, gpus: float) -> int:
-    """Tasks the cluster can run at once with these resources each."""
+    """Tasks the cluster can run at once with these resources each (at least one: the node check
+    found a node with them)."""
     have = ray.cluster_resources()
     n = int(have.get("CPU", 1) // cpus)
     if gpus > 0:
         n = min(n, int(have.get("GPU", 0) // gpus))
-    if n < 1:
-        raise ClusterError(f"the Ray cluster has {have.get('CPU', 0):g} CPU(s) and {have.get('GPU', 0):g} GPU(s): "
-                           f"not enough for one task asking {cpus:g} CPU(s) and {gpus:g} GPU(s); lower --ray-cpus "
-                           "or --ray-gpus")
-    return n
+    return max(1, n)
 
 
 def _span(plan: Plan, tasks: list[int]) -> str:
@@ -584,13 +575,14 @@ def _check_same(job: Job, plan: Plan) -> None:
     if job.version != (__version__, ARITHMETIC):
         raise ClusterError(f"this node runs streammerge {__version__} (kernels {ARITHMETIC}), the driver "
                            f"{job.version[0]} (kernels {job.version[1]}); install the same version on every node")
-    for m in plan.models:
-        problem = _difference(job.files.get(str(m.ref)), content_identity(m.index.identity()))
+    contents = content_identities(plan)
+    for m, content in zip(plan.models, contents):
+        problem = _difference(job.files.get(str(m.ref)), content)
         if problem:
             raise InputError(f"model {m.ref}: {problem}; every node must hold the same input files (a shared "
                              "filesystem, or the same Hugging Face cache ids): fix this node's copy, or run "
                              "without --ray")
-    if content_fingerprint(plan) != job.digest:
+    if content_fingerprint(plan, contents) != job.digest:
         raise ClusterError("this node plans a different merge from the same config and input files (its "
                            "tokenizer or config files differ?); give every node the same files")
 
@@ -626,15 +618,15 @@ def _merge_group(job: Job, plan: Plan, schedule: Schedule, tasks: list[int],
             if job.write and task.shard not in files:
                 files[task.shard] = _open_shard(job, plan, task.shard)
             pieces = _Pieces(ti, task, files.get(task.shard))
-            non_finite = False
+            non_finite_row = None  # the first row holding NaN or Inf, said once by the driver
             for row0, y in run_task(task, steps[ti], source, plan.method, stats):
                 cast = y.to(torch_dtype(task.out_dtype)).cpu()
                 del y
-                if cast.is_floating_point() and not non_finite:
-                    non_finite = not bool(torch.isfinite(cast).all())
+                if cast.is_floating_point() and non_finite_row is None and not bool(torch.isfinite(cast).all()):
+                    non_finite_row = row0
                 yield from pieces.add(row0, cast)
             record = stats.record() if stats is not None else None
-            waiting.append(("done", ti, pieces.digest(), reader.input_digests(ti), record, non_finite))
+            waiting.append(("done", ti, pieces.digest(), reader.input_digests(ti), record, non_finite_row))
             waiting_bytes += task.nbytes
             if waiting_bytes >= GROUP_COMMIT_BYTES:
                 yield from _synced(files, waiting)
@@ -688,10 +680,10 @@ class _Pieces:
         self.start = 0  # first row of the piece being filled
 
     def add(self, row0: int, cast: torch.Tensor) -> Iterator[tuple[Any, ...]]:
-        data = memoryview(cast.contiguous().view(torch.uint8).numpy().reshape(-1))  # type: ignore[arg-type]
+        data = bytes_of(cast)
         self.hasher.update(data)
         if self.file is not None:
-            _pwrite(self.file, data, self.task.begin + row0 * self.row_bytes)
+            pwrite_all(*self.file, data, self.task.begin + row0 * self.row_bytes)
         else:
             self.buf += data
         crash_point("rows-computed")
@@ -701,20 +693,10 @@ class _Pieces:
             n = (stop - self.start) * self.row_bytes
             rows = None
             if self.file is None:
-                rows = np.frombuffer(bytes(self.buf[:n]), dtype=np.uint8)
+                rows = np.frombuffer(self.buf, dtype=np.uint8, count=n).copy()  # the view is gone before the del
                 del self.buf[:n]
             yield ("piece", self.ti, self.task.begin + self.start * self.row_bytes, n, rows)
             self.start = stop
 
     def digest(self) -> str:
         return self.hasher.hexdigest()
-
-
-def _pwrite(file: tuple[int, str], view: memoryview, offset: int) -> None:
-    fd, path = file
-    try:
-        while len(view):
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
-    except OSError as e:
-        raise disk_error(path, e) from e

@@ -33,7 +33,7 @@ from .planner import Plan
 from .progress import Progress, Totals
 from .reader import InputReader, ReadBlocks, check_inputs_unchanged, raw_bytes
 from .runner import run_task
-from .schedule import Schedule, make_schedule
+from .schedule import Read, Schedule, make_schedule
 from .stats import TensorStats
 
 __all__ = ["Executor", "Progress", "RunStats", "peak_rss", "resolve_device", "start_cuda"]
@@ -257,14 +257,18 @@ class Executor:
         todo = [ti for shard in self.plan.shards for ti in shard.tasks if ti not in done]
         return todo, done
 
+    def _start_progress(self, reads: list[Read], done: dict[int, Entry]) -> None:
+        """Tell the progress what lies ahead: `reads` to do, `done` kept from an earlier run."""
+        tasks = self.plan.tasks
+        self.progress.start(Totals(len(tasks), self.plan.total_bytes, sum(raw_bytes(tasks[r.task], r) for r in reads),
+                                   len(done), sum(tasks[ti].nbytes for ti in done), self.max_memory))
+
     def _run_tasks(self, journal: Journal, schedule: Schedule) -> tuple[int, int, Committed]:
         plan = self.plan
         todo, done = self._todo(journal)
         sched = schedule.only(todo)
         reads = sched.reads()
-        self.progress.start(Totals(len(plan.tasks), plan.total_bytes,
-                                   sum(raw_bytes(plan.tasks[r.task], r) for r in reads), len(done),
-                                   sum(plan.tasks[ti].nbytes for ti in done), self.max_memory))
+        self._start_progress(reads, done)
         steps = {t.task: t for t in sched.tasks}
         reader = InputReader(plan, self.device, RingArena(sched.arena, pin=self.device.type == "cuda"))
         source = ReadBlocks(reader, reads, sched.capacity, self.overlap, self.progress.read)

@@ -664,17 +664,21 @@ def content_identity(identity: object) -> object:
     return identity
 
 
-def content_fingerprint(plan: Plan) -> str:
-    """The plan's fingerprint with each input identified by its content identity: equal on every
-    machine that would merge the same tensors from the same files to the same layout, wherever
-    those files lie. A Ray worker plans the merge itself and must arrive at this value."""
-    contents = [xxhash.xxh3_128_hexdigest(json.dumps(content_identity(m.index.identity()), sort_keys=True).encode())
-                for m in plan.models]
+def content_identities(plan: Plan) -> list[object]:
+    """Each model's content_identity, in plan.models order (its files' headers read once)."""
+    return [content_identity(m.index.identity()) for m in plan.models]
+
+
+def content_fingerprint(plan: Plan, contents: list[object]) -> str:
+    """The plan's fingerprint with each input identified by its content identity (`contents`, from
+    content_identities): equal on every machine that would merge the same tensors from the same
+    files to the same layout, wherever those files lie. A Ray worker plans the merge itself and
+    must arrive at this value."""
+    digests = [xxhash.xxh3_128_hexdigest(json.dumps(c, sort_keys=True).encode()) for c in contents]
     fp = xxhash.xxh3_128(plan.layout_fingerprint.encode())
     for t in plan.tasks:
         fp.update(_fingerprint(t, plan.shards[t.shard].name, t.begin, plan.method.name,
-                               [contents[i.model] for i in t.inputs], plan.device.split(":")[0]).encode())
+                               [digests[i.model] for i in t.inputs], plan.device.split(":")[0]).encode())
     for extra in (plan.tokenizer_json, plan.chat_template):
         fp.update(b"\0" + (extra or "").encode())
     return fp.hexdigest()
-

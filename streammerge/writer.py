@@ -54,13 +54,7 @@ class ShardWriter:
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
         """Write `data` at absolute `offset`."""
-        try:
-            view = memoryview(data)
-            while len(view):
-                n = os.pwrite(self.fd, view, offset)
-                view, offset = view[n:], offset + n
-        except OSError as e:
-            raise disk_error(self.path, e) from e
+        pwrite_all(self.fd, self.path, data, offset)
 
     def read(self, offset: int, nbytes: int) -> bytes:
         """Bytes already written (to re-hash journaled tensors on resume)."""
@@ -82,6 +76,21 @@ class ShardWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def pwrite_all(fd: int, path: str, data: memoryview | bytes, offset: int) -> None:
+    """Write all of `data` at absolute `offset` of the open file `path`.
+
+    Raises:
+        OutputError: the write failed (disk full, said as such).
+    """
+    try:
+        view = memoryview(data)
+        while len(view):
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+    except OSError as e:
+        raise disk_error(path, e) from e
 
 
 def _reserve(fd: int, size: int) -> None:
