@@ -101,8 +101,11 @@ def ray_session(address: str | None, cpus: int | None = None) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Ray's own deprecation notes are not the user's to act on
             if address == "local":
+                # a new instance, even where another runs; its workers at the merge's own priority (Ray
+                # nices them to 15 by default: beside busy programs they got 2% of a core, and a merge
+                # that takes 3 minutes on a loaded laptop made no progress in 7)
                 ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.ERROR)  # a new instance, even where another runs
+                         logging_level=logging.ERROR, _system_config={"worker_niceness": 0})
             else:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -259,6 +262,11 @@ class RayExecutor(Executor):
             raise ClusterError(f"--ray-write workers: node(s) {blind} do not see {self.out_dir} (the probe file "
                                f"{job.probe} is not there): put OUT on storage every node shares, or use "
                                "--ray-write driver")
+        niced = sorted({a["nice"] for a in answers if a["nice"] > 0})
+        if niced:
+            self.progress.note(f"ray: the workers run at niceness {niced[-1]} (Ray's default): beside other busy "
+                               "programs they get little CPU; start the nodes with RAY_worker_niceness=0 to "
+                               "merge at normal priority")
         write = seen if mode == "auto" else mode == "workers"
         self.progress.note(f"ray: {len(answers)} node(s) hold the same inputs; "
                            + ("workers write OUT in place" if write else "rows travel to the driver, which writes"))
@@ -562,7 +570,7 @@ def _confirm(job: Job) -> dict[str, Any]:
             seen = f.read() == job.run_id
     except OSError:
         seen = False
-    return {"node": node, "probe": seen}
+    return {"node": node, "probe": seen, "nice": os.nice(0)}
 
 
 def _check_same(job: Job, plan: Plan) -> None:

@@ -81,6 +81,8 @@ def test_stage1_on_two_nodes_is_byte_identical(cluster, tmp_path, write) -> None
     how = "workers write OUT in place" if write == "auto" else "rows travel to the driver"
     assert any("2 node(s) hold the same inputs" in n and how in n for n in notes.notes), notes.notes
     assert any("2 node(s) ran" in n for n in notes.notes), notes.notes  # both nodes merged tensors
+    # the test cluster keeps Ray's default niceness for its workers; the run says what that costs
+    assert any("RAY_worker_niceness=0" in n for n in notes.notes), notes.notes
     assert stats.tensors == stats.tensors and stats.resumed == 0 and len(os.listdir(out)) > 3
     assert not os.path.exists(os.path.join(out, WORK_DIR))  # finished: the probe went with the work folder
 

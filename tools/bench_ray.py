@@ -11,7 +11,8 @@ run reads the same inputs from a warm page cache; the table gives wall time, inp
 the ratio to the local run, the driver's and the workers' peak RSS, and whether the output's
 tensors are byte-identical to the local run's. Ray runs join one Ray instance started here
 (`ray start --head --num-cpus W`, W the most workers asked, so W tasks of one CPU each can run
-at once even on fewer cores; its start-up is reported apart); one more row lets the command
+at once even on fewer cores; with RAY_worker_niceness=0, as streammerge's own instance has; its
+start-up is reported apart); one more row lets the command
 start its own instance (`--ray` with no address), start-up included.
 
 The per-task overhead is measured in this process on the tiny 32-layer set (291 tensors): the
@@ -146,7 +147,7 @@ def main() -> None:
         t0 = time.monotonic()
         head = subprocess.run(["ray", "start", "--head", f"--num-cpus={max(workers)}", "--include-dashboard=false",
                                "--disable-usage-stats"], capture_output=True, text=True,
-                              env={**os.environ, "HF_HUB_CACHE": a.cache})
+                              env={**os.environ, "HF_HUB_CACHE": a.cache, "RAY_worker_niceness": "0"})
         if head.returncode != 0:
             sys.exit(f"ray start failed:\n{head.stderr[-2000:]}")
         started = time.monotonic() - t0
