@@ -84,7 +84,8 @@ def output_digest(out: str) -> dict:
 
 def assert_golden(key: str, out: str) -> None:
     """The output in `out` is byte for byte what the executor of commit 0047f76 wrote for `key`
-    (tests/golden.json, recorded from that commit with STREAMMERGE_RECORD_GOLDEN=1). The models
+    (tests/golden.json, recorded from that commit with STREAMMERGE_RECORD_GOLDEN=1; the DARE and
+    DELLA cases, and the seed's, were recorded again when the draw rule changed to ARITHMETIC 3). The models
     are generated with seeded torch generators, so the record holds for torch's CPU arithmetic."""
     import json
 

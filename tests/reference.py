@@ -52,11 +52,14 @@ def splitmix64(key: int, c: int) -> int:
 
 
 def draw32(key: int, i: int) -> int:
-    """Element i's 32-bit draw: the low half of counter i // 2 for even i, the high half for odd,
-    with its top bit flipped."""
-    z = splitmix64(key, i // 2)
-    half = z & 0xFFFFFFFF if i % 2 == 0 else z >> 32
-    return half ^ 0x80000000
+    """Element i's 32-bit draw: lowbias32 of i's low 32 bits XOR the block key, the low half of
+    splitmix64's output for counter i >> 32."""
+    x = (i & 0xFFFFFFFF) ^ (splitmix64(key, i >> 32) & 0xFFFFFFFF)
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
 
 
 def dare_keep(seed: int, position: int, tensor: str, numel: int, density: float) -> np.ndarray:

@@ -1,12 +1,16 @@
-"""The counter-based generator: torch int64 arithmetic equals the plain-integer definition,
-including far into a tensor (indices past 2^32) where 64-bit wraparound matters."""
+"""The counter-based generator: the numpy (CPU) and torch (GPU) arithmetic equal the
+plain-integer definition, including far into a tensor (indices past 2^32, where the block key
+changes) and across a block boundary; the draws are uniform and independent enough."""
 
 from __future__ import annotations
 
+import numpy as np
 import reference as ref
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from streammerge.methods.rng import draws32, draws53, stream_key
+from streammerge.methods.rng import _hash32_torch, bernoulli_mask, draws32, draws53, keep_threshold, stream_key
 
 
 def test_draws_match_integer_definition() -> None:
@@ -23,10 +27,38 @@ def test_draws_are_uniform_enough() -> None:
     assert abs((d < 0.25).double().mean().item() - 0.25) < 0.005
 
 
-def test_32_bit_draws_match_integer_definition() -> None:
+@settings(max_examples=40, deadline=None)
+@given(start=st.one_of(st.integers(0, 2**40), st.integers(2**32 - 20, 2**32 + 5), st.integers(2**31 - 20, 2**31 + 5)),
+       count=st.integers(1, 40), seed=st.integers(0, 2**31), position=st.integers(0, 20))
+def test_32_bit_draws_match_integer_definition(start: int, count: int, seed: int, position: int) -> None:
+    key = stream_key(seed, position, "model.layers.0.mlp.up_proj.weight")
+    want = [ref.draw32(key & ref.MASK64, start + i) for i in range(count)]
+    assert draws32(key, start, count).tolist() == want  # the CPU's numpy path
+    # the torch int32 path a GPU takes, run here on the CPU's torch
+    gpu_rule = (_hash32_torch(key, start, count, "cpu").to(torch.int64) + (1 << 31)).tolist()
+    assert gpu_rule == want
+
+
+def test_any_split_gives_the_same_draws_and_masks() -> None:
     key = stream_key(3, 1, "model.layers.0.mlp.up_proj.weight")
-    for start in (0, 1, 7, 2**33 + 3):  # odd starts begin on a pair's low half
-        got = draws32(key, start, 9).tolist()
-        assert got == [ref.draw32(key & ref.MASK64, start + i) for i in range(9)]
-    whole = draws32(key, 0, 100)
-    assert torch.equal(torch.cat([draws32(key, 0, 37), draws32(key, 37, 63)]), whole)  # any split
+    start = 2**32 - 50  # the split and the block boundary both fall inside
+    whole = draws32(key, start, 100)
+    assert torch.equal(torch.cat([draws32(key, start, 37), draws32(key, start + 37, 63)]), whole)
+    for p in (0.0, 1e-6, 0.3, 0.5, 0.999):
+        mask = bernoulli_mask(key, start, 100, p)
+        assert torch.equal(mask, whole < keep_threshold(p))
+        torch_rule = _hash32_torch(key, start, 100, "cpu") < keep_threshold(p) - (1 << 31)
+        assert torch.equal(mask, torch_rule)
+
+
+def test_masks_keep_the_density_and_streams_are_independent() -> None:
+    n = 400_000
+    a = bernoulli_mask(stream_key(0, 1, "w"), 0, n, 0.3).numpy()
+    b = bernoulli_mask(stream_key(0, 2, "w"), 0, n, 0.3).numpy()
+    assert abs(a.mean() - 0.3) < 0.004 and abs(b.mean() - 0.3) < 0.004
+    assert abs((a & b).mean() - 0.09) < 0.003  # two inputs' masks: independent, not shifted copies
+    # neighbouring elements too (a weak hash of consecutive counters correlates them)
+    assert abs((a[1:] & a[:-1]).mean() - 0.09) < 0.003
+    u = draws32(stream_key(5, 0, "v"), 2**32 - n // 2, n).numpy()  # across a block boundary
+    counts = np.bincount((u >> 28).astype(np.int64), minlength=16)
+    assert counts.min() > n / 16 * 0.95 and counts.max() < n / 16 * 1.05

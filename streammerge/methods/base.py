@@ -20,7 +20,7 @@ from ..params import ParamSpec, Scalar
 
 # Bumped whenever a kernel's output bytes change for the same inputs (a new draw rule, another
 # summation order); task fingerprints include it, so a resume never mixes tensors of two rules.
-ARITHMETIC = 2
+ARITHMETIC = 3
 
 
 @dataclass(frozen=True)
