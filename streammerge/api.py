@@ -14,7 +14,7 @@ from typing import Any
 from .config import MergeConfig
 from .distributed import ray_session
 from .errors import OptionError
-from .executor import Progress, RunStats, cores, default_threads, idle_cpus, resolve_device
+from .executor import Progress, RunStats, cores, default_threads, resolve_device
 from .options import RunOptions
 from .pipeline import check_pipeline, run_pipeline
 from .planner import Plan, parse
@@ -102,9 +102,8 @@ def merge(config: Config, out: str | os.PathLike[str], options: RunOptions | Non
     before = torch.get_num_threads()
     if opts.num_threads:
         torch.set_num_threads(opts.num_threads)
-    else:  # torch counts the host's cores, not the container's quota nor what else is running
-        idle = idle_cpus()
-        torch.set_num_threads(default_threads(cores(), cores() if idle is None else idle, before))
+    else:  # torch counts the host's cores, not the container's quota
+        torch.set_num_threads(default_threads(cores(), before))
     try:
         with ray_session(opts.ray, cores()):
             return run_pipeline(configs_of(config), str(out), opts, progress)

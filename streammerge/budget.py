@@ -1,6 +1,6 @@
 """The memory budget: what one row of a task costs, how many rows fit, what a plan needs.
 
-Imports planner, index, units, dtypes, errors (and psutil; torch for its thread count). The
+Imports planner, index, units, dtypes, errors (and psutil). The
 budget (`--max-memory`) covers the whole process: its baseline (interpreter, torch) measured at
 start, a reserve, and the chunk buffers. Per-row costs come from each task's `cost`, which its
 method declared at plan time. A task is read in blocks of rows (every input in the compute dtype, one raw input
@@ -11,7 +11,6 @@ temporaries, calibrated per method, and the output cast for writing).
 from __future__ import annotations
 
 import psutil
-import torch
 
 from .dtypes import itemsize
 from .errors import PlanError
@@ -31,6 +30,14 @@ CHUNK_SHARE = 0.8
 # Elements per input in one compute sub-chunk. Measured on the 14-model DARE-TIES: 128 rows of
 # 1024 (0.5 MiB per input in float32) ran 2-3x faster per element than whole-tensor chunks.
 COMPUTE_ELEMENTS = 128 * 1024
+# Sub-chunks each compute thread may have begun or finished ahead of the one the runner yields
+# next (runner.Workers): room to go on while one thread is held up.
+PIECES_AHEAD = 2
+
+
+def live_pieces(threads: int) -> int:
+    """Sub-chunks alive at once (computing, or finished and waiting) with `threads` compute threads."""
+    return 1 if threads <= 1 else PIECES_AHEAD * threads
 
 
 def input_row_bytes(task: Task) -> int:
@@ -55,10 +62,9 @@ def compute_row_bytes(task: Task) -> int:
 
 
 def sub_rows(task: Task) -> int:
-    """Rows of a compute sub-chunk: about COMPUTE_ELEMENTS per input and per pair of torch's
-    threads, so kernels run in cache and each thread's share outweighs its start and barrier."""
-    elements = COMPUTE_ELEMENTS * max(1, torch.get_num_threads() // 2)
-    return max(1, min(task.rows, elements // max(1, task.cols)))
+    """Rows of a compute sub-chunk: about COMPUTE_ELEMENTS per input, so a kernel runs in cache and
+    a sub-chunk's work outweighs handing it to a thread."""
+    return max(1, min(task.rows, COMPUTE_ELEMENTS // max(1, task.cols)))
 
 
 def row_cost(task: Task) -> int:
@@ -109,14 +115,16 @@ def chunk_budget(plan: Plan, max_memory: int, baseline: int | None = None) -> in
 
 
 def chunk_rows(task: Task, budget_bytes: int, overlap: bool = False,
-               whole_blocks: bool = False) -> tuple[int, int]:
-    """(block rows read at once, sub-chunk rows computed at once) for `task` within `budget_bytes`.
+               whole_blocks: bool = False, threads: int = 1) -> tuple[int, int, int]:
+    """(block rows read at once, sub-chunk rows computed at once, compute threads) for `task`
+    within `budget_bytes`.
 
     Blocks are as large as the budget allows, so each input row is read once per pass (once
-    in all when the whole tensor fits); kernels run over cache-sized sub-chunks of a block.
-    With `overlap`, a tensor that does not fit whole is read in blocks of half the budget, so
-    the next block can be read while one computes. `whole_blocks` computes a block at once (a
-    GPU's kernels want large tensors, not cache-sized ones).
+    in all when the whole tensor fits); kernels run over cache-sized sub-chunks of a block,
+    live_pieces(threads) of them at once (one thread when the budget cannot hold a row for
+    each). With `overlap`, a tensor that does not fit whole is read in blocks of half the
+    budget, so the next block can be read while one computes. `whole_blocks` computes a block
+    at once (a GPU's kernels want large tensors, not cache-sized ones).
     """
     compute = compute_row_bytes(task)
     per_row = input_row_bytes(task)
@@ -125,36 +133,39 @@ def chunk_rows(task: Task, budget_bytes: int, overlap: bool = False,
         if overlap and block < task.rows:
             block = budget_bytes // 2 // (per_row + compute)
         block = max(1, min(task.rows, block))
-        return block, block
+        return block, block, 1
+    if budget_bytes < live_pieces(threads) * compute + per_row:
+        threads = 1  # the runner computes such a task on one thread (not a few)
+    live = live_pieces(threads)
     sub = sub_rows(task)
-    if budget_bytes < sub * compute + per_row:
-        sub = max(1, (budget_bytes - per_row) // compute)
-    block = (budget_bytes - sub * compute) // per_row
+    if budget_bytes < live * sub * compute + per_row:
+        sub = max(1, (budget_bytes - per_row) // (live * compute))
+    block = (budget_bytes - live * sub * compute) // per_row
     if overlap and block < task.rows:
         # two blocks in flight: the one computing, the one being read
         half = budget_bytes // 2
-        sub = max(1, min(sub, (half - per_row) // compute))
-        block = (half - sub * compute) // per_row
-    return max(1, min(task.rows, block)), max(1, min(sub, task.rows))
+        sub = max(1, min(sub, (half - per_row) // (live * compute)))
+        block = (half - live * sub * compute) // per_row
+    return max(1, min(task.rows, block)), max(1, min(sub, task.rows)), threads
 
 
-def block_bytes(task: Task, rows: int, sub: int) -> int:
-    """Bytes a block of `rows` rows holds while computed in sub-chunks of `sub` rows."""
-    return rows * input_row_bytes(task) + sub * compute_row_bytes(task)
+def block_bytes(task: Task, rows: int, sub: int, threads: int = 1) -> int:
+    """Bytes a block of `rows` rows holds while computed in sub-chunks of `sub` rows on `threads`."""
+    return rows * input_row_bytes(task) + live_pieces(threads) * sub * compute_row_bytes(task)
 
 
-def chunk_bytes_used(task: Task, budget_bytes: int, overlap: bool = False) -> int:
+def chunk_bytes_used(task: Task, budget_bytes: int, overlap: bool = False, threads: int = 1) -> int:
     """Bytes one block of `task` holds at its peak within `budget_bytes`."""
-    block, sub = chunk_rows(task, budget_bytes, overlap)
-    return block_bytes(task, block, sub)
+    block, sub, threads = chunk_rows(task, budget_bytes, overlap, threads=threads)
+    return block_bytes(task, block, sub, threads)
 
 
-def expected_peak(plan: Plan, budget_bytes: int, baseline: int | None = None, overlap: bool = True) -> int:
+def expected_peak(plan: Plan, budget_bytes: int, baseline: int | None = None, overlap: bool = True,
+                  threads: int = 1) -> int:
     """The process's expected peak memory when chunks get `budget_bytes` (with `overlap`, a
     block being read may sit beside the one computing, within the budget)."""
     base = baseline_bytes() if baseline is None else baseline
-    chunks = max((chunk_bytes_used(t, budget_bytes, overlap) for t in plan.tasks), default=0)
+    chunks = max((chunk_bytes_used(t, budget_bytes, overlap, threads) for t in plan.tasks), default=0)
     if overlap:
         chunks = min(budget_bytes, 2 * chunks)
     return base + HELD_BYTES + int(chunks / CHUNK_SHARE)
-

@@ -57,7 +57,7 @@ from .overlap import RingArena
 from .planner import Plan, Task, content_fingerprint, content_identities, make_plan
 from .progress import Progress
 from .reader import InputReader, ReadBlocks, raw_bytes
-from .runner import run_task
+from .runner import Workers, run_task
 from .schedule import Schedule, make_schedule
 from .stats import TensorStats
 from .units import size_str
@@ -543,7 +543,8 @@ def _worker_plan(job: Job) -> tuple[Plan, Schedule]:
     budget = job.max_memory or _node_share(job.cpus)
     if not job.write:  # pieces on their way to the driver: being filled, copied, and in the object store
         budget -= (3 + AHEAD) * PIECE_BYTES
-    schedule = make_schedule(plan, budget, overlap=False, chunk_bytes=job.chunk_bytes)
+    schedule = make_schedule(plan, budget, overlap=False, chunk_bytes=job.chunk_bytes,
+                             threads=job.threads if plan.device == "cpu" else 1)
     _check_same(job, plan)  # before the plan is kept: a node that differs never merges
     _PLANS[job.run_id] = (plan, schedule)
     return plan, schedule
@@ -618,6 +619,7 @@ def _merge_group(job: Job, plan: Plan, schedule: Schedule, tasks: list[int],
     files: dict[int, tuple[int, str]] = {}  # shard index -> (fd, path), when writing in place
     waiting: list[tuple[Any, ...]] = []  # done records whose bytes are not yet synced
     waiting_bytes = 0
+    workers = Workers(job.threads if plan.device == "cpu" else 1)
     try:
         for ti in tasks:
             task = plan.tasks[ti]
@@ -627,7 +629,7 @@ def _merge_group(job: Job, plan: Plan, schedule: Schedule, tasks: list[int],
                 files[task.shard] = _open_shard(job, plan, task.shard)
             pieces = _Pieces(ti, task, files.get(task.shard))
             non_finite_row = None  # the first row holding NaN or Inf, said once by the driver
-            for row0, y in run_task(task, steps[ti], source, plan.method, stats):
+            for row0, y in run_task(task, steps[ti], source, plan.method, stats, workers):
                 cast = y.to(torch_dtype(task.out_dtype)).cpu()
                 del y
                 if cast.is_floating_point() and non_finite_row is None and not bool(torch.isfinite(cast).all()):
@@ -641,6 +643,7 @@ def _merge_group(job: Job, plan: Plan, schedule: Schedule, tasks: list[int],
                 waiting, waiting_bytes = [], 0
         yield from _synced(files, waiting)
     finally:
+        workers.close()
         source.close()
         for fd, _path in files.values():
             os.close(fd)

@@ -32,7 +32,7 @@ from .overlap import RingArena, WriteBehind
 from .planner import Plan
 from .progress import Progress, Totals
 from .reader import InputReader, ReadBlocks, check_inputs_unchanged, raw_bytes
-from .runner import run_task
+from .runner import Workers, run_task
 from .schedule import Read, Schedule, make_schedule
 from .stats import TensorStats
 
@@ -71,34 +71,15 @@ def cores() -> int:
     return max(1, min(n, quota)) if quota is not None else n
 
 
-def idle_cpus(window_s: float = 0.2) -> float | None:
-    """CPUs idle right now: the idle share of all CPUs' time over `window_s` (from /proc/stat) times
-    their count; None where /proc/stat is not there. The load average lags a minute behind and
-    counts a merge that just ended; this does not."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields)  # idle + iowait, total
-
-    try:
-        idle0, total0 = sample()
-        time.sleep(window_s)
-        idle1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return (idle1 - idle0) / (total1 - total0) * (os.cpu_count() or 1)
-
-
-def default_threads(available: int, idle: float, torch_threads: int) -> int:
-    """Kernel threads when -j is not given: the CPUs idle at the start (rounded), at least one, at
-    most the cores available and torch's own count. torch's threads
-    meet at a barrier after every op; on a busy machine each descheduled thread stalls the rest.
-    Measured on 2 cores beside 4 spinning processes, 3-model TIES on the small set: 2 threads
-    76 s, 1 thread 24 s; quiet: 7.2 s and 8.4 s."""
-    return max(1, min(torch_threads, available, math.floor(idle + 0.5)))
+def default_threads(available: int, torch_threads: int) -> int:
+    """Compute threads when -j is not given: every core this process may use (affinity and cgroup
+    quota, not os.cpu_count()), at most torch's own count (physical cores). The runner's threads
+    each take whole sub-chunks, so a thread the OS takes away delays its own sub-chunk only, and
+    on a busy machine more threads get a larger share of the cores. Measured on 2 cores beside 4
+    spinning processes, the 14-model DARE-TIES on the medium set: 2 threads 72.8 s, 1 thread
+    114.2 s; quiet 29.2 s and 42.3 s. (torch's own threads, which meet after every op, made 2
+    threads 14x slower than 1 on a busy machine: 490 s against 35 s for a 3-model TIES.)"""
+    return max(1, min(torch_threads, available))
 
 
 def cgroup_cpus(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
@@ -194,6 +175,7 @@ class Executor:
         self.overlap = self.options.overlap if self.options.overlap is not None else cores() >= OVERLAP_MIN_CORES
         self.device = torch.device(plan.device)  # the plan was made for it: fingerprints say where
         self.max_memory = 0  # the whole process's budget, fixed when the run starts
+        self.threads = 1  # compute threads (runner.Workers), fixed when the run starts
         opts = self.options
         self.folder = OutputFolder(out_dir, plan, opts.overwrite, opts.restart, replace_changed, opts.copy_tokenizer,
                                    opts.write_card)
@@ -204,6 +186,7 @@ class Executor:
         if self.device.type == "cuda":
             start_cuda(self.device)  # its context and libraries count in the baseline the budget is left from
         self.max_memory = opts.memory_bytes or default_max_memory()
+        self.threads = self._threads()
         schedule = self._schedule()  # a budget too small fails before OUT is touched
         if self.folder.up_to_date(self.progress.note):
             return RunStats(time.monotonic() - start, len(plan.tasks), 0, 0, peak_rss(), "", True, plan.total_bytes,
@@ -213,13 +196,18 @@ class Executor:
             self.folder.check_disk_space()
             summary = {"config": plan.config.text, "seed": plan.seed}
             journal = Journal(self.out_dir, plan.fingerprint, plan.layout_fingerprint, summary)
-            threads = torch.get_num_threads()
-            if self.overlap and threads >= cores() > 1:
-                torch.set_num_threads(cores() - 1)  # a core for the reader; the writer's work is light
+            torch_threads = torch.get_num_threads()
+            if self.device.type == "cpu":
+                # torch's own threads meet at a barrier after every op, spinning while they wait: beside
+                # other programs each one the OS takes away stalls the rest (old measurement: 3-model
+                # TIES beside 4 busy processes on 2 cores took 490 s on 2 torch threads, 35 s on one).
+                # Kernels run on the runner's workers, each single-threaded; this thread reads, casts
+                # and writes on one too.
+                torch.set_num_threads(1)
             try:
                 kept, written, committer = self._run_tasks(journal, schedule)
             finally:
-                torch.set_num_threads(threads)
+                torch.set_num_threads(torch_threads)
                 journal.close()
                 for m in plan.models:
                     m.index.close()
@@ -234,9 +222,19 @@ class Executor:
         return RunStats(time.monotonic() - start, len(plan.tasks), kept, written, peak_rss(), manifest_hash, False,
                         plan.total_bytes, len(plan.shards), content_hash(plan, committer.shard_hashes))
 
+    def _threads(self) -> int:
+        """Compute threads: torch's thread count (-j, or api's default), less a core for the reader
+        when reading ahead on every core; one on a GPU, whose kernels are queued, not computed here."""
+        if self.device.type != "cpu":
+            return 1
+        threads = torch.get_num_threads()
+        if self.overlap and threads >= cores() > 1:
+            threads = cores() - 1  # the writer's work is light
+        return threads
+
     def _schedule(self) -> Schedule:
         opts = self.options
-        return make_schedule(self.plan, self.max_memory, self.overlap, opts.chunk_bytes, opts.gpu_bytes)
+        return make_schedule(self.plan, self.max_memory, self.overlap, opts.chunk_bytes, opts.gpu_bytes, self.threads)
 
     def _todo(self, journal: Journal) -> tuple[list[int], dict[int, Entry]]:
         """Tasks still to merge, in output-file order, and the journal entries of those an earlier run
@@ -274,6 +272,7 @@ class Executor:
         source = ReadBlocks(reader, reads, sched.capacity, self.overlap, self.progress.read)
         writes = WriteBehind(WRITE_BEHIND_BYTES, self.overlap)
         committer = Committer(self.out_dir, plan, journal, self.progress)
+        workers = Workers(self.threads)
         try:
             for si, shard in enumerate(plan.shards):
                 self.folder.unrename(shard.name)
@@ -287,7 +286,7 @@ class Executor:
                     writes.submit(partial(committer.start_task, task))
                     self.progress.tensor(task.name)
                     stats = None if task.copy_exact else TensorStats(len(task.inputs), task.rows, task.ctx.base)
-                    for row0, y in run_task(task, steps[ti], source, plan.method, stats):
+                    for row0, y in run_task(task, steps[ti], source, plan.method, stats, workers):
                         writes.submit(partial(committer.write, task, row0, y), y.nbytes)
                         del y  # the committer holds it now
                     record = stats.record() if stats is not None else None
@@ -295,6 +294,7 @@ class Executor:
                 writes.submit(committer.end_shard)
             writes.drain()
         finally:
+            workers.close()  # no sub-chunk computes on a block the reader gives back
             writes.close()
             source.close()  # before the inputs' files are closed
             committer.close()

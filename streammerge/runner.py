@@ -5,20 +5,116 @@ journal and the process: given a task, its schedule, a source of blocks (`take`/
 the method, it yields `(row0, rows)` in row order, in the compute dtype, on the device the
 blocks are on. It may run beside the committer on the same thread, or in another process or
 on another machine (the committer writes what it yields).
+
+Threads (`Workers`): a block's sub-chunks are independent pieces of work, computed by a few
+threads that each run torch on one core and take the next sub-chunk when free. torch's own
+threads split every op and meet at a barrier after it, so on a busy machine each thread the
+OS takes away stalls the others at every op; here it delays one sub-chunk while the others
+go on. Output rows are still yielded in row order, and every kernel's result for a row is the
+same whichever thread computed it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
+import collections
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Protocol, TypeVar
 
 import torch
 
+from .budget import live_pieces
 from .errors import PlanError
-from .methods import MethodDef
+from .methods import MergeOp, MethodDef
 from .planner import Task
 from .schedule import Read, TaskSchedule, spans
 from .stats import TensorStats
+
+S = TypeVar("S")
+T = TypeVar("T")
+
+# A block with fewer elements (all inputs) than this is computed on the caller's thread: handing
+# out its sub-chunks costs more than computing them. Measured on the seed's stage 1 in one-row
+# blocks (tiny models): 2 threads took 30 s, 1 thread 11 s.
+PARALLEL_MIN_ELEMENTS = 1 << 18
+
+
+class Workers:
+    """`n` compute threads, each running torch ops on one core (n == 1: the caller's thread).
+
+    Example:
+        >>> with Workers(2) as w:
+        ...     squares = list(w.ordered(lambda k: k * k, range(10)))
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = max(1, n)
+        self._pool = ThreadPoolExecutor(self.n, "streammerge-kernel", initializer=torch.set_num_threads,
+                                        initargs=(1,)) if self.n > 1 else None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def each(self, fn: Callable[[S], None], items: Iterable[S], done: Callable[[S], None],
+             abort: Callable[[], None]) -> None:
+        """fn(item) for every item, in any order; done(item) on the caller's thread as each ends."""
+        if self._pool is None:
+            for item in items:
+                fn(item)
+                done(item)
+            return
+        futures = {self._pool.submit(fn, item): item for item in items}
+        try:
+            for f in _as_done(futures):
+                f.result()
+                done(futures[f])
+        finally:
+            _settle(futures, abort)
+
+    def ordered(self, fn: Callable[[S], T], items: Iterable[S], abort: Callable[[], None]) -> Iterator[T]:
+        """fn(item) for every item, the results in the items' order, at most live_pieces(n) items
+        begun and not yet taken (threads go on while one is held up; budget.py counts them)."""
+        if self._pool is None:
+            for item in items:
+                yield fn(item)
+            return
+        pending: collections.deque[Future[T]] = collections.deque()
+        todo = iter(items)
+        try:
+            for item in todo:
+                pending.append(self._pool.submit(fn, item))
+                if len(pending) >= live_pieces(self.n):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            _settle(pending, abort)
+
+
+INLINE = Workers(1)
+
+
+def _as_done(futures: Iterable[Future[T]]) -> Iterator[Future[T]]:
+    left = set(futures)
+    while left:
+        finished, left = wait(left, return_when=FIRST_COMPLETED)
+        yield from finished
+
+
+def _settle(futures: Iterable[Future[T]], abort: Callable[[], None]) -> None:
+    """Leave no sub-chunk running on a block the caller is about to give back: cancel what has
+    not begun, wake threads waiting for a turn that will not come (a sub-chunk failed), wait."""
+    left = [f for f in futures if not f.cancel()]
+    if any(not f.done() for f in left):
+        abort()
+        wait(left)
 
 
 class BlockSource(Protocol):
@@ -33,16 +129,17 @@ class BlockSource(Protocol):
 
 
 def run_task(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodDef,
-             stats: TensorStats | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """Task `task`'s output rows, as (first row, rows), in order; `stats` records what the merge did."""
+             stats: TensorStats | None = None, workers: Workers | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Task `task`'s output rows, as (first row, rows), in order; `stats` records what the merge did;
+    `workers` compute sub-chunks (None: the caller's thread)."""
     if task.copy_exact:
         yield from _copy(task, sched, blocks)
     else:
-        yield from _merge(task, sched, blocks, method, stats)
+        yield from _merge(task, sched, blocks, method, stats, workers or INLINE)
 
 
 def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodDef,
-           stats: TensorStats | None) -> Iterator[tuple[int, torch.Tensor]]:
+           stats: TensorStats | None, workers: Workers) -> Iterator[tuple[int, torch.Tensor]]:
     """Each step's block through its passes: statistics passes observe it (a pass ends with the
     block that ends the tensor), the apply pass yields merged rows, sub-chunk by sub-chunk."""
     op = method.make(task.ctx)
@@ -50,26 +147,51 @@ def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodD
         op.hold_state()  # the apply pass sees the very blocks the statistics passes saw
     if stats is not None:
         op.tally = stats.tally
+    if not op.parallel or sched.threads < workers.n:
+        workers = INLINE  # in row order; or the budget holds a sub-chunk for one thread only
     for step in sched.steps:
         read, x = blocks.take()
         _check(read, step.read, task)
         assert isinstance(x, torch.Tensor)
-        rows = read.r1 - read.r0
         for p in step.passes:
-            for a, b in spans(0, rows, sched.sub):
-                if p < sched.stat_passes:
-                    op.observe(p, x[:, a:b], read.r0 + a)
-                else:
-                    before = stats.before(x[:, a:b], read.r0 + a) if stats is not None else None
-                    y = op.apply(x[:, a:b], read.r0 + a)
-                    if stats is not None and before is not None:
-                        stats.after(before, y)
-                    yield read.r0 + a, y
-                blocks.advanced(read, (b - a) / rows / len(step.passes))
-            if p < sched.stat_passes and read.r1 == task.rows:
-                op.end_pass(p)
+            yield from _pass(task, sched, op, p, len(step.passes), read, x, blocks, stats, workers)
         del x
         blocks.done(read)
+
+
+def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, read: Read, x: torch.Tensor,
+          blocks: BlockSource, stats: TensorStats | None, workers: Workers) -> Iterator[tuple[int, torch.Tensor]]:
+    """Pass `p` over the block `x` (rows read.r0..read.r1), its sub-chunks on the workers: a
+    statistics pass observes them (and ends with the block that ends the tensor), the apply pass
+    yields their merged rows in order."""
+    rows = read.r1 - read.r0
+    pieces = spans(0, rows, sched.sub)
+    if len(pieces) == 1 or x.numel() < PARALLEL_MIN_ELEMENTS:
+        workers = INLINE  # too little work to hand out: a thread's wake-up costs more
+
+    def advanced(ab: tuple[int, int]) -> None:
+        blocks.advanced(read, (ab[1] - ab[0]) / rows / n_passes)
+
+    if p < sched.stat_passes:
+        def observe(ab: tuple[int, int]) -> None:
+            op.observe(p, x[:, ab[0]:ab[1]], read.r0 + ab[0])
+
+        workers.each(observe, pieces, advanced, op.abort)
+        if read.r1 == task.rows:
+            op.end_pass(p)
+        return
+
+    def apply(ab: tuple[int, int]) -> torch.Tensor:
+        xs, r0 = x[:, ab[0]:ab[1]], read.r0 + ab[0]
+        before = stats.before(xs, r0) if stats is not None else None
+        y = op.apply(xs, r0)
+        if stats is not None and before is not None:
+            stats.after(before, y)
+        return y
+
+    for y, ab in zip(workers.ordered(apply, pieces, op.abort), pieces):
+        yield read.r0 + ab[0], y
+        advanced(ab)
 
 
 def _copy(task: Task, sched: TaskSchedule, blocks: BlockSource) -> Iterator[tuple[int, torch.Tensor]]:

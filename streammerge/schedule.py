@@ -47,6 +47,7 @@ class Step:
 class TaskSchedule:
     task: int
     sub: int  # rows of a compute sub-chunk
+    threads: int  # compute threads taking the sub-chunks (runner.Workers)
     stat_passes: int
     whole: bool  # one block: read once, every pass over it
     steps: tuple[Step, ...]
@@ -86,15 +87,15 @@ def spans(start: int, stop: int, step: int) -> list[tuple[int, int]]:
     return [(r, min(stop, r + step)) for r in range(start, stop, step)]
 
 
-def task_schedule(plan: Plan, ti: int, block: int, sub: int, staged: bool = False) -> TaskSchedule:
-    """Task `ti` read in blocks of `block` rows, computed in sub-chunks of `sub` rows (`staged`: a
-    GPU's block, staged in host memory with each input 64-byte aligned)."""
+def task_schedule(plan: Plan, ti: int, block: int, sub: int, threads: int = 1, staged: bool = False) -> TaskSchedule:
+    """Task `ti` read in blocks of `block` rows, computed in sub-chunks of `sub` rows on `threads`
+    (`staged`: a GPU's block, staged in host memory with each input 64-byte aligned)."""
     task = plan.tasks[ti]
     passes = 0 if task.copy_exact else task.cost.stat_passes
     blocks = spans(0, task.rows, block)
 
     def read(r0: int, r1: int, hash_: bool) -> Read:
-        return Read(ti, r0, r1, hash_, block_bytes(task, r1 - r0, min(sub, r1 - r0)))
+        return Read(ti, r0, r1, hash_, block_bytes(task, r1 - r0, min(sub, r1 - r0), threads))
 
     steps: tuple[Step, ...]
     if len(blocks) == 1:
@@ -103,14 +104,15 @@ def task_schedule(plan: Plan, ti: int, block: int, sub: int, staged: bool = Fals
         steps = tuple(Step(read(r0, r1, p == passes), (p,)) for p in range(passes + 1) for r0, r1 in blocks)
     block = min(block, task.rows)
     inputs = input_bytes(task, block) + (64 * len(task.inputs) if staged else 0)
-    return TaskSchedule(ti, sub, passes, len(blocks) == 1, steps, inputs,
-                        block_bytes(task, block, sub) - input_bytes(task, block))
+    return TaskSchedule(ti, sub, threads, passes, len(blocks) == 1, steps, inputs,
+                        block_bytes(task, block, sub, threads) - input_bytes(task, block))
 
 
 def make_schedule(plan: Plan, max_memory: int, overlap: bool, chunk_bytes: int | None = None,
-                  max_gpu_memory: int | None = None) -> Schedule:
+                  max_gpu_memory: int | None = None, threads: int = 1) -> Schedule:
     """The schedule of every task within `max_memory` bytes for the whole process (or chunk
-    buffers of exactly `chunk_bytes`, for tests and benchmarks).
+    buffers of exactly `chunk_bytes`, for tests and benchmarks), its sub-chunks computed on
+    `threads` CPU threads.
 
     Raises:
         PlanError: the budget does not fit one row of the widest task (named, with the smallest
@@ -118,7 +120,8 @@ def make_schedule(plan: Plan, max_memory: int, overlap: bool, chunk_bytes: int |
     """
     budget = max(chunk_bytes, widest_row(plan)[0]) if chunk_bytes is not None else chunk_budget(plan, max_memory)
     if plan.device == "cpu":
-        sched = tuple(task_schedule(plan, ti, *chunk_rows(t, budget, overlap)) for ti, t in enumerate(plan.tasks))
+        sched = tuple(task_schedule(plan, ti, *chunk_rows(t, budget, overlap, threads=threads))
+                      for ti, t in enumerate(plan.tasks))
         return Schedule(sched, budget, "cpu")
     gpu = _gpu_budget(plan, max_gpu_memory)
     tasks = []

@@ -10,7 +10,9 @@ reduction is exact or made of per-row float64 sums combined with math.fsum.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -77,37 +79,95 @@ class Tally:
     """Counts a method keeps for the report, per input, over the rows `pick` selects in the chunk
     it is given (the runner sets it: a fixed sample of rows, see stats.py): elements of its delta
     seen and kept by sparsification, and of its nonzero delta how many agree with the elected sign
-    (None where the method does not sparsify or elect)."""
+    (None where the method does not sparsify or elect). Threads computing sub-chunks at once each
+    have their own `pick`; the counts are added under a lock."""
 
     def __init__(self, n_inputs: int) -> None:
         self.used = False
-        self.pick: torch.Tensor | None = None  # rows of the current chunk to count (None: none)
+        self._local = threading.local()
+        self._lock = threading.Lock()
         self.seen: list[int | None] = [None] * n_inputs
         self.kept: list[int | None] = [None] * n_inputs
         self.agree: list[int | None] = [None] * n_inputs
         self.nonzero: list[int | None] = [None] * n_inputs
 
+    @property
+    def pick(self) -> torch.Tensor | None:
+        """Rows of this thread's current chunk to count (None: none)."""
+        return getattr(self._local, "pick", None)
+
+    @pick.setter
+    def pick(self, rows: torch.Tensor | None) -> None:
+        self._local.pick = rows
+
     def add(self, counts: list[int | None], i: int, n: int) -> None:
-        self.used = True
-        counts[i] = (counts[i] or 0) + n
+        with self._lock:
+            self.used = True
+            counts[i] = (counts[i] or 0) + n
 
     def count(self, counts: list[int | None], i: int, x: torch.Tensor | None, rows_of: torch.Tensor) -> None:
         """Add the nonzero elements of x's picked rows (x None: every picked element of rows_of,
         a (rows, cols) chunk)."""
-        if self.pick is None:
+        pick = self.pick
+        if pick is None:
             return
         if x is None:
-            self.add(counts, i, int(self.pick.numel()) * rows_of.shape[1])
+            self.add(counts, i, int(pick.numel()) * rows_of.shape[1])
         else:
-            self.add(counts, i, int(torch.count_nonzero(x.index_select(0, self.pick))))
+            self.add(counts, i, int(torch.count_nonzero(x.index_select(0, pick))))
+
+
+class Aborted(Exception):
+    """A sub-chunk before this one failed, so its turn in an ordered section never comes."""
+
+
+class InOrder:
+    """A short section that the threads computing one pass's sub-chunks enter in flat-index order
+    (TopK counts threshold ties in order): `with order.turn(flat0, n):` waits until the section
+    ran for every element before flat0. `restart` begins a new pass; `abort` wakes every waiter
+    with Aborted (a sub-chunk failed, so the next turn never comes)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._next = 0
+        self._aborted = False
+
+    def restart(self) -> None:
+        with self._cv:
+            self._next = 0
+
+    def abort(self) -> None:
+        with self._cv:
+            self._aborted = True
+            self._cv.notify_all()
+
+    @contextmanager
+    def turn(self, flat0: int, count: int) -> Iterator[None]:
+        with self._cv:
+            while self._next != flat0 and not self._aborted:
+                self._cv.wait()
+            if self._aborted:
+                raise Aborted
+            yield
+            self._next = flat0 + count
+            self._cv.notify_all()
 
 
 class MergeOp:
     """One output tensor's merge, fed row chunks. Subclasses override what they need; the
     number of statistics passes is the method's `cost(ctx).stat_passes`. A method that sparsifies
-    or elects signs counts what it kept into `tally` when the runner gives it one."""
+    or elects signs counts what it kept into `tally` when the runner gives it one.
+
+    Threads: the runner calls `observe` and `apply` for several sub-chunks of a pass at once, on
+    its compute threads, unless `parallel` is False. What they add to the op's state must then be
+    the same whatever the order (RowSums' exact sums, integer counts under a lock), and a section
+    that needs row order takes its turn (InOrder; `abort` wakes its waiters)."""
 
     tally: Tally | None = None
+    parallel = True  # False: sub-chunks are given one at a time, in row order
+
+    def abort(self) -> None:
+        """A sub-chunk failed: wake threads waiting for their turn in an ordered section."""
 
     def hold_state(self) -> None:
         """Keep per-element state from the statistics passes for the apply pass: the runner says

@@ -8,6 +8,8 @@ integer counts) and the apply pass — one read in all when the tensor fits.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ..params import ParamSpec
@@ -49,6 +51,7 @@ class Ram(MergeOp):
         self.alpha = float(ctx.shared.get("alpha", 0.0))
         self._shared = [0] * len(self.others)
         self._unique = [0] * len(self.others)
+        self._lock = threading.Lock()
         self.lam = [1.0] * len(self.others)
 
     def _active(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
@@ -62,8 +65,10 @@ class Ram(MergeOp):
     def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
         _, active, count = self._active(x)
         for i, a in enumerate(active):
-            self._shared[i] += int((a & (count > 1)).sum())
-            self._unique[i] += int((a & (count == 1)).sum())
+            shared, unique = int((a & (count > 1)).sum()), int((a & (count == 1)).sum())
+            with self._lock:
+                self._shared[i] += shared
+                self._unique[i] += unique
 
     def end_pass(self, pass_idx: int) -> None:
         # float32 scalars, as mergekit computes ρ and λ (λ = 1.02 shows as 1.0199999809)

@@ -10,6 +10,7 @@ pass — one read in all when the tensor fits.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -34,6 +35,7 @@ class Sce(MergeOp):
         self.select = 0 < self.topk < 1
         self.selector = TopK(None)
         self._nonzero = 0
+        self._lock = threading.Lock()
         self._squares = [RowSums() for _ in self.others]
         self.weights = [1.0 / len(self.others)] * len(self.others)
 
@@ -46,10 +48,10 @@ class Sce(MergeOp):
         var = sum(((t - mean) ** 2 for t in taus[1:]), (taus[0] - mean) ** 2) / len(taus)
         return var.to(torch.float32).view(torch.int32)
 
-    def _selected(self, taus: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _selected(self, taus: list[torch.Tensor], flat0: int) -> list[torch.Tensor]:
         if not self.select:
             return taus
-        keep = self.selector.mask(self._var_bits(taus))
+        keep = self.selector.mask(self._var_bits(taus), flat0)
         return [t * keep for t in taus]
 
     def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
@@ -57,11 +59,16 @@ class Sce(MergeOp):
         if self.select and pass_idx < 2:
             bits = self._var_bits(taus)
             if pass_idx == 0:
-                self._nonzero += int((bits != 0).sum())
+                nonzero = int((bits != 0).sum())
+                with self._lock:
+                    self._nonzero += nonzero
             self.selector.observe(pass_idx, bits)
             return
-        for acc, t in zip(self._squares, self._selected(taus)):
+        for acc, t in zip(self._squares, self._selected(taus, row0 * x.shape[2])):
             acc.add(row_sums(t * t))
+
+    def abort(self) -> None:
+        self.selector.order.abort()
 
     def end_pass(self, pass_idx: int) -> None:
         if self.select and pass_idx < 2:
@@ -80,7 +87,7 @@ class Sce(MergeOp):
         base = x[self.base]
         if self.zero:
             return base.clone()
-        taus = self._selected(self._taus(x))
+        taus = self._selected(self._taus(x), row0 * x.shape[2])
         sign = majority_sign(sum(taus[1:], taus[0].clone()))
         num = torch.zeros_like(base)
         den = torch.zeros_like(base)

@@ -7,20 +7,24 @@ Exact top-k (SEMANTICS deviation 3): |δ| as float32 has a bit pattern that orde
 the value, so a two-pass radix selection finds the k-th largest exactly: pass 1 counts
 the high 16 bits, pass 2 the low 16 bits inside the bin holding the k-th element. Among
 elements equal to the threshold the lowest flat indices are kept, so exactly k survive;
-the apply pass counts the threshold ties seen so far, which needs chunks in row order.
+the apply pass counts the threshold ties seen so far, in row order: threads computing
+sub-chunks at once take turns for that count alone (InOrder), and only when some but not all
+ties are kept.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
 
-from .base import RowSums, row_sums
+from .base import InOrder, RowSums, row_sums
 from .rng import bernoulli_mask, draws32
 
 _BINS = 1 << 16
+_BATCH = 1 << 16  # chunks with fewer values than this are counted together
 
 
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
@@ -50,13 +54,17 @@ class Sparsifier:
         """Keep-mask for delta rows starting at flat index flat0; None = keep all."""
         return None
 
+    def abort(self) -> None:
+        """Wake threads waiting for their turn (MergeOp.abort)."""
+
 
 class TopK:
     """Exact selection of the k largest |δ| (ties: lower flat index first), by radix passes.
 
     Passes 0 and 1 find the threshold; `mask` then keeps the elements above it and the first
     `ties_keep` equal to it, counting ties seen so far, so chunks must come in row order.
-    `k` may be set as late as the end of pass 0 (SCE learns it from the first pass).
+    `k` may be set as late as the end of pass 0 (SCE learns it from the first pass). `observe`
+    and `mask` may run on several threads at once.
     """
 
     passes = 2
@@ -68,18 +76,35 @@ class TopK:
         self._need = 0  # elements still to select inside the threshold's high bin
         self.threshold = 0  # int bit pattern of the k-th largest |δ|
         self.ties_keep = 0
+        self.ties_total = 0  # elements equal to the threshold
         self._ties_seen = 0
+        self._lock = threading.Lock()
+        self._small: list[torch.Tensor] = []  # values of small chunks not yet counted
+        self._small_n = 0
+        self.order = InOrder()
 
     def observe(self, pass_idx: int, bits: torch.Tensor) -> None:
         """`bits`: magnitude_bits of a chunk."""
-        if pass_idx == 0:
-            self._hist += torch.bincount((bits >> 16).flatten(), minlength=_BINS).cpu()  # high bits
-        else:
-            inside = bits[(bits >> 16) == self._hi] & 0xFFFF
-            self._hist += torch.bincount(inside, minlength=_BINS).cpu()
+        values = (bits >> 16).flatten() if pass_idx == 0 else bits[(bits >> 16) == self._hi] & 0xFFFF
+        if values.numel() >= _BATCH:
+            hist = torch.bincount(values, minlength=_BINS).cpu()
+            with self._lock:
+                self._hist += hist
+            return
+        with self._lock:  # a few values: binned with others (a 65536-bin count per small chunk costs more)
+            self._small.append(values.cpu())
+            self._small_n += values.numel()
+            if self._small_n >= _BATCH:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._small:
+            self._hist += torch.bincount(torch.cat(self._small), minlength=_BINS)
+        self._small, self._small_n = [], 0
 
     def end_pass(self, pass_idx: int) -> None:
         assert self.k is not None
+        self._flush()
         hist = self._hist.numpy().copy()
         self._hist.zero_()
         if self.k <= 0:
@@ -91,20 +116,30 @@ class TopK:
         else:
             self.threshold = (self._hi << 16) | b
             self.ties_keep = self._need - above
+            self.ties_total = int(hist[b])
 
-    def mask(self, bits: torch.Tensor) -> torch.Tensor:
-        keep = bits > self.threshold if self.threshold < 1 << 31 else torch.zeros_like(bits, dtype=torch.bool)
+    def mask(self, bits: torch.Tensor, flat0: int) -> torch.Tensor:
+        """Keep-mask of the chunk of bits starting at flat index flat0."""
+        if self.threshold >= 1 << 31:
+            return torch.zeros_like(bits, dtype=torch.bool)
+        if self.ties_keep == 0 or self.ties_keep >= self.ties_total:  # no tie, or every tie, is kept
+            return bits >= self.threshold if self.ties_keep else bits > self.threshold
+        keep = bits > self.threshold
         ties = bits == self.threshold
-        if self.ties_keep > self._ties_seen:
+        n = int(ties.sum())
+        with self.order.turn(flat0, bits.numel()):  # the ties before this chunk are counted
+            seen = self._ties_seen
+            self._ties_seen += n
+        if self.ties_keep > seen:
             # the lowest flat indices among the ties are kept (SEMANTICS deviation 3)
-            rank = torch.cumsum(ties.flatten(), 0).view(ties.shape) + self._ties_seen
+            rank = torch.cumsum(ties.flatten(), 0).view(ties.shape) + seen
             keep |= ties & (rank <= self.ties_keep)
-        self._ties_seen += int(ties.sum())
         return keep
 
     def restart(self) -> None:
         """Count ties from the first chunk again (a new pass over the tensor)."""
         self._ties_seen = 0
+        self.order.restart()
 
 
 class Ranked(Sparsifier):
@@ -158,10 +193,14 @@ class Ranked(Sparsifier):
         if self.zero_all:
             return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
         bits = magnitude_bits(delta)
-        keep = self.selectors[0].mask(bits)
+        keep = self.selectors[0].mask(bits, flat0)
         if len(self.selectors) > 1:
-            keep &= ~self.selectors[1].mask(bits)
+            keep &= ~self.selectors[1].mask(bits, flat0)
         return keep
+
+    def abort(self) -> None:
+        for sel in self.selectors:
+            sel.order.abort()
 
 
 def magnitude_band(density: float, numel: int) -> tuple[int, int]:

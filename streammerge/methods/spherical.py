@@ -179,6 +179,8 @@ class NuSlerp(MergeOp):
         wa, wb = (float(ctx.input_params[i]["weight"]) for i in ctx.others)
         self.t = 0.5 if abs(wa + wb) < 1e-6 else wb / (wa + wb)
         self.layout = nuslerp_layout(ctx)
+        # per-column sums are added row after row: sub-chunks must come in row order
+        self.parallel = self.layout != "columns"
         self.last = ctx.shape[-1] if ctx.shape else 1
         self._flat = (RowSums(), RowSums(), RowSums())
         cols = ctx.numel // (ctx.shape[0] if len(ctx.shape) >= 2 else 1) if ctx.shape else 1

@@ -101,6 +101,10 @@ class TaskArithmetic(MergeOp):
             if isinstance(sp, RandomDrop) and sp.stat_passes:
                 sp.remember = True  # one packed bit per element, counted by family_cost
 
+    def abort(self) -> None:
+        for sp in self.sparsifiers:
+            sp.abort()
+
     def _delta(self, x: torch.Tensor, j: int) -> torch.Tensor:
         return x[self.others[j]] - x[self.base]
 

@@ -1,0 +1,170 @@
+"""The runner's compute threads (runner.Workers): every method gives the same bytes, and the
+report the same figures, whatever the number of threads and the sub-chunk size; a sub-chunk
+that fails stops the others without a hang; a budget too small for a sub-chunk per thread
+computes on one."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import pytest
+import torch
+from helpers import context
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streammerge.budget import chunk_rows, live_pieces
+from streammerge.methods import METHODS, MergeOp, MethodDef, TaskContext
+from streammerge.methods.base import InOrder
+from streammerge.runner import Workers, run_task
+from streammerge.schedule import Read, Step, TaskSchedule
+from streammerge.stats import TensorStats
+
+DENSE = {"weight": 0.4, "density": 0.6}
+INPUTS = {  # method: (per-input parameters, shared parameters, base index)
+    "linear": ([{"weight": 1.0}, {"weight": 2.0}, {"weight": 0.5}], {}, None),
+    "slerp": ([{}, {}], {"t": 0.3}, 0),
+    "nuslerp": ([{}, {"weight": 0.4}, {"weight": 0.6}], {}, 0),
+    "multislerp": ([{}, {"weight": 1.0}, {"weight": 2.0}], {}, 0),
+    "karcher": ([{}, {}, {}], {}, None),
+    "passthrough": ([{"scale": 0.5}], {}, None),
+    "model_stock": ([{}, {}, {}, {}], {}, 0),
+    "arcee_fusion": ([{}, {}], {}, 0),
+    "nearswap": ([{}, {}], {"t": 0.001}, 0),
+    "sce": ([{}, {}, {}, {}], {"select_topk": 0.5}, 0),
+    "ram": ([{}, {}, {}, {}], {}, 0),
+    "ramplus_tl": ([{}, {}, {}, {}], {}, 0),
+    "task_arithmetic": ([{}, DENSE, DENSE], {}, 0),
+    "ties": ([{}, DENSE, {"weight": 0.7, "density": 0.3}], {}, 0),
+    "dare_linear": ([{}, DENSE, DENSE], {}, 0),
+    "dare_ties": ([{}, DENSE, DENSE], {}, 0),
+    "breadcrumbs": ([{}, DENSE, DENSE], {"gamma": 0.05}, 0),
+    "breadcrumbs_ties": ([{}, DENSE, DENSE], {"gamma": 0.05}, 0),
+    "della": ([{}, DENSE, DENSE], {"epsilon": 0.1}, 0),
+    "della_linear": ([{}, DENSE, DENSE], {"epsilon": 0.1}, 0),
+}
+
+
+def test_every_method_is_covered() -> None:
+    assert set(INPUTS) == set(METHODS)
+
+
+@dataclass
+class FakeTask:
+    """What run_task reads of a planner Task."""
+
+    name: str
+    ctx: TaskContext
+    rows: int
+    copy_exact: bool = False
+
+
+class Blocks:
+    """One block holding the whole tensor (a fresh copy: the apply pass may overwrite it)."""
+
+    def __init__(self, x: torch.Tensor, read: Read) -> None:
+        self.x, self.read = x, read
+        self.shares = 0.0
+
+    def take(self) -> tuple[Read, torch.Tensor]:
+        return self.read, self.x.clone()
+
+    def done(self, read: Read) -> None:
+        pass
+
+    def advanced(self, read: Read, share: float) -> None:
+        self.shares += share
+
+
+def merged(method: MethodDef, ctx: TaskContext, x: torch.Tensor, sub: int, threads: int) -> tuple[torch.Tensor, dict]:
+    """The output rows and the report's record of running the real runner over x (n, rows, cols)
+    in sub-chunks of `sub` rows on `threads` compute threads."""
+    rows = x.shape[1]
+    passes = method.cost(ctx).stat_passes
+    read = Read(0, 0, rows, True, 0)
+    sched = TaskSchedule(0, sub, threads, passes, True, (Step(read, tuple(range(passes + 1))),), 0, 0)
+    task = FakeTask(ctx.tensor, ctx, rows)
+    stats = TensorStats(x.shape[0], rows, ctx.base)
+    blocks = Blocks(x, read)
+    with Workers(threads) as workers:
+        parts = list(run_task(task, sched, blocks, method, stats, workers))  # type: ignore[arg-type]
+    assert [r0 for r0, _ in parts] == list(range(0, rows, sub))  # in row order
+    assert blocks.shares == pytest.approx(1.0)
+    return torch.cat([y for _, y in parts]), stats.record()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(method=st.sampled_from(sorted(INPUTS)), rows=st.integers(1, 40), cols=st.integers(1, 24),
+       sub=st.integers(1, 6), threads=st.integers(2, 5), levels=st.sampled_from([3, 7, 1000]), seed=st.integers(0, 99))
+def test_bytes_and_report_do_not_depend_on_threads(method: str, rows: int, cols: int, sub: int, threads: int,
+                                                   levels: int, seed: int) -> None:
+    params, shared, base = INPUTS[method]
+    ctx = context(method, params, shared, base=base, tensor="model.layers.0.mlp.up_proj.weight", shape=(rows, cols),
+                  seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    # few distinct values: many elements tie at TIES's threshold, so the ordered tie count is exercised
+    x = torch.randint(-levels, levels + 1, (len(params), rows, cols), generator=g).float() / levels
+    m = METHODS[method]
+    one, one_record = merged(m, ctx, x, sub, 1)
+    many, many_record = merged(m, ctx, x, sub, threads)
+    assert torch.equal(one.view(torch.int32), many.view(torch.int32))  # the same bits, NaN and -0.0 alike
+    assert one_record == many_record
+
+
+class Failing(MergeOp):
+    """Every sub-chunk takes its turn in order, slowly; the one at `bad` raises first."""
+
+    def __init__(self, ctx: TaskContext, bad: int) -> None:
+        self.order = InOrder()
+        self.bad = bad
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.order.abort()
+
+    def apply(self, x: torch.Tensor, row0: int) -> torch.Tensor:
+        if row0 == self.bad:
+            raise ValueError(f"row {row0} is bad")
+        with self.order.turn(row0, x.shape[1]):
+            threading.Event().wait(0.01)
+        return x[0].clone()
+
+
+@pytest.mark.parametrize("bad", [0, 3, 29])
+def test_a_failing_sub_chunk_stops_the_others_without_a_hang(bad: int) -> None:
+    ctx = context("linear", [{"weight": 1.0}], shape=(30, 4))
+    method = MethodDef("failing", (), "ignored", 1, 1, make=lambda c: Failing(c, bad))
+    x = torch.ones(1, 30, 4)
+    result: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            merged(method, ctx, x, 1, 4)
+            result.append(None)
+        except BaseException as e:  # noqa: BLE001 (the test looks at what it was)
+            result.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "the runner hung after a sub-chunk failed"
+    assert isinstance(result[0], ValueError) and str(result[0]) == f"row {bad} is bad"
+
+
+def test_a_budget_without_room_for_a_sub_chunk_per_thread_computes_on_one(tiny_set) -> None:
+    from streammerge.budget import compute_row_bytes, input_row_bytes
+    from streammerge.config import parse_config
+    from streammerge.planner import make_plan
+
+    cfg = f"merge_method: ties\nbase_model: {tiny_set[0]}\nmodels:\n  - model: {tiny_set[0]}\n" + "".join(
+        f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for f in tiny_set[1:3])
+    task = max(make_plan(parse_config(cfg)).tasks, key=lambda t: t.rows)
+    per_row, compute = input_row_bytes(task), compute_row_bytes(task)
+    roomy = per_row * 10 + live_pieces(4) * 5 * compute
+    block, sub, threads = chunk_rows(task, roomy, threads=4)
+    assert threads == 4 and block * per_row + live_pieces(4) * sub * compute <= roomy
+    tight = per_row + live_pieces(4) * compute - 1  # a row read, not a row for every live sub-chunk
+    block, sub, threads = chunk_rows(task, tight, threads=4)
+    assert threads == 1 and block * per_row + sub * compute <= tight
