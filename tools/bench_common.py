@@ -27,13 +27,25 @@ class Measured:
     stderr: str
 
 
-def ensure_medium_set(root: str, count: int = 15) -> list[str]:
-    """The medium set (hidden 1024, intermediate 3584, 16 layers, vocab 32000, ~560 MB each), made if missing."""
+SETS = {  # name: (make_models preset, size of one model)
+    "medium": ("medium", "~560 MB"),  # hidden 1024, intermediate 3584, 16 layers, vocab 32000
+    "7b": ("7b", "~1.4 GB"),  # Mistral-7B's hidden 4096, intermediate 14336 and vocab 32000; 2 layers
+}
+
+
+def ensure_set(root: str, name: str = "medium", count: int = 15) -> list[str]:
+    """A model set of preset `name` (SETS) in `root`: a base and count - 1 fine-tunes, made if missing."""
     folders = [os.path.join(root, "base")] + [os.path.join(root, f"ft{k}") for k in range(1, count)]
     if not all(os.path.isfile(os.path.join(f, "model.safetensors.index.json")) for f in folders):
-        print(f"making the medium set in {root} ({count} x ~560 MB) ...", flush=True)
-        make_models.write_set(folders, make_models.PRESETS["medium"])
+        preset, size = SETS[name]
+        print(f"making the {name} set in {root} ({count} x {size}) ...", flush=True)
+        make_models.write_set(folders, make_models.PRESETS[preset])
     return folders
+
+
+def ensure_medium_set(root: str, count: int = 15) -> list[str]:
+    """The medium set (hidden 1024, intermediate 3584, 16 layers, vocab 32000, ~560 MB each), made if missing."""
+    return ensure_set(root, "medium", count)
 
 
 def dare_ties_14(folders: list[str]) -> str:

@@ -1,25 +1,29 @@
 #!/usr/bin/env python3
-"""Speed benchmark on the medium set, side by side in one run: streammerge against the I/O floor
-and, when given, mergekit 0.1.5 (installed in a separate environment).
+"""Speed benchmark on a generated model set, side by side in one run: streammerge against the I/O
+floor and, when given, mergekit 0.1.5 (installed in a separate environment).
 
 For each of linear (3 models), the seed's gradient slerp, ties (3 models) and the 14-model
 dare_ties it prints wall time and peak RSS, and the I/O floor measured in the same run: reading
 every input byte once from a warm page cache plus writing and syncing the output's size.
 
-  python tools/bench_speed.py --dir /work/bench/medium [--max-memory 1GiB] [--mergekit /venv/bin/mergekit-yaml]
-                               [--variants cpu,no-overlap,cuda] [--busy N]
+  python tools/bench_speed.py --dir /work/bench/medium [--set medium|7b] [--max-memory 1GiB]
+                               [--mergekit /venv/bin/mergekit-yaml] [--variants cpu,j1,no-overlap,cuda] [--busy N]
 
+--set 7b makes (once) 15 models of Mistral-7B's own tensor shapes (4096 x 14336 MLPs, 32000 x 4096
+embeddings; 2 layers, ~1.4 GB each) instead of the medium set (hidden 1024, ~560 MB each).
 --busy N runs every merge beside N processes spinning on the CPU (a loaded laptop).
 
-Variants (each a streammerge run of every config): cpu (the defaults: read-ahead and
-write-behind threads with 4 or more cores), no-overlap (--no-overlap: one thread does
-everything in order), overlap (--overlap: the helper threads whatever the cores), cuda
-(--device cuda), cuda-no-overlap.
+Variants (each a streammerge run of every config): cpu (the defaults: compute threads on every
+core this process may use; read-ahead and write-behind threads with 4 or more cores), j1 (-j 1:
+one compute thread), j2, j4, j8 (-j N), no-overlap (--no-overlap: one thread does the I/O in
+order), overlap (--overlap: the helper threads whatever the cores), cuda (--device cuda),
+cuda-no-overlap. The unbounded variant runs without --max-memory (half the available memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -30,7 +34,7 @@ sys.path.insert(0, HERE)
 from bench_common import (  # noqa: E402
     busy,
     dare_ties_14,
-    ensure_medium_set,
+    ensure_set,
     measure,
     shard_files,
     tensor_hashes,
@@ -55,8 +59,10 @@ def configs(folders: list[str]) -> dict[str, tuple[str, list[str]]]:
               f"  - {{model: {ft[0]}, parameters: {{weight: 0.3}}}}\n"
               f"  - {{model: {ft[1]}, parameters: {{weight: 0.2}}}}\n"
               "dtype: bfloat16\n")
-    slerp = (f"slices:\n  - sources:\n      - {{model: {base}, layer_range: [0, 16]}}\n"
-             f"      - {{model: {ft[0]}, layer_range: [0, 16]}}\nmerge_method: slerp\nbase_model: {base}\n"
+    with open(os.path.join(base, "config.json")) as f:
+        layers = json.load(f)["num_hidden_layers"]
+    slerp = (f"slices:\n  - sources:\n      - {{model: {base}, layer_range: [0, {layers}]}}\n"
+             f"      - {{model: {ft[0]}, layer_range: [0, {layers}]}}\nmerge_method: slerp\nbase_model: {base}\n"
              + SLERP_T + "dtype: bfloat16\n")
     ties = (f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {base}\n"
             + "".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for f in ft[:2])
@@ -72,13 +78,15 @@ def merge_seconds(stderr: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-VARIANTS = {"cpu": [], "no-overlap": ["--no-overlap"], "overlap": ["--overlap"], "cuda": ["--device", "cuda"],
-            "cuda-no-overlap": ["--device", "cuda", "--no-overlap"]}
+VARIANTS = {"cpu": [], "j1": ["-j", "1"], "j2": ["-j", "2"], "j4": ["-j", "4"], "j8": ["-j", "8"],
+            "j16": ["-j", "16"], "no-overlap": ["--no-overlap"], "overlap": ["--overlap"], "unbounded": [],
+            "cuda": ["--device", "cuda"], "cuda-no-overlap": ["--device", "cuda", "--no-overlap"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="bench/medium")
+    ap.add_argument("--set", default="medium", choices=["medium", "7b"], help="the model set to make in --dir")
     ap.add_argument("--max-memory", default="1GiB")
     ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml of a separate environment")
     ap.add_argument("--only", default=None, help="run only configs whose name contains this")
@@ -90,7 +98,7 @@ def main() -> None:
     if any(v not in VARIANTS for v in variants):
         raise SystemExit(f"--variants: choose from {', '.join(VARIANTS)}")
     root = os.path.abspath(a.dir)
-    folders = ensure_medium_set(root)
+    folders = ensure_set(root, a.set)
     rows = []
     for name, (yaml_text, inputs) in configs(folders).items():
         if a.only and a.only not in name:
@@ -107,8 +115,8 @@ def main() -> None:
         for v in variants:
             shutil.rmtree(out, ignore_errors=True)
             with busy(a.busy):
-                sm = measure([sys.executable, "-m", "streammerge", "run", cfg, out, "-q", "--max-memory",
-                              a.max_memory, *VARIANTS[v]])
+                budget = [] if v == "unbounded" else ["--max-memory", a.max_memory]
+                sm = measure([sys.executable, "-m", "streammerge", "run", cfg, out, "-q", *budget, *VARIANTS[v]])
             if sm.rc != 0:
                 print(f"streammerge ({v}) failed on {name}:\n{sm.stderr[-3000:]}", flush=True)
                 continue
@@ -128,7 +136,7 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{v} {r[0].wall_s:.1f} s" for v, r in runs.items()) + f", floor {floor:.1f} s"
               + (f", mergekit {row['mk'].wall_s:.1f} s" if "mk" in row else ""), flush=True)
     load = f", beside {a.busy} busy processes" if a.busy else ", quiet"
-    print(f"\nmedium set, {os.cpu_count()} cores{load}, warm page cache, streammerge --max-memory {a.max_memory}")
+    print(f"\n{a.set} set, {os.cpu_count()} cores{load}, warm page cache, streammerge --max-memory {a.max_memory}")
     head = (f"{'merge':<22} {'variant':<16} {'wall s':>7} {'merge s':>7} {'peak RSS MiB':>12} {'I/O floor s':>11} "
             f"{'x floor':>8}")
     if a.mergekit:
