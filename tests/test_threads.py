@@ -1,7 +1,7 @@
 """The runner's compute threads (runner.Workers): every method gives the same bytes, and the
 report the same figures, whatever the number of threads and the sub-chunk size; a sub-chunk
-that fails stops the others without a hang; a budget too small for a sub-chunk per thread
-computes on one."""
+that fails stops the others without a hang; a budget too small for sub-chunks per thread
+computes on fewer, and threads never shrink the blocks much."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def test_a_failing_sub_chunk_stops_the_others_without_a_hang(bad: int) -> None:
     assert isinstance(result[0], ValueError) and str(result[0]) == f"row {bad} is bad"
 
 
-def test_a_budget_without_room_for_a_sub_chunk_per_thread_computes_on_one(tiny_set) -> None:
+def test_a_budget_without_room_for_sub_chunks_per_thread_computes_on_fewer(tiny_set) -> None:
     from streammerge.budget import compute_row_bytes, input_row_bytes
     from streammerge.config import parse_config
     from streammerge.planner import make_plan
@@ -165,6 +165,38 @@ def test_a_budget_without_room_for_a_sub_chunk_per_thread_computes_on_one(tiny_s
     roomy = per_row * 10 + live_pieces(4) * 5 * compute
     block, sub, threads = chunk_rows(task, roomy, threads=4)
     assert threads == 4 and block * per_row + live_pieces(4) * sub * compute <= roomy
-    tight = per_row + live_pieces(4) * compute - 1  # a row read, not a row for every live sub-chunk
+    tight = 2 * live_pieces(4) * compute - 1  # one-row sub-chunks for 4 threads would take over half
+    block, sub, threads = chunk_rows(task, tight, threads=4)
+    assert threads < 4 and block * per_row + live_pieces(threads) * sub * compute <= tight
+    tight = 2 * live_pieces(2) * compute - 1
+    assert tight >= per_row + compute  # room for one thread's one-row sub-chunk and a row read
     block, sub, threads = chunk_rows(task, tight, threads=4)
     assert threads == 1 and block * per_row + sub * compute <= tight
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["linear", "ties", "dare_ties", "slerp"]), threads=st.integers(2, 16),
+       overlap=st.booleans(), share=st.floats(0.0, 1.2))
+def test_threads_never_starve_the_blocks(tiny_set, method, threads, overlap, share) -> None:
+    """More threads may shrink the sub-chunks, never the blocks much: a block with N threads holds
+    at least half the rows it holds on one (sub-chunks filling the budget once left 4-row blocks
+    where one thread read 2,136), no sub-chunk is larger than its block, and the chunk fits."""
+    from streammerge.budget import block_bytes, row_cost
+    from streammerge.config import parse_config
+    from streammerge.planner import make_plan
+
+    base, a, b = tiny_set[:3]
+    params = "" if method in ("linear", "slerp") else "    parameters: {weight: 0.5, density: 0.5}\n"
+    cfg = (f"merge_method: {method}\nbase_model: {base}\n" + ("parameters: {t: 0.3}\n" if method == "slerp" else "")
+           + f"models:\n  - model: {base}\n" + "".join(f"  - model: {f}\n{params}" for f in (a, b)))
+    if method == "linear":
+        cfg = cfg.replace(f"base_model: {base}\n", "").replace("models:\n", "parameters: {weight: 1.0}\nmodels:\n")
+    if method == "slerp":
+        cfg = cfg.replace(f"  - model: {b}\n", "")
+    task = max(make_plan(parse_config(cfg)).tasks, key=lambda t: t.rows)
+    budget = row_cost(task) + int(share * task.rows * row_cost(task) * 4)
+    one, _, _ = chunk_rows(task, budget, overlap)
+    block, sub, used = chunk_rows(task, budget, overlap, threads=threads)
+    assert sub <= block <= task.rows
+    assert block >= one // 2 - 1, f"{threads} threads read {block}-row blocks where one reads {one}"
+    assert block_bytes(task, block, sub, used) <= budget
