@@ -44,7 +44,7 @@ import xxhash
 from . import errors
 from ._version import __version__
 from .budget import default_max_memory
-from .committer import GROUP_COMMIT_BYTES, Committer, bytes_of, warn_non_finite
+from .committer import GROUP_COMMIT_BYTES, Committer, all_finite, bytes_of, warn_non_finite
 from .config import MergeConfig
 from .dtypes import torch_dtype
 from .errors import ClusterError, InputError, IntegrityError, StreamMergeError
@@ -632,7 +632,7 @@ def _merge_group(job: Job, plan: Plan, schedule: Schedule, tasks: list[int],
             for row0, y in run_task(task, steps[ti], source, plan.method, stats, workers):
                 cast = y.to(torch_dtype(task.out_dtype)).cpu()
                 del y
-                if cast.is_floating_point() and non_finite_row is None and not bool(torch.isfinite(cast).all()):
+                if cast.is_floating_point() and non_finite_row is None and not all_finite(cast):
                     non_finite_row = row0
                 yield from pieces.add(row0, cast)
             record = stats.record() if stats is not None else None

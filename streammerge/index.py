@@ -10,6 +10,7 @@ error instead of a SIGBUS that kills the process, and no mapped pages linger in 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -43,12 +44,13 @@ class TensorRef:
     shard: str  # absolute path
     entry: TensorEntry
 
-    @property
+    @functools.cached_property
     def rows(self) -> int:
-        """Rows as streamed: shape[0] for >= 2-D tensors, one row for 0-D and 1-D."""
+        """Rows as streamed: shape[0] for >= 2-D tensors, one row for 0-D and 1-D (kept: a one-row
+        block's read asks for it several times)."""
         return row_shape(self.entry.shape)[0]
 
-    @property
+    @functools.cached_property
     def cols(self) -> int:
         return row_shape(self.entry.shape)[1]
 

@@ -9,6 +9,7 @@ fingerprint (xxh3-128) covers each task, and the plan's covers all of them plus 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import threading
@@ -84,11 +85,11 @@ class Task:
     fingerprint: str = ""
     cost: Cost = field(default=Cost(0), compare=False)  # the method's, for this tensor's parameters
 
-    @property
+    @functools.cached_property
     def rows(self) -> int:
         return row_shape(self.shape)[0]
 
-    @property
+    @functools.cached_property
     def cols(self) -> int:
         return row_shape(self.shape)[1]
 
