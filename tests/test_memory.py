@@ -31,6 +31,16 @@ def wide_set(tmp_path_factory) -> tuple[str, list[str]]:
     return str(cfg), folders
 
 
+@pytest.fixture(scope="module")
+def unbounded(wide_set, tmp_path_factory) -> dict[str, str]:
+    """Each tensor's hash from an unbounded run of the merge: what every capped run must write."""
+    cfg, _ = wide_set
+    out = str(tmp_path_factory.mktemp("free") / "out")
+    free = run(cfg, out)
+    assert free.returncode == 0, free.stderr
+    return tensor_hashes(out)
+
+
 def run(cfg: str, out: str, *extra: str, cap: str | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "streammerge", "run", cfg, out, "-q", *extra]
     if cap:
@@ -50,10 +60,8 @@ def budgets(cfg: str) -> tuple[int, int]:
     return smallest + 48, smallest + 88
 
 
-def test_merge_survives_a_cap_below_one_tensor_per_input(wide_set, tmp_path) -> None:
+def test_merge_survives_a_cap_below_one_tensor_per_input(wide_set, unbounded, tmp_path) -> None:
     cfg, _ = wide_set
-    free = run(cfg, str(tmp_path / "free"))
-    assert free.returncode == 0, free.stderr
     budget, cap = budgets(cfg)
     one_tensor_each = 12 * 32000 * 256 * 4  # what a whole-tensor merger holds for the embedding alone
     assert one_tensor_each > (cap - budget + 48) * 2**20 * 2  # far more than the chunks get here
@@ -62,7 +70,7 @@ def test_merge_survives_a_cap_below_one_tensor_per_input(wide_set, tmp_path) -> 
         pytest.skip(f"THIS MACHINE CANNOT MAKE A MEMORY CGROUP, the memory bound is untested: {capped.stderr}")
     assert capped.returncode == 0, capped.stderr
     assert "oom_killed=no" in capped.stderr
-    assert tensor_hashes(str(tmp_path / "capped")) == tensor_hashes(str(tmp_path / "free"))
+    assert tensor_hashes(str(tmp_path / "capped")) == unbounded
 
 
 def as_bin(folder: str, dest: str) -> str:
@@ -87,7 +95,7 @@ def as_bin(folder: str, dest: str) -> str:
     return dest
 
 
-def test_bin_inputs_merge_under_the_cap_to_the_same_bytes(wide_set, tmp_path) -> None:
+def test_bin_inputs_merge_under_the_cap_to_the_same_bytes(wide_set, unbounded, tmp_path) -> None:
     cfg, folders = wide_set
     with open(cfg) as f:
         text = f.read()
@@ -96,15 +104,13 @@ def test_bin_inputs_merge_under_the_cap_to_the_same_bytes(wide_set, tmp_path) ->
     assert "safetensors" not in " ".join(os.listdir(tmp_path / "bin3"))
     bin_cfg = tmp_path / "bin.yml"
     bin_cfg.write_text(text.replace(f"base_model: {folders[0]}", f"base_model: {tmp_path / 'bin0'}"))
-    free = run(cfg, str(tmp_path / "free"))
-    assert free.returncode == 0, free.stderr
     budget, cap = budgets(str(bin_cfg))
     capped = run(str(bin_cfg), str(tmp_path / "capped"), "--max-memory", f"{budget}MiB", cap=f"{cap}M")
     if capped.returncode == 2 and "cannot create a memory cgroup" in capped.stderr:
         pytest.skip(f"THIS MACHINE CANNOT MAKE A MEMORY CGROUP, the memory bound is untested: {capped.stderr}")
     assert capped.returncode == 0, capped.stderr
     assert "oom_killed=no" in capped.stderr
-    assert tensor_hashes(str(tmp_path / "capped")) == tensor_hashes(str(tmp_path / "free"))
+    assert tensor_hashes(str(tmp_path / "capped")) == unbounded
     print(f"bin inputs: --max-memory {budget}MiB, {capped.stderr.strip().splitlines()[-1]}")
 
 
