@@ -6,7 +6,7 @@ For each of linear (3 models), the seed's gradient slerp, ties (3 models) and th
 dare_ties it prints wall time and peak RSS, and the I/O floor measured in the same run: reading
 every input byte once from a warm page cache plus writing and syncing the output's size.
 
-  python tools/bench_speed.py --dir /work/bench/medium [--set medium|7b] [--max-memory 1GiB]
+  python tools/bench_speed.py --dir /work/bench/medium [--set medium|7b] [--max-memory 1GiB] [--cap 512M]
                                [--mergekit /venv/bin/mergekit-yaml] [--variants cpu,j1,no-overlap,cuda] [--busy N]
 
 --set 7b makes (once) 15 models of Mistral-7B's own tensor shapes (4096 x 14336 MLPs, 32000 x 4096
@@ -30,6 +30,7 @@ import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MEMCAP = os.path.join(HERE, "memcap")
 sys.path.insert(0, HERE)
 from bench_common import (  # noqa: E402
     busy,
@@ -91,6 +92,8 @@ def main() -> None:
     ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml of a separate environment")
     ap.add_argument("--only", default=None, help="run only configs whose name contains this")
     ap.add_argument("--variants", default="cpu", help="comma-separated: " + ", ".join(VARIANTS))
+    ap.add_argument("--cap", default=None, help="run streammerge (not the unbounded variant, not mergekit) under "
+                    "this hard memory cap (tools/memcap: a memory cgroup, page cache included), e.g. 512M")
     ap.add_argument("--busy", type=int, default=0,
                     help="run every merge (and mergekit) beside this many processes spinning on the CPU")
     a = ap.parse_args()
@@ -116,10 +119,15 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             with busy(a.busy):
                 budget = [] if v == "unbounded" else ["--max-memory", a.max_memory]
-                sm = measure([sys.executable, "-m", "streammerge", "run", cfg, out, "-q", *budget, *VARIANTS[v]])
+                cmd = [sys.executable, "-m", "streammerge", "run", cfg, out, "-q", *budget, *VARIANTS[v]]
+                if a.cap and v != "unbounded":
+                    cmd = ["bash", MEMCAP, a.cap, "--", *cmd]
+                sm = measure(cmd)
             if sm.rc != 0:
                 print(f"streammerge ({v}) failed on {name}:\n{sm.stderr[-3000:]}", flush=True)
                 continue
+            if "MEMCAP" in sm.stderr:
+                print(f"{name} ({v}): {sm.stderr.strip().splitlines()[-1]}", flush=True)
             runs[v] = (sm, tensor_hashes(out))
             if floor is None:
                 out_bytes = sum(os.path.getsize(p) for p in shard_files(out))
@@ -136,7 +144,8 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{v} {r[0].wall_s:.1f} s" for v, r in runs.items()) + f", floor {floor:.1f} s"
               + (f", mergekit {row['mk'].wall_s:.1f} s" if "mk" in row else ""), flush=True)
     load = f", beside {a.busy} busy processes" if a.busy else ", quiet"
-    print(f"\n{a.set} set, {os.cpu_count()} cores{load}, warm page cache, streammerge --max-memory {a.max_memory}")
+    cap = f" under a {a.cap} memory cgroup" if a.cap else ""
+    print(f"\n{a.set} set, {os.cpu_count()} cores{load}, warm page cache, streammerge --max-memory {a.max_memory}{cap}")
     head = (f"{'merge':<22} {'variant':<16} {'wall s':>7} {'merge s':>7} {'peak RSS MiB':>12} {'I/O floor s':>11} "
             f"{'x floor':>8}")
     if a.mergekit:
