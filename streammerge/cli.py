@@ -142,7 +142,8 @@ def _mergekit_options(fn: Callable[..., None]) -> Callable[..., None]:
                      help="Read ahead and write behind on helper threads while kernels run "
                           "[default: with 4 or more cores]."),
         click.option("--gpu-rich/--no-gpu-rich", default=False, help="mergekit's all-GPU switch: here, --device cuda."),
-        click.option("-j", "--num-threads", type=int, default=None, help="CPU threads for the kernels."),
+        click.option("-j", "--num-threads", type=int, default=None,
+                     help="CPU threads for the kernels (default: every core this process may use)."),
         click.option("--transformers-cache", type=click.Path(file_okay=False), default=None,
                      help="A Hugging Face cache folder to look in first."),
         click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,

@@ -126,8 +126,9 @@ def main() -> None:
             if sm.rc != 0:
                 print(f"streammerge ({v}) failed on {name}:\n{sm.stderr[-3000:]}", flush=True)
                 continue
-            if "MEMCAP" in sm.stderr:
-                print(f"{name} ({v}): {sm.stderr.strip().splitlines()[-1]}", flush=True)
+            for line in sm.stderr.splitlines():
+                if line.startswith("MEMCAP"):
+                    print(f"{name} ({v}): {line.split(' cmd=')[0]}", flush=True)
             runs[v] = (sm, tensor_hashes(out))
             if floor is None:
                 out_bytes = sum(os.path.getsize(p) for p in shard_files(out))

@@ -92,12 +92,12 @@ class Tally:
         self.nonzero: list[int | None] = [None] * n_inputs
 
     @property
-    def pick(self) -> torch.Tensor | None:
+    def pick(self) -> slice | None:
         """Rows of this thread's current chunk to count (None: none)."""
         return getattr(self._local, "pick", None)
 
     @pick.setter
-    def pick(self, rows: torch.Tensor | None) -> None:
+    def pick(self, rows: slice | None) -> None:
         self._local.pick = rows
 
     def add(self, counts: list[int | None], i: int, n: int) -> None:
@@ -112,9 +112,9 @@ class Tally:
         if pick is None:
             return
         if x is None:
-            self.add(counts, i, int(pick.numel()) * rows_of.shape[1])
-        else:
-            self.add(counts, i, int(torch.count_nonzero(x.index_select(0, pick))))
+            self.add(counts, i, len(range(*pick.indices(rows_of.shape[0]))) * rows_of.shape[1])
+        else:  # a strided view: index_select's copy of the rows was a tenth of a DARE-TIES merge
+            self.add(counts, i, int(torch.count_nonzero(x[pick])))
 
 
 class Aborted(Exception):
