@@ -148,7 +148,7 @@ def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodD
     if stats is not None:
         op.tally = stats.tally
     if not op.parallel or sched.threads < workers.n:
-        workers = INLINE  # in row order; or the budget holds a sub-chunk for one thread only
+        workers = INLINE  # in row order; or the budget holds sub-chunks for fewer threads than there are
     for step in sched.steps:
         read, x = blocks.take()
         _check(read, step.read, task)

@@ -13,10 +13,12 @@ import torch
 from helpers import context
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_all_methods import RECIPES, config_text
 
 from streammerge.budget import chunk_rows, live_pieces
 from streammerge.methods import METHODS, MergeOp, MethodDef, TaskContext
 from streammerge.methods.base import InOrder
+from streammerge.planner import Task
 from streammerge.runner import Workers, run_task
 from streammerge.schedule import Read, Step, TaskSchedule
 from streammerge.stats import TensorStats
@@ -153,14 +155,18 @@ def test_a_failing_sub_chunk_stops_the_others_without_a_hang(bad: int) -> None:
     assert isinstance(result[0], ValueError) and str(result[0]) == f"row {bad} is bad"
 
 
-def test_a_budget_without_room_for_sub_chunks_per_thread_computes_on_fewer(tiny_set) -> None:
-    from streammerge.budget import compute_row_bytes, input_row_bytes
+def tallest_task(method: str, folders: list[str]) -> Task:
+    """The task with the most rows of test_all_methods' recipe for `method` on `folders`."""
     from streammerge.config import parse_config
     from streammerge.planner import make_plan
 
-    cfg = f"merge_method: ties\nbase_model: {tiny_set[0]}\nmodels:\n  - model: {tiny_set[0]}\n" + "".join(
-        f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for f in tiny_set[1:3])
-    task = max(make_plan(parse_config(cfg)).tasks, key=lambda t: t.rows)
+    return max(make_plan(parse_config(config_text(method, folders))).tasks, key=lambda t: t.rows)
+
+
+def test_a_budget_without_room_for_sub_chunks_per_thread_computes_on_fewer(tiny_set) -> None:
+    from streammerge.budget import compute_row_bytes, input_row_bytes
+
+    task = tallest_task("ties", tiny_set)
     per_row, compute = input_row_bytes(task), compute_row_bytes(task)
     roomy = per_row * 10 + live_pieces(4) * 5 * compute
     block, sub, threads = chunk_rows(task, roomy, threads=4)
@@ -175,25 +181,15 @@ def test_a_budget_without_room_for_sub_chunks_per_thread_computes_on_fewer(tiny_
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(method=st.sampled_from(["linear", "ties", "dare_ties", "slerp"]), threads=st.integers(2, 16),
+@given(method=st.sampled_from(sorted(RECIPES)), threads=st.integers(2, 16),
        overlap=st.booleans(), share=st.floats(0.0, 1.2))
 def test_threads_never_starve_the_blocks(tiny_set, method, threads, overlap, share) -> None:
     """More threads may shrink the sub-chunks, never the blocks much: a block with N threads holds
     at least half the rows it holds on one (sub-chunks filling the budget once left 4-row blocks
     where one thread read 2,136), no sub-chunk is larger than its block, and the chunk fits."""
     from streammerge.budget import block_bytes, row_cost
-    from streammerge.config import parse_config
-    from streammerge.planner import make_plan
 
-    base, a, b = tiny_set[:3]
-    params = "" if method in ("linear", "slerp") else "    parameters: {weight: 0.5, density: 0.5}\n"
-    cfg = (f"merge_method: {method}\nbase_model: {base}\n" + ("parameters: {t: 0.3}\n" if method == "slerp" else "")
-           + f"models:\n  - model: {base}\n" + "".join(f"  - model: {f}\n{params}" for f in (a, b)))
-    if method == "linear":
-        cfg = cfg.replace(f"base_model: {base}\n", "").replace("models:\n", "parameters: {weight: 1.0}\nmodels:\n")
-    if method == "slerp":
-        cfg = cfg.replace(f"  - model: {b}\n", "")
-    task = max(make_plan(parse_config(cfg)).tasks, key=lambda t: t.rows)
+    task = tallest_task(method, tiny_set)
     budget = row_cost(task) + int(share * task.rows * row_cost(task) * 4)
     one, _, _ = chunk_rows(task, budget, overlap)
     block, sub, used = chunk_rows(task, budget, overlap, threads=threads)
