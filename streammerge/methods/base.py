@@ -1,6 +1,6 @@
 """What a merge method is: its contract, parameters, and a per-tensor operation on row chunks.
 
-Imports params and torch only; methods know nothing about files. The executor feeds an
+Imports params, numpy and torch only; methods know nothing about files. The executor feeds an
 operation aligned row chunks of all inputs, `x` of shape (n_inputs, rows, cols) in the
 compute dtype: first `cost(ctx).stat_passes` statistics passes (observe ... end_pass), then the
 apply pass, in row order. Results must not depend on where chunk boundaries fall: every
@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from ..params import ParamSpec, Scalar
@@ -105,16 +106,26 @@ class Tally:
             self.used = True
             counts[i] = (counts[i] or 0) + n
 
-    def count(self, counts: list[int | None], i: int, x: torch.Tensor | None, rows_of: torch.Tensor) -> None:
-        """Add the nonzero elements of x's picked rows (x None: every picked element of rows_of,
-        a (rows, cols) chunk)."""
+    def count(self, counts: list[int | None], i: int, x: torch.Tensor | None, rows_of: torch.Tensor,
+              positive: bool = False) -> None:
+        """Add the nonzero elements of x's picked rows (x None: every picked element of rows_of, a
+        (rows, cols) chunk; `positive`: the picked elements of rows_of above 0)."""
         pick = self.pick
         if pick is None:
             return
-        if x is None:
+        if x is None and not positive:
             self.add(counts, i, len(range(*pick.indices(rows_of.shape[0]))) * rows_of.shape[1])
         else:  # a strided view: index_select's copy of the rows was a tenth of a DARE-TIES merge
-            self.add(counts, i, int(torch.count_nonzero(x[pick])))
+            self.add(counts, i, _count((rows_of if x is None else x)[pick], positive))
+
+
+def _count(x: torch.Tensor, positive: bool) -> int:
+    """Elements of x that are nonzero (or above 0). On a CPU by numpy: torch's count_nonzero cost
+    18 µs on 16 rows of 1024, numpy's compare and count 9 (3 for bools)."""
+    if x.device.type == "cpu" and x.dtype in (torch.bool, torch.float32, torch.float64):
+        a = x.numpy()
+        return int(np.count_nonzero(a > 0 if positive else a if a.dtype == np.bool_ else a != 0))
+    return int(torch.count_nonzero(x > 0 if positive else x))
 
 
 class Aborted(Exception):

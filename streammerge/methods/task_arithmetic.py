@@ -11,14 +11,16 @@ tensor fits, and the random masks are then drawn once.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
+import numpy as np
 import torch
 
 from ..params import ParamSpec
 from .base import Cost, MergeOp, MethodDef, TaskContext, majority_sign, no_problems
 from .rng import stream_key
-from .sparsify import RandomDrop, Ranked, RankedDrop, Sparsifier, magnitude_band, outlier_band
+from .sparsify import RandomDrop, Ranked, RankedDrop, Sparsifier, keep_scaled_, magnitude_band, outlier_band
 
 # float32 rows held beyond the inputs, measured per sparsifier in a fresh process
 # and rounded up: sums, signs and divisors; int64 draws or bit patterns of one input at a time.
@@ -130,9 +132,7 @@ class TaskArithmetic(MergeOp):
             if tally is not None and type(sp) is not Sparsifier:  # a sparsifier: how much of δ it kept
                 tally.count(tally.seen, self.others[j], None, d)
                 tally.count(tally.kept, self.others[j], keep, d)
-            if keep is not None:
-                d *= keep
-            d *= sp.factor * w if sp.factor != 1.0 else w
+            keep_scaled_(d, keep, sp.factor * w if sp.factor != 1.0 else w)  # (δ·keep)·factor·w
         deltas = [x[i] for i in self.others]  # views: weighted, sparsified δ (rows, cols)
         total = torch.zeros_like(base)
         for d in deltas:
@@ -142,23 +142,64 @@ class TaskArithmetic(MergeOp):
             weight_sum = sum(self.weights)
             divisor = 1.0 if abs(weight_sum) < 1e-8 else weight_sum
         else:
-            # majority sign of the weighted sum (0 counts as +); zeros never agree (sign 0)
-            sign = majority_sign(total)
-            total.zero_()
-            div = torch.zeros_like(base)
-            for j, (d, w) in enumerate(zip(deltas, self.weights)):
-                agree = (d * sign) > 0  # sign(d) == sign: zeros and NaNs never agree
-                total += d * agree
-                div.add_(agree, alpha=w)
-                if tally is not None:  # sign agreement: of the nonzero (kept, weighted) δ, how much agrees
-                    tally.count(tally.agree, self.others[j], agree, d)
-                    tally.count(tally.nonzero, self.others[j], d, d)
-            divisor = torch.where(div == 0, 1.0, div)
+            total, divisor = self._consensus(total, deltas)
         if self.normalize:
             total /= divisor
         if self.lam != 1.0:
             total *= self.lam
         return base + total
+
+    def _consensus(self, total: torch.Tensor, deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """TIES: the sum of the δ whose sign agrees with the elected one (the majority sign of the
+        weighted sum `total`, 0 counting as +; zeros and NaNs never agree), δ·[δ·sign > 0] summed
+        over the inputs in order, and with `normalize` the sum of their weights (1 where none agree).
+
+        Where every δ is finite it is summed as max(δ·sign, 0), which rounds as its negation does,
+        and turned back by ·sign: the same bits, without a mask. A sub-chunk with an infinite or
+        NaN δ (its weighted sum is not finite) takes the masked form, whose ∞·0 gives NaN.
+        """
+        sign = majority_sign(total)
+        if not math.isfinite(float(total.sum())):
+            return self._masked(total, deltas, sign)
+        total.zero_()
+        div = torch.zeros_like(total) if self.normalize else None
+        agree = torch.empty_like(total) if self.normalize else None
+        tally = self.tally
+        for j, (d, w) in enumerate(zip(deltas, self.weights)):
+            t = d * sign
+            t.clamp_min_(0)
+            total += t
+            if div is not None and agree is not None:
+                div.add_(positive(t, agree), alpha=w)
+            if tally is not None:  # sign agreement: of the nonzero (kept, weighted) δ, how much agrees
+                tally.count(tally.agree, self.others[j], None, t, positive=True)
+                tally.count(tally.nonzero, self.others[j], d, d)
+        total *= sign
+        total.add_(0.0)  # where nothing agrees, +0 as the masked sum gave, not the −0 of +0·−1
+        return total, 1.0 if div is None else torch.where(div == 0, 1.0, div)
+
+    def _masked(self, total: torch.Tensor, deltas: list[torch.Tensor],
+                sign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """_consensus's masked form, δ·[δ·sign > 0]."""
+        total.zero_()
+        div = torch.zeros_like(total)
+        tally = self.tally
+        for j, (d, w) in enumerate(zip(deltas, self.weights)):
+            agree = (d * sign) > 0
+            total += d * agree
+            div.add_(agree, alpha=w)
+            if tally is not None:
+                tally.count(tally.agree, self.others[j], agree, d)
+                tally.count(tally.nonzero, self.others[j], d, d)
+        return total, torch.where(div == 0, 1.0, div) if self.normalize else 1.0
+
+
+def positive(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out ← 1 where t > 0, else 0 (NaN: 0), in t's dtype."""
+    if t.device.type == "cpu" and t.dtype == torch.float32:  # numpy compares and casts in one pass
+        np.greater(t.numpy(), 0, out=out.numpy(), casting="unsafe")
+        return out
+    return out.copy_(t > 0)
 
 
 def _family(name: str, sparsify: str, consensus: bool, normalize: bool, rescale: bool,

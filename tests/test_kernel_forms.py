@@ -1,0 +1,103 @@
+"""The task-arithmetic kernels' fast forms give the bits of the plain formulas they replace, for
+every float32 value (signed zeros, subnormals, infinities, NaNs) and weight."""
+
+from __future__ import annotations
+
+import torch
+from helpers import context
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streammerge.methods import METHODS, Tally
+from streammerge.methods.base import majority_sign
+from streammerge.methods.sparsify import keep_scaled_
+
+F32 = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)
+SPECIAL = st.sampled_from([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 3.0, -3.0])
+VALUE = st.one_of(F32, SPECIAL)
+WEIGHT = st.one_of(st.floats(-3, 3, allow_nan=False), st.sampled_from([0.0, -0.0, 1.0, 1e-30, 1e30]))
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.tuples(VALUE, st.booleans()), min_size=1, max_size=64), scale=WEIGHT,
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_keep_scaled_is_masking_then_scaling(values, scale, dtype) -> None:
+    d = torch.tensor([v for v, _ in values], dtype=dtype)
+    keep = torch.tensor([k for _, k in values])
+    plain = d.clone()
+    plain *= keep  # the plain form: mask, then scale by the factor·weight
+    plain *= scale
+    fast = d.clone()
+    keep_scaled_(fast, keep, scale)
+    assert torch.equal(bits(fast), bits(plain))
+
+
+def plain_apply(op, x: torch.Tensor) -> torch.Tensor:
+    """TaskArithmetic.apply without sparsification, as SEMANTICS §2.7 reads: weighted δ summed in
+    input order; TIES keeps the δ whose sign is the weighted sum's (0 counts as +) as δ·[δ·sign > 0]
+    and divides by their weights' sum (1 where none agree)."""
+    base = x[op.base]
+    deltas = [(x[i] - base) * w for i, w in zip(op.others, op.weights)]
+    total = torch.zeros_like(base)
+    for d in deltas:
+        total += d
+    divisor: torch.Tensor | float
+    if op.consensus:
+        sign = majority_sign(total)
+        total = torch.zeros_like(base)
+        div = torch.zeros_like(base)
+        for d, w in zip(deltas, op.weights):
+            agree = (d * sign) > 0
+            total += d * agree
+            div.add_(agree, alpha=w)
+        divisor = torch.where(div == 0, 1.0, div)
+    else:
+        weight_sum = sum(op.weights)
+        divisor = 1.0 if abs(weight_sum) < 1e-8 else weight_sum
+    if op.normalize:
+        total /= divisor
+    if op.lam != 1.0:
+        total *= op.lam
+    return base + total
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), method=st.sampled_from(["ties", "task_arithmetic", "dare_ties", "breadcrumbs_ties"]),
+       n=st.integers(1, 5), cols=st.integers(1, 9), normalize=st.booleans(),
+       lam=st.sampled_from([1.0, 0.5, -2.0]))
+def test_consensus_gives_the_bits_of_the_masked_sum(data, method, n, cols, normalize, lam) -> None:
+    values = data.draw(st.lists(VALUE, min_size=(n + 1) * 2 * cols, max_size=(n + 1) * 2 * cols))
+    x = torch.tensor(values, dtype=torch.float32).view(n + 1, 2, cols)
+    weights = data.draw(st.lists(WEIGHT, min_size=n, max_size=n))
+    params = [{}] + [{"weight": w, "density": 1.0} for w in weights]  # density 1: nothing sparsified
+    ctx = context(method, params, {"normalize": normalize, "lambda": lam}, base=0, shape=(2, cols))
+    op = METHODS[method].make(ctx)
+    assert METHODS[method].cost(ctx).stat_passes == 0
+    expected = plain_apply(op, x.clone())
+    got = op.apply(x.clone(), 0)
+    assert torch.equal(bits(got), bits(expected))
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(VALUE, min_size=1, max_size=80), cols=st.integers(1, 8), positive=st.booleans(),
+       start=st.integers(0, 7), step=st.integers(1, 4), as_bool=st.booleans())
+def test_tally_counts_as_count_nonzero(values, cols, positive, start, step, as_bool) -> None:
+    rows = len(values) // cols
+    if rows == 0:
+        return
+    x = torch.tensor(values[:rows * cols], dtype=torch.float32).view(rows, cols)
+    if as_bool:
+        x = x > 0
+    tally = Tally(1)
+    tally.pick = slice(start, rows, step)
+    picked = x[start:rows:step]
+    if positive and not as_bool:
+        tally.count(tally.agree, 0, None, x, positive=True)
+        assert tally.agree[0] == int(torch.count_nonzero(picked > 0))
+    else:
+        tally.count(tally.kept, 0, x, x)
+        assert tally.kept[0] == int(torch.count_nonzero(picked))
