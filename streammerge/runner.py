@@ -143,8 +143,8 @@ def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodD
     """Each step's block through its passes: statistics passes observe it (a pass ends with the
     block that ends the tensor), the apply pass yields merged rows, sub-chunk by sub-chunk."""
     op = method.make(task.ctx)
-    if sched.whole:
-        op.hold_state()  # the apply pass sees the very blocks the statistics passes saw
+    if sched.hold:
+        op.hold_state()  # the apply pass sees the very sub-chunks the statistics passes saw
     if stats is not None:
         op.tally = stats.tally
     if not op.parallel or sched.threads < workers.n:

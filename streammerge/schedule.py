@@ -6,7 +6,9 @@ Imports planner, budget, dtypes, errors (and torch, for the GPU's free memory). 
 whole tensor fits is read once: every pass runs over that one block (and the method may keep
 per-element state between its passes). Otherwise each statistics pass reads the tensor again
 in blocks, then the apply pass does; the apply pass's reads feed the input hashes, since it
-reads every input row exactly once.
+reads every input row exactly once. Such a task's per-element state (DARE's packed masks) is
+kept too when it fits in a reserve set aside from the chunk budget (budget.hold_reserve), so
+the apply pass sees the statistics passes' very sub-chunks and need not draw them again.
 
 `--max-memory` reaches the chunk sizes here and only here: `make_schedule` takes the whole
 process's budget and asks budget.py what the chunk buffers get.
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import block_bytes, chunk_budget, chunk_rows, widest_row
+from .budget import block_bytes, chunk_budget, chunk_rows, held_bytes, hold_reserve, widest_row
 from .dtypes import itemsize
 from .errors import PlanError
 from .planner import Plan, Task
@@ -50,6 +52,7 @@ class TaskSchedule:
     threads: int  # compute threads taking the sub-chunks (runner.Workers)
     stat_passes: int
     whole: bool  # one block: read once, every pass over it
+    hold: bool  # the op keeps per-element state from its statistics passes for the apply pass
     steps: tuple[Step, ...]
     block_inputs: int  # bytes of the largest block's inputs, as the arena holds them
     block_other: int  # bytes a block holds beside its inputs (kernel temporaries, kept masks)
@@ -87,9 +90,12 @@ def spans(start: int, stop: int, step: int) -> list[tuple[int, int]]:
     return [(r, min(stop, r + step)) for r in range(start, stop, step)]
 
 
-def task_schedule(plan: Plan, ti: int, block: int, sub: int, threads: int = 1, staged: bool = False) -> TaskSchedule:
+def task_schedule(plan: Plan, ti: int, block: int, sub: int, threads: int = 1, staged: bool = False,
+                  reserve: int = 0) -> TaskSchedule:
     """Task `ti` read in blocks of `block` rows, computed in sub-chunks of `sub` rows on `threads`
-    (`staged`: a GPU's block, staged in host memory with each input 64-byte aligned)."""
+    (`staged`: a GPU's block, staged in host memory with each input 64-byte aligned). The op keeps
+    its state between passes when it is read whole, or when that state fits in `reserve` bytes set
+    aside beside the blocks."""
     task = plan.tasks[ti]
     passes = 0 if task.copy_exact else task.cost.stat_passes
     blocks = spans(0, task.rows, block)
@@ -104,7 +110,9 @@ def task_schedule(plan: Plan, ti: int, block: int, sub: int, threads: int = 1, s
         steps = tuple(Step(read(r0, r1, p == passes), (p,)) for p in range(passes + 1) for r0, r1 in blocks)
     block = min(block, task.rows)
     inputs = input_bytes(task, block) + (64 * len(task.inputs) if staged else 0)
-    return TaskSchedule(ti, sub, threads, passes, len(blocks) == 1, steps, inputs,
+    whole = len(blocks) == 1
+    hold = whole or 0 < held_bytes(task) <= reserve
+    return TaskSchedule(ti, sub, threads, passes, whole, hold, steps, inputs,
                         block_bytes(task, block, sub, threads) - input_bytes(task, block))
 
 
@@ -120,9 +128,14 @@ def make_schedule(plan: Plan, max_memory: int, overlap: bool, chunk_bytes: int |
     """
     budget = max(chunk_bytes, widest_row(plan)[0]) if chunk_bytes is not None else chunk_budget(plan, max_memory)
     if plan.device == "cpu":
-        sched = tuple(task_schedule(plan, ti, *chunk_rows(t, budget, overlap, threads=threads))
+        # what tasks read in several blocks keep between passes is set aside first, beside the blocks
+        reserve = hold_reserve(plan.tasks, budget, threads)
+        if budget - reserve < widest_row(plan)[0]:
+            reserve = 0
+        blocks = budget - reserve
+        sched = tuple(task_schedule(plan, ti, *chunk_rows(t, blocks, overlap, threads=threads), reserve=reserve)
                       for ti, t in enumerate(plan.tasks))
-        return Schedule(sched, budget, "cpu")
+        return Schedule(sched, blocks, "cpu")
     gpu = _gpu_budget(plan, max_gpu_memory)
     tasks = []
     for ti, t in enumerate(plan.tasks):  # a block is staged whole in host memory, computed whole on the GPU

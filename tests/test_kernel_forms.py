@@ -1,12 +1,16 @@
 """The task-arithmetic kernels' fast forms give the bits of the plain formulas they replace, for
-every float32 value (signed zeros, subnormals, infinities, NaNs) and weight."""
+every float32 value (signed zeros, subnormals, infinities, NaNs) and weight; and a tensor read in
+several blocks keeps its DARE masks between passes when the budget has room, so each is drawn
+once, with the same bytes as when it is drawn twice."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from helpers import context
+from helpers import context, output_digest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_all_methods import config_text
 
 from streammerge.methods import METHODS, Tally
 from streammerge.methods.base import majority_sign
@@ -101,3 +105,52 @@ def test_tally_counts_as_count_nonzero(values, cols, positive, start, step, as_b
     else:
         tally.count(tally.kept, 0, x, x)
         assert tally.kept[0] == int(torch.count_nonzero(picked))
+
+
+class CountDraws:
+    """Counts the elements whose DARE keep-mask is drawn."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import streammerge.methods.sparsify as sparsify
+
+        self.n = 0
+        real = sparsify.bernoulli_mask
+
+        def counted(key, start, count, probability, device="cpu"):
+            self.n += count
+            return real(key, start, count, probability, device)
+
+        monkeypatch.setattr(sparsify, "bernoulli_mask", counted)
+
+
+def test_masks_kept_between_passes_of_a_tensor_read_in_blocks(tiny_set, tmp_path, monkeypatch) -> None:
+    from streammerge.budget import HOLD_SHARE, held_bytes, widest_row
+    from streammerge.config import parse_config
+    from streammerge.executor import Executor
+    from streammerge.options import RunOptions
+    from streammerge.planner import make_plan
+    from streammerge.schedule import make_schedule
+
+    plan = make_plan(parse_config(config_text("dare_ties", tiny_set)))
+    dare = [t for t in plan.tasks if not t.copy_exact and t.cost.stat_passes]
+    once = sum(t.rows * t.cols * (len(t.inputs) - 1) for t in dare)
+    tall = max(plan.tasks, key=held_bytes)
+    budget = max(int(held_bytes(tall) / HOLD_SHARE), held_bytes(tall) + 4 * widest_row(plan)[0])
+    sched = make_schedule(plan, 1 << 34, overlap=False, chunk_bytes=budget)
+    ts = sched.tasks[plan.tasks.index(tall)]
+    assert not ts.whole and ts.hold and len(ts.steps) > 2  # read in blocks, masks kept
+    assert sched.capacity == budget - held_bytes(tall)  # set aside from what blocks may take
+    drawn = CountDraws(monkeypatch)
+    Executor(plan, str(tmp_path / "held"), RunOptions(max_memory=1 << 34, chunk_bytes=budget)).run()
+    assert drawn.n == once  # every mask drawn once, in the statistics pass
+
+    # no room for the state beside a row of the widest tensor: tensors read in blocks draw again
+    tight = widest_row(plan)[0]
+    sched = make_schedule(plan, 1 << 34, overlap=False, chunk_bytes=tight)
+    again = sum(t.rows * t.cols * (len(t.inputs) - 1) for t, s in zip(plan.tasks, sched.tasks)
+                if t in dare and not s.hold)
+    assert again > 0
+    drawn.n = 0
+    Executor(plan, str(tmp_path / "drawn"), RunOptions(max_memory=1 << 34, chunk_bytes=tight)).run()
+    assert drawn.n == once + again
+    assert output_digest(str(tmp_path / "held")) == output_digest(str(tmp_path / "drawn"))

@@ -85,7 +85,7 @@ def merged(method: MethodDef, ctx: TaskContext, x: torch.Tensor, sub: int, threa
     rows = x.shape[1]
     passes = method.cost(ctx).stat_passes
     read = Read(0, 0, rows, True, 0)
-    sched = TaskSchedule(0, sub, threads, passes, True, (Step(read, tuple(range(passes + 1))),), 0, 0)
+    sched = TaskSchedule(0, sub, threads, passes, True, True, (Step(read, tuple(range(passes + 1))),), 0, 0)
     task = FakeTask(ctx.tensor, ctx, rows)
     stats = TensorStats(x.shape[0], rows, ctx.base)
     blocks = Blocks(x, read)

@@ -61,8 +61,8 @@ class Cost:
     # at its peak in any pass (measured in a fresh process per kernel, rounded up): budget.py
     # counts block rows · cols · n_inputs for the inputs plus sub-chunk rows · cols · temp_rows
     temp_rows: float = 1.0
-    # bytes per element of one input row kept between passes when the tensor is read once
-    # (hold_state: DARE's packed keep-masks)
+    # bytes per element of one input row kept between passes when the tensor is read once, or
+    # when budget.hold_reserve sets them aside (hold_state: DARE's packed keep-masks)
     held_per_element: float = 0.0
 
 
