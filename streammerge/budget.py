@@ -168,9 +168,14 @@ def fits_whole(task: Task, budget_bytes: int, threads: int = 1) -> bool:
 
 def hold_reserve(tasks: Sequence[Task], budget_bytes: int, threads: int = 1) -> int:
     """Bytes set aside from the chunk budget for the state of tasks read in several blocks: the
-    largest such task's, when it is at most HOLD_SHARE of the budget (0: none is kept)."""
-    held = [held_bytes(t) for t in tasks if not fits_whole(t, budget_bytes, threads)]
-    return max((h for h in held if 0 < h <= budget_bytes * HOLD_SHARE), default=0)
+    largest such task's that is at most HOLD_SHARE of the budget and leaves every task that fits
+    whole still whole (a tensor read twice costs more than masks drawn twice); 0: none is kept."""
+    whole = [t for t in tasks if fits_whole(t, budget_bytes, threads)]
+    held = {held_bytes(t) for t in tasks if not fits_whole(t, budget_bytes, threads)}
+    for r in sorted((h for h in held if 0 < h <= budget_bytes * HOLD_SHARE), reverse=True):
+        if all(fits_whole(t, budget_bytes - r, threads) for t in whole):
+            return r
+    return 0
 
 
 def block_bytes(task: Task, rows: int, sub: int, threads: int = 1) -> int:

@@ -124,7 +124,7 @@ class CountDraws:
 
 
 def test_masks_kept_between_passes_of_a_tensor_read_in_blocks(tiny_set, tmp_path, monkeypatch) -> None:
-    from streammerge.budget import HOLD_SHARE, held_bytes, widest_row
+    from streammerge.budget import HOLD_SHARE, fits_whole, held_bytes, widest_row
     from streammerge.config import parse_config
     from streammerge.executor import Executor
     from streammerge.options import RunOptions
@@ -134,23 +134,32 @@ def test_masks_kept_between_passes_of_a_tensor_read_in_blocks(tiny_set, tmp_path
     plan = make_plan(parse_config(config_text("dare_ties", tiny_set)))
     dare = [t for t in plan.tasks if not t.copy_exact and t.cost.stat_passes]
     once = sum(t.rows * t.cols * (len(t.inputs) - 1) for t in dare)
-    tall = max(plan.tasks, key=held_bytes)
-    budget = max(int(held_bytes(tall) / HOLD_SHARE), held_bytes(tall) + 4 * widest_row(plan)[0])
-    sched = make_schedule(plan, 1 << 34, overlap=False, chunk_bytes=budget)
-    ts = sched.tasks[plan.tasks.index(tall)]
-    assert not ts.whole and ts.hold and len(ts.steps) > 2  # read in blocks, masks kept
-    assert sched.capacity == budget - held_bytes(tall)  # set aside from what blocks may take
-    drawn = CountDraws(monkeypatch)
-    Executor(plan, str(tmp_path / "held"), RunOptions(max_memory=1 << 34, chunk_bytes=budget)).run()
-    assert drawn.n == once  # every mask drawn once, in the statistics pass
+    widest = widest_row(plan)[0]
+    held_in_blocks = None
+    for budget in range(widest, 60 * widest, widest // 2):
+        sched = make_schedule(plan, 1 << 34, overlap=False, chunk_bytes=budget)
+        reserve = budget - sched.capacity
+        assert 0 <= reserve <= HOLD_SHARE * budget
+        for t, ts in zip(plan.tasks, sched.tasks):
+            assert ts.whole or not fits_whole(t, budget), "the reserve cost a tensor its single read"
+            assert ts.hold == (ts.whole or 0 < held_bytes(t) <= reserve)
+        if held_in_blocks is None and any(ts.hold and not ts.whole and len(ts.steps) > 2 for ts in sched.tasks):
+            held_in_blocks = budget
+    assert held_in_blocks is not None  # some budget keeps a tensor's masks across its blocks
 
-    # no room for the state beside a row of the widest tensor: tensors read in blocks draw again
-    tight = widest_row(plan)[0]
-    sched = make_schedule(plan, 1 << 34, overlap=False, chunk_bytes=tight)
+    drawn = CountDraws(monkeypatch)
+    Executor(plan, str(tmp_path / "held"), RunOptions(max_memory=1 << 34, chunk_bytes=held_in_blocks)).run()
+    sched = make_schedule(plan, 1 << 34, overlap=False, chunk_bytes=held_in_blocks)
     again = sum(t.rows * t.cols * (len(t.inputs) - 1) for t, s in zip(plan.tasks, sched.tasks)
                 if t in dare and not s.hold)
-    assert again > 0
+    assert drawn.n == once + again  # masks of tensors that hold drawn once, in the statistics pass
+
+    # no room for the state beside a row of the widest tensor: tensors read in blocks draw again
+    sched = make_schedule(plan, 1 << 34, overlap=False, chunk_bytes=widest)
+    more = sum(t.rows * t.cols * (len(t.inputs) - 1) for t, s in zip(plan.tasks, sched.tasks)
+               if t in dare and not s.hold)
+    assert more > again
     drawn.n = 0
-    Executor(plan, str(tmp_path / "drawn"), RunOptions(max_memory=1 << 34, chunk_bytes=tight)).run()
-    assert drawn.n == once + again
+    Executor(plan, str(tmp_path / "drawn"), RunOptions(max_memory=1 << 34, chunk_bytes=widest)).run()
+    assert drawn.n == once + more
     assert output_digest(str(tmp_path / "held")) == output_digest(str(tmp_path / "drawn"))
