@@ -22,7 +22,9 @@ from .units import mib_str, size_str
 
 RESERVE_BYTES = 64 << 20  # hashing, journal, small tensors, torch's per-thread buffers, allocator slack
 WRITE_BEHIND_BYTES = 8 << 20  # finished rows waiting for the writer thread (overlap.WriteBehind)
-READ_STAGING_BYTES = 2 * STAGE_BYTES  # index.read_rows' staging buffer, on the reader thread and the main one
+# index.read_rows' staging buffers: the reader thread's and the main one's, or the two the compute
+# threads read a block through (reader.InputReader's `each`)
+READ_STAGING_BYTES = 2 * STAGE_BYTES
 HELD_BYTES = RESERVE_BYTES + WRITE_BEHIND_BYTES + READ_STAGING_BYTES  # outside the chunk buffers
 # Chunk buffers get this share of what the budget leaves: the heap's peak exceeds live
 # memory by fragmentation (glibc keeps freed chunk-sized blocks). Measured on the 15-model

@@ -268,11 +268,14 @@ class Executor:
         reads = sched.reads()
         self._start_progress(reads, done)
         steps = {t.task: t for t in sched.tasks}
-        reader = InputReader(plan, self.device, RingArena(sched.arena, pin=self.device.type == "cuda"))
+        workers = Workers(self.threads)
+        # without a read-ahead thread the compute threads wait for each block: they read it
+        each = (lambda fn, items: workers.each(fn, items, _nothing, _nothing)) \
+            if self.device.type == "cpu" and not self.overlap and workers.n > 1 else None
+        reader = InputReader(plan, self.device, RingArena(sched.arena, pin=self.device.type == "cuda"), each)
         source = ReadBlocks(reader, reads, sched.capacity, self.overlap, self.progress.read)
         writes = WriteBehind(WRITE_BEHIND_BYTES, self.overlap)
         committer = Committer(self.out_dir, plan, journal, self.progress)
-        workers = Workers(self.threads)
         try:
             for si, shard in enumerate(plan.shards):
                 self.folder.unrename(shard.name)
@@ -300,6 +303,10 @@ class Executor:
             committer.close()
             self.progress.close()  # after the committer stopped: the count shown is what is journaled
         return len(done), sum(plan.tasks[ti].nbytes for ti in todo), committer
+
+
+def _nothing(*args: object) -> None:
+    pass
 
 
 def start_cuda(device: torch.device) -> None:

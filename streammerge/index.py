@@ -144,7 +144,7 @@ class ModelIndex:
         return xxhash.xxh3_128_hexdigest(json.dumps(self.identity(), sort_keys=True).encode())
 
     def read_rows(self, name: str, row0: int, row1: int, out: torch.Tensor | None = None,
-                  hasher: xxhash.xxh3_128 | None = None) -> torch.Tensor:
+                  hasher: xxhash.xxh3_128 | None = None, stage: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [row0, row1) of tensor `name` as (rows, cols).
 
         The bytes are read with pread, never touched through a memory map: a shard truncated or
@@ -156,6 +156,8 @@ class ModelIndex:
                 tensor's dtype, else through a reused staging buffer); otherwise a copy in the
                 tensor's own dtype is returned.
             hasher: fed the rows' raw bytes.
+            stage: the staging buffer to use (uint8, at least STAGE_BYTES or one row); default:
+                this thread's own.
         """
         ref = self.tensors[name]
         dtype = torch_dtype(ref.entry.dtype)
@@ -166,10 +168,11 @@ class ModelIndex:
             return target
         width = ref.cols * itemsize(ref.entry.dtype)
         step = max(1, STAGE_BYTES // max(1, width))  # rows per slice through the staging buffer
-        stage = self._staging(min(row1 - row0, step) * width)
+        need = min(row1 - row0, step) * width
+        buf = self._staging(need) if stage is None or stage.numel() < need else stage[:need]
         for r in range(row0, row1, step):
             e = min(row1, r + step)
-            part = stage[:(e - r) * width]
+            part = buf[:(e - r) * width]
             self.pread_rows(name, r, e, part, hasher)
             out[r - row0:e - row0].copy_(part.view(dtype).reshape(e - r, ref.cols))
         return out

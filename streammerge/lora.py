@@ -145,18 +145,18 @@ class AdaptedIndex(ModelIndex):
         return ident
 
     def read_rows(self, name: str, row0: int, row1: int, out: torch.Tensor | None = None,
-                  hasher: xxhash.xxh3_128 | None = None) -> torch.Tensor:
+                  hasher: xxhash.xxh3_128 | None = None, stage: torch.Tensor | None = None) -> torch.Tensor:
         if name in self.replaced:
-            return self.adapter.read_rows(name, row0, row1, out, hasher)
+            return self.adapter.read_rows(name, row0, row1, out, hasher, stage)
         lo = self.loras.get(name)
         if lo is None:
-            return self.base.read_rows(name, row0, row1, out, hasher)
+            return self.base.read_rows(name, row0, row1, out, hasher, stage)
         if out is None:
             own = torch.empty((row1 - row0, self.tensors[name].cols), dtype=torch_dtype(self.tensors[name].entry.dtype))
             self.base.read_rows(name, row0, row1, own, hasher)
             self._add_delta(name, lo, row0, own)
             return own
-        self.base.read_rows(name, row0, row1, out, hasher)
+        self.base.read_rows(name, row0, row1, out, hasher, stage)
         self._add_delta(name, lo, row0, out)
         return out
 

@@ -18,6 +18,7 @@ import xxhash
 
 from .dtypes import compute_dtype, itemsize, torch_dtype
 from .errors import InputError
+from .index import STAGE_BYTES
 from .overlap import ReadAhead, RingArena
 from .planner import INPUT_KEY_SEP, Plan, Task
 from .schedule import Read, input_bytes
@@ -33,8 +34,14 @@ class InputReader:
         >>> x = reader.load(schedule.tasks[0].steps[0].read)
     """
 
-    def __init__(self, plan: Plan, device: torch.device, arena: RingArena) -> None:
+    def __init__(self, plan: Plan, device: torch.device, arena: RingArena,
+                 each: Callable[[Callable[[int], None], list[int]], None] | None = None) -> None:
+        """`each(fn, items)`: runs fn over items on other threads and returns when all are done (the
+        compute threads, idle while the runner waits for its next block); then a block's inputs are
+        read by two of them at once, each through its own staging buffer (budget.py counts two)."""
         self.plan, self.device, self.arena = plan, device, arena
+        self.each = each
+        self._stages: list[torch.Tensor] = []
         self._hashers: dict[int, list[xxhash.xxh3_128]] = {}  # per task: each input's bytes, as read
         self._means: dict[str, torch.Tensor] = {}  # padding rows per vocabulary tensor
         self._copy_stream: torch.cuda.Stream | None = None  # host-to-GPU copies
@@ -97,14 +104,32 @@ class InputReader:
         x = self.arena.take(input_bytes(task, row1 - row0), dt, shape)
         if task.vocab is not None:
             return self._gather(task, row0, row1, x.zero_())
-        for k, inp in enumerate(task.inputs):
+        def one(k: int, stage: torch.Tensor | None = None) -> None:
+            inp = task.inputs[k]
             index = self.plan.models[inp.model].index
             hasher = hashers[k] if hashers is not None else None
             if task.load_dtype is None or task.load_dtype == inp.dtype:
-                index.read_rows(inp.tensor, row0, row1, out=x[k], hasher=hasher)  # one copy, converting
+                index.read_rows(inp.tensor, row0, row1, out=x[k], hasher=hasher, stage=stage)  # one copy, converting
             else:
                 raw = index.read_rows(inp.tensor, row0, row1, hasher=hasher)
                 x[k].copy_(raw.to(torch_dtype(task.load_dtype)))
+
+        n = len(task.inputs)
+        if self.each is None:
+            for k in range(n):
+                one(k)
+            return x
+        if not self._stages:
+            self._stages = [torch.empty(STAGE_BYTES, dtype=torch.uint8) for _ in range(2)]
+        if n < 2:
+            one(0, self._stages[0])
+            return x
+
+        def half(h: int) -> None:  # every other input; each input's rows still hashed in order
+            for k in range(h, n, 2):
+                one(k, self._stages[h])
+
+        self.each(half, [0, 1])
         return x
 
     def _gather(self, task: Task, row0: int, row1: int, x: torch.Tensor) -> torch.Tensor:
