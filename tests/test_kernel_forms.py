@@ -40,10 +40,11 @@ def test_keep_scaled_is_masking_then_scaling(values, scale, dtype) -> None:
     assert torch.equal(bits(fast), bits(plain))
 
 
-def plain_apply(op, x: torch.Tensor) -> torch.Tensor:
+def plain_apply(op, x: torch.Tensor, counts: dict) -> torch.Tensor:
     """TaskArithmetic.apply without sparsification, as SEMANTICS §2.7 reads: weighted δ summed in
     input order; TIES keeps the δ whose sign is the weighted sum's (0 counts as +) as δ·[δ·sign > 0]
-    and divides by their weights' sum (1 where none agree)."""
+    and divides by their weights' sum (1 where none agree). `counts` gets, per input, its nonzero
+    weighted δ and how many of them agree (the report's figures)."""
     base = x[op.base]
     deltas = [(x[i] - base) * w for i, w in zip(op.others, op.weights)]
     total = torch.zeros_like(base)
@@ -54,10 +55,11 @@ def plain_apply(op, x: torch.Tensor) -> torch.Tensor:
         sign = majority_sign(total)
         total = torch.zeros_like(base)
         div = torch.zeros_like(base)
-        for d, w in zip(deltas, op.weights):
+        for i, d, w in zip(op.others, deltas, op.weights):
             agree = (d * sign) > 0
             total += d * agree
             div.add_(agree, alpha=w)
+            counts[i] = (int(torch.count_nonzero(agree)), int(torch.count_nonzero(d)))
         divisor = torch.where(div == 0, 1.0, div)
     else:
         weight_sum = sum(op.weights)
@@ -81,30 +83,36 @@ def test_consensus_gives_the_bits_of_the_masked_sum(data, method, n, cols, norma
     ctx = context(method, params, {"normalize": normalize, "lambda": lam}, base=0, shape=(2, cols))
     op = METHODS[method].make(ctx)
     assert METHODS[method].cost(ctx).stat_passes == 0
-    expected = plain_apply(op, x.clone())
+    counts: dict = {}
+    expected = plain_apply(op, x.clone(), counts)
+    op.tally = Tally(n + 1)
+    op.tally.pick = slice(0, 2)  # every row counted
     got = op.apply(x.clone(), 0)
     assert torch.equal(bits(got), bits(expected))
+    if op.consensus:
+        assert {i: (op.tally.agree[i], op.tally.nonzero[i]) for i in op.others} == counts
 
 
 @settings(max_examples=100, deadline=None)
-@given(values=st.lists(VALUE, min_size=1, max_size=80), cols=st.integers(1, 8), positive=st.booleans(),
+@given(values=st.lists(VALUE, min_size=1, max_size=120), n=st.integers(1, 3), cols=st.integers(1, 8),
        start=st.integers(0, 7), step=st.integers(1, 4), as_bool=st.booleans())
-def test_tally_counts_as_count_nonzero(values, cols, positive, start, step, as_bool) -> None:
-    rows = len(values) // cols
+def test_tally_counts_as_count_nonzero(values, n, cols, start, step, as_bool) -> None:
+    rows = len(values) // (n * cols)
     if rows == 0:
         return
-    x = torch.tensor(values[:rows * cols], dtype=torch.float32).view(rows, cols)
-    if as_bool:
-        x = x > 0
-    tally = Tally(1)
+    x = torch.tensor(values[:n * rows * cols], dtype=torch.float32).view(n, rows, cols)
+    tally = Tally(n + 1)
     tally.pick = slice(start, rows, step)
-    picked = x[start:rows:step]
-    if positive and not as_bool:
-        tally.count(tally.agree, 0, None, x, positive=True)
-        assert tally.agree[0] == int(torch.count_nonzero(picked > 0))
-    else:
-        tally.count(tally.kept, 0, x, x)
-        assert tally.kept[0] == int(torch.count_nonzero(picked))
+    picked = x[:, start:rows:step]
+    for k in range(n):  # one input at a time, of a float or a bool chunk
+        chunk = x[k] > 0 if as_bool else x[k]
+        tally.count(tally.kept, k + 1, chunk, chunk)
+        assert tally.kept[k + 1] == int(torch.count_nonzero(chunk[start:rows:step]))
+    inputs = list(range(1, n + 1))
+    tally.count_each(tally.nonzero, inputs, picked)  # several inputs' picked rows at once
+    tally.count_each(tally.agree, inputs, picked, positive=True)
+    assert tally.nonzero[1:] == [int(torch.count_nonzero(p)) for p in picked]
+    assert tally.agree[1:] == [int(torch.count_nonzero(p > 0)) for p in picked]
 
 
 class CountDraws:

@@ -165,15 +165,17 @@ class TaskArithmetic(MergeOp):
         div = torch.zeros_like(total) if self.normalize else None
         agree = torch.empty_like(total) if self.normalize else None
         tally = self.tally
-        for j, (d, w) in enumerate(zip(deltas, self.weights)):
+        for d, w in zip(deltas, self.weights):
             t = d * sign
             t.clamp_min_(0)
             total += t
             if div is not None and agree is not None:
                 div.add_(positive(t, agree), alpha=w)
-            if tally is not None:  # sign agreement: of the nonzero (kept, weighted) δ, how much agrees
-                tally.count(tally.agree, self.others[j], None, t, positive=True)
-                tally.count(tally.nonzero, self.others[j], d, d)
+        pick = tally.pick if tally is not None else None
+        if tally is not None and pick is not None:  # of the nonzero (kept, weighted) δ, how much agrees
+            rows = torch.stack([d[pick] for d in deltas])
+            tally.count_each(tally.nonzero, self.others, rows)
+            tally.count_each(tally.agree, self.others, rows.mul_(sign[pick]), positive=True)
         total *= sign
         total.add_(0.0)  # where nothing agrees, +0 as the masked sum gave, not the −0 of +0·−1
         return total, 1.0 if div is None else torch.where(div == 0, 1.0, div)
