@@ -17,6 +17,8 @@ every backend, with shifts made logical by a mask; int64 does the samples the sa
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 import xxhash
@@ -84,24 +86,50 @@ def _blocks(start: int, count: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _hash32_numpy(key: int, start: int, count: int) -> np.ndarray:
-    """Element draws as uint32, on the CPU: numpy's uint32 arithmetic wraps and its shifts are
-    logical, so lowbias32 is five in-place operations on one buffer (torch's >> is arithmetic and
-    needs a mask, and its int32 multiply was half numpy's speed)."""
-    out = np.empty(count, dtype=np.uint32)
+_local = threading.local()  # per thread: the uint32 scratch buffers of bernoulli_mask
+_ARANGE = np.arange(0, dtype=np.uint32)  # 0, 1, 2, ...: grown as sub-chunks need, never shrunk
+
+
+def _iota(n: int) -> np.ndarray:
+    """0..n-1 as uint32 (a shared, read-only prefix of a cached range)."""
+    global _ARANGE
+    ar = _ARANGE
+    if ar.size < n:
+        ar = _ARANGE = np.arange(max(n, 2 * ar.size), dtype=np.uint32)
+    return ar[:n]
+
+
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's two uint32 buffers of at least n elements (a fresh pair per sub-chunk cost page
+    faults), as views of n."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None or bufs[0].size < n:
+        bufs = _local.bufs = (np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.uint32))
+    return bufs[0][:n], bufs[1][:n]
+
+
+def _hash32_numpy(key: int, start: int, count: int, out: np.ndarray | None = None,
+                  tmp: np.ndarray | None = None) -> np.ndarray:
+    """Element draws as uint32, on the CPU (into `out`, with `tmp` as scratch, when given): numpy's
+    uint32 arithmetic wraps and its shifts are logical, so lowbias32 is five in-place operations
+    on one buffer (torch's >> is arithmetic and needs a mask, and its int32 multiply was half
+    numpy's speed)."""
+    out = np.empty(count, dtype=np.uint32) if out is None else out
     at = 0
     for block, lo, n in _blocks(start, count):
         x = out[at:at + n]
-        wide = lo + n > 0xFFFFFFFF  # arange's stop would not fit in uint32
-        x[:] = np.arange(lo, lo + n, dtype=np.uint64 if wide else np.uint32)
-        tmp = np.empty_like(x)
+        t = np.empty_like(x) if tmp is None else tmp[at:at + n]
+        if lo + n > 0xFFFFFFFF:  # lo + i would not fit in uint32
+            x[:] = np.arange(lo, lo + n, dtype=np.uint64)
+        else:
+            np.add(_iota(n), np.uint32(lo), out=x)
         np.bitwise_xor(x, np.uint32(block_key(key, block)), out=x)
         for shift, mult in ((16, _L1), (15, _L2)):
-            np.right_shift(x, shift, out=tmp)
-            np.bitwise_xor(x, tmp, out=x)
+            np.right_shift(x, shift, out=t)
+            np.bitwise_xor(x, t, out=x)
             np.multiply(x, np.uint32(mult), out=x)
-        np.right_shift(x, 15, out=tmp)
-        np.bitwise_xor(x, tmp, out=x)
+        np.right_shift(x, 15, out=t)
+        np.bitwise_xor(x, t, out=x)
         at += n
     return out
 
@@ -169,5 +197,5 @@ def bernoulli_mask(key: int, start: int, count: int, probability: float,
     if t >= 1 << 32:
         return torch.ones(count, dtype=torch.bool, device=device)
     if torch.device(device).type == "cpu":
-        return torch.from_numpy(_hash32_numpy(key, start, count) < np.uint32(t))
+        return torch.from_numpy(_hash32_numpy(key, start, count, *_scratch(count)) < np.uint32(t))
     return _hash32_torch(key, start, count, device) < t - (1 << 31)
