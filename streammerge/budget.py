@@ -171,12 +171,15 @@ def fits_whole(task: Task, budget_bytes: int, threads: int = 1) -> bool:
 def hold_reserve(tasks: Sequence[Task], budget_bytes: int, threads: int = 1) -> int:
     """Bytes set aside from the chunk budget for the state of tasks read in several blocks: the
     largest such task's that is at most HOLD_SHARE of the budget and leaves every task that fits
-    whole still whole (a tensor read twice costs more than masks drawn twice); 0: none is kept."""
-    whole = [t for t in tasks if fits_whole(t, budget_bytes, threads)]
-    held = {held_bytes(t) for t in tasks if not fits_whole(t, budget_bytes, threads)}
+    whole still whole (a tensor read twice costs more than masks drawn twice); 0: none is kept, or
+    what is left would not hold one row of the widest task."""
+    fits = [fits_whole(t, budget_bytes, threads) for t in tasks]
+    whole = [t for t, f in zip(tasks, fits) if f]
+    held = {held_bytes(t) for t, f in zip(tasks, fits) if not f}
     for r in sorted((h for h in held if 0 < h <= budget_bytes * HOLD_SHARE), reverse=True):
         if all(fits_whole(t, budget_bytes - r, threads) for t in whole):
-            return r
+            widest = max(row_cost(t) for t in tasks)
+            return r if budget_bytes - r >= widest else 0
     return 0
 
 

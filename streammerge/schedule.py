@@ -130,8 +130,6 @@ def make_schedule(plan: Plan, max_memory: int, overlap: bool, chunk_bytes: int |
     if plan.device == "cpu":
         # what tasks read in several blocks keep between passes is set aside first, beside the blocks
         reserve = hold_reserve(plan.tasks, budget, threads)
-        if budget - reserve < widest_row(plan)[0]:
-            reserve = 0
         blocks = budget - reserve
         sched = tuple(task_schedule(plan, ti, *chunk_rows(t, blocks, overlap, threads=threads), reserve=reserve)
                       for ti, t in enumerate(plan.tasks))

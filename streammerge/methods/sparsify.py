@@ -282,7 +282,8 @@ class RandomDrop(Sparsifier):
             self._packed[flat0] = np.packbits(keep.numpy().reshape(-1))
         mag = delta.abs()
         self._total.add(row_sums(mag))
-        self._kept.add(row_sums(mag.mul_(scaled_keep(keep, 1.0, mag.dtype))))
+        keep_scaled_(mag, keep, 1.0)
+        self._kept.add(row_sums(mag))
 
     def end_pass(self, pass_idx: int) -> None:
         self.factor = l1_factor(self._total.total(), self._kept.total())
