@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+from launch import streammerge
 
 
 @pytest.fixture
@@ -24,8 +24,7 @@ def small_disk(tmp_path):
 
 
 def run(cfg: str, out: str):
-    return subprocess.run([sys.executable, "-m", "streammerge", "run", cfg, out, "--out-shard-size", "60K"],
-                          capture_output=True, text=True, timeout=300)
+    return streammerge("run", cfg, out, "--out-shard-size", "60K")
 
 
 def files(out: str) -> dict[str, bytes]:
@@ -38,8 +37,7 @@ def files(out: str) -> dict[str, bytes]:
 
 def shard_pages(cfg: str) -> int:
     """Bytes the output shards take on a 4 KiB-page filesystem."""
-    r = subprocess.run([sys.executable, "-m", "streammerge", "plan", cfg, "--json", "--out-shard-size", "60K"],
-                       capture_output=True, text=True)
+    r = streammerge("plan", cfg, "--json", "--out-shard-size", "60K")
     return sum(-(-s["size"] // 4096) * 4096 for s in json.loads(r.stdout)["shards"])
 
 

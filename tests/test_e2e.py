@@ -218,8 +218,8 @@ def test_output_bytes_do_not_depend_on_thread_count_or_overlap(seed_cache, stage
     """-j 1 with read-ahead and write-behind threads, -j 3 without, and the stage1 fixture (the
     defaults: a thread per core, no helper threads under 4 cores) write the same tensors."""
     import json
-    import subprocess
-    import sys
+
+    from launch import streammerge
 
     def tensors(out: str) -> dict[str, str]:
         with open(os.path.join(out, "streammerge.manifest.json")) as f:
@@ -227,7 +227,6 @@ def test_output_bytes_do_not_depend_on_thread_count_or_overlap(seed_cache, stage
 
     for threads, overlap in (("1", "--overlap"), ("3", "--no-overlap")):
         out = str(tmp_path / f"j{threads}{overlap}" / "out")
-        r = subprocess.run([sys.executable, "-m", "streammerge", STAGE1, out, "-j", threads, overlap, "-q"],
-                           env={**os.environ, "HF_HUB_CACHE": seed_cache}, capture_output=True, text=True)
+        r = streammerge(STAGE1, out, "-j", threads, overlap, "-q", env={**os.environ, "HF_HUB_CACHE": seed_cache})
         assert r.returncode == 0, r.stderr
         assert tensors(out) == tensors(stage1), f"-j {threads} {overlap} changed the output"

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
+
+from launch import streammerge
 
 
 def pipeline(tmp_path, folders: list[str], density: float = 0.5) -> str:
@@ -47,8 +47,7 @@ def run(cfg: str, out: str, crash_at: int | None = None, trace: str | None = Non
         env["STREAMMERGE_CRASH_AT"] = str(crash_at)
     if trace:
         env["STREAMMERGE_CRASH_TRACE"] = trace
-    return subprocess.run([sys.executable, "-m", "streammerge", "run", cfg, out, "--out-shard-size", "60K"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    return streammerge("run", cfg, out, "--out-shard-size", "60K", env=env)
 
 
 def files(out: str) -> dict[str, object]:

@@ -1,4 +1,4 @@
-"""Kill it anywhere, run it again: real SIGKILLs at 24+ points spread over a merge (tensor
+"""Kill it anywhere, run it again: real SIGKILLs at 36 points spread over a merge (tensor
 writes, journal appends, shard syncs, every finalisation step, index writing), each resumed —
 also with another --max-memory — ends with a folder byte-identical to an uninterrupted run.
 Also: the rules for a changed config, the run lock, and an up-to-date or finished output."""
@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import assert_golden
 from kill_test import snapshot  # one byte-for-byte folder snapshot, shared with the kill tool
+from launch import streammerge
 
 from streammerge.journal import RunLock
 
@@ -36,13 +35,12 @@ def run(cfg: str, out: str, *extra: str, crash_at: int | None = None, trace: str
         env["STREAMMERGE_CRASH_AT"] = str(crash_at)
     if trace:
         env["STREAMMERGE_CRASH_TRACE"] = trace
-    cmd = [sys.executable, "-m", "streammerge", "run", cfg, out, "--out-shard-size", "60K", *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return streammerge("run", cfg, out, "--out-shard-size", "60K", *extra, env=env)
 
 
 def smallest_budget(cfg: str) -> int:
     """The smallest feasible --max-memory on this machine, in MiB (baselines differ between machines)."""
-    r = subprocess.run([sys.executable, "-m", "streammerge", "plan", cfg, "--json"], capture_output=True, text=True)
+    r = streammerge("plan", cfg, "--json")
     return json.loads(r.stdout)["smallest_max_memory_bytes"] // 2**20 + 1
 
 
@@ -65,7 +63,7 @@ def reference(tiny_set, tmp_path_factory):
     return cfg, snapshot(out), points
 
 
-def kill_points(points: list[str], n: int = 18) -> list[int]:
+def kill_points(points: list[str], n: int = 36) -> list[int]:
     """Every finalisation point, each kind of point mid-run, the rest spread evenly (1-based)."""
     final = {"tasks-done", "card-written", "manifest-written", "shard-renamed", "index-written", "finished"}
     chosen = {i + 1 for i, p in enumerate(points) if p in final}
@@ -82,7 +80,7 @@ def test_sigkill_anywhere_then_resume_gives_identical_bytes(reference, tmp_path)
     cfg, want, points = reference
     assert len(points) > 100 and len(set(points)) >= 10
     at = kill_points(points)
-    assert len(at) >= 18
+    assert len(at) >= 36
     tight = f"{smallest_budget(cfg) + 8}MiB"  # resumed runs alternate: default budget, near-minimal chunks
 
     def kill_then_resume(k: int, n: int) -> str:
@@ -99,7 +97,7 @@ def test_sigkill_anywhere_then_resume_gives_identical_bytes(reference, tmp_path)
         assert snapshot(out) == want, f"kill at point {n} ({points[n - 1]}) changed the output"
         return points[n - 1]
 
-    # two kill-and-resume sequences at a time, each in its own folder: most of a run is starting Python
+    # two kill-and-resume sequences at a time, each in its own folder
     with ThreadPoolExecutor(2) as pool:
         outcomes = list(pool.map(kill_then_resume, range(len(at)), at))
     assert {"journal-append", "chunk-written", "manifest-written", "shard-renamed", "index-written"} <= set(outcomes)

@@ -1,0 +1,81 @@
+"""`streammerge ARGS` as a real child process that starts in milliseconds, for the tests that
+kill and resume merges by the dozen.
+
+Each child is its own OS process (its own pid, threads, files and locks; a SIGKILL ends it
+mid-write as it would end `python -m streammerge`), forked from a server process that
+imported streammerge, and with it torch, once per test process (multiprocessing's
+forkserver). Starting `python -m streammerge` costs ~2.5 s of CPU, mostly importing torch;
+the kill-and-resume tests start ~100 of them. The server itself runs nothing, so no thread
+or torch state is copied into a child. A handful of tests (test_cli, test_e2e, test_memory
+under a cgroup cap, test_rough_edges) still start `python -m streammerge` itself.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass
+
+_CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(["streammerge.cli"])
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What subprocess.run(..., capture_output=True, text=True) would have returned."""
+
+    args: list[str]
+    returncode: int  # negative: killed by that signal
+    stdout: str
+    stderr: str
+
+
+def streammerge(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> Finished:
+    """Run `streammerge ARGS` in a child process with `env` (default: this process's) and the
+    current directory; its exit status and output as subprocess.run gives them."""
+    with tempfile.TemporaryDirectory(prefix="sm-launch-") as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        child = _CONTEXT.Process(target=_main, args=(list(args), dict(os.environ if env is None else env),
+                                                     os.getcwd(), out, err))
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise TimeoutError(f"streammerge {' '.join(args)} ran past {timeout} s")
+        with open(out, encoding="utf-8", errors="replace") as f, open(err, encoding="utf-8", errors="replace") as g:
+            return Finished(list(args), child.exitcode, f.read(), g.read())
+
+
+def _main(args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
+    """The child: stdout and stderr to files, the caller's environment and directory, then the
+    command line as `python -m streammerge` runs it (an uncaught exception prints its traceback
+    and exits 1, as the interpreter would)."""
+    for fd, path in ((1, out), (2, err)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(f, fd)
+        os.close(f)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.argv = ["streammerge", *args]
+    from streammerge.cli import main
+
+    code = 0
+    try:
+        main(args=args, prog_name="streammerge")
+    except SystemExit as e:
+        if isinstance(e.code, int) or e.code is None:
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
