@@ -123,10 +123,23 @@ class MergeConfig:
 # a pipeline stage's name: a model id like org/name, which becomes its folder under the intermediates
 _STAGE_NAME = re.compile(r"(?!.*\.\.)[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")
 MAX_YAML_NODES = 200_000  # a config has hundreds; an alias bomb ("billion laughs") expands to billions
+MAX_FLOW_DEPTH = 100  # [ and { nested: a config needs a handful
+
+
+class _TooDeep(yaml.YAMLError):
+    pass
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (it would keep the last)."""
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it would keep the last),
+    and brackets nested more than MAX_FLOW_DEPTH deep as soon as the scanner meets them: its
+    work per token grows with the depth, so 5,000 levels took seconds before the composer's
+    recursion limit stopped them."""
+
+    def fetch_flow_collection_start(self, TokenClass: type) -> None:  # noqa: N803 - PyYAML's name
+        if self.flow_level >= MAX_FLOW_DEPTH:
+            raise _TooDeep()
+        super().fetch_flow_collection_start(TokenClass)  # type: ignore[misc]
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[object, int] = {}
@@ -153,6 +166,9 @@ def load_yaml(text: str, source: str = "config") -> Any:
             raise ConfigError([f"the YAML expands to more than {MAX_YAML_NODES} values through its aliases "
                                "(&anchor / *alias); write the config out plainly"], source)
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except _TooDeep:
+        raise ConfigError([f"the YAML nests brackets more than {MAX_FLOW_DEPTH} deep; a merge config needs "
+                           "a handful"], source) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], source) from e
     except RecursionError:

@@ -145,3 +145,20 @@ def test_other_refusals(tiny_set, tmp_path) -> None:
         manifest.write_text(json.dumps(bad))
         r = CliRunner().invoke(main, ["verify", str(out)])
         assert r.exit_code == 7 and "Traceback" not in r.output and "manifest" in r.output, r.output
+
+
+@pytest.mark.parametrize("depth", [100, 101, 5000])
+def test_brackets_nested_deep_are_refused_at_once(tiny_set, tmp_path, depth) -> None:
+    """The YAML scanner's work per token grows with the depth: 5,000 levels took seconds to reach
+    the composer's recursion limit. 100 levels still parse (an unknown key: a warning)."""
+    from streammerge.config import MAX_FLOW_DEPTH
+
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"merge_method: linear\nmodels: [{{model: {tiny_set[0]}}}]\nparameters: {{weight: 1}}\n"
+                   f"deep: {'[' * depth}{']' * depth}\n")
+    r = CliRunner().invoke(main, ["plan", str(cfg)])
+    assert str(cfg) in r.output and "Traceback" not in r.output, r.output
+    if depth > MAX_FLOW_DEPTH:
+        assert r.exit_code == 3 and f"nests brackets more than {MAX_FLOW_DEPTH} deep" in r.output, r.output
+    else:
+        assert r.exit_code == 0 and "deep: unknown key, ignored" in r.output, r.output
