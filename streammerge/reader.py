@@ -21,7 +21,7 @@ from .errors import InputError
 from .index import STAGE_BYTES
 from .overlap import ReadAhead, RingArena
 from .planner import INPUT_KEY_SEP, Plan, Task
-from .schedule import Read, input_bytes
+from .schedule import PARALLEL_MIN_ELEMENTS, Read, input_bytes
 
 Block = torch.Tensor | list[torch.Tensor]  # merge inputs (n, rows, cols), or a copied tensor's raw rows
 
@@ -115,7 +115,7 @@ class InputReader:
                 x[k].copy_(raw.to(torch_dtype(task.load_dtype)))
 
         n = len(task.inputs)
-        if self.each is None:
+        if self.each is None or x.numel() < PARALLEL_MIN_ELEMENTS:  # a thread's wake-up would cost more
             for k in range(n):
                 one(k)
             return x

@@ -27,16 +27,11 @@ from .budget import live_pieces
 from .errors import PlanError
 from .methods import MergeOp, MethodDef
 from .planner import Task
-from .schedule import Read, TaskSchedule, spans
+from .schedule import PARALLEL_MIN_ELEMENTS, Read, TaskSchedule, spans
 from .stats import TensorStats
 
 S = TypeVar("S")
 T = TypeVar("T")
-
-# A block with fewer elements (all inputs) than this is computed on the caller's thread: handing
-# out its sub-chunks costs more than computing them. Measured on the seed's stage 1 in one-row
-# blocks (tiny models): 2 threads took 30 s, 1 thread 11 s.
-PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
 class Workers:
