@@ -49,8 +49,15 @@ def scaled_keep(keep: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.T
 
 
 def keep_scaled_(delta: torch.Tensor, keep: torch.Tensor | None, scale: float) -> None:
-    """delta ← (delta·keep)·scale in place (keep None: everything kept)."""
-    delta.mul_(scale if keep is None else scaled_keep(keep, scale, delta.dtype))
+    """delta ← (delta·keep)·scale in place (keep None: everything kept). With scale 1 on a CPU,
+    numpy multiplies float32 by the bools in one pass (a bool is 1.0 or 0.0 there too)."""
+    if keep is None:
+        delta.mul_(scale)
+    elif scale == 1.0 and delta.device.type == "cpu" and delta.dtype == torch.float32 and delta.is_contiguous():
+        d = delta.numpy()
+        np.multiply(d, keep.contiguous().numpy(), out=d)
+    else:
+        delta.mul_(scaled_keep(keep, scale, delta.dtype))
 
 
 def l1_factor(total: float, kept: float) -> float:
@@ -277,10 +284,11 @@ class RandomDrop(Sparsifier):
         return 1 if rescale and density < 1 else 0
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
+        """`delta` is the caller's to lose: |δ| is made in its place."""
         keep = self._draw(delta, flat0)
         if self.remember and delta.device.type == "cpu":
             self._packed[flat0] = np.packbits(keep.numpy().reshape(-1))
-        mag = delta.abs()
+        mag = delta.abs_()
         self._total.add(row_sums(mag))
         keep_scaled_(mag, keep, 1.0)
         self._kept.add(row_sums(mag))
