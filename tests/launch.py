@@ -6,8 +6,8 @@ mid-write as it would end `python -m streammerge`), forked from a server process
 imported streammerge, and with it torch, once per test process (multiprocessing's
 forkserver). Starting `python -m streammerge` costs ~2.5 s of CPU, mostly importing torch;
 the kill-and-resume tests start ~100 of them. The server itself runs nothing, so no thread
-or torch state is copied into a child. A handful of tests (test_cli, test_e2e, test_memory
-under a cgroup cap, test_rough_edges) still start `python -m streammerge` itself.
+or torch state is copied into a child. Some tests (test_memory's
+runs under a cgroup cap, test_rough_edges) still start `python -m streammerge` itself.
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ class Finished:
     stderr: str
 
 
-def streammerge(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> Finished:
-    """Run `streammerge ARGS` in a child process with `env` (default: this process's) and the
-    current directory; its exit status and output as subprocess.run gives them."""
+def streammerge(*args: str, env: dict[str, str] | None = None, cwd: str | None = None,
+                timeout: float = 300) -> Finished:
+    """Run `streammerge ARGS` in a child process with `env` (default: this process's) in `cwd`
+    (default: the current directory); its exit status and output as subprocess.run gives them."""
     with tempfile.TemporaryDirectory(prefix="sm-launch-") as tmp:
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
         child = _CONTEXT.Process(target=_main, args=(list(args), dict(os.environ if env is None else env),
-                                                     os.getcwd(), out, err))
+                                                     cwd or os.getcwd(), out, err))
         child.start()
         child.join(timeout)
         if child.exitcode is None:

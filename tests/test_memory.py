@@ -14,6 +14,7 @@ import sys
 
 import make_models
 import pytest
+from launch import Finished, streammerge
 
 MEMCAP = os.path.join(os.path.dirname(__file__), "..", "tools", "memcap")
 SHAPE = make_models.Shape(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=32000)
@@ -41,10 +42,11 @@ def unbounded(wide_set, tmp_path_factory) -> dict[str, str]:
     return tensor_hashes(out)
 
 
-def run(cfg: str, out: str, *extra: str, cap: str | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "streammerge", "run", cfg, out, "-q", *extra]
-    if cap:
-        cmd = ["bash", MEMCAP, cap, "--", *cmd]
+def run(cfg: str, out: str, *extra: str, cap: str | None = None) -> subprocess.CompletedProcess[str] | Finished:
+    """The merge in its own process: under a cap, `python -m streammerge` inside the cgroup."""
+    if not cap:
+        return streammerge("run", cfg, out, "-q", *extra, timeout=600)
+    cmd = ["bash", MEMCAP, cap, "--", sys.executable, "-m", "streammerge", "run", cfg, out, "-q", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -21,6 +20,8 @@ import pytest
 import ray
 from click.testing import CliRunner
 from helpers import assert_golden, output_digest
+from launch import Finished
+from launch import streammerge as launch_streammerge
 from ray.cluster_utils import Cluster
 
 import streammerge
@@ -103,9 +104,8 @@ def test_worker_killed_mid_run_is_rerun(cluster, tmp_path, write) -> None:
     assert_golden("seed/stage1", out)
 
 
-def _driver(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streammerge", "run", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, cwd=REPO, timeout=300)
+def _driver(args: list[str], env: dict[str, str]) -> Finished:
+    return launch_streammerge("run", *args, env={**os.environ, **env}, cwd=REPO)
 
 
 @pytest.mark.parametrize("again_on_ray", [True, False])
