@@ -4,10 +4,10 @@ kill and resume merges by the dozen.
 Each child is its own OS process (its own pid, threads, files and locks; a SIGKILL ends it
 mid-write as it would end `python -m streammerge`), forked from a server process that
 imported streammerge, and with it torch, once per test process (multiprocessing's
-forkserver). Starting `python -m streammerge` costs ~2.5 s of CPU, mostly importing torch;
+forkserver). Starting `python -m streammerge` costs 2.5-4 s of CPU, mostly importing torch;
 the kill-and-resume tests start ~100 of them. The server itself runs nothing, so no thread
-or torch state is copied into a child. Some tests (test_memory's
-runs under a cgroup cap, test_rough_edges) still start `python -m streammerge` itself.
+or torch state is copied into a child. The runs whose memory is under test (test_memory's,
+inside a cgroup cap) and test_rough_edges's still start `python -m streammerge` itself.
 """
 
 from __future__ import annotations
