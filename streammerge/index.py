@@ -29,6 +29,9 @@ SINGLE_FILE = "model.safetensors"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 BIN_SINGLE_FILE = "pytorch_model.bin"
 STAGE_BYTES = 8 << 20  # raw bytes converted per slice when a read changes the dtype
+# per reading thread: one staging buffer for every model's reads (budget.py counts two threads'),
+# not one per model and thread (15 inputs held 15 of them)
+_local = threading.local()
 
 
 def _inside(name: str) -> bool:
@@ -73,7 +76,6 @@ class ModelIndex:
         self.listed_missing: dict[str, str] = {}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._local = threading.local()  # per reading thread: its staging buffer
         self._load()
 
     def _load(self) -> None:
@@ -178,11 +180,11 @@ class ModelIndex:
         return out
 
     def _staging(self, nbytes: int) -> torch.Tensor:
-        """This thread's byte buffer, reused across reads (a fresh allocation per block costs page
-        faults); at most STAGE_BYTES, or one row when a row is wider."""
-        buf = getattr(self._local, "buf", None)
+        """This thread's byte buffer, reused across reads of every model (a fresh allocation per
+        block costs page faults); at most STAGE_BYTES, or one row when a row is wider."""
+        buf = getattr(_local, "buf", None)
         if buf is None or buf.numel() < nbytes:
-            buf = self._local.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            buf = _local.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         return buf[:nbytes]
 
     def pread_rows(self, name: str, row0: int, row1: int, out: torch.Tensor,

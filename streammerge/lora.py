@@ -55,7 +55,7 @@ class AdaptedIndex(ModelIndex):
         self.folder, self.label = base.folder, label
         cfg = self._adapter_config()
         self.adapter = ModelIndex(adapter_folder, f"adapter of {label}", files=ADAPTER_FILES)
-        self.headers, self._fds, self._lock, self._local = base.headers, base._fds, base._lock, base._local
+        self.headers, self._fds, self._lock = base.headers, base._fds, base._lock
         self.tensors, self.listed_missing = dict(base.tensors), base.listed_missing
         self.loras: dict[str, Lora] = {}
         self.replaced: set[str] = set()
