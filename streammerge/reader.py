@@ -115,14 +115,15 @@ class InputReader:
                 x[k].copy_(raw.to(torch_dtype(task.load_dtype)))
 
         n = len(task.inputs)
-        if self.each is None or x.numel() < PARALLEL_MIN_ELEMENTS:  # a thread's wake-up would cost more
+        if self.each is None:
             for k in range(n):
                 one(k)
             return x
         if not self._stages:
             self._stages = [torch.empty(STAGE_BYTES, dtype=torch.uint8) for _ in range(2)]
-        if n < 2:
-            one(0, self._stages[0])
+        if n < 2 or x.numel() < PARALLEL_MIN_ELEMENTS:  # on this thread: a thread's wake-up would cost more
+            for k in range(n):
+                one(k, self._stages[0])  # still within the two staging buffers budget.py counts
             return x
 
         def half(h: int) -> None:  # every other input; each input's rows still hashed in order
