@@ -9,7 +9,7 @@ import json
 import os
 import signal
 
-from launch import streammerge
+from test_resume import run  # one kill-and-resume runner for the tests that kill merges
 
 
 def pipeline(tmp_path, folders: list[str], density: float = 0.5) -> str:
@@ -39,15 +39,6 @@ parameters:
     path = tmp_path / f"pipe-{density}.yml"
     path.write_text(text)
     return str(path)
-
-
-def run(cfg: str, out: str, crash_at: int | None = None, trace: str | None = None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMMERGE_CRASH")}
-    if crash_at is not None:
-        env["STREAMMERGE_CRASH_AT"] = str(crash_at)
-    if trace:
-        env["STREAMMERGE_CRASH_TRACE"] = trace
-    return streammerge("run", cfg, out, "--out-shard-size", "60K", env=env)
 
 
 def files(out: str) -> dict[str, object]:
