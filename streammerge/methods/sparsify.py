@@ -43,7 +43,8 @@ def scaled_keep(keep: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.T
     """
     if keep.device.type == "cpu" and dtype == torch.float32:
         out = np.empty(keep.shape, dtype=np.float32)
-        np.multiply(keep.contiguous().numpy(), np.float32(scale), out=out)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf·0 is NaN, as in torch, and said by no one
+            np.multiply(keep.contiguous().numpy(), np.float32(scale), out=out)
         return torch.from_numpy(out)
     return keep.to(dtype).mul_(scale)
 
@@ -55,7 +56,8 @@ def keep_scaled_(delta: torch.Tensor, keep: torch.Tensor | None, scale: float) -
         delta.mul_(scale)
     elif scale == 1.0 and delta.device.type == "cpu" and delta.dtype == torch.float32 and delta.is_contiguous():
         d = delta.numpy()
-        np.multiply(d, keep.contiguous().numpy(), out=d)
+        with np.errstate(invalid="ignore"):  # an input's inf·0 is NaN, as in torch: no RuntimeWarning
+            np.multiply(d, keep.contiguous().numpy(), out=d)
     else:
         delta.mul_(scaled_keep(keep, scale, delta.dtype))
 
