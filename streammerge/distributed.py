@@ -343,6 +343,8 @@ class _Gatherer(Committer):
     journals finished tensors in groups once their bytes are synced, and reads every shard back
     at the end."""
 
+    SYNC_BEHIND = False  # its syncs cover several shards, which the pieces it is sent keep dirtying
+
     def __init__(self, out_dir: str, plan: Plan, journal: Journal, progress: Progress, done: dict[int, Entry]) -> None:
         super().__init__(out_dir, plan, journal, progress)
         self.entries.update({plan.tasks[ti].name: e for ti, e in done.items()})
