@@ -2,9 +2,9 @@
 
 Imports schedule, stats, planner, methods, errors (and torch). Pure of the output folder, the
 journal and the process: given a task, its schedule, a source of blocks (`take`/`done`) and
-the method, it yields `(row0, rows)` in row order, in the compute dtype, on the device the
-blocks are on. It may run beside the committer on the same thread, or in another process or
-on another machine (the committer writes what it yields).
+the method, it yields `(row0, rows)` in row order, cast to the output dtype by the thread that
+computed them, on the device the blocks are on. It may run beside the committer on the same
+thread, or in another process or on another machine (the committer writes what it yields).
 
 Threads (`Workers`): a block's sub-chunks are independent pieces of work, computed by a few
 threads that each run torch on one core and take the next sub-chunk when free. torch's own
@@ -24,6 +24,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from .budget import live_pieces
+from .dtypes import torch_dtype
 from .errors import PlanError
 from .methods import MergeOp, MethodDef
 from .planner import Task
@@ -176,13 +177,17 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
             op.end_pass(p)
         return
 
+    out = torch_dtype(task.out_dtype)
+
     def apply(ab: tuple[int, int]) -> torch.Tensor:
         xs, r0 = x[:, ab[0]:ab[1]], read.r0 + ab[0]
         before = stats.before(xs, r0) if stats is not None else None
         y = op.apply(xs, r0)
         if stats is not None and before is not None:
             stats.after(before, y)
-        return y
+        # cast here, on the thread that computed it: on 2 cores the committer's thread, casting every
+        # piece, was the slowest stage of a linear merge
+        return y.to(out)
 
     for y, ab in zip(workers.ordered(apply, pieces, op.abort), pieces):
         yield read.r0 + ab[0], y

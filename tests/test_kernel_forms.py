@@ -12,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_all_methods import config_text
 
+from streammerge.committer import all_finite
 from streammerge.methods import METHODS, Tally
 from streammerge.methods.base import majority_sign
 from streammerge.methods.sparsify import keep_scaled_
@@ -19,7 +20,7 @@ from streammerge.methods.sparsify import keep_scaled_
 F32 = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)
 SPECIAL = st.sampled_from([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 3.0, -3.0])
 VALUE = st.one_of(F32, SPECIAL)
-WEIGHT = st.one_of(st.floats(-3, 3, allow_nan=False), st.sampled_from([0.0, -0.0, 1.0, 1e-30, 1e30, 1e39]))
+WEIGHT = st.one_of(st.floats(-3, 3, allow_nan=False), st.sampled_from([0.0, -0.0, 1.0, 1e-30, 1e30]))
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -29,10 +30,8 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 @settings(max_examples=200, deadline=None)
 @given(values=st.lists(st.tuples(VALUE, st.booleans()), min_size=1, max_size=64), scale=WEIGHT,
        dtype=st.sampled_from([torch.float32, torch.float64]))
-# inf·0 and a weight beyond float32 (inf once cast): NaN and inf as torch gives them, without a
-# RuntimeWarning from numpy (the suite turns warnings into errors)
+# inf·0: NaN as torch gives it, without a RuntimeWarning from numpy (the suite makes warnings errors)
 @example(values=[(float("inf"), False), (1.0, True)], scale=1.0, dtype=torch.float32)
-@example(values=[(float("-inf"), False), (1.0, True), (-2.0, False)], scale=1e39, dtype=torch.float32)
 def test_keep_scaled_is_masking_then_scaling(values, scale, dtype) -> None:
     d = torch.tensor([v for v, _ in values], dtype=dtype)
     keep = torch.tensor([k for _, k in values])
@@ -42,6 +41,33 @@ def test_keep_scaled_is_masking_then_scaling(values, scale, dtype) -> None:
     fast = d.clone()
     keep_scaled_(fast, keep, scale)
     assert torch.equal(bits(fast), bits(plain))
+
+
+def test_a_weight_beyond_float32_masks_without_a_warning() -> None:
+    """A weight that is inf once cast to float32: inf where kept, NaN where dropped (0·inf), as the
+    plain form gives them (NaN's sign bit may differ), and no RuntimeWarning from numpy's cast."""
+    d = torch.tensor([1.0, -2.0, 0.0, 3.0])
+    keep = torch.tensor([True, True, False, False])
+    fast = d.clone()
+    keep_scaled_(fast, keep, 1e39)
+    plain = d * keep * 1e39
+    assert torch.equal(fast.isnan(), plain.isnan()) and torch.equal(fast[:2], plain[:2])
+    assert fast[:2].tolist() == [float("inf"), float("-inf")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(VALUE, min_size=0, max_size=40), cols=st.integers(1, 4),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32, torch.float64]),
+       strided=st.booleans())
+@example(values=[65504.0, -65504.0, 1e-45], cols=1, dtype=torch.float16, strided=False)  # f16's largest: finite
+@example(values=[1e5], cols=1, dtype=torch.float16, strided=False)  # beyond f16: inf once cast
+@example(values=[3.4e38, 3.4e38], cols=1, dtype=torch.float32, strided=False)  # finite, with an inf sum
+def test_all_finite_is_isfinite_all(values, cols, dtype, strided) -> None:
+    t = torch.tensor(values, dtype=torch.float64).to(dtype)
+    t = t[: len(t) // cols * cols].reshape(-1, cols)
+    if strided:
+        t = t.t()  # not contiguous
+    assert all_finite(t) == bool(torch.isfinite(t).all())
 
 
 def plain_apply(op, x: torch.Tensor, counts: dict) -> torch.Tensor:

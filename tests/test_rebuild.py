@@ -53,7 +53,7 @@ def _runner_process(text: str, conn) -> None:  # type: ignore[no-untyped-def]
         task = plan.tasks[ti]
         stats = None if task.copy_exact else TensorStats(len(task.inputs), task.rows, task.ctx.base)
         for row0, y in run_task(task, sched.tasks[0], source, plan.method, stats):
-            conn.send((row0, y.numpy().copy()))
+            conn.send((row0, y.clone()))  # in the output dtype (bfloat16, which numpy lacks)
         conn.send((reader.input_digests(ti), stats.record() if stats else None))
         source.close()
 
@@ -73,8 +73,14 @@ def test_runner_in_another_process_committed_by_the_parent(tiny_set, tmp_path) -
     parent, child = ctx.Pipe()
     worker = ctx.Process(target=_runner_process, args=(text, child))
     worker.start()
+
+    def recv():  # what the worker sent; a worker that died fails the test instead of hanging it
+        while not parent.poll(1):
+            assert worker.is_alive(), f"the runner process died (exit code {worker.exitcode})"
+        return parent.recv()
+
     try:
-        assert parent.recv() == plan.fingerprint  # the worker planned the same merge
+        assert recv() == plan.fingerprint  # the worker planned the same merge
         multi_block = 0
         for si, shard in enumerate(plan.shards):
             committer.open_shard(si)
@@ -83,9 +89,9 @@ def test_runner_in_another_process_committed_by_the_parent(tiny_set, tmp_path) -
                 parent.send(ti)
                 committer.start_task(task)
                 chunks = 0
-                while not isinstance((msg := parent.recv())[0], dict):
+                while not isinstance((msg := recv())[0], dict):
                     row0, rows = msg
-                    committer.write(task, row0, torch.from_numpy(rows))
+                    committer.write(task, row0, rows)
                     chunks += 1
                 multi_block += chunks > 1
                 committer.end_task(task, *msg)

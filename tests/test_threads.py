@@ -60,6 +60,7 @@ class FakeTask:
     ctx: TaskContext
     rows: int
     copy_exact: bool = False
+    out_dtype: str = "F32"  # the runner casts to it: float32 keeps every bit of the kernels' rows
 
 
 class Blocks:
