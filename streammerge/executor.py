@@ -201,8 +201,8 @@ class Executor:
                 # torch's own threads meet at a barrier after every op, spinning while they wait: beside
                 # other programs each one the OS takes away stalls the rest (old measurement: 3-model
                 # TIES beside 4 busy processes on 2 cores took 490 s on 2 torch threads, 35 s on one).
-                # Kernels run on the runner's workers, each single-threaded; this thread reads, casts
-                # and writes on one too.
+                # Kernels (and the casts of their rows) run on the runner's workers, each
+                # single-threaded; this thread reads and writes on one too.
                 torch.set_num_threads(1)
             try:
                 kept, written, committer = self._run_tasks(journal, schedule)

@@ -1,6 +1,6 @@
 """The runner: one task and its blocks in, finished output rows out.
 
-Imports schedule, stats, planner, methods, errors (and torch). Pure of the output folder, the
+Imports schedule, stats, planner, methods, dtypes, errors (and torch). Pure of the output folder, the
 journal and the process: given a task, its schedule, a source of blocks (`take`/`done`) and
 the method, it yields `(row0, rows)` in row order, cast to the output dtype by the thread that
 computed them, on the device the blocks are on. It may run beside the committer on the same
