@@ -31,9 +31,17 @@ HELD_BYTES = RESERVE_BYTES + WRITE_BEHIND_BYTES + READ_STAGING_BYTES  # outside 
 # DARE-TIES: without it, a 512 MiB budget peaked at 545 MiB RSS. Forcing every buffer
 # through mmap (mallopt M_MMAP_THRESHOLD) removed the overshoot but tripled the run time.
 CHUNK_SHARE = 0.8
-# Elements per input in one compute sub-chunk. Measured on the 14-model DARE-TIES: 128 rows of
-# 1024 (0.5 MiB per input in float32) ran 2-3x faster per element than whole-tensor chunks.
+# Elements per input in one compute sub-chunk, at least. Measured on the 14-model DARE-TIES: 128
+# rows of 1024 (0.5 MiB per input in float32) ran 2-3x faster per element than whole-tensor
+# chunks, and 64 rows 1.4x slower (49 s against 70 s at a 512 MiB cap; 256 rows: 49.7 s).
 COMPUTE_ELEMENTS = 128 * 1024
+# Inputs' bytes in one compute sub-chunk: merges of few inputs get more elements per input, so a
+# sub-chunk's work outweighs its handling (Python, a thread's turn, a write). Measured at a 512 MiB
+# cap on 2 cores: the 3-model linear merge 4.1-5.0 s at 128K elements per input, 3.1-3.2 s at 512K;
+# the 2-model SLERP 4.5-5.1 s, 3.5-3.8 s at 512K and 4.2-4.8 s at 2M; the 3-model TIES 14.3-16.3 s,
+# 12.3-15.7 s at 256K-1M. At most COMPUTE_ELEMENTS_MAX per input (2M was slower for SLERP).
+COMPUTE_BYTES = 6 << 20
+COMPUTE_ELEMENTS_MAX = 512 * 1024
 # Sub-chunks each compute thread may have begun or finished ahead of the one the runner yields
 # next (runner.Workers): room to go on while one thread is held up.
 PIECES_AHEAD = 2
@@ -69,10 +77,18 @@ def compute_row_bytes(task: Task) -> int:
     return int(task.cols * (temp * csize + itemsize(task.out_dtype))) + 64
 
 
+def sub_elements(task: Task) -> int:
+    """Elements per input of a compute sub-chunk: COMPUTE_BYTES of inputs in the compute dtype,
+    between COMPUTE_ELEMENTS (many inputs: a 15-model DARE-TIES) and COMPUTE_ELEMENTS_MAX (one or
+    two inputs)."""
+    share = COMPUTE_BYTES // max(1, len(task.inputs) * itemsize(task.compute))
+    return max(COMPUTE_ELEMENTS, min(COMPUTE_ELEMENTS_MAX, share))
+
+
 def sub_rows(task: Task) -> int:
-    """Rows of a compute sub-chunk: about COMPUTE_ELEMENTS per input, so a kernel runs in cache and
+    """Rows of a compute sub-chunk: about sub_elements(task) per input, so a kernel runs in cache and
     a sub-chunk's work outweighs handing it to a thread."""
-    return max(1, min(task.rows, COMPUTE_ELEMENTS // max(1, task.cols)))
+    return max(1, min(task.rows, sub_elements(task) // max(1, task.cols)))
 
 
 def row_cost(task: Task) -> int:

@@ -5,6 +5,7 @@ computes on fewer, and threads never shrink the blocks much."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -15,7 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_all_methods import RECIPES, config_text
 
-from streammerge.budget import chunk_rows, live_pieces
+from streammerge.budget import (
+    COMPUTE_BYTES,
+    COMPUTE_ELEMENTS,
+    COMPUTE_ELEMENTS_MAX,
+    chunk_rows,
+    live_pieces,
+    sub_elements,
+    sub_rows,
+)
+from streammerge.dtypes import itemsize
 from streammerge.methods import METHODS, MergeOp, MethodDef, TaskContext
 from streammerge.methods.base import InOrder
 from streammerge.planner import Task
@@ -197,3 +207,23 @@ def test_threads_never_starve_the_blocks(tiny_set, method, threads, overlap, sha
     assert sub <= block <= task.rows
     assert block >= one // 2 - 1, f"{threads} threads read {block}-row blocks where one reads {one}"
     assert block_bytes(task, block, sub, used) <= budget
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 24), compute=st.sampled_from(["F32", "F64", "BF16"]), cols=st.integers(1, 20_000))
+def test_sub_chunks_hold_about_the_same_bytes_whatever_the_input_count(tiny_set, n, compute, cols) -> None:
+    """Few inputs get more elements per input (a 3-model linear merge's 128K-element sub-chunks
+    spent more time handed around than computed), never more than COMPUTE_BYTES of inputs unless
+    the floor for many inputs says so; more inputs never get more elements each."""
+    base = tallest_task("linear", tiny_set)
+
+    def task(k: int) -> Task:
+        return dataclasses.replace(base, inputs=tuple(base.inputs[i % len(base.inputs)] for i in range(k)),
+                                   compute=compute, shape=(10**6, cols))
+
+    e = sub_elements(task(n))
+    assert COMPUTE_ELEMENTS <= e <= COMPUTE_ELEMENTS_MAX
+    assert n * itemsize(compute) * e <= max(COMPUTE_BYTES, n * itemsize(compute) * COMPUTE_ELEMENTS)
+    assert e == COMPUTE_ELEMENTS_MAX or n * itemsize(compute) * (e + 1) > COMPUTE_BYTES  # as many as fit
+    assert sub_elements(task(n + 1)) <= e
+    assert sub_rows(task(n)) == max(1, e // cols)
