@@ -90,7 +90,8 @@ def main() -> None:
     ap.add_argument("--set", default="medium", choices=["medium", "7b"], help="the model set to make in --dir")
     ap.add_argument("--max-memory", default="1GiB")
     ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml of a separate environment")
-    ap.add_argument("--only", default=None, help="run only configs whose name contains this")
+    ap.add_argument("--only", default=None,
+                    help="run only these merges, comma-separated: linear, slerp, ties, dare_ties")
     ap.add_argument("--variants", default="cpu", help="comma-separated: " + ", ".join(VARIANTS))
     ap.add_argument("--cap", default=None, help="run streammerge (not the unbounded variant, not mergekit) under "
                     "this hard memory cap (tools/memcap: a memory cgroup, page cache included), e.g. 512M")
@@ -104,7 +105,7 @@ def main() -> None:
     folders = ensure_set(root, a.set)
     rows = []
     for name, (yaml_text, inputs) in configs(folders).items():
-        if a.only and a.only not in name:
+        if a.only and name.split()[0] not in a.only.split(","):
             continue
         cfg = os.path.join(root, "bench-" + name.split()[0] + ".yml")
         with open(cfg, "w") as f:
