@@ -3,8 +3,9 @@
 floor and, when given, mergekit 0.1.5 (installed in a separate environment).
 
 For each of linear (3 models), the seed's gradient slerp, ties (3 models) and the 14-model
-dare_ties it prints wall time and peak RSS, and the I/O floor measured in the same run: reading
-every input byte once from a warm page cache plus writing and syncing the output's size.
+dare_ties it prints wall time, the merge's own time (less Python's start-up and torch's import) and
+peak RSS, and the I/O floor measured in the same run: reading every input byte once from a warm page
+cache plus writing and syncing the output's size; both times also as multiples of the floor.
 
   python tools/bench_speed.py --dir /work/bench/medium [--set medium|7b] [--max-memory 1GiB] [--cap 512M]
                                [--mergekit /venv/bin/mergekit-yaml] [--variants cpu,j1,no-overlap,cuda] [--busy N]
@@ -149,7 +150,7 @@ def main() -> None:
     cap = f" under a {a.cap} memory cgroup" if a.cap else ""
     print(f"\n{a.set} set, {os.cpu_count()} cores{load}, warm page cache, streammerge --max-memory {a.max_memory}{cap}")
     head = (f"{'merge':<22} {'variant':<16} {'wall s':>7} {'merge s':>7} {'peak RSS MiB':>12} {'I/O floor s':>11} "
-            f"{'x floor':>8}")
+            f"{'x floor':>8} {'merge x floor':>13}")
     if a.mergekit:
         head += f" {'mergekit s':>10} {'mk RSS MiB':>10} {'sm/mk':>6}"
     print(head + "  same bytes as first variant")
@@ -158,8 +159,9 @@ def main() -> None:
             continue
         first = next(iter(r["runs"].values()))[1]
         for v, (sm, hashes) in r["runs"].items():
-            line = (f"{r['name']:<22} {v:<16} {sm.wall_s:>7.1f} {merge_seconds(sm.stderr):>7.1f} {sm.peak_rss_mib:>12} "
-                    f"{r['floor']:>11.1f} {sm.wall_s / r['floor']:>8.2f}")
+            merge_s = merge_seconds(sm.stderr)
+            line = (f"{r['name']:<22} {v:<16} {sm.wall_s:>7.1f} {merge_s:>7.1f} {sm.peak_rss_mib:>12} "
+                    f"{r['floor']:>11.1f} {sm.wall_s / r['floor']:>8.2f} {merge_s / r['floor']:>13.2f}")
             if "mk" in r:
                 mk = r["mk"]
                 ok = "" if mk.rc == 0 else " (failed)"
