@@ -39,6 +39,25 @@ def test_32_bit_draws_match_integer_definition(start: int, count: int, seed: int
     assert gpu_rule == want
 
 
+@settings(max_examples=25, deadline=None)
+@given(run=st.one_of(st.integers(0, 2**24), st.sampled_from([65535, 65536, 131072])),
+       offset=st.integers(-300, 300), count=st.integers(1, 200_000), seed=st.integers(0, 2**31))
+def test_draws_across_runs_of_2_16_indices_match_the_plain_form(run: int, offset: int, count: int,
+                                                                seed: int) -> None:
+    """The CPU folds lowbias32's first step into one xor per run of 2^16 indices sharing their high
+    half: over long spans starting near any run boundary (and across 2^32, where the block key
+    changes) it gives the plain form's bits, and the definition's at every run's first and last
+    element."""
+    key = stream_key(seed, 1, "model.layers.3.mlp.down_proj.weight")
+    start = max(0, run * 65536 + offset)
+    got = draws32(key, start, count)
+    plain = _hash32_torch(key, start, count, "cpu").to(torch.int64) + (1 << 31)
+    assert torch.equal(got, plain)
+    edges = {i for i in range(start, start + count) if i % 65536 in (0, 65535)} | {start, start + count - 1}
+    for i in sorted(edges):
+        assert int(got[i - start]) == ref.draw32(key & ref.MASK64, i)
+
+
 def test_any_split_gives_the_same_draws_and_masks() -> None:
     key = stream_key(3, 1, "model.layers.0.mlp.up_proj.weight")
     start = 2**32 - 50  # the split and the block boundary both fall inside
