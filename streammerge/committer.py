@@ -103,8 +103,8 @@ class Committer:
         """Rows row0.. of `task` at their place in the shard, in the output dtype (the runner's threads
         cast them; rows given in another dtype are cast here)."""
         s = self._open()
-        cast = y.to(torch_dtype(task.out_dtype)).cpu()
-        if cast.is_floating_point() and task.name not in self._non_finite and not all_finite(cast):
+        cast = output_rows(task, y)
+        if task.name not in self._non_finite and not all_finite(cast):
             self._non_finite.add(task.name)  # said once per tensor; NaN or Inf in the output is never wanted
             warn_non_finite(task.name, row0)
         data = bytes_of(cast)
@@ -208,11 +208,20 @@ class Committer:
 _NON_FINITE_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 
 
+def output_rows(task: Task, y: torch.Tensor) -> torch.Tensor:
+    """Rows as they are written: in the output dtype (merged rows come cast by the runner's threads,
+    a copied tensor's in its own dtype), on the CPU."""
+    return y.to(torch_dtype(task.out_dtype)).cpu()
+
+
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in t. A 16-bit float tensor on the CPU: the largest of its bits with the sign
-    cleared is below the all-ones exponent (0.18 ns per element; its float32 sum took 0.44). Else
-    its sum is finite (one reduction, no boolean tensor: isfinite().all() cost a fifth of a linear
-    merge), or the elements are looked at (a finite sum may overflow)."""
+    """No NaN or Inf in t. An integer or bool tensor holds none. A 16-bit float tensor on the CPU:
+    the largest of its bits with the sign cleared is below the all-ones exponent (0.18 ns per
+    element; its float32 sum took 0.44). Else its sum is finite (one reduction, no boolean tensor:
+    isfinite().all() cost a fifth of a linear merge), or the elements are looked at (a finite sum
+    may overflow)."""
+    if not t.is_floating_point():
+        return True
     top = _NON_FINITE_BITS.get(t.dtype)
     if top is not None and t.device.type == "cpu":
         if t.numel() == 0:

@@ -70,6 +70,17 @@ def test_all_finite_is_isfinite_all(values, cols, dtype, strided) -> None:
     assert all_finite(t) == bool(torch.isfinite(t).all())
 
 
+@given(values=st.lists(st.integers(-2**63, 2**63 - 1), max_size=20),
+       dtype=st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.bool]))
+def test_a_tensor_of_integers_or_bools_is_all_finite(values, dtype) -> None:
+    """The committer checks whatever it writes; a copied integer tensor holds no NaN or Inf, even
+    where its float32 sum would overflow."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if dtype != torch.int64:
+        t = t.remainder(2**31 if dtype == torch.int32 else 256).to(dtype)
+    assert all_finite(t)
+
+
 def plain_apply(op, x: torch.Tensor, counts: dict) -> torch.Tensor:
     """TaskArithmetic.apply without sparsification, as SEMANTICS §2.7 reads: weighted δ summed in
     input order; TIES keeps the δ whose sign is the weighted sum's (0 counts as +) as δ·[δ·sign > 0]
