@@ -80,6 +80,7 @@ def merge_seconds(stderr: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
+MERGES = ("linear", "slerp", "ties", "dare_ties")  # the first word of each name configs() gives
 VARIANTS = {"cpu": [], "j1": ["-j", "1"], "j2": ["-j", "2"], "j4": ["-j", "4"], "j8": ["-j", "8"],
             "j16": ["-j", "16"], "no-overlap": ["--no-overlap"], "overlap": ["--overlap"], "unbounded": [],
             "cuda": ["--device", "cuda"], "cuda-no-overlap": ["--device", "cuda", "--no-overlap"]}
@@ -92,7 +93,7 @@ def main() -> None:
     ap.add_argument("--max-memory", default="1GiB")
     ap.add_argument("--mergekit", default=None, help="path to mergekit-yaml of a separate environment")
     ap.add_argument("--only", default=None,
-                    help="run only these merges, comma-separated: linear, slerp, ties, dare_ties")
+                    help="run only these merges, comma-separated: " + ", ".join(MERGES))
     ap.add_argument("--variants", default="cpu", help="comma-separated: " + ", ".join(VARIANTS))
     ap.add_argument("--cap", default=None, help="run streammerge (not the unbounded variant, not mergekit) under "
                     "this hard memory cap (tools/memcap: a memory cgroup, page cache included), e.g. 512M")
@@ -102,11 +103,14 @@ def main() -> None:
     variants = a.variants.split(",")
     if any(v not in VARIANTS for v in variants):
         raise SystemExit(f"--variants: choose from {', '.join(VARIANTS)}")
+    only = a.only.split(",") if a.only else list(MERGES)
+    if any(m not in MERGES for m in only):
+        raise SystemExit(f"--only: choose from {', '.join(MERGES)}")
     root = os.path.abspath(a.dir)
     folders = ensure_set(root, a.set)
     rows = []
     for name, (yaml_text, inputs) in configs(folders).items():
-        if a.only and name.split()[0] not in a.only.split(","):
+        if name.split()[0] not in only:
             continue
         cfg = os.path.join(root, "bench-" + name.split()[0] + ".yml")
         with open(cfg, "w") as f:
