@@ -103,8 +103,8 @@ class Committer:
         """Rows row0.. of `task` at their place in the shard, in the output dtype (the runner's threads
         cast them; rows given in another dtype are cast here)."""
         s = self._open()
-        cast = output_rows(task, y)
-        if task.name not in self._non_finite and not all_finite(cast):
+        cast, finite = output_rows(task, y)
+        if not finite and task.name not in self._non_finite:
             self._non_finite.add(task.name)  # said once per tensor; NaN or Inf in the output is never wanted
             warn_non_finite(task.name, row0)
         data = bytes_of(cast)
@@ -208,10 +208,20 @@ class Committer:
 _NON_FINITE_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 
 
-def output_rows(task: Task, y: torch.Tensor) -> torch.Tensor:
+def output_rows(task: Task, y: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Rows as they are written: in the output dtype (merged rows come cast by the runner's threads,
-    a copied tensor's in its own dtype), on the CPU."""
-    return y.to(torch_dtype(task.out_dtype)).cpu()
+    a copied tensor's in its own dtype), on the CPU; and whether they are all finite.
+
+    A merged NaN is written as the dtype's quiet NaN with the sign clear and no payload: which NaN
+    an operation gives depends on the instruction and the order of its operands (x86's default NaN
+    is negative, a GPU's positive, a compiled loop may add in the other order), and the output
+    bytes must not. A copied tensor's bytes are the input's, whatever they hold."""
+    cast = y.to(torch_dtype(task.out_dtype)).cpu()
+    if all_finite(cast):
+        return cast, True
+    if not task.copy_exact:
+        cast = cast.masked_fill(cast.isnan(), float("nan"))
+    return cast, False
 
 
 def all_finite(t: torch.Tensor) -> bool:

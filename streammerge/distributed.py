@@ -44,7 +44,7 @@ import xxhash
 from . import errors
 from ._version import __version__
 from .budget import default_max_memory
-from .committer import GROUP_COMMIT_BYTES, Committer, all_finite, bytes_of, output_rows, warn_non_finite
+from .committer import GROUP_COMMIT_BYTES, Committer, bytes_of, output_rows, warn_non_finite
 from .config import MergeConfig
 from .errors import ClusterError, InputError, IntegrityError, StreamMergeError
 from .executor import Committed, Executor, peak_rss, start_cuda
@@ -631,9 +631,9 @@ def _merge_group(job: Job, plan: Plan, schedule: Schedule, tasks: list[int],
             pieces = _Pieces(ti, task, files.get(task.shard))
             non_finite_row = None  # the first row holding NaN or Inf, said once by the driver
             for row0, y in run_task(task, steps[ti], source, plan.method, stats, workers):
-                cast = output_rows(task, y)
+                cast, finite = output_rows(task, y)
                 del y
-                if non_finite_row is None and not all_finite(cast):
+                if non_finite_row is None and not finite:
                     non_finite_row = row0
                 yield from pieces.add(row0, cast)
             record = stats.record() if stats is not None else None

@@ -13,6 +13,7 @@ import struct
 
 import make_models
 import pytest
+import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -162,6 +163,32 @@ def test_nan_in_an_input_is_reported(pristine, tmp_path) -> None:
     r = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out"), "-q"])
     assert r.exit_code == 0 and f"tensor {name!r}: the merged values hold NaN or Inf" in r.output, r.output
     assert r.output.count("NaN or Inf") == 1
+
+
+def test_a_merged_nan_is_written_as_the_one_quiet_nan(pristine, tmp_path) -> None:
+    """A NaN's sign and payload follow the instruction that made it (CPU, GPU, compiled loop); the
+    output holds the dtype's quiet NaN, sign clear, whatever NaN an input held."""
+    from safetensors.torch import load_file, save_file
+
+    folder = copy(pristine, str(tmp_path / "m"))
+    shard = os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[1])
+    t = load_file(shard)
+    name = sorted(t)[0]
+    ints = {2: torch.int16, 4: torch.int32}[t[name].element_size()]
+    negative_nan = {2: -63, 4: -4194303}[t[name].element_size()]  # 0xFFC1, 0xFFC00001: sign set, a payload
+    t[name].view(-1).view(ints)[3] = negative_nan
+    assert torch.isnan(t[name].view(-1)[3])
+    save_file(t, shard, metadata={"format": "pt"})
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"merge_method: linear\nmodels: [{{model: {pristine}}}, {{model: {folder}}}]\n"
+                   "parameters: {weight: 0.5}\n")
+    assert CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out"), "-q"]).exit_code == 0
+    out = tmp_path / "out"
+    merged = {k: v for f in os.listdir(out) if f.endswith(".safetensors") for k, v in load_file(out / f).items()}[name]
+    nans = merged.isnan().view(-1)
+    assert nans.tolist() == [i == 3 for i in range(merged.numel())]
+    quiet = torch.tensor([float("nan")], dtype=merged.dtype).view(ints)
+    assert torch.equal(merged.view(-1).view(ints)[nans], quiet)
 
 
 def test_an_input_changed_during_the_run_leaves_nothing_finished(pristine, tmp_path) -> None:

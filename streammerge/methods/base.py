@@ -23,7 +23,8 @@ from ..params import ParamSpec, Scalar
 
 # Bumped whenever a kernel's output bytes change for the same inputs (a new draw rule, another
 # summation order); task fingerprints include it, so a resume never mixes tensors of two rules.
-ARITHMETIC = 3
+# 4: a merged NaN is written as the one quiet NaN of its dtype (committer.output_rows).
+ARITHMETIC = 4
 
 
 @dataclass(frozen=True)
