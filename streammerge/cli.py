@@ -505,7 +505,7 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
 
     need, worst = widest_row(p)
     budget = max_memory or default_max_memory()
-    base = baseline_bytes()
+    base = baseline_bytes(p)
     smallest = smallest_budget(p, base)
     peak = expected_peak(p, chunk_budget(p, budget, base), base)
     free = _free_space(out or ".")

@@ -18,7 +18,8 @@ Variants (each a streammerge run of every config): cpu (the defaults: compute th
 core this process may use; read-ahead and write-behind threads with 4 or more cores), j1 (-j 1:
 one compute thread), j2, j4, j8 (-j N), no-overlap (--no-overlap: one thread does the I/O in
 order), overlap (--overlap: the helper threads whatever the cores), cuda (--device cuda),
-cuda-no-overlap. The unbounded variant runs without --max-memory (half the available memory).
+cuda-no-overlap, nojit (STREAMMERGE_JIT=0: the torch forms instead of the compiled loops). The
+unbounded variant runs without --max-memory (half the available memory).
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def merge_seconds(stderr: str) -> float:
 MERGES = ("linear", "slerp", "ties", "dare_ties")  # the first word of each name configs() gives
 VARIANTS = {"cpu": [], "j1": ["-j", "1"], "j2": ["-j", "2"], "j4": ["-j", "4"], "j8": ["-j", "8"],
             "j16": ["-j", "16"], "no-overlap": ["--no-overlap"], "overlap": ["--overlap"], "unbounded": [],
-            "cuda": ["--device", "cuda"], "cuda-no-overlap": ["--device", "cuda", "--no-overlap"]}
+            "cuda": ["--device", "cuda"], "cuda-no-overlap": ["--device", "cuda", "--no-overlap"], "nojit": []}
+ENV = {"nojit": {"STREAMMERGE_JIT": "0"}}  # variants set by the environment
 
 
 def main() -> None:
@@ -128,7 +130,7 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "streammerge", "run", cfg, out, "-q", *budget, *VARIANTS[v]]
                 if a.cap and v != "unbounded":
                     cmd = ["bash", MEMCAP, a.cap, "--", *cmd]
-                sm = measure(cmd)
+                sm = measure(cmd, {**os.environ, **ENV[v]} if v in ENV else None)
             if sm.rc != 0:
                 print(f"streammerge ({v}) failed on {name}:\n{sm.stderr[-3000:]}", flush=True)
                 continue

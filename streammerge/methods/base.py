@@ -224,6 +224,9 @@ class MethodDef:
     # problems with one tensor's resolved parameters, found at plan time (shape-dependent rules)
     check: Callable[[TaskContext], list[str]] = field(compare=False, default=no_problems)
     min_others: int = 0  # non-base inputs required
+    # its float32 CPU kernels run as compiled loops (fused.py) where numba is installed: whoever
+    # measures the memory a run starts from loads them first (fused.warm), numba's ~100 MiB included
+    jit: bool = False
     max_others: int | None = None
     pretty: str = ""
     url: str = ""

@@ -201,5 +201,9 @@ def bernoulli_mask(key: int, start: int, count: int, probability: float,
     if t >= 1 << 32:
         return torch.ones(count, dtype=torch.bool, device=device)
     if torch.device(device).type == "cpu":
-        return torch.from_numpy(_hash32_numpy(key, start, count, *_scratch(count)) < np.uint32(t))
+        from .fused import bernoulli  # (fused imports this module)
+        keep = bernoulli(key, start, count, t)  # one compiled loop where numba is installed
+        if keep is None:
+            keep = _hash32_numpy(key, start, count, *_scratch(count)) < np.uint32(t)
+        return torch.from_numpy(keep)
     return _hash32_torch(key, start, count, device) < t - (1 << 31)

@@ -20,8 +20,9 @@ import threading
 import numpy as np
 import torch
 
+from . import fused
 from .base import InOrder, RowSums, row_sums
-from .rng import bernoulli_mask, draws32
+from .rng import bernoulli_mask, draws32, keep_threshold
 
 _BINS = 1 << 16
 _BATCH = 1 << 16  # chunks with fewer values than this are counted together
@@ -75,6 +76,10 @@ class Sparsifier:
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
         pass
+
+    def observe_inputs(self, pass_idx: int, x: torch.Tensor, base: torch.Tensor, flat0: int) -> None:
+        """observe the δ = x − base of input rows x and base rows base."""
+        self.observe(pass_idx, x - base, flat0)
 
     def end_pass(self, pass_idx: int) -> None:
         pass
@@ -284,6 +289,17 @@ class RandomDrop(Sparsifier):
     def passes(density: float, rescale: bool) -> int:
         """One statistics pass (the L1 sums) when rescaling a mask that drops anything."""
         return 1 if rescale and density < 1 else 0
+
+    def observe_inputs(self, pass_idx: int, x: torch.Tensor, base: torch.Tensor, flat0: int) -> None:
+        """With numba, δ, its draws, |δ| and the kept |δ| in one compiled loop (fused.dare_observe);
+        the same sums and mask as observe's."""
+        if type(self) is not RandomDrop or not fused.usable(x.unsqueeze(0)):
+            return super().observe_inputs(pass_idx, x, base, flat0)
+        mag, kept, keep = fused.dare_observe(x, base, self.key, flat0, keep_threshold(self.density))
+        if self.remember:
+            self._packed[flat0] = np.packbits(keep)
+        self._total.add(row_sums(mag))
+        self._kept.add(row_sums(kept))
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
         """`delta` is the caller's to lose: |δ| is made in its place."""

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..params import ParamSpec
+from . import fused
 from .base import Cost, MergeOp, MethodDef, TaskContext, majority_sign, no_problems
 from .rng import stream_key
 from .sparsify import RandomDrop, Ranked, RankedDrop, Sparsifier, keep_scaled_, magnitude_band, outlier_band
@@ -107,14 +108,11 @@ class TaskArithmetic(MergeOp):
         for sp in self.sparsifiers:
             sp.abort()
 
-    def _delta(self, x: torch.Tensor, j: int) -> torch.Tensor:
-        return x[self.others[j]] - x[self.base]
-
     def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
         flat0 = row0 * x.shape[2]
         for j, sp in enumerate(self.sparsifiers):
             if pass_idx < sp.stat_passes:
-                sp.observe(pass_idx, self._delta(x, j), flat0)
+                sp.observe_inputs(pass_idx, x[self.others[j]], x[self.base], flat0)
 
     def end_pass(self, pass_idx: int) -> None:
         for sp in self.sparsifiers:
@@ -122,6 +120,8 @@ class TaskArithmetic(MergeOp):
                 sp.end_pass(pass_idx)
 
     def apply(self, x: torch.Tensor, row0: int) -> torch.Tensor:
+        if fused.usable(x):
+            return self._apply_fused(x, row0)
         flat0 = row0 * x.shape[2]
         base = x[self.base]
         tally = self.tally
@@ -148,6 +148,37 @@ class TaskArithmetic(MergeOp):
         if self.lam != 1.0:
             total *= self.lam
         return base + total
+
+    def _apply_fused(self, x: torch.Tensor, row0: int) -> torch.Tensor:
+        """apply with numba: the masks as before, then the rest in one compiled loop (fused.task_apply),
+        the same bits. Where every mask ignores δ (DARE's draws, none) δ is made in that loop too."""
+        assert self.base is not None  # the family requires a base
+        flat0 = row0 * x.shape[2]
+        deltas_done = any(type(sp) not in (RandomDrop, Sparsifier) for sp in self.sparsifiers)
+        if deltas_done:  # a ranked mask looks at δ
+            for i in self.others:
+                x[i] -= x[self.base]
+        tally = self.tally
+        keeps: list[torch.Tensor | None] = []
+        scales = []
+        for j, (sp, w) in enumerate(zip(self.sparsifiers, self.weights)):
+            d = x[self.others[j]]
+            keep = sp.mask(d, flat0)
+            if tally is not None and type(sp) is not Sparsifier:
+                tally.count(tally.seen, self.others[j], None, d)
+                tally.count(tally.kept, self.others[j], keep, d)
+            keeps.append(keep)
+            scales.append(sp.factor * w if sp.factor != 1.0 else w)
+        weight_sum = sum(self.weights)
+        divisor = 1.0 if self.consensus or abs(weight_sum) < 1e-8 else weight_sum
+        out, sign = fused.task_apply(x, self.base, self.others, keeps, scales, self.weights, deltas_done,
+                                     self.consensus, self.normalize, divisor, self.lam)
+        pick = tally.pick if tally is not None else None
+        if tally is not None and pick is not None and sign is not None:
+            rows = torch.stack([x[i][pick] for i in self.others])
+            tally.count_each(tally.nonzero, self.others, rows)
+            tally.count_each(tally.agree, self.others, rows.mul_(sign[pick]), positive=True)
+        return out
 
     def _consensus(self, total: torch.Tensor, deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | float]:
         """TIES: the sum of the δ whose sign agrees with the elected one (the majority sign of the
@@ -222,7 +253,7 @@ def _family(name: str, sparsify: str, consensus: bool, normalize: bool, rescale:
                      make=partial(TaskArithmetic, sparsify=sparsify, consensus=consensus),
                      cost=partial(family_cost, sparsify=sparsify),
                      check=della_check if sparsify == "della" else no_problems,
-                     pretty=pretty, url=url)
+                     pretty=pretty, url=url, jit=True)
 
 
 TASK_ARITHMETIC = _family("task_arithmetic", "none", False, False, False,

@@ -1,0 +1,151 @@
+"""The fused kernels themselves, compiled by numba (imported by fused.py only, and only when a merge
+first needs them: numba's import and a first compile cost a second that short merges never pay).
+
+Each loop does, per element, the very operations of the numpy/torch form it replaces, in the same
+order and in the same float32 arithmetic (no fastmath, so no contraction into FMAs and no
+reassociation), so its bits are that form's bits; tests/test_fused.py checks them against it.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_L1 = np.uint32(0x21F0AAAD)  # lowbias32's multipliers, as in rng.py
+_L2 = np.uint32(0x735A2D97)
+_S15 = np.uint32(15)
+_S16 = np.uint32(16)
+_ZERO = np.float32(0.0)
+
+
+@numba.njit(inline="always")
+def _draw(k: np.uint32, i: int) -> np.uint32:
+    """lowbias32(i ^ k) for the low 32 bits i of an index (rng.py's draw)."""
+    y = np.uint32(np.uint32(i) ^ k)
+    y = np.uint32(y ^ (y >> _S16))
+    y = np.uint32(y * _L1)
+    y = np.uint32(y ^ (y >> _S15))
+    y = np.uint32(y * _L2)
+    return np.uint32(y ^ (y >> _S15))
+
+
+@numba.njit(nogil=True, cache=True)
+def bernoulli(k: int, lo: int, t: int, out: np.ndarray) -> None:
+    """out[j] ← draw(lo + j) < t, for indices lo.. of one 2^32 block whose key is k."""
+    kk = np.uint32(k)
+    tt = np.uint64(t)
+    for j in range(out.size):
+        out[j] = np.uint64(_draw(kk, lo + j)) < tt
+
+
+@numba.njit(nogil=True, cache=True)
+def dare_observe(x: np.ndarray, b: np.ndarray, k: int, lo: int, t: int,
+                 mag: np.ndarray, kept: np.ndarray, keep: np.ndarray) -> None:
+    """DARE's statistics pass for one input over one 2^32 block: keep ← draw < t,
+    mag ← |x − b|, kept ← mag·keep (float32, as RandomDrop.observe computes them)."""
+    kk = np.uint32(k)
+    tt = np.uint64(t)
+    for j in range(x.size):
+        m = abs(x[j] - b[j])
+        kj = np.uint64(_draw(kk, lo + j)) < tt
+        keep[j] = kj
+        mag[j] = m
+        kept[j] = m * (np.float32(1.0) if kj else _ZERO)
+
+
+_TILE = 512  # elements per tile: every input's run of a tile stays in L1 beside the sums
+
+
+@numba.njit(nogil=True, cache=True)
+def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: np.ndarray, masked: np.ndarray,
+               scale: np.ndarray, zero: np.ndarray, weight: np.ndarray, deltas_done: bool, consensus: bool,
+               normalize: bool, divisor: np.float32, lam: np.float32, scale_lam: bool,
+               out: np.ndarray, sign_out: np.ndarray) -> None:
+    """TaskArithmetic.apply on float32 rows: input i's `count` elements at x[i·stride:] (x one flat
+    run, so that numba knows each input's slices contiguous and vectorizes their loops), per element each
+    other input's δ = x − base (unless `deltas_done`), times scale where kept (keep[j], when
+    masked[j]) and the zero of scale's sign where dropped, written back into x; their sum in input
+    order; with `consensus` TIES's elected-sign sum (_consensus: the max form where the sum is
+    finite, the masked form where not) and divisor; then ÷ divisor with `normalize`, ·lam with
+    `scale_lam`, and base added: out. sign_out gets the elected sign (for the report's tallies).
+
+    Tile by tile, one input at a time within a tile: the inputs' rows lie a multiple of 4 KiB apart,
+    so an element's 15 values fall in one L1 set, and a loop over inputs per element thrashed it.
+    Adding max(t, 0) = ±0 (or a weight·0) to a sum that starts at +0 and never becomes −0 leaves
+    it as it was, so the conditional adds are the torch form's unconditional ones."""
+    n_others = others.size
+    count = out.size
+    b = x[base * stride:base * stride + count]
+    total = np.empty(_TILE, dtype=np.float32)
+    acc = np.empty(_TILE, dtype=np.float32)
+    div = np.empty(_TILE, dtype=np.float32)
+    sign = np.empty(_TILE, dtype=np.float32)
+    for e0 in range(0, count, _TILE):
+        m = min(_TILE, count - e0)
+        for k in range(m):
+            total[k] = _ZERO
+        bt = b[e0:e0 + m]
+        for j in range(n_others):
+            xt = x[others[j] * stride + e0:others[j] * stride + e0 + m]  # loops over slices vectorize
+            s = scale[j]
+            z = zero[j]
+            if masked[j]:
+                kt = keep[j, e0:e0 + m]
+                if deltas_done:
+                    for k in range(m):
+                        d = xt[k] * (s if kt[k] else z)
+                        xt[k] = d
+                        total[k] = total[k] + d
+                else:
+                    for k in range(m):
+                        d = (xt[k] - bt[k]) * (s if kt[k] else z)
+                        xt[k] = d
+                        total[k] = total[k] + d
+            elif deltas_done:
+                for k in range(m):
+                    d = xt[k] * s
+                    xt[k] = d
+                    total[k] = total[k] + d
+            else:
+                for k in range(m):
+                    d = (xt[k] - bt[k]) * s
+                    xt[k] = d
+                    total[k] = total[k] + d
+        if consensus:
+            for k in range(m):
+                sign[k] = np.float32(1.0) if total[k] >= _ZERO else np.float32(-1.0)
+                acc[k] = _ZERO
+                div[k] = _ZERO
+            for j in range(n_others):  # the max form: Σ max(δ·sign, 0), then ·sign, then +0
+                xt = x[others[j] * stride + e0:others[j] * stride + e0 + m]
+                w = weight[j]
+                for k in range(m):
+                    t = xt[k] * sign[k]
+                    acc[k] = acc[k] + (t if t > _ZERO else _ZERO)
+                    div[k] = div[k] + (w if t > _ZERO else _ZERO)
+            for k in range(m):
+                if np.isfinite(total[k]):
+                    total[k] = acc[k] * sign[k] + _ZERO
+                else:  # the masked form: Σ δ·[δ·sign > 0], whose ∞·0 is NaN
+                    a = _ZERO
+                    dv = _ZERO
+                    for j in range(n_others):
+                        d = x[others[j] * stride + e0 + k]
+                        if d * sign[k] > _ZERO:
+                            a = a + d
+                            dv = dv + weight[j]
+                        else:
+                            a = a + d * _ZERO
+                    total[k] = a
+                    div[k] = dv
+                if div[k] == _ZERO:
+                    div[k] = np.float32(1.0)
+                sign_out[e0 + k] = sign[k]
+        ot = out[e0:e0 + m]
+        for k in range(m):
+            t = total[k]
+            if normalize:
+                t = t / (div[k] if consensus else divisor)
+            if scale_lam:
+                t = t * lam
+            ot[k] = bt[k] + t

@@ -1,0 +1,122 @@
+"""Fused CPU kernels for the hottest loops of the DARE and TIES family, when numba is installed.
+
+Imports rng (and numpy, torch); the compiled loops live in _jit.py, imported on first use. The
+torch/numpy forms take a pass over memory per operation — ten for a mask's draw and compare, about
+twenty-five per element and input for a DARE-TIES sub-chunk — and the pieces they pass between
+them fall out of the caches; here one loop does each element's whole work. The bits are the
+same (the draw rule, float32 operations in the same order, no fastmath), so every output,
+fingerprint and golden record stands, a GPU's torch forms agree with them, and a machine without
+numba (or with STREAMMERGE_JIT=0) merges the same bytes, only slower.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from .rng import _blocks, block_key
+
+_lock = threading.Lock()
+_state: dict[str, ModuleType | None] = {}
+
+
+def kernels() -> ModuleType | None:
+    """The compiled kernels' module, or None where numba is missing or STREAMMERGE_JIT=0."""
+    if "jit" not in _state:
+        with _lock:
+            if "jit" not in _state:
+                jit: ModuleType | None = None
+                if os.environ.get("STREAMMERGE_JIT", "1") != "0":
+                    try:
+                        from . import _jit as jit
+                    except ImportError:  # numba missing or broken here: the torch forms do the work
+                        jit = None
+                _state["jit"] = jit
+    return _state["jit"]
+
+
+def warm() -> None:
+    """Load numba and every kernel as the merge will call them (compiled once, then from numba's
+    cache), so that the memory they hold is there before a run measures what it starts from."""
+    if kernels() is None:
+        return
+    bernoulli(1, 0, 8, 1 << 31)
+    x = torch.zeros(3, 1, 8)
+    dare_observe(x[1], x[0], 1, 0, 1 << 31)
+    task_apply(x, 0, [1, 2], [torch.ones(1, 8, dtype=torch.bool), None], [1.0, 1.0], [1.0, 1.0], False, True,
+               True, 1.0, 1.0)
+
+
+def usable(x: torch.Tensor) -> bool:
+    """The fused kernels apply to chunk x (n_inputs, rows, cols): numba present, float32 on the CPU,
+    each input's rows one contiguous run (a sub-chunk's whole rows of a block)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 3 and x.stride(2) == 1
+            and x.stride(1) == x.shape[2] and kernels() is not None)
+
+
+def bernoulli(key: int, start: int, count: int, threshold: int) -> np.ndarray | None:
+    """rng.bernoulli_mask's CPU keep-mask (draws < threshold) as a bool array, or None without numba."""
+    jit = kernels()
+    if jit is None:
+        return None
+    out = np.empty(count, dtype=np.bool_)
+    at = 0
+    for block, lo, n in _blocks(start, count):
+        jit.bernoulli(block_key(key, block), lo, threshold, out[at:at + n])
+        at += n
+    return out
+
+
+def dare_observe(x: torch.Tensor, base: torch.Tensor, key: int, start: int,
+                 threshold: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(|x − base|, |x − base|·keep, keep) of rows (rows, cols) of float32 whose first flat index
+    is start; keep is the bernoulli mask."""
+    jit = kernels()
+    assert jit is not None
+    xf, bf = _flat(x), _flat(base)
+    mag, kept = np.empty_like(xf), np.empty_like(xf)
+    keep = np.empty(xf.size, dtype=np.bool_)
+    at = 0
+    for block, lo, n in _blocks(start, xf.size):
+        s = slice(at, at + n)
+        jit.dare_observe(xf[s], bf[s], block_key(key, block), lo, threshold, mag[s], kept[s], keep[s])
+        at += n
+    return torch.from_numpy(mag).view(x.shape), torch.from_numpy(kept).view(x.shape), keep
+
+
+def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.Tensor | None],
+               scales: list[float], weights: list[float], deltas_done: bool, consensus: bool,
+               normalize: bool, divisor: float, lam: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TaskArithmetic.apply's arithmetic after the masks, in one loop (_jit.task_apply), on chunk x
+    (usable(x)): returns the merged rows and, with consensus, the elected signs; x[others] hold the
+    weighted, sparsified δ afterwards, as the torch form leaves them."""
+    jit = kernels()
+    assert jit is not None
+    n, rows, cols = x.shape
+    count = rows * cols
+    stride = x.stride(0)
+    # one flat run from the first input's first element to the last's last (usable: each input's
+    # rows are contiguous), a view: the δ the loop writes are x's
+    xf = torch.as_strided(x, ((n - 1) * stride + count,), (1,)).numpy()
+    masked = np.array([k is not None for k in keeps], dtype=np.bool_)
+    keep = np.ones((len(others), count if masked.any() else 0), dtype=np.bool_)
+    for j, k in enumerate(keeps):
+        if k is not None:
+            keep[j] = k.numpy().reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):  # a weight beyond float32: inf, and inf·0 NaN, as in torch
+        scale = np.array(scales, dtype=np.float32)
+        zero = scale * np.float32(0.0)  # keep·scale where dropped: the zero of scale's sign
+    out = np.empty(count, dtype=np.float32)
+    sign = np.ones(count if consensus else 0, dtype=np.float32)
+    jit.task_apply(xf, stride, base, np.array(others, dtype=np.int64), keep, masked, scale, zero,
+                   np.array(weights, dtype=np.float32), deltas_done, consensus, normalize,
+                   np.float32(divisor), np.float32(lam), lam != 1.0, out, sign)
+    return torch.from_numpy(out).view(rows, cols), torch.from_numpy(sign).view(rows, cols) if consensus else None
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    return t.numpy().reshape(-1)

@@ -1,0 +1,92 @@
+"""The numba-compiled loops (streammerge/methods/fused.py) give the bits of the numpy/torch forms they
+replace: the same masks from the same draws, and, for every method of the task-arithmetic family,
+the same merged values, signed zeros, infinities and NaNs, and the same report tallies, whatever
+the weights, densities, flags, chunking and values (tests/test_kernel_forms.py checks those
+forms against the plain formulas)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import context, run_chunked
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from test_kernel_forms import VALUE, WEIGHT, bits, quiet
+
+from streammerge.methods import METHODS, Tally, fused, rng
+from streammerge.methods.rng import _hash32_numpy, bernoulli_mask, keep_threshold
+
+pytestmark = pytest.mark.skipif(fused.kernels() is None, reason="numba is not installed")
+
+FAMILY = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs",
+          "breadcrumbs_ties"]
+KEY = st.integers(-2**63, 2**63 - 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=KEY, start=st.one_of(st.integers(0, 2**34), st.integers(2**32 - 3000, 2**32 + 10)),
+       count=st.integers(0, 5000), probability=st.floats(0, 1))
+@example(key=7, start=2**32 - 5, count=10, probability=0.5)  # across a block boundary: a new key
+def test_fused_draws_are_the_numpy_draws(key, start, count, probability) -> None:
+    t = keep_threshold(probability)
+    fast = fused.bernoulli(key, start, count, t)
+    assert fast is not None
+    assert np.array_equal(fast, _hash32_numpy(key, start, count) < np.uint32(min(t, 2**32 - 1)))
+
+
+def _merge(method: str, ctx, x: torch.Tensor, chunk_rows: int, remember: bool) -> tuple[torch.Tensor, Tally]:
+    tally = Tally(x.shape[0])
+    return run_chunked(method, ctx, x, chunk_rows, remember, tally), tally
+
+
+@st.composite
+def merges(draw):
+    method = draw(st.sampled_from(FAMILY))
+    n = draw(st.integers(2, 5))
+    rows, cols = draw(st.integers(1, 6)), draw(st.integers(1, 7))
+    finite = st.floats(-4, 4, width=32)
+    values = draw(st.lists(st.one_of(finite, finite, finite, VALUE), min_size=n * rows * cols,
+                           max_size=n * rows * cols))
+    params = [{}] + [{"weight": draw(WEIGHT), "density": draw(st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0])),
+                      **({"epsilon": 0.05} if method.startswith("della") else {})} for _ in range(n - 1)]
+    if method.startswith("della"):
+        for p in params[1:]:
+            p["density"] = min(max(p["density"], 0.3), 0.9)
+    names = {p.name for p in METHODS[method].params}
+    shared = {"normalize": draw(st.booleans()), "lambda": draw(st.sampled_from([1.0, 0.5, -2.0]))}
+    if "rescale" in names:
+        shared["rescale"] = draw(st.booleans())
+    ctx = context(method, params, shared, base=0, shape=(rows, cols), seed=draw(st.integers(0, 2**31)))
+    x = torch.tensor(values, dtype=torch.float32).view(n, rows, cols)
+    return method, ctx, x, draw(st.integers(1, rows)), draw(st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=merges())
+def test_fused_merges_are_the_torch_merges(case) -> None:
+    method, ctx, x, chunk_rows, remember = case
+    fast, fast_tally = _merge(method, ctx, x, chunk_rows, remember)
+    jit = fused._state["jit"]
+    fused._state["jit"] = None  # as without numba
+    try:
+        plain, plain_tally = _merge(method, ctx, x, chunk_rows, remember)
+    finally:
+        fused._state["jit"] = jit
+    # the output's NaNs are written as one quiet NaN (committer.output_rows): their sign and payload
+    # follow the order of an addition's operands, which the compiler may choose
+    assert torch.equal(bits(quiet(fast)), bits(quiet(plain))), method
+    for counts in ("seen", "kept", "nonzero", "agree"):
+        assert getattr(fast_tally, counts) == getattr(plain_tally, counts), (method, counts)
+
+
+def test_a_bernoulli_mask_on_the_cpu_takes_the_compiled_loop(monkeypatch) -> None:
+    expected = torch.from_numpy(_hash32_numpy(12345, 2**32 - 100, 1000) < np.uint32(keep_threshold(0.4)))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the numpy form ran")
+
+    monkeypatch.setattr(rng, "_hash32_numpy", refuse)
+    keep = bernoulli_mask(12345, 2**32 - 100, 1000, 0.4)
+    assert torch.equal(keep, expected)
+    assert 300 < int(keep.sum()) < 500
