@@ -225,7 +225,7 @@ class MethodDef:
     check: Callable[[TaskContext], list[str]] = field(compare=False, default=no_problems)
     min_others: int = 0  # non-base inputs required
     # its float32 CPU kernels run as compiled loops (fused.py) where numba is installed: whoever
-    # measures the memory a run starts from loads them first (fused.warm), numba's ~100 MiB included
+    # measures the memory a run starts from loads them first (budget.baseline_bytes, fused.warm)
     jit: bool = False
     max_others: int | None = None
     pretty: str = ""

@@ -111,7 +111,7 @@ def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.
         scale = np.array(scales, dtype=np.float32)
         zero = scale * np.float32(0.0)  # keep·scale where dropped: the zero of scale's sign
     out = np.empty(count, dtype=np.float32)
-    sign = np.ones(count if consensus else 0, dtype=np.float32)
+    sign = np.empty(count if consensus else 0, dtype=np.float32)  # every element elected
     jit.task_apply(xf, stride, base, np.array(others, dtype=np.int64), keep, masked, scale, zero,
                    np.array(weights, dtype=np.float32), deltas_done, consensus, normalize,
                    np.float32(divisor), np.float32(lam), lam != 1.0, out, sign)

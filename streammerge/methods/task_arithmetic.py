@@ -124,23 +124,17 @@ class TaskArithmetic(MergeOp):
             return self._apply_fused(x, row0)
         flat0 = row0 * x.shape[2]
         base = x[self.base]
-        tally = self.tally
-        for j, (sp, w) in enumerate(zip(self.sparsifiers, self.weights)):
-            d = x[self.others[j]]
+        for j, i in enumerate(self.others):
+            d = x[i]
             d -= base  # δ in place: x is ours to overwrite
-            keep = sp.mask(d, flat0)
-            if tally is not None and type(sp) is not Sparsifier:  # a sparsifier: how much of δ it kept
-                tally.count(tally.seen, self.others[j], None, d)
-                tally.count(tally.kept, self.others[j], keep, d)
-            keep_scaled_(d, keep, sp.factor * w if sp.factor != 1.0 else w)  # (δ·keep)·factor·w
+            keep_scaled_(d, *self._mask(j, d, flat0))  # (δ·keep)·factor·w
         deltas = [x[i] for i in self.others]  # views: weighted, sparsified δ (rows, cols)
         total = torch.zeros_like(base)
         for d in deltas:
             total += d
         divisor: torch.Tensor | float
         if not self.consensus:
-            weight_sum = sum(self.weights)
-            divisor = 1.0 if abs(weight_sum) < 1e-8 else weight_sum
+            divisor = self._weight_divisor()
         else:
             total, divisor = self._consensus(total, deltas)
         if self.normalize:
@@ -158,27 +152,38 @@ class TaskArithmetic(MergeOp):
         if deltas_done:  # a ranked mask looks at δ
             for i in self.others:
                 x[i] -= x[self.base]
+        masks = [self._mask(j, x[i], flat0) for j, i in enumerate(self.others)]
+        divisor = 1.0 if self.consensus else self._weight_divisor()
+        out, sign = fused.task_apply(x, self.base, self.others, [k for k, _ in masks], [s for _, s in masks],
+                                     self.weights, deltas_done, self.consensus, self.normalize, divisor, self.lam)
+        if sign is not None:
+            self._count_agreement([x[i] for i in self.others], sign)
+        return out
+
+    def _mask(self, j: int, d: torch.Tensor, flat0: int) -> tuple[torch.Tensor | None, float]:
+        """The keep-mask of the j-th other input's rows d (δ, or the input itself where its mask does
+        not look at δ) and the scale of what it keeps, factor·weight; the tally counts what it kept."""
+        sp, w = self.sparsifiers[j], self.weights[j]
+        keep = sp.mask(d, flat0)
         tally = self.tally
-        keeps: list[torch.Tensor | None] = []
-        scales = []
-        for j, (sp, w) in enumerate(zip(self.sparsifiers, self.weights)):
-            d = x[self.others[j]]
-            keep = sp.mask(d, flat0)
-            if tally is not None and type(sp) is not Sparsifier:
-                tally.count(tally.seen, self.others[j], None, d)
-                tally.count(tally.kept, self.others[j], keep, d)
-            keeps.append(keep)
-            scales.append(sp.factor * w if sp.factor != 1.0 else w)
+        if tally is not None and type(sp) is not Sparsifier:  # a sparsifier: how much of δ it kept
+            tally.count(tally.seen, self.others[j], None, d)
+            tally.count(tally.kept, self.others[j], keep, d)
+        return keep, sp.factor * w if sp.factor != 1.0 else w
+
+    def _weight_divisor(self) -> float:
+        """normalize's divisor without consensus: the weights' sum, 1 where it is about 0."""
         weight_sum = sum(self.weights)
-        divisor = 1.0 if self.consensus or abs(weight_sum) < 1e-8 else weight_sum
-        out, sign = fused.task_apply(x, self.base, self.others, keeps, scales, self.weights, deltas_done,
-                                     self.consensus, self.normalize, divisor, self.lam)
+        return 1.0 if abs(weight_sum) < 1e-8 else weight_sum
+
+    def _count_agreement(self, deltas: list[torch.Tensor], sign: torch.Tensor) -> None:
+        """Of the nonzero (kept, weighted) δ in the tally's picked rows, how many agree with sign."""
+        tally = self.tally
         pick = tally.pick if tally is not None else None
-        if tally is not None and pick is not None and sign is not None:
-            rows = torch.stack([x[i][pick] for i in self.others])
+        if tally is not None and pick is not None:
+            rows = torch.stack([d[pick] for d in deltas])
             tally.count_each(tally.nonzero, self.others, rows)
             tally.count_each(tally.agree, self.others, rows.mul_(sign[pick]), positive=True)
-        return out
 
     def _consensus(self, total: torch.Tensor, deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | float]:
         """TIES: the sum of the δ whose sign agrees with the elected one (the majority sign of the
@@ -195,18 +200,13 @@ class TaskArithmetic(MergeOp):
         total.zero_()
         div = torch.zeros_like(total) if self.normalize else None
         agree = torch.empty_like(total) if self.normalize else None
-        tally = self.tally
         for d, w in zip(deltas, self.weights):
             t = d * sign
             t.clamp_min_(0)
             total += t
             if div is not None and agree is not None:
                 div.add_(positive(t, agree), alpha=w)
-        pick = tally.pick if tally is not None else None
-        if tally is not None and pick is not None:  # of the nonzero (kept, weighted) δ, how much agrees
-            rows = torch.stack([d[pick] for d in deltas])
-            tally.count_each(tally.nonzero, self.others, rows)
-            tally.count_each(tally.agree, self.others, rows.mul_(sign[pick]), positive=True)
+        self._count_agreement(deltas, sign)
         total *= sign
         total.add_(0.0)  # where nothing agrees, +0 as the masked sum gave, not the −0 of +0·−1
         return total, 1.0 if div is None else torch.where(div == 0, 1.0, div)
