@@ -90,3 +90,17 @@ def test_a_bernoulli_mask_on_the_cpu_takes_the_compiled_loop(monkeypatch) -> Non
     keep = bernoulli_mask(12345, 2**32 - 100, 1000, 0.4)
     assert torch.equal(keep, expected)
     assert 300 < int(keep.sum()) < 500
+
+
+@pytest.mark.parametrize("method", FAMILY)
+def test_the_base_alone_merges_to_itself_in_both_forms(method) -> None:
+    """models: [the base] — no δ to sum, elect or count (the report's tally once crashed on it)."""
+    x = torch.randn(1, 4, 3)
+    ctx = context(method, [{}], {}, base=0, shape=(4, 3))
+    jit = fused._state["jit"]
+    for form in (jit, None):
+        fused._state["jit"] = form
+        try:
+            assert torch.equal(run_chunked(method, ctx, x, 3, tally=Tally(1)), x[0])
+        finally:
+            fused._state["jit"] = jit

@@ -180,7 +180,7 @@ class TaskArithmetic(MergeOp):
         """Of the nonzero (kept, weighted) δ in the tally's picked rows, how many agree with sign."""
         tally = self.tally
         pick = tally.pick if tally is not None else None
-        if tally is not None and pick is not None:
+        if tally is not None and pick is not None and deltas:  # (a merge of the base alone has none)
             rows = torch.stack([d[pick] for d in deltas])
             tally.count_each(tally.nonzero, self.others, rows)
             tally.count_each(tally.agree, self.others, rows.mul_(sign[pick]), positive=True)
