@@ -16,6 +16,7 @@ from test_kernel_forms import VALUE, WEIGHT, bits, quiet
 
 from streammerge.methods import METHODS, Tally, fused, rng
 from streammerge.methods.rng import _hash32_numpy, bernoulli_mask, keep_threshold
+from streammerge.methods.sparsify import QUIET_NAN, magnitude_bits
 
 pytestmark = pytest.mark.skipif(fused.kernels() is None, reason="numba is not installed")
 
@@ -33,6 +34,70 @@ def test_fused_draws_are_the_numpy_draws(key, start, count, probability) -> None
     fast = fused.bernoulli(key, start, count, t)
     assert fast is not None
     assert np.array_equal(fast, _hash32_numpy(key, start, count) < np.uint32(min(t, 2**32 - 1)))
+
+
+@st.composite
+def rows_of_values(draw):
+    """float32 rows (several 512-element tiles at most), as bit patterns: any NaN payload and sign,
+    infinities, signed zeros, subnormals; few distinct magnitudes, so bins and thresholds repeat."""
+    n = draw(st.integers(1, 1300))
+    pool = draw(st.lists(st.one_of(st.integers(0, 2**32 - 1), st.sampled_from(
+        [0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 1, 0x3F800000])), min_size=1, max_size=6))
+    picks = draw(st.lists(st.integers(0, len(pool) - 1), min_size=n, max_size=n))
+    words = np.array([pool[i] for i in picks], dtype=np.uint32)
+    return torch.from_numpy(words.view(np.float32).copy()).view(1, n)
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=rows_of_values(), base=rows_of_values(), pick=st.integers(0, 2**16 - 1))
+def test_radix_counts_are_the_torch_counts(x, base, pick) -> None:
+    """Both radix passes, over δ = x − base and over δ given, count what TopK's torch form counts."""
+    base = base.repeat(1, x.shape[1] // base.shape[1] + 1)[:, :x.shape[1]].contiguous()
+    for delta, b in ((x - base, base), (x, None)):
+        v = magnitude_bits(delta).flatten().to(torch.int64)
+        hi = int(v[pick % v.numel()]) >> 16  # a bin that is not empty
+        for pass_hi, want in ((-1, torch.bincount(v >> 16, minlength=1 << 16)),
+                              (hi, torch.bincount(v[(v >> 16) == hi] & 0xFFFF, minlength=1 << 16))):
+            first, counts = fused.radix_count(x if b is not None else delta, b, pass_hi)
+            got = torch.zeros(1 << 16, dtype=torch.int64)
+            got[first:first + counts.size] = torch.from_numpy(counts)
+            assert torch.equal(got, want)
+            assert counts.size == 0 or (counts[0] > 0 and counts[-1] > 0)  # the range touched, no wider
+        first, counts = fused.radix_count(x if b is not None else delta, b, -1)  # the scratch was cleared
+        assert int(counts.sum()) == x.numel()
+
+
+def test_every_nan_has_one_magnitude_in_both_forms() -> None:
+    """x − base of two NaNs carries one of their payloads, and which one follows the instruction
+    (torch's and numba's differ here): ranked by magnitude, every NaN is the quiet NaN."""
+    words = np.array([0x7FC00000, 0xFFC00001, 0x7F812345, 0xFFFFFFFF, 0x7F800000, 0], dtype=np.uint32)
+    x = torch.from_numpy(np.repeat(words, 6).view(np.float32)).view(1, -1)
+    base = torch.from_numpy(np.tile(words, 6).view(np.float32)).view(1, -1)
+    v = magnitude_bits(x - base)
+    assert int((x - base).isnan().sum()) == 33  # all but inf − 0, 0 − inf and 0 − 0
+    assert int((v == QUIET_NAN).sum()) == 33 and int(v.max()) == QUIET_NAN
+    first, counts = fused.radix_count(x, base, QUIET_NAN >> 16)
+    assert first == QUIET_NAN & 0xFFFF and list(counts) == [33]
+
+
+@settings(max_examples=200, deadline=None)
+@given(d=rows_of_values(), pick=st.tuples(st.integers(0, 2**16), st.integers(0, 2**16)),
+       edge=st.sampled_from([None, -1, 1 << 31, (1 << 31) - 1]))
+def test_ranked_keep_is_the_compare_of_the_bit_patterns(d, pick, edge) -> None:
+    v = magnitude_bits(d).to(torch.int64)
+    above, not_above = sorted(int(v.flatten()[p % d.numel()]) for p in pick)
+    if edge is not None:
+        above = edge
+    keep, ties = fused.ranked_keep(d, above, not_above)
+    assert torch.equal(torch.from_numpy(keep).view(d.shape), (v > above) & (v <= not_above))
+    assert ties == int((v == above).sum())
+    keep, _ = fused.ranked_keep(d, above, 1 << 32)
+    assert torch.equal(torch.from_numpy(keep).view(d.shape), v > above)
+    # the first `quota` ties in flat order join them, and no others
+    quota = pick[0] % (ties + 2)
+    fused.keep_first_ties(d, above, quota, keep)
+    tie_rank = torch.cumsum((v == above).flatten(), 0).view(v.shape)
+    assert torch.equal(torch.from_numpy(keep).view(d.shape), (v > above) | ((v == above) & (tie_rank <= quota)))
 
 
 def _merge(method: str, ctx, x: torch.Tensor, chunk_rows: int, remember: bool) -> tuple[torch.Tensor, Tally]:

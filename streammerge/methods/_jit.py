@@ -149,3 +149,85 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
             if scale_lam:
                 t = t * lam
             ot[k] = bt[k] + t
+
+
+_HI_BITS = np.uint32(16)
+_LO_MASK = np.uint32(0xFFFF)
+_INF = np.uint32(0x7F800000)
+_QUIET_NAN = np.uint32(0x7FC00000)  # sparsify.QUIET_NAN: every NaN's magnitude
+
+
+@numba.njit(nogil=True, cache=True)
+def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int,
+                hist: np.ndarray) -> tuple[np.int64, np.int64]:
+    """One radix pass of TopK over float32 elements: the bit pattern v of |δ| (δ = x − b, or x itself
+    with `deltas_done`), as sparsify.magnitude_bits makes it (every NaN's the quiet NaN's); hi < 0:
+    hist[v >> 16] += 1, else, for the v whose high half is hi, hist[v & 0xFFFF] += 1. Returns the
+    first and last bin it touched (first > last when none)."""
+    mag = np.empty(_TILE, dtype=np.float32)
+    v = mag.view(np.uint32)
+    first = np.int64(hist.size)
+    last = np.int64(-1)
+    want = np.uint32(hi if hi >= 0 else 0)
+    for e0 in range(0, x.size, _TILE):
+        m = min(_TILE, x.size - e0)
+        xt = x[e0:e0 + m]
+        if deltas_done:
+            for k in range(m):
+                mag[k] = abs(xt[k])
+        else:
+            bt = b[e0:e0 + m]
+            for k in range(m):
+                mag[k] = abs(xt[k] - bt[k])
+        for k in range(m):
+            u = v[k]
+            if u > _INF:
+                u = _QUIET_NAN
+            if hi < 0:
+                h = np.int64(u >> _HI_BITS)
+            elif (u >> _HI_BITS) == want:
+                h = np.int64(u & _LO_MASK)
+            else:
+                continue
+            hist[h] += 1
+            first = min(first, h)
+            last = max(last, h)
+    return first, last
+
+
+@numba.njit(nogil=True, cache=True)
+def ranked_keep(d: np.ndarray, above: int, not_above: int, out: np.ndarray) -> int:
+    """out[j] ← above < v ≤ not_above for the bit pattern v of |d[j]| (as magnitude_bits makes it);
+    returns how many v equal `above` (TopK's threshold ties, when above is the threshold)."""
+    mag = np.empty(_TILE, dtype=np.float32)
+    v = mag.view(np.uint32)
+    a = np.int64(above)
+    c = np.int64(not_above)
+    ties = 0
+    for e0 in range(0, d.size, _TILE):
+        m = min(_TILE, d.size - e0)
+        dt = d[e0:e0 + m]
+        ot = out[e0:e0 + m]
+        for k in range(m):
+            mag[k] = abs(dt[k])
+        for k in range(m):
+            u = np.int64(v[k] if v[k] <= _INF else _QUIET_NAN)
+            ot[k] = u > a and u <= c
+            ties += u == a
+    return ties
+
+
+@numba.njit(nogil=True, cache=True)
+def keep_first_ties(d: np.ndarray, tie: int, quota: int, out: np.ndarray) -> None:
+    """out[j] ← True for the first `quota` elements (in flat order) whose |d[j]|'s bit pattern is tie."""
+    t = np.int64(tie)
+    mag = np.empty(1, dtype=np.float32)
+    v = mag.view(np.uint32)
+    for j in range(d.size):
+        if quota <= 0:
+            return
+        mag[0] = abs(d[j])
+        u = np.int64(v[0] if v[0] <= _INF else _QUIET_NAN)
+        if u == t:
+            out[j] = True
+            quota -= 1

@@ -22,6 +22,7 @@ from .rng import _blocks, block_key
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
+_scratch = threading.local()  # each thread's radix histogram (radix_count), all zeros between calls
 
 
 def kernels() -> ModuleType | None:
@@ -49,6 +50,10 @@ def warm() -> None:
     dare_observe(x[1], x[0], 1, 0, 1 << 31)
     task_apply(x, 0, [1, 2], [torch.ones(1, 8, dtype=torch.bool), None], [1.0, 1.0], [1.0, 1.0], False, True,
                True, 1.0, 1.0)
+    for base in (x[0], None):
+        radix_count(x[1], base, -1)
+    keep, _ = ranked_keep(x[1], 0, 1 << 32)
+    keep_first_ties(x[1], 0, 1, keep)
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -116,6 +121,40 @@ def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.
                    np.array(weights, dtype=np.float32), deltas_done, consensus, normalize,
                    np.float32(divisor), np.float32(lam), lam != 1.0, out, sign)
     return torch.from_numpy(out).view(rows, cols), torch.from_numpy(sign).view(rows, cols) if consensus else None
+
+
+def radix_count(x: torch.Tensor, base: torch.Tensor | None, hi: int) -> tuple[int, np.ndarray]:
+    """One of TopK's radix passes over float32 rows x (δ itself when base is None, else x − base):
+    (first, counts), counts[i] the elements in bin first + i (see _jit.radix_count; hi < 0 is the
+    first pass). The bins are counted in this thread's own histogram, so threads never share one,
+    and only the range touched is copied out and cleared (|δ| of a tensor spans few exponents)."""
+    jit = kernels()
+    assert jit is not None
+    hist = getattr(_scratch, "hist", None)
+    if hist is None:
+        hist = _scratch.hist = np.zeros(1 << 16, dtype=np.int64)
+    xf = _flat(x)
+    first, last = jit.radix_count(xf, xf if base is None else _flat(base), base is None, hi, hist)
+    counts = hist[first:last + 1].copy()
+    hist[first:last + 1] = 0
+    return int(first), counts
+
+
+def ranked_keep(d: torch.Tensor, above: int, not_above: int) -> tuple[np.ndarray, int]:
+    """(keep, ties) of float32 rows d: keep (flat) where above < bits(|d|) ≤ not_above (TopK's bit
+    patterns), ties the count of bits(|d|) == above."""
+    jit = kernels()
+    assert jit is not None
+    out = np.empty(d.numel(), dtype=np.bool_)
+    ties = jit.ranked_keep(_flat(d), above, not_above, out)
+    return out, int(ties)
+
+
+def keep_first_ties(d: torch.Tensor, tie: int, quota: int, keep: np.ndarray) -> None:
+    """keep (flat) also where the first `quota` bits(|d|) == tie lie."""
+    jit = kernels()
+    assert jit is not None
+    jit.keep_first_ties(_flat(d), tie, quota, keep)
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:

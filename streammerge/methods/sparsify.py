@@ -28,10 +28,18 @@ _BINS = 1 << 16
 _BATCH = 1 << 16  # chunks with fewer values than this are counted together
 
 
+QUIET_NAN = 0x7FC00000  # every NaN's magnitude: above +inf, the same whatever its payload
+
+
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
-    """|δ| rounded to float32, as int32 bit patterns that order like the magnitudes (sign bit clear)."""
+    """|δ| rounded to float32, as int32 bit patterns that order like the magnitudes (sign bit clear);
+    every NaN as QUIET_NAN. Which payload x − base carries when both are NaN follows the
+    instruction (x86 and numba's loops differ), so NaNs rank as ties, by flat index like the rest.
+    (A NaN δ makes its output element NaN whether kept or dropped; only which one counts as kept
+    in the report could differ.)"""
     mag = delta.abs()
-    return (mag if mag.dtype == torch.float32 else mag.to(torch.float32)).view(torch.int32)
+    bits = (mag if mag.dtype == torch.float32 else mag.to(torch.float32)).view(torch.int32)
+    return bits.masked_fill_(bits > 0x7F800000, QUIET_NAN)
 
 
 def scaled_keep(keep: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -105,8 +113,8 @@ class TopK:
 
     def __init__(self, k: int | None) -> None:
         self.k = k
-        self._hist = torch.zeros(_BINS, dtype=torch.int64)
-        self._hi = 0
+        self._hist = np.zeros(_BINS, dtype=np.int64)
+        self.high_bin = 0  # pass 1 counts the low halves of the bit patterns whose high half is this
         self._need = 0  # elements still to select inside the threshold's high bin
         self.threshold = 0  # int bit pattern of the k-th largest |δ|
         self.ties_keep = 0
@@ -119,9 +127,9 @@ class TopK:
 
     def observe(self, pass_idx: int, bits: torch.Tensor) -> None:
         """`bits`: magnitude_bits of a chunk."""
-        values = (bits >> 16).flatten() if pass_idx == 0 else bits[(bits >> 16) == self._hi] & 0xFFFF
+        values = (bits >> 16).flatten() if pass_idx == 0 else bits[(bits >> 16) == self.high_bin] & 0xFFFF
         if values.numel() >= _BATCH:
-            hist = torch.bincount(values, minlength=_BINS).cpu()
+            hist = torch.bincount(values, minlength=_BINS).cpu().numpy()
             with self._lock:
                 self._hist += hist
             return
@@ -131,26 +139,54 @@ class TopK:
             if self._small_n >= _BATCH:
                 self._flush()
 
+    def count(self, first: int, counts: np.ndarray) -> None:
+        """Add counts of bins first.. made elsewhere (fused.radix_count) to this pass's histogram."""
+        with self._lock:
+            self._hist[first:first + counts.size] += counts
+
     def _flush(self) -> None:
         if self._small:
-            self._hist += torch.bincount(torch.cat(self._small), minlength=_BINS)
+            self._hist += torch.bincount(torch.cat(self._small), minlength=_BINS).numpy()
         self._small, self._small_n = [], 0
 
     def end_pass(self, pass_idx: int) -> None:
         assert self.k is not None
         self._flush()
-        hist = self._hist.numpy().copy()
-        self._hist.zero_()
+        hist = self._hist.copy()
+        self._hist[:] = 0
         if self.k <= 0:
             self.threshold, self.ties_keep = 1 << 31, 0  # above every bit pattern: keep nothing
             return
         b, above = _select_from_top(hist, self.k if pass_idx == 0 else self._need)
         if pass_idx == 0:
-            self._hi, self._need = b, self.k - above
+            self.high_bin, self._need = b, self.k - above
         else:
-            self.threshold = (self._hi << 16) | b
+            self.threshold = (self.high_bin << 16) | b
             self.ties_keep = self._need - above
             self.ties_total = int(hist[b])
+
+    def keeps_above(self) -> int | None:
+        """The mask as bits > this value, or None where only some threshold ties are kept (and
+        the mask must count them in row order: `mask`)."""
+        if self.threshold >= 1 << 31:
+            return 1 << 31  # above every bit pattern of a magnitude: nothing
+        if self.ties_keep == 0 or self.ties_keep >= self.ties_total:
+            return self.threshold - 1 if self.ties_keep else self.threshold
+        return None
+
+    def mask_fused(self, d: torch.Tensor, flat0: int) -> np.ndarray:
+        """`mask` of δ rows d (float32 on the CPU, numba present) in compiled loops, flat: no bit
+        patterns made; the ties are counted and taken in turn as `mask` does."""
+        above = self.keeps_above()
+        if above is not None:
+            return fused.ranked_keep(d, above, 1 << 32)[0]
+        keep, n = fused.ranked_keep(d, self.threshold, 1 << 32)
+        with self.order.turn(flat0, d.numel()):  # the ties before this chunk are counted
+            seen = self._ties_seen
+            self._ties_seen += n
+        if self.ties_keep > seen:
+            fused.keep_first_ties(d, self.threshold, self.ties_keep - seen, keep)
+        return keep
 
     def mask(self, bits: torch.Tensor, flat0: int) -> torch.Tensor:
         """Keep-mask of the chunk of bits starting at flat index flat0."""
@@ -199,6 +235,19 @@ class Ranked(Sparsifier):
         keep_all = skip == 0 and keep >= numel and not zero_all
         return 0 if (zero_all or keep_all) else (3 if rescale else 2)
 
+    def observe_inputs(self, pass_idx: int, x: torch.Tensor, base: torch.Tensor, flat0: int) -> None:
+        """With numba, the radix passes count δ's magnitudes in one compiled loop (fused.radix_count),
+        without making δ, |δ| or its bit patterns; the same counts as observe's."""
+        if pass_idx >= 2 or self.rescale or not fused.usable(x.unsqueeze(0)):
+            return super().observe_inputs(pass_idx, x, base, flat0)
+        if pass_idx == 0:  # every selector counts the same high halves
+            first, counts = fused.radix_count(x, base, -1)
+            for sel in self.selectors:
+                sel.count(first, counts)
+            return
+        for sel in self.selectors:
+            sel.count(*fused.radix_count(x, base, sel.high_bin))
+
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
         if pass_idx == 2:
             keep = self.mask(delta, flat0)
@@ -226,10 +275,23 @@ class Ranked(Sparsifier):
             return None
         if self.zero_all:
             return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+        if fused.usable(delta.unsqueeze(0)):  # with numba: compiled loops over δ
+            return torch.from_numpy(self._mask_fused(delta, flat0)).view(delta.shape)
         bits = magnitude_bits(delta)
         keep = self.selectors[0].mask(bits, flat0)
         if len(self.selectors) > 1:
             keep &= ~self.selectors[1].mask(bits, flat0)
+        return keep
+
+    def _mask_fused(self, delta: torch.Tensor, flat0: int) -> np.ndarray:
+        top = self.selectors[0]
+        if len(self.selectors) == 1:
+            return top.mask_fused(delta, flat0)
+        above, not_above = top.keeps_above(), self.selectors[1].keeps_above()
+        if above is not None and not_above is not None:  # a band without ties to count: one loop
+            return fused.ranked_keep(delta, above, not_above)[0]
+        keep = top.mask_fused(delta, flat0)
+        keep &= ~self.selectors[1].mask_fused(delta, flat0)
         return keep
 
     def abort(self) -> None:
