@@ -117,11 +117,22 @@ def baseline_bytes(plan: Plan | None = None) -> int:
     clean file pages, used to link the kernels and never touched again, which the kernel drops
     under a cap (tests/test_memory.py runs DARE-TIES so under a cgroup)."""
     global _jit_file_bytes
-    if plan is not None and plan.device == "cpu" and plan.method.jit and _jit_file_bytes is None:
+    if plan is not None and loops_for(plan) and _jit_file_bytes is None:
         before = _file_pages()
         fused.warm()
         _jit_file_bytes = max(0, _file_pages() - before)
     return int(psutil.Process().memory_info().rss) - (_jit_file_bytes or 0)
+
+
+def loops_for(plan: Plan) -> bool:
+    """Decide whether this process merges `plan` with the compiled loops (fused.use_for); every
+    schedule is made after this is asked, so no merge follows the choice made for another."""
+    return plan.device == "cpu" and plan.method.jit and fused.use_for(jit_work(plan))
+
+
+def jit_work(plan: Plan) -> int:
+    """Elements times inputs over the tensors the plan's method computes (fused.use_for's measure)."""
+    return sum(t.rows * t.cols * len(t.inputs) for t in plan.tasks if not t.copy_exact)
 
 
 def _file_pages() -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import block_bytes, chunk_budget, chunk_rows, held_bytes, hold_reserve, widest_row
+from .budget import block_bytes, chunk_budget, chunk_rows, held_bytes, hold_reserve, loops_for, widest_row
 from .dtypes import itemsize
 from .errors import PlanError
 from .planner import Plan, Task
@@ -132,7 +132,11 @@ def make_schedule(plan: Plan, max_memory: int, overlap: bool, chunk_bytes: int |
         PlanError: the budget does not fit one row of the widest task (named, with the smallest
             budget that does); on a GPU, the GPU's budget does not.
     """
-    budget = max(chunk_bytes, widest_row(plan)[0]) if chunk_bytes is not None else chunk_budget(plan, max_memory)
+    if chunk_bytes is not None:
+        loops_for(plan)  # (chunk_budget asks it through baseline_bytes)
+        budget = max(chunk_bytes, widest_row(plan)[0])
+    else:
+        budget = chunk_budget(plan, max_memory)
     if plan.device == "cpu":
         # what tasks read in several blocks keep between passes is set aside first, beside the blocks
         reserve = hold_reserve(plan.tasks, budget, threads)

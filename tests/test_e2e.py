@@ -151,10 +151,13 @@ def test_stage2_gradient_slerp_and_transformers_forward(stage1, seed_cache, tmp_
     assert model.config.num_hidden_layers == 32
 
 
-def test_output_bytes_do_not_depend_on_chunking(seed_cache, stage1, tmp_path) -> None:
+def test_output_bytes_do_not_depend_on_chunking(seed_cache, stage1, tmp_path, monkeypatch) -> None:
     """One-row blocks and sub-chunks against whole tensors (the stage1 fixture's default budget
     reads every tensor whole): the extremes; tests/test_all_methods.py takes every method through
-    two-row blocks."""
+    two-row blocks. The one-row run takes the compiled loops where numba is installed (a third
+    faster here than torch's forms on one-row blocks); the fixture's, too small to load them,
+    the torch forms."""
+    monkeypatch.setenv("STREAMMERGE_JIT", "1")
     os.environ["HF_HUB_CACHE"] = seed_cache
     try:
         plan = make_plan(parse_config(read(STAGE1)), max_shard_bytes=300_000)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import context, run_chunked
+from helpers import context, output_digest, run_chunked
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_kernel_forms import VALUE, WEIGHT, bits, quiet
@@ -17,6 +17,13 @@ from test_kernel_forms import VALUE, WEIGHT, bits, quiet
 from streammerge.methods import METHODS, Tally, fused, rng
 from streammerge.methods.rng import _hash32_numpy, bernoulli_mask, keep_threshold
 from streammerge.methods.sparsify import QUIET_NAN, magnitude_bits
+
+
+@pytest.fixture(autouse=True)
+def loops_on(monkeypatch):
+    """The compiled loops in use, whatever size of merge this process ran before (fused.use_for)."""
+    monkeypatch.setitem(fused._use, "on", True)
+
 
 pytestmark = pytest.mark.skipif(fused.kernels() is None, reason="numba is not installed")
 
@@ -48,7 +55,7 @@ def rows_of_values(draw):
     return torch.from_numpy(words.view(np.float32).copy()).view(1, n)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(x=rows_of_values(), base=rows_of_values(), pick=st.integers(0, 2**16 - 1))
 def test_radix_counts_are_the_torch_counts(x, base, pick) -> None:
     """Both radix passes, over δ = x − base and over δ given, count what TopK's torch form counts."""
@@ -131,6 +138,7 @@ def merges(draw):
 @given(case=merges())
 def test_fused_merges_are_the_torch_merges(case) -> None:
     method, ctx, x, chunk_rows, remember = case
+    assert fused.kernels() is not None
     fast, fast_tally = _merge(method, ctx, x, chunk_rows, remember)
     jit = fused._state["jit"]
     fused._state["jit"] = None  # as without numba
@@ -169,3 +177,29 @@ def test_the_base_alone_merges_to_itself_in_both_forms(method) -> None:
             assert torch.equal(run_chunked(method, ctx, x, 3, tally=Tally(1)), x[0])
         finally:
             fused._state["jit"] = jit
+
+
+def test_a_small_merge_runs_the_torch_forms_to_the_same_bytes(tiny_set, tmp_path, monkeypatch) -> None:
+    """Loading numba and the kernels costs about a second: a merge too small to repay it runs the
+    torch forms unless STREAMMERGE_JIT=1 asks for the loops; the bytes are the same."""
+    from test_all_methods import config_text
+
+    import streammerge
+    from streammerge.budget import jit_work
+    from streammerge.config import parse_config
+    from streammerge.planner import make_plan
+
+    config = tmp_path / "dare.yml"
+    config.write_text(config_text("dare_ties", tiny_set))
+    assert jit_work(make_plan(parse_config(config.read_text()))) < fused.MIN_WORK
+    digests, used = {}, {}
+    for mode in ("", "1", "0"):
+        monkeypatch.setenv("STREAMMERGE_JIT", mode)
+        out = str(tmp_path / f"out{mode}")
+        streammerge.merge(str(config), out, max_memory="1GiB")
+        used[mode] = fused.kernels() is not None
+        digests[mode] = output_digest(out)["shards"]
+    assert used == {"": False, "1": True, "0": False}
+    assert digests[""] == digests["1"] == digests["0"]
+    monkeypatch.setenv("STREAMMERGE_JIT", "")
+    assert fused.use_for(fused.MIN_WORK) and not fused.use_for(fused.MIN_WORK - 1)

@@ -23,6 +23,13 @@ VALUE = st.one_of(F32, SPECIAL)
 WEIGHT = st.one_of(st.floats(-3, 3, allow_nan=False), st.sampled_from([0.0, -0.0, 1.0, 1e-30, 1e30]))
 
 
+@pytest.fixture(autouse=True)
+def loops_on(monkeypatch):
+    """Where numba is installed, the compiled loops in use, whatever size of merge this process ran
+    before (fused.use_for)."""
+    monkeypatch.setitem(fused._use, "on", True)
+
+
 def quiet(t: torch.Tensor) -> torch.Tensor:
     """t with every NaN the one quiet NaN, as the output is written (committer.output_rows)."""
     return t.masked_fill(t.isnan(), float("nan"))

@@ -23,15 +23,33 @@ from .rng import _blocks, block_key
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 _scratch = threading.local()  # each thread's radix histogram (radix_count), all zeros between calls
+_use = {"on": True}  # the merge this process runs uses the loops (use_for); tests call kernels directly
+
+# A merge with fewer float32 element-inputs than this (elements x inputs, over its family tensors)
+# runs the torch forms: loading numba and the cached kernels takes ~1 s (on this project's 2-core
+# machine), and the loops save 3 (DARE-TIES) to 14 (TIES) ns per element-input, so below ~64M the
+# load costs more than it saves. Same bytes either way.
+MIN_WORK = 1 << 26
+
+
+def use_for(work: int) -> bool:
+    """Whether the merge about to run, `work` element-inputs of this family, uses the compiled loops:
+    STREAMMERGE_JIT=1 always, =0 never, unset when work >= MIN_WORK (and numba is there)."""
+    mode = os.environ.get("STREAMMERGE_JIT", "")
+    _use["on"] = mode == "1" or (mode != "0" and work >= MIN_WORK)
+    return kernels() is not None
 
 
 def kernels() -> ModuleType | None:
-    """The compiled kernels' module, or None where numba is missing or STREAMMERGE_JIT=0."""
+    """The compiled kernels' module, or None where numba is missing, STREAMMERGE_JIT=0, or the merge
+    is too small to repay loading them (use_for)."""
+    if not _use["on"]:
+        return None
     if "jit" not in _state:
         with _lock:
             if "jit" not in _state:
                 jit: ModuleType | None = None
-                if os.environ.get("STREAMMERGE_JIT", "1") != "0":
+                if os.environ.get("STREAMMERGE_JIT", "") != "0":
                     try:
                         from . import _jit as jit
                     except ImportError:  # numba missing or broken here: the torch forms do the work
