@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,6 +87,10 @@ VARIANTS = {"cpu": [], "j1": ["-j", "1"], "j2": ["-j", "2"], "j4": ["-j", "4"], 
             "j16": ["-j", "16"], "no-overlap": ["--no-overlap"], "overlap": ["--overlap"], "unbounded": [],
             "cuda": ["--device", "cuda"], "cuda-no-overlap": ["--device", "cuda", "--no-overlap"], "nojit": []}
 ENV = {"nojit": {"STREAMMERGE_JIT": "0"}}  # variants set by the environment
+# Every timed command runs as on a user's machine: Python writes and reuses bytecode caches. (This
+# project's machines set PYTHONDONTWRITEBYTECODE=1, so an editable streammerge recompiled its ~70
+# modules, 0.4 s, on every start, while pip had compiled mergekit's and torch's at install.)
+RUN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def main() -> None:
@@ -110,6 +115,10 @@ def main() -> None:
         raise SystemExit(f"--only: choose from {', '.join(MERGES)}")
     root = os.path.abspath(a.dir)
     folders = ensure_set(root, a.set)
+    # each tool started once before any timing, writing its bytecode caches as a first run would
+    subprocess.run([sys.executable, "-c", "import streammerge.cli, streammerge.methods._jit"], env=RUN_ENV, check=True)
+    if a.mergekit:
+        subprocess.run([a.mergekit, "--help"], env=RUN_ENV, capture_output=True, check=True)
     rows = []
     for name, (yaml_text, inputs) in configs(folders).items():
         if name.split()[0] not in only:
@@ -130,7 +139,7 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "streammerge", "run", cfg, out, "-q", *budget, *VARIANTS[v]]
                 if a.cap and v != "unbounded":
                     cmd = ["bash", MEMCAP, a.cap, "--", *cmd]
-                sm = measure(cmd, {**os.environ, **ENV[v]} if v in ENV else None)
+                sm = measure(cmd, {**RUN_ENV, **ENV.get(v, {})})
             if sm.rc != 0:
                 print(f"streammerge ({v}) failed on {name}:\n{sm.stderr[-3000:]}", flush=True)
                 continue
@@ -148,13 +157,14 @@ def main() -> None:
             mk_out = os.path.join(root, "mk-" + name.split()[0])
             shutil.rmtree(mk_out, ignore_errors=True)
             with busy(a.busy):
-                row["mk"] = measure([a.mergekit, cfg, mk_out])
+                row["mk"] = measure([a.mergekit, cfg, mk_out], RUN_ENV)
         rows.append(row)
         print(f"{name}: " + ", ".join(f"{v} {r[0].wall_s:.1f} s" for v, r in runs.items()) + f", floor {floor:.1f} s"
               + (f", mergekit {row['mk'].wall_s:.1f} s" if "mk" in row else ""), flush=True)
     load = f", beside {a.busy} busy processes" if a.busy else ", quiet"
     cap = f" under a {a.cap} memory cgroup" if a.cap else ""
-    print(f"\n{a.set} set, {os.cpu_count()} cores{load}, warm page cache, streammerge --max-memory {a.max_memory}{cap}")
+    print(f"\n{a.set} set, {os.cpu_count()} cores{load}, warm page cache, bytecode cached, "
+          f"streammerge --max-memory {a.max_memory}{cap}")
     head = (f"{'merge':<22} {'variant':<16} {'wall s':>7} {'merge s':>7} {'peak RSS MiB':>12} {'I/O floor s':>11} "
             f"{'x floor':>8} {'merge x floor':>13}")
     if a.mergekit:
