@@ -1,5 +1,5 @@
 """The memory budget holds under a real cap: a 12-model DARE-TIES whose embeddings alone, one
-tensor of every input in float32, need 393 MB on top of the interpreter (~230-350 MB, by
+tensor of every input in float32, need 393 MB on top of the interpreter (~230-450 MB, by
 machine) survives a memory cgroup (tools/memcap) 40 MiB above its --max-memory, itself 48 MiB
 above the smallest feasible budget, and writes the same bytes as an unbounded run; the same
 merge given a budget the cap cannot hold is killed — the cap is real. The same 12 models saved
@@ -121,7 +121,11 @@ def test_the_cap_is_real(wide_set, tmp_path) -> None:
     embedding, beyond the interpreter) and the cgroup kills it."""
     cfg, _ = wide_set
     _, cap = budgets(cfg)
-    assert 12 * 32000 * 256 * 4 + 150 * 2**20 > cap * 2**20
+    # what the planner expects that run to hold: the process as it starts (measured, so it varies
+    # by machine and by how much of torch's libraries the page cache maps in) and the whole tensors
+    plan = subprocess.run([sys.executable, "-m", "streammerge", "plan", cfg, "--max-memory", "8GiB", "--json"],
+                          capture_output=True, text=True)
+    assert json.loads(plan.stdout)["expected_peak_bytes"] > cap * 2**20 + 12 * 32000 * 256 * 4 // 2
     r = run(cfg, str(tmp_path / "greedy"), "--max-memory", "8GiB", cap=f"{cap}M")
     if r.returncode == 2 and "cannot create a memory cgroup" in r.stderr:
         pytest.skip(f"THIS MACHINE CANNOT MAKE A MEMORY CGROUP: {r.stderr}")
