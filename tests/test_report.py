@@ -101,8 +101,9 @@ def test_recorded_figures_match_an_independent_computation(merged, seed_cache, n
     densities = [0.4] * 13 + [0.5]
     keeps = [ref.dare_keep(0, k, name, xs[0].size, d).reshape(xs[0].shape) for k, d in enumerate(densities, 1)]
     s = rec["stats"]
-    # the statistics look at one row in rows // 64 (at most 32, at least 1): here every row
-    stride = min(32, max(1, xs[0].shape[0] // 64))
+    # the statistics look at one row in rows // 8 (at most 32, at least 1)
+    stride = min(32, max(1, xs[0].shape[0] // 8))
+    assert stride > 1 or xs[0].ndim < 2 or xs[0].shape[0] < 16
     rows = (lambda a: a[::stride]) if xs[0].ndim >= 2 else (lambda a: a)
     for k, keep in enumerate(keeps, 1):
         assert s["kept"][k] == pytest.approx(rows(keep).mean(), abs=1e-12)  # the same draws: exact
