@@ -157,6 +157,12 @@ _INF = np.uint32(0x7F800000)
 _QUIET_NAN = np.uint32(0x7FC00000)  # sparsify.QUIET_NAN: every NaN's magnitude
 
 
+@numba.njit(inline="always")
+def _ranked(u: np.uint32) -> np.uint32:
+    """The bit pattern u of a magnitude as magnitude_bits ranks it: every NaN as the quiet NaN."""
+    return u if u <= _INF else _QUIET_NAN
+
+
 @numba.njit(nogil=True, cache=True)
 def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int,
                 hist: np.ndarray) -> tuple[np.int64, np.int64]:
@@ -180,9 +186,7 @@ def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int,
             for k in range(m):
                 mag[k] = abs(xt[k] - bt[k])
         for k in range(m):
-            u = v[k]
-            if u > _INF:
-                u = _QUIET_NAN
+            u = _ranked(v[k])
             if hi < 0:
                 h = np.int64(u >> _HI_BITS)
             elif (u >> _HI_BITS) == want:
@@ -211,7 +215,7 @@ def ranked_keep(d: np.ndarray, above: int, not_above: int, out: np.ndarray) -> i
         for k in range(m):
             mag[k] = abs(dt[k])
         for k in range(m):
-            u = np.int64(v[k] if v[k] <= _INF else _QUIET_NAN)
+            u = np.int64(_ranked(v[k]))
             ot[k] = u > a and u <= c
             ties += u == a
     return ties
@@ -227,7 +231,6 @@ def keep_first_ties(d: np.ndarray, tie: int, quota: int, out: np.ndarray) -> Non
         if quota <= 0:
             return
         mag[0] = abs(d[j])
-        u = np.int64(v[0] if v[0] <= _INF else _QUIET_NAN)
-        if u == t:
+        if np.int64(_ranked(v[0])) == t:
             out[j] = True
             quota -= 1
