@@ -262,9 +262,14 @@ def row_sums(x: torch.Tensor) -> torch.Tensor:
     On a CPU, torch reduces each row alike whatever the rows around it. A GPU's reduction
     may change its order with the tensor's shape (so with the chunking); there rows are
     summed by a fixed pairwise tree of elementwise adds instead, whose order is fixed.
+
+    On a CPU the float64 copy is made first: `x.sum(dim=1, dtype=torch.float64)` reduces the
+    same float64 values in the same order (torch casts the input, then reduces), with the same
+    bits, but took 2.5-4x as long on a SLERP's 512 x 1024 sub-chunks (1.6 against 0.44 ns per
+    element, torch 2.13).
     """
     if x.device.type == "cpu":
-        return x.sum(dim=1, dtype=torch.float64)
+        return x.to(torch.float64).sum(dim=1)
     return tree_row_sums(x)
 
 
