@@ -10,6 +10,7 @@ temporaries, calibrated per method, and the output cast for writing).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import psutil
@@ -128,6 +129,27 @@ def loops_for(plan: Plan) -> bool:
     """Decide whether this process merges `plan` with the compiled loops (fused.use_for); every
     schedule is made after this is asked, so no merge follows the choice made for another."""
     return plan.device == "cpu" and plan.method.jit and fused.use_for(jit_work(plan))
+
+
+def kernel_forms(plan: Plan) -> tuple[bool, str]:
+    """Whether a run of `plan` in this process takes the compiled loops, and why, in words (for
+    `streammerge plan`): the bytes are the same either way, only the speed tells them apart."""
+    if plan.device != "cpu":
+        return False, f"torch's kernels on {plan.device}"
+    if not plan.method.jit:
+        return False, f"torch's kernels ({plan.method.name} has no compiled loops)"
+    mode = os.environ.get("STREAMMERGE_JIT", "")
+    work = jit_work(plan)
+    size, least = f"{work / 1e6:,.0f}M element-inputs", f"{fused.MIN_WORK / 1e6:.0f}M"
+    if loops_for(plan):
+        return True, "compiled loops (numba): " + (
+            "STREAMMERGE_JIT=1" if mode == "1" else f"{size}, at least the {least} that repay loading numba")
+    if mode == "0":
+        return False, "torch's forms: STREAMMERGE_JIT=0"
+    if mode != "1" and work < fused.MIN_WORK:
+        return False, (f"torch's forms: {size}, under the {least} that repay loading numba "
+                       "(STREAMMERGE_JIT=1 loads it anyway)")
+    return False, "torch's forms: numba cannot be imported here (pip install numba for the compiled loops)"
 
 
 def jit_work(plan: Plan) -> int:

@@ -501,7 +501,15 @@ def plan(config_path: str, out_arg: str | None, max_memory: int | None, out_shar
 
 def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) -> dict[str, object]:
     """Print one plan (or return it as JSON)."""
-    from .budget import baseline_bytes, chunk_budget, default_max_memory, expected_peak, smallest_budget, widest_row
+    from .budget import (
+        baseline_bytes,
+        chunk_budget,
+        default_max_memory,
+        expected_peak,
+        kernel_forms,
+        smallest_budget,
+        widest_row,
+    )
 
     need, worst = widest_row(p)
     budget = max_memory or default_max_memory()
@@ -509,8 +517,9 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
     smallest = smallest_budget(p, base)
     peak = expected_peak(p, chunk_budget(p, budget, base), base)
     free = _free_space(out or ".")
+    compiled, forms = kernel_forms(p)
     if as_json:
-        return _plan_json(p, budget, peak, smallest, free)
+        return {**_plan_json(p, budget, peak, smallest, free), "kernels": {"compiled": compiled, "why": forms}}
     counts: dict[int, int] = {}
     for t in p.tasks:
         counts[len(t.inputs)] = counts.get(len(t.inputs), 0) + 1
@@ -528,6 +537,7 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
     click.echo(f"memory: --max-memory {budget / 2**20:.0f} MiB{default}"
                f", expected peak {peak / 2**20:.0f} MiB; smallest that works {-(-smallest // 2**20)} MiB "
                f"(one row of {worst.name if worst else '-'} needs {need / 2**20:.2f} MiB)")
+    click.echo(f"kernels: {forms}")
     click.echo("tensors:")
     for t in p.tasks:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.ctx.shared.items())

@@ -33,6 +33,28 @@ def test_plan_json(tiny_set, tmp_path) -> None:
     assert p["method"] == "ties" and len(p["tensors"]) == 39 and len(p["shards"]) > 1
     assert p["smallest_max_memory_bytes"] <= p["expected_peak_bytes"]
     assert p["tensors"][0]["per_input"][1] == {"weight": 0.5, "density": 0.5}
+    # a merge this small runs torch's forms, and says why
+    assert p["kernels"]["compiled"] is False and "element-inputs, under the 67M" in p["kernels"]["why"]
+
+
+@pytest.mark.parametrize("mode", ["0", "1"])
+def test_plan_says_which_kernels_a_run_takes(tiny_set, tmp_path, monkeypatch, mode) -> None:
+    """The same bytes come from either form; `plan` says which a run would take here and why."""
+    import importlib.util
+
+    monkeypatch.setenv("STREAMMERGE_JIT", mode)
+    cfg = config(tmp_path, tiny_set)
+    p = json.loads(CliRunner().invoke(main, ["plan", cfg, "--json"]).output)
+    have_numba = importlib.util.find_spec("numba") is not None
+    assert p["kernels"]["compiled"] is (mode == "1" and have_numba)
+    text = CliRunner().invoke(main, ["plan", cfg]).output
+    assert f"kernels: {p['kernels']['why']}\n" in text
+    assert ("STREAMMERGE_JIT=" + mode) in text or not have_numba
+    lin = tmp_path / "linear.yml"
+    lin.write_text("merge_method: linear\nmodels:\n" + "".join(f"  - {{model: {f}, parameters: {{weight: 0.5}}}}\n"
+                                                              for f in tiny_set[:2]))
+    linear = CliRunner().invoke(main, ["plan", str(lin)]).output
+    assert "kernels: torch's kernels (linear has no compiled loops)" in linear
 
 
 def test_budget_too_small_fails_at_plan_time_naming_tensor(tiny_set, tmp_path) -> None:
