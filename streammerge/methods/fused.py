@@ -27,7 +27,7 @@ _use = {"on": True}  # the merge this process runs uses the loops (use_for); tes
 
 # A merge with fewer float32 element-inputs than this (elements x inputs, over its family tensors)
 # runs the torch forms: loading numba and the cached kernels takes ~1 s (on this project's 2-core
-# machine), and the loops save 3 (DARE-TIES) to 14 (TIES) ns per element-input, so below ~64M the
+# machine), and the loops save 3 (DARE-TIES) to 14 (TIES) ns per element-input, so below ~2^26 (67M) the
 # load costs more than it saves. Same bytes either way.
 MIN_WORK = 1 << 26
 
