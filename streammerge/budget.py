@@ -44,6 +44,11 @@ COMPUTE_ELEMENTS = 128 * 1024
 # 12.3-15.7 s at 256K-1M. At most COMPUTE_ELEMENTS_MAX per input (2M was slower for SLERP).
 COMPUTE_BYTES = 6 << 20
 COMPUTE_ELEMENTS_MAX = 512 * 1024
+# A tensor read whole may be computed in sub-chunks down to this many elements per input rather than read
+# again for each pass in blocks: at a 512 MiB cap a 3-model TIES's MLP tensors had no room for four
+# 512-row sub-chunks beside the tensor and were read three times, now once (the merge's reads 4.29 GiB
+# -> 2.32 GiB); a 15-model DARE-TIES's attention tensors are read once rather than twice.
+WHOLE_SUB_ELEMENTS = 32 * 1024
 # Sub-chunks each compute thread may have begun or finished ahead of the one the runner yields
 # next (runner.Workers): room to go on while one thread is held up.
 PIECES_AHEAD = 2
@@ -212,8 +217,9 @@ def chunk_rows(task: Task, budget_bytes: int, overlap: bool = False,
         block = max(1, min(task.rows, block))
         return block, block, 1
     sub = sub_rows(task)
-    if task.rows * per_row + live_pieces(threads) * sub * compute <= budget_bytes:
-        return task.rows, sub, threads  # whole
+    whole_sub = (budget_bytes - task.rows * per_row) // (live_pieces(threads) * compute)
+    if whole_sub >= min(sub, max(1, WHOLE_SUB_ELEMENTS // max(1, task.cols))):
+        return task.rows, max(1, min(sub, whole_sub)), threads  # whole, in smaller sub-chunks if need be
     # Not whole: sub-chunks get at most half of the room, blocks the rest (sub-chunks that took
     # it all left a 12-model DARE 4-row blocks, 35 times slower than one thread's 2,136), and
     # fewer threads compute when even one-row sub-chunks for each would take more.

@@ -227,3 +227,26 @@ def test_sub_chunks_hold_about_the_same_bytes_whatever_the_input_count(tiny_set,
     assert e == COMPUTE_ELEMENTS_MAX or n * itemsize(compute) * (e + 1) > COMPUTE_BYTES  # as many as fit
     assert sub_elements(task(n + 1)) <= e
     assert sub_rows(task(n)) == max(1, e // cols)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(sorted(RECIPES)), threads=st.integers(1, 16), rows=st.integers(1, 40_000),
+       cols=st.integers(1, 16_384), share=st.floats(0.0, 1.5))
+def test_a_tensor_that_fits_with_smaller_sub_chunks_is_read_whole(tiny_set, method, threads, rows, cols,
+                                                                   share) -> None:
+    """A tensor is read once, whole, whenever it fits with sub-chunks of WHOLE_SUB_ELEMENTS elements
+    per input (a 3-model TIES's MLP tensors at 512 MiB were read three times, once per pass, for
+    want of room for four 512-row sub-chunks); the sub-chunks are then as large as the room left
+    allows, never larger than sub_rows, and the whole block keeps the budget."""
+    from streammerge.budget import WHOLE_SUB_ELEMENTS, block_bytes, compute_row_bytes, input_row_bytes
+
+    task = dataclasses.replace(tallest_task(method, tiny_set), shape=(rows, cols))
+    per_row, compute, live = input_row_bytes(task), compute_row_bytes(task), live_pieces(threads)
+    smallest = min(sub_rows(task), max(1, WHOLE_SUB_ELEMENTS // cols))
+    budget = int(share * (rows * per_row + live * smallest * compute)) + per_row + compute
+    block, sub, used = chunk_rows(task, budget, threads=threads)
+    fits = rows * per_row + live * smallest * compute <= budget
+    if fits:
+        assert block == rows and used == threads and smallest <= sub <= sub_rows(task)
+        assert sub == sub_rows(task) or block_bytes(task, rows, sub + 1, threads) > budget
+    assert block_bytes(task, block, sub, used) <= budget
