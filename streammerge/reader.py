@@ -1,12 +1,12 @@
 """Input rows into blocks: what the runner computes on, read as the schedule says.
 
-Imports schedule, planner, overlap, dtypes, errors (and torch, xxhash). `InputReader.load`
-reads one block (rows r0..r1 of every input of a task) into the block arena, cast to the
-compute dtype, or gathers vocabulary rows to the output tokenizer; with a GPU it stages the raw
-bytes in pinned memory and converts them on the device. The apply pass's reads feed each
-input's hasher, so the manifest records what the merge read; `input_digests` finishes them.
-The reader knows nothing of the output folder; it may run on a helper thread (ReadAhead) or in
-another process.
+Imports budget, schedule, planner, overlap, dtypes, errors (and torch, xxhash). `InputReader.load`
+reads one block (rows r0..r1 of every input of a task) into the block arena, in
+budget.block_dtype (bfloat16 models stay bfloat16: the runner converts each sub-chunk), or
+gathers vocabulary rows to the output tokenizer; with a GPU it stages the raw bytes in pinned
+memory and converts them on the device. The apply pass's reads feed each input's hasher, so the
+manifest records what the merge read; `input_digests` finishes them. The reader knows nothing
+of the output folder; it may run on a helper thread (ReadAhead) or in another process.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import xxhash
 
+from .budget import block_dtype
 from .dtypes import compute_dtype, itemsize, torch_dtype
 from .errors import InputError
 from .index import STAGE_BYTES
@@ -97,9 +98,9 @@ class InputReader:
                 index.read_rows(inp.tensor, r0, min(ref.rows, r0 + step), hasher=h)
 
     def _read(self, task: Task, row0: int, row1: int, hashers: list[xxhash.xxh3_128] | None = None) -> torch.Tensor:
-        """Rows [row0, row1) of every input, cast as the config asks, in the compute dtype, in the
+        """Rows [row0, row1) of every input, cast as the config asks, in budget.block_dtype, in the
         arena (its next block; the runner gives it back)."""
-        dt = compute_dtype(task.compute)
+        dt = compute_dtype(task.compute) if task.vocab is not None else torch_dtype(block_dtype(task))
         shape = (len(task.inputs), row1 - row0, task.cols)
         x = self.arena.take(input_bytes(task, row1 - row0), dt, shape)
         if task.vocab is not None:

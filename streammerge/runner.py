@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from .budget import live_pieces
-from .dtypes import torch_dtype
+from .dtypes import compute_dtype, torch_dtype
 from .errors import PlanError
 from .methods import MergeOp, MethodDef
 from .planner import Task
@@ -162,6 +162,13 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
     yields their merged rows in order."""
     rows = read.r1 - read.r0
     pieces = spans(0, rows, sched.sub)
+    compute = compute_dtype(task.compute)
+
+    def inputs(ab: tuple[int, int]) -> torch.Tensor:
+        """The sub-chunk's rows of every input in the compute dtype: a narrow block's (bfloat16
+        models') converted here, on the thread computing them, while they are in its cache."""
+        xs = x[:, ab[0]:ab[1]]
+        return xs if xs.dtype == compute else xs.to(compute)
     if len(pieces) == 1 or x.numel() < PARALLEL_MIN_ELEMENTS:
         workers = INLINE  # too little work to hand out: a thread's wake-up costs more
 
@@ -170,7 +177,7 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
 
     if p < sched.stat_passes:
         def observe(ab: tuple[int, int]) -> None:
-            op.observe(p, x[:, ab[0]:ab[1]], read.r0 + ab[0])
+            op.observe(p, inputs(ab), read.r0 + ab[0])
 
         workers.each(observe, pieces, advanced, op.abort)
         if read.r1 == task.rows:
@@ -180,7 +187,7 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
     out = torch_dtype(task.out_dtype)
 
     def apply(ab: tuple[int, int]) -> torch.Tensor:
-        xs, r0 = x[:, ab[0]:ab[1]], read.r0 + ab[0]
+        xs, r0 = inputs(ab), read.r0 + ab[0]
         before = stats.before(xs, r0) if stats is not None else None
         y = op.apply(xs, r0)
         if stats is not None and before is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import block_bytes, chunk_budget, chunk_rows, held_bytes, hold_reserve, loops_for, widest_row
+from .budget import block_bytes, block_dtype, chunk_budget, chunk_rows, held_bytes, hold_reserve, loops_for, widest_row
 from .dtypes import itemsize
 from .errors import PlanError
 from .planner import Plan, Task
@@ -115,7 +115,9 @@ def task_schedule(plan: Plan, ti: int, block: int, sub: int, threads: int = 1, s
     else:
         steps = tuple(Step(read(r0, r1, p == passes), (p,)) for p in range(passes + 1) for r0, r1 in blocks)
     block = min(block, task.rows)
-    inputs = input_bytes(task, block) + (64 * len(task.inputs) if staged else 0)
+    inputs = input_bytes(task, block)
+    if staged:  # the raw bytes, each input 64-byte aligned (wider than the block's dtype when the config casts)
+        inputs = max(inputs, block * task.cols * sum(itemsize(i.dtype) for i in task.inputs)) + 64 * len(task.inputs)
     whole = len(blocks) == 1
     hold = whole or 0 < held_bytes(task) <= reserve
     return TaskSchedule(ti, sub, threads, passes, whole, hold, steps, inputs,
@@ -147,14 +149,15 @@ def make_schedule(plan: Plan, max_memory: int, overlap: bool, chunk_bytes: int |
     gpu = _gpu_budget(plan, max_gpu_memory)
     tasks = []
     for ti, t in enumerate(plan.tasks):  # a block is staged whole in host memory, computed whole on the GPU
-        block = min(chunk_rows(t, budget)[0], chunk_rows(t, gpu, overlap, whole_blocks=True)[0])
+        block = min(chunk_rows(t, budget)[0], chunk_rows(t, gpu, overlap, whole_blocks=True, narrow=False)[0])
         tasks.append(task_schedule(plan, ti, block, block, staged=True))
     return Schedule(tuple(tasks), gpu, plan.device)
 
 
 def input_bytes(task: Task, rows: int) -> int:
-    """Bytes `rows` rows of every input take in the compute dtype."""
-    return len(task.inputs) * rows * task.cols * itemsize(task.compute)
+    """Bytes `rows` rows of every input take in a block (budget.block_dtype; a GPU's host block,
+    which stages the raw bytes, takes at most that)."""
+    return len(task.inputs) * rows * task.cols * itemsize(block_dtype(task))
 
 
 def _gpu_budget(plan: Plan, max_gpu_memory: int | None) -> int:

@@ -70,6 +70,7 @@ class FakeTask:
     ctx: TaskContext
     rows: int
     copy_exact: bool = False
+    compute: str = "F32"  # the dtype a narrow block's sub-chunks are converted to (these blocks are float32)
     out_dtype: str = "F32"  # the runner casts to it: float32 keeps every bit of the kernels' rows
 
 
