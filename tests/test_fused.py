@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from test_kernel_forms import VALUE, WEIGHT, bits, quiet
 
 from streammerge.methods import METHODS, Tally, fused, rng
+from streammerge.methods.base import row_sums
 from streammerge.methods.rng import _hash32_numpy, bernoulli_mask, keep_threshold
 from streammerge.methods.sparsify import QUIET_NAN, magnitude_bits
 
@@ -53,6 +54,27 @@ def rows_of_values(draw):
     picks = draw(st.lists(st.integers(0, len(pool) - 1), min_size=n, max_size=n))
     words = np.array([pool[i] for i in picks], dtype=np.uint32)
     return torch.from_numpy(words.view(np.float32).copy()).view(1, n)
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=rows_of_values(), base=rows_of_values(), key=KEY, start=st.integers(2**32 - 700, 2**32 + 10),
+       probability=st.floats(0, 1))
+def test_dare_observe_is_the_torch_statistics_pass(x, base, key, start, probability) -> None:
+    """DARE's compiled statistics pass holds |δ| and |δ|·keep as float64 (the float32 values, widened):
+    the very values RandomDrop.observe's float32 arrays give row_sums, so the same L1 sums, bit
+    for bit, and the same mask, across a 2^32 block boundary too."""
+    base = base.repeat(1, x.shape[1] // base.shape[1] + 1)[:, :x.shape[1]].contiguous()
+    mag, kept, keep = fused.dare_observe(x, base, key, start, keep_threshold(probability))
+    want_keep = bernoulli_mask(key, start, x.numel(), probability, x.device).view(x.shape)
+    want_mag = (x - base).abs()
+    want_kept = want_mag * want_keep
+    assert np.array_equal(keep.reshape(x.shape), want_keep.numpy())
+    for got, want in ((mag, want_mag), (kept, want_kept)):
+        assert got.dtype == torch.float64
+        assert torch.equal(quiet(got.to(torch.float32)).view(torch.int32), quiet(want).view(torch.int32))
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()].double())
+        s, w = row_sums(got), row_sums(want)
+        assert torch.equal(s.isnan(), w.isnan()) and torch.equal(s[~s.isnan()], w[~w.isnan()])
 
 
 @settings(max_examples=100, deadline=None)

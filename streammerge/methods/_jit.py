@@ -42,15 +42,17 @@ def bernoulli(k: int, lo: int, t: int, out: np.ndarray) -> None:
 def dare_observe(x: np.ndarray, b: np.ndarray, k: int, lo: int, t: int,
                  mag: np.ndarray, kept: np.ndarray, keep: np.ndarray) -> None:
     """DARE's statistics pass for one input over one 2^32 block: keep ← draw < t,
-    mag ← |x − b|, kept ← mag·keep (float32, as RandomDrop.observe computes them)."""
+    mag ← |x − b|, kept ← mag·keep (float32, as RandomDrop.observe computes them), stored widened
+    to float64 arrays: exactly the values the float64 row sums then add, without a conversion pass
+    of their own (3.05 against 2.0 ns per element with the sums, 118 x 1024)."""
     kk = np.uint32(k)
     tt = np.uint64(t)
     for j in range(x.size):
         m = abs(x[j] - b[j])
         kj = np.uint64(_draw(kk, lo + j)) < tt
         keep[j] = kj
-        mag[j] = m
-        kept[j] = m * (np.float32(1.0) if kj else _ZERO)
+        mag[j] = np.float64(m)
+        kept[j] = np.float64(m * (np.float32(1.0) if kj else _ZERO))
 
 
 _TILE = 512  # elements per tile: every input's run of a tile stays in L1 beside the sums

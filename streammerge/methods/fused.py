@@ -97,11 +97,12 @@ def bernoulli(key: int, start: int, count: int, threshold: int) -> np.ndarray | 
 def dare_observe(x: torch.Tensor, base: torch.Tensor, key: int, start: int,
                  threshold: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """(|x − base|, |x − base|·keep, keep) of rows (rows, cols) of float32 whose first flat index
-    is start; keep is the bernoulli mask."""
+    is start; keep is the bernoulli mask. The magnitudes are float32 values held as float64 (exact),
+    ready for row_sums."""
     jit = kernels()
     assert jit is not None
     xf, bf = _flat(x), _flat(base)
-    mag, kept = np.empty_like(xf), np.empty_like(xf)
+    mag, kept = np.empty(xf.size, dtype=np.float64), np.empty(xf.size, dtype=np.float64)
     keep = np.empty(xf.size, dtype=np.bool_)
     at = 0
     for block, lo, n in _blocks(start, xf.size):
