@@ -100,7 +100,7 @@ class InputReader:
     def _read(self, task: Task, row0: int, row1: int, hashers: list[xxhash.xxh3_128] | None = None) -> torch.Tensor:
         """Rows [row0, row1) of every input, cast as the config asks, in budget.block_dtype, in the
         arena (its next block; the runner gives it back)."""
-        dt = compute_dtype(task.compute) if task.vocab is not None else torch_dtype(block_dtype(task))
+        dt = torch_dtype(block_dtype(task))  # (a vocabulary task's: the compute dtype, as _gather fills it)
         shape = (len(task.inputs), row1 - row0, task.cols)
         x = self.arena.take(input_bytes(task, row1 - row0), dt, shape)
         if task.vocab is not None:

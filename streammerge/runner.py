@@ -169,6 +169,7 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
         models') converted here, on the thread computing them, while they are in its cache."""
         xs = x[:, ab[0]:ab[1]]
         return xs if xs.dtype == compute else xs.to(compute)
+
     if len(pieces) == 1 or x.numel() < PARALLEL_MIN_ELEMENTS:
         workers = INLINE  # too little work to hand out: a thread's wake-up costs more
 

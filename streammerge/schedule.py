@@ -155,8 +155,8 @@ def make_schedule(plan: Plan, max_memory: int, overlap: bool, chunk_bytes: int |
 
 
 def input_bytes(task: Task, rows: int) -> int:
-    """Bytes `rows` rows of every input take in a block (budget.block_dtype; a GPU's host block,
-    which stages the raw bytes, takes at most that)."""
+    """Bytes `rows` rows of every input take in a block, in budget.block_dtype (a GPU's host block
+    stages the raw bytes instead: task_schedule takes the larger)."""
     return len(task.inputs) * rows * task.cols * itemsize(block_dtype(task))
 
 
