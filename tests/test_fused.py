@@ -161,7 +161,13 @@ def merges(draw):
 def test_fused_merges_are_the_torch_merges(case) -> None:
     method, ctx, x, chunk_rows, remember = case
     assert fused.kernels() is not None
-    fast, fast_tally = _merge(method, ctx, x, chunk_rows, remember)
+    _assert_torch_form_agrees(method, ctx, x, chunk_rows, remember, _merge(method, ctx, x, chunk_rows, remember))
+
+
+def _assert_torch_form_agrees(method: str, ctx, x: torch.Tensor, chunk_rows: int, remember: bool,
+                              fused_merge: tuple[torch.Tensor, Tally]) -> None:
+    """The merge without numba (the torch forms) gives fused_merge's output and report counts."""
+    fast, fast_tally = fused_merge
     jit = fused._state["jit"]
     fused._state["jit"] = None  # as without numba
     try:
@@ -173,6 +179,36 @@ def test_fused_merges_are_the_torch_merges(case) -> None:
     assert torch.equal(bits(quiet(fast)), bits(quiet(plain))), method
     for counts in ("seen", "kept", "nonzero", "agree"):
         assert getattr(fast_tally, counts) == getattr(plain_tally, counts), (method, counts)
+
+
+@settings(max_examples=40, deadline=None)
+@given(method=st.sampled_from(["dare_ties", "dare_linear"]), n=st.integers(2, 4), rows=st.integers(1, 9),
+       cols=st.sampled_from([1, 5, 8, 16, 100, 128, 520]), chunk_rows=st.integers(1, 9),
+       density=st.sampled_from([0.1, 0.5, 0.9]), seed=st.integers(0, 2**31))
+def test_kept_masks_reach_the_compiled_apply_as_bits(method, n, rows, cols, chunk_rows, density, seed) -> None:
+    """DARE's masks kept bit-packed between passes go to the compiled apply as those bits, unpacked
+    there a tile (512 elements) at a time, and the report counts the kept elements of its picked rows
+    from the bits: the same output and counts as the torch form, which unpacks each mask whole. Rows
+    of 520 put tiles across rows and a partial byte at a chunk's end; rows of 8 and 16 are whole
+    bytes, which the counts take without unpacking."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, rows, cols, generator=g)
+    params = [{}] + [{"weight": 0.7, "density": density} for _ in range(n - 1)]
+    ctx = context(method, params, {"rescale": True}, base=0, shape=(rows, cols), seed=seed)
+    got_bits = []
+    task_apply = fused.task_apply
+
+    def spy(x, base, others, keeps, *args):
+        got_bits.append(all(isinstance(k, np.ndarray) for k in keeps))
+        return task_apply(x, base, others, keeps, *args)
+
+    fused.task_apply = spy
+    try:
+        fast = _merge(method, ctx, x, chunk_rows, True)
+    finally:
+        fused.task_apply = task_apply
+    assert got_bits and all(got_bits)
+    _assert_torch_form_agrees(method, ctx, x, chunk_rows, True, fast)
 
 
 def test_a_bernoulli_mask_on_the_cpu_takes_the_compiled_loop(monkeypatch) -> None:

@@ -59,17 +59,21 @@ _TILE = 512  # elements per tile: every input's run of a tile stays in L1 beside
 
 
 @numba.njit(nogil=True, cache=True)
-def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: np.ndarray, masked: np.ndarray,
+def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: np.ndarray, packed: np.ndarray,
+               masked: np.ndarray, slot: np.ndarray,
                scale: np.ndarray, zero: np.ndarray, weight: np.ndarray, deltas_done: bool, consensus: bool,
                normalize: bool, divisor: np.float32, lam: np.float32, scale_lam: bool,
                out: np.ndarray, sign_out: np.ndarray) -> None:
     """TaskArithmetic.apply on float32 rows: input i's `count` elements at x[i·stride:] (x one flat
     run, so that numba knows each input's slices contiguous and vectorizes their loops), per element each
-    other input's δ = x − base (unless `deltas_done`), times scale where kept (keep[j], when
-    masked[j]) and the zero of scale's sign where dropped, written back into x; their sum in input
+    other input's δ = x − base (unless `deltas_done`), times scale where kept and the zero of scale's
+    sign where dropped, written back into x; their sum in input
     order; with `consensus` TIES's elected-sign sum (_consensus: the max form where the sum is
     finite, the masked form where not) and divisor; then ÷ divisor with `normalize`, ·lam with
     `scale_lam`, and base added: out. sign_out gets the elected sign (for the report's tallies).
+    Input j's mask: none (masked[j] 0), the bool row keep[slot[j]] (1), or the bits of
+    packed[slot[j]] (2: np.packbits' order, element k at bit 7 − k % 8 of byte k // 8), unpacked a
+    tile at a time into L1, not into a bool array of the whole sub-chunk first.
 
     Tile by tile, one input at a time within a tile: the inputs' rows lie a multiple of 4 KiB apart,
     so an element's 15 values fall in one L1 set, and a loop over inputs per element thrashed it.
@@ -82,6 +86,7 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
     acc = np.empty(_TILE, dtype=np.float32)
     div = np.empty(_TILE, dtype=np.float32)
     sign = np.empty(_TILE, dtype=np.float32)
+    bits = np.empty(_TILE, dtype=np.bool_)
     for e0 in range(0, count, _TILE):
         m = min(_TILE, count - e0)
         for k in range(m):
@@ -91,8 +96,17 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
             xt = x[others[j] * stride + e0:others[j] * stride + e0 + m]  # loops over slices vectorize
             s = scale[j]
             z = zero[j]
-            if masked[j]:
-                kt = keep[j, e0:e0 + m]
+            if masked[j] == 2:  # _TILE is a multiple of 8: the tile starts on a byte
+                pk = packed[slot[j]]
+                b0 = e0 >> 3
+                for q in range((m + 7) >> 3):
+                    v = pk[b0 + q]
+                    for r in range(8):
+                        bits[q * 8 + r] = (v >> (7 - r)) & 1 != 0
+                kt = bits[:m]
+            elif masked[j] == 1:
+                kt = keep[slot[j], e0:e0 + m]
+            if masked[j] != 0:
                 if deltas_done:
                     for k in range(m):
                         d = xt[k] * (s if kt[k] else z)

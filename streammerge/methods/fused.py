@@ -112,12 +112,13 @@ def dare_observe(x: torch.Tensor, base: torch.Tensor, key: int, start: int,
     return torch.from_numpy(mag).view(x.shape), torch.from_numpy(kept).view(x.shape), keep
 
 
-def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.Tensor | None],
+def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.Tensor | np.ndarray | None],
                scales: list[float], weights: list[float], deltas_done: bool, consensus: bool,
                normalize: bool, divisor: float, lam: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TaskArithmetic.apply's arithmetic after the masks, in one loop (_jit.task_apply), on chunk x
     (usable(x)): returns the merged rows and, with consensus, the elected signs; x[others] hold the
-    weighted, sparsified δ afterwards, as the torch form leaves them."""
+    weighted, sparsified δ afterwards, as the torch form leaves them. A mask is a bool tensor of the
+    chunk's shape, or its bits as np.packbits packs them (a uint8 array, DARE's kept masks)."""
     jit = kernels()
     assert jit is not None
     n, rows, cols = x.shape
@@ -126,17 +127,28 @@ def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.
     # one flat run from the first input's first element to the last's last (usable: each input's
     # rows are contiguous), a view: the δ the loop writes are x's
     xf = torch.as_strided(x, ((n - 1) * stride + count,), (1,)).numpy()
-    masked = np.array([k is not None for k in keeps], dtype=np.bool_)
-    keep = np.ones((len(others), count if masked.any() else 0), dtype=np.bool_)
+    masked = np.zeros(len(keeps), dtype=np.int8)  # 0 none, 1 a bool row of keep, 2 a row of packed
+    slot = np.zeros(len(keeps), dtype=np.int64)
+    bools = [k for k in keeps if isinstance(k, torch.Tensor)]
+    bits = [k for k in keeps if isinstance(k, np.ndarray)]
+    keep = np.empty((len(bools), count), dtype=np.bool_)
+    packed = np.empty((len(bits), (count + 7) // 8), dtype=np.uint8)
+    nb = nbits = 0
     for j, k in enumerate(keeps):
-        if k is not None:
-            keep[j] = k.numpy().reshape(-1)
+        if isinstance(k, torch.Tensor):
+            masked[j], slot[j] = 1, nb
+            keep[nb] = k.numpy().reshape(-1)
+            nb += 1
+        elif k is not None:
+            masked[j], slot[j] = 2, nbits
+            packed[nbits] = k
+            nbits += 1
     with np.errstate(over="ignore", invalid="ignore"):  # a weight beyond float32: inf, and inf·0 NaN, as in torch
         scale = np.array(scales, dtype=np.float32)
         zero = scale * np.float32(0.0)  # keep·scale where dropped: the zero of scale's sign
     out = np.empty(count, dtype=np.float32)
     sign = np.empty(count if consensus else 0, dtype=np.float32)  # every element elected
-    jit.task_apply(xf, stride, base, np.array(others, dtype=np.int64), keep, masked, scale, zero,
+    jit.task_apply(xf, stride, base, np.array(others, dtype=np.int64), keep, packed, masked, slot, scale, zero,
                    np.array(weights, dtype=np.float32), deltas_done, consensus, normalize,
                    np.float32(divisor), np.float32(lam), lam != 1.0, out, sign)
     return torch.from_numpy(out).view(rows, cols), torch.from_numpy(sign).view(rows, cols) if consensus else None

@@ -376,6 +376,11 @@ class RandomDrop(Sparsifier):
     def end_pass(self, pass_idx: int) -> None:
         self.factor = l1_factor(self._total.total(), self._kept.total())
 
+    def packed_mask(self, flat0: int) -> np.ndarray | None:
+        """The bits the statistics pass kept of the mask of the chunk starting at flat index flat0
+        (np.packbits' order), handed over once; None where it kept none."""
+        return None if self.keep_all else self._packed.pop(flat0, None)
+
     def mask(self, delta: torch.Tensor, flat0: int) -> torch.Tensor | None:
         if self.keep_all:
             return None

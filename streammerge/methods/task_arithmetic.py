@@ -152,7 +152,7 @@ class TaskArithmetic(MergeOp):
         if deltas_done:  # a ranked mask looks at δ
             for i in self.others:
                 x[i] -= x[self.base]
-        masks = [self._mask(j, x[i], flat0) for j, i in enumerate(self.others)]
+        masks = [self._fused_mask(j, x[i], flat0) for j, i in enumerate(self.others)]
         divisor = 1.0 if self.consensus else self._weight_divisor()
         out, sign = fused.task_apply(x, self.base, self.others, [k for k, _ in masks], [s for _, s in masks],
                                      self.weights, deltas_done, self.consensus, self.normalize, divisor, self.lam)
@@ -170,6 +170,21 @@ class TaskArithmetic(MergeOp):
             tally.count(tally.seen, self.others[j], None, d)
             tally.count(tally.kept, self.others[j], keep, d)
         return keep, sp.factor * w if sp.factor != 1.0 else w
+
+    def _fused_mask(self, j: int, d: torch.Tensor, flat0: int) -> tuple[torch.Tensor | np.ndarray | None, float]:
+        """_mask for fused.task_apply: a mask the statistics pass kept bit-packed comes as those bits,
+        which the compiled loop unpacks a tile at a time, instead of np.unpackbits of the whole mask
+        and its copy into the loop's array (14-model DARE-TIES at 512 MiB: 50.5 s against 54.5)."""
+        sp = self.sparsifiers[j]
+        bits = sp.packed_mask(flat0) if isinstance(sp, RandomDrop) else None
+        if bits is None:
+            return self._mask(j, d, flat0)
+        tally = self.tally
+        if tally is not None:
+            tally.count(tally.seen, self.others[j], None, d)
+            tally.count_packed(tally.kept, self.others[j], bits, *d.shape)
+        w = self.weights[j]
+        return bits, sp.factor * w if sp.factor != 1.0 else w
 
     def _weight_divisor(self) -> float:
         """normalize's divisor without consensus: the weights' sum, 1 where it is about 0."""
