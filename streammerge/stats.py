@@ -71,18 +71,28 @@ class TensorStats:
     def add(self, x: torch.Tensor, y: torch.Tensor, row0: int) -> None:
         """Sampled rows (from `sampled`, the first being row0) of the inputs as they were before the
         apply pass (n, k, cols), and the same rows of the output."""
+        n, k, cols = x.shape
         first = row0 // self.stride
-        rows = slice(first, first + x.shape[1])
+        rows = slice(first, first + k)
         yx = y.to(x.dtype)
-        # all inputs at once: the sampled rows are few, and per-input calls cost more in Python than in
-        # arithmetic
-        self._rows[0, :, rows] = _sums(x * x)
+        # every product in one buffer, summed by one row_sums call: x², (x − base)², x·out per input
+        # and out², each row's sum the one a call of its own gives (row_sums: a row's sum does not
+        # depend on the rows beside it). The sampled rows are few; a call per product cost more in
+        # Python and torch's dispatch than in arithmetic (0.45 of a linear merge's 4.5 CPU seconds).
+        parts = 3 if self.base is not None else 2
+        prod = torch.empty(parts * n + 1, k, cols, dtype=x.dtype, device=x.device)
+        torch.mul(x, x, out=prod[:n])
         if self.base is not None:
-            d = x - x[self.base]
-            self._rows[1, :, rows] = _sums(d.mul_(d))
-            del d
-        self._rows[2, :, rows] = _sums(x * yx)
-        self._out[rows] = _sums(yx * yx)
+            d = torch.sub(x, x[self.base], out=prod[n:2 * n])
+            d.mul_(d)
+        torch.mul(x, yx, out=prod[(parts - 1) * n:parts * n])
+        torch.mul(yx, yx, out=prod[parts * n])
+        sums = _sums(prod)
+        self._rows[0, :, rows] = sums[:n]
+        if self.base is not None:
+            self._rows[1, :, rows] = sums[n:2 * n]
+        self._rows[2, :, rows] = sums[(parts - 1) * n:parts * n]
+        self._out[rows] = sums[parts * n]
 
     def record(self) -> dict[str, object]:
         """The tensor's record: lists per input (None where a figure does not apply)."""
