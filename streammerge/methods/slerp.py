@@ -50,7 +50,8 @@ class Slerp(MergeOp):
         self.c0, self.c1 = slerp_coefficients(self.t, nn0, nn1, dot)
 
     def apply(self, x: torch.Tensor, row0: int) -> torch.Tensor:
-        return x[self.i0] * self.c0 + x[self.i1] * self.c1
+        # the other input scaled in place (the apply pass's x is ours to overwrite): one temporary fewer
+        return (x[self.i0] * self.c0).add_(x[self.i1].mul_(self.c1))
 
 
 SLERP = MethodDef(
