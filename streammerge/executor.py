@@ -40,7 +40,11 @@ __all__ = ["Executor", "Progress", "RunStats", "peak_rss", "resolve_device", "st
 
 # Fewer cores than this: no helper threads by default. Measured on 2 cores (14-model DARE-TIES):
 # kernels on 2 threads beside a reading thread ran 27% slower than everything in turn, since a
-# kernel's threads wait at every barrier for the one the reader displaced.
+# kernel's threads wait at every barrier for the one the reader displaced. Measured again with the
+# runner's workers (medium set, 512 MiB, 2 cores, interleaved): helper threads beside one compute
+# thread made the quiet gradient SLERP faster (3.9 s of merge against 4.35 s, 8 runs each) but the
+# same SLERP beside 4 busy processes slower (9.9-12.0 s against 8.1-9.8 s) and the quiet 3-model TIES
+# 10% slower (11.2-11.9 s against 10.1-10.9 s); linear and DARE-TIES even. A laptop is seldom idle.
 OVERLAP_MIN_CORES = 4
 
 
