@@ -129,10 +129,8 @@ def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.
     xf = torch.as_strided(x, ((n - 1) * stride + count,), (1,)).numpy()
     masked = np.zeros(len(keeps), dtype=np.int8)  # 0 none, 1 a bool row of keep, 2 a row of packed
     slot = np.zeros(len(keeps), dtype=np.int64)
-    bools = [k for k in keeps if isinstance(k, torch.Tensor)]
-    bits = [k for k in keeps if isinstance(k, np.ndarray)]
-    keep = np.empty((len(bools), count), dtype=np.bool_)
-    packed = np.empty((len(bits), (count + 7) // 8), dtype=np.uint8)
+    keep = np.empty((sum(isinstance(k, torch.Tensor) for k in keeps), count), dtype=np.bool_)
+    packed = np.empty((sum(isinstance(k, np.ndarray) for k in keeps), (count + 7) // 8), dtype=np.uint8)
     nb = nbits = 0
     for j, k in enumerate(keeps):
         if isinstance(k, torch.Tensor):

@@ -384,7 +384,7 @@ class RandomDrop(Sparsifier):
     def mask(self, delta: torch.Tensor, flat0: int) -> torch.Tensor | None:
         if self.keep_all:
             return None
-        packed = self._packed.pop(flat0, None)
+        packed = self.packed_mask(flat0)
         if packed is not None:
             bits = np.unpackbits(packed, count=delta.numel())
             return torch.from_numpy(bits).view(torch.bool).view(delta.shape)

@@ -163,13 +163,9 @@ class TaskArithmetic(MergeOp):
     def _mask(self, j: int, d: torch.Tensor, flat0: int) -> tuple[torch.Tensor | None, float]:
         """The keep-mask of the j-th other input's rows d (δ, or the input itself where its mask does
         not look at δ) and the scale of what it keeps, factor·weight; the tally counts what it kept."""
-        sp, w = self.sparsifiers[j], self.weights[j]
-        keep = sp.mask(d, flat0)
-        tally = self.tally
-        if tally is not None and type(sp) is not Sparsifier:  # a sparsifier: how much of δ it kept
-            tally.count(tally.seen, self.others[j], None, d)
-            tally.count(tally.kept, self.others[j], keep, d)
-        return keep, sp.factor * w if sp.factor != 1.0 else w
+        keep = self.sparsifiers[j].mask(d, flat0)
+        self._tally_kept(j, d, keep)
+        return keep, self._scale(j)
 
     def _fused_mask(self, j: int, d: torch.Tensor, flat0: int) -> tuple[torch.Tensor | np.ndarray | None, float]:
         """_mask for fused.task_apply: a mask the statistics pass kept bit-packed comes as those bits,
@@ -179,12 +175,25 @@ class TaskArithmetic(MergeOp):
         bits = sp.packed_mask(flat0) if isinstance(sp, RandomDrop) else None
         if bits is None:
             return self._mask(j, d, flat0)
-        tally = self.tally
-        if tally is not None:
-            tally.count(tally.seen, self.others[j], None, d)
-            tally.count_packed(tally.kept, self.others[j], bits, *d.shape)
-        w = self.weights[j]
-        return bits, sp.factor * w if sp.factor != 1.0 else w
+        self._tally_kept(j, d, bits)
+        return bits, self._scale(j)
+
+    def _tally_kept(self, j: int, d: torch.Tensor, keep: torch.Tensor | np.ndarray | None) -> None:
+        """The tally counts the elements of the j-th other input's rows d and those its sparsifier's
+        mask `keep` (a bool tensor, or np.packbits' bits) kept."""
+        tally, sp = self.tally, self.sparsifiers[j]
+        if tally is None or type(sp) is Sparsifier:  # not a sparsifier: nothing to say of δ kept
+            return
+        tally.count(tally.seen, self.others[j], None, d)
+        if isinstance(keep, np.ndarray):
+            tally.count_packed(tally.kept, self.others[j], keep, *d.shape)
+        else:
+            tally.count(tally.kept, self.others[j], keep, d)
+
+    def _scale(self, j: int) -> float:
+        """The scale of what the j-th other input's mask keeps: factor·weight."""
+        sp, w = self.sparsifiers[j], self.weights[j]
+        return sp.factor * w if sp.factor != 1.0 else w
 
     def _weight_divisor(self) -> float:
         """normalize's divisor without consensus: the weights' sum, 1 where it is about 0."""
