@@ -1,6 +1,6 @@
 """The safetensors file format: parse and validate a header, build one for a layout.
 
-Imports only errors and dtypes; reads or writes nothing itself except `read_header`,
+Imports only errors, dtypes and pagecache; reads or writes nothing itself except `read_header`,
 which reads a file's first bytes (and `blocks`, the one loop that reads ranges to hash
 them). Format: an 8-byte little-endian header length N,
 N bytes of JSON (space-padded to a multiple of 8), then the data area; each tensor's
@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from .dtypes import itemsize, known_code
 from .errors import InputError
+from .pagecache import no_readahead
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 ALIGN = 8  # header padding, as the safetensors library writes it
@@ -79,6 +80,7 @@ def read_header(path: str) -> FileHeader:
     try:
         file_size = os.path.getsize(path)
         with open(path, "rb") as f:
+            no_readahead(f.fileno())  # the header only: its read-ahead would pull in the data (pagecache.py)
             head = f.read(8)
             if len(head) < 8:
                 raise InputError(_bad(path, f"file is {file_size} bytes, too short for a header"))

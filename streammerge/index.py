@@ -1,6 +1,6 @@
 """The lazy tensor index of one model: shard headers now, row ranges read on demand later.
 
-Imports errors, format, torchzip, dtypes (and torch, xxhash). Shards are safetensors files or
+Imports errors, format, torchzip, pagecache, dtypes (and torch, numpy, xxhash). Shards are safetensors files or
 PyTorch zip checkpoints (`.bin`, whose tensors are byte ranges inside stored records). Only
 headers are read when an index is built; tensor data is read one row range at a time with pread,
 straight into its destination or through a small per-thread staging buffer. pread rather than a
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
+from . import pagecache
 from .dtypes import itemsize, torch_dtype
 from .errors import InputError
 from .format import FileHeader, TensorEntry, read_header, row_shape
@@ -67,8 +68,12 @@ class ModelIndex:
         torch.Size([8, 4096])
     """
 
-    def __init__(self, folder: str, label: str | None = None, files: tuple[str, ...] | None = None) -> None:
+    def __init__(self, folder: str, label: str | None = None, files: tuple[str, ...] | None = None,
+                 give_back: bool = False) -> None:
+        """`give_back`: a merge's index: each shard's page cache is noted before it is read, and the
+        pages its reads brought in are given back once read for the last time (`release`)."""
         self.folder = folder
+        self.give_back = give_back
         self.files = files  # single files to look for instead of a model's (an adapter's)
         self.label = label or folder
         self.headers: dict[str, FileHeader] = {}
@@ -76,6 +81,7 @@ class ModelIndex:
         self.listed_missing: dict[str, str] = {}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._cached: dict[str, pagecache.Residency] = {}  # per shard path: pages cached before any read
         self._load()
 
     def _load(self) -> None:
@@ -89,6 +95,7 @@ class ModelIndex:
             if not os.path.isfile(path):
                 raise InputError(f"model {self.label}: shard {path} is listed in {index_name} but missing; "
                                  "re-download the model")
+            self._snapshot(path)
             hdr = read_torch_header(path) if shard.endswith(".bin") else read_header(path)
             self.headers[shard] = hdr
             for name, entry in hdr.tensors.items():
@@ -96,6 +103,22 @@ class ModelIndex:
                     self.tensors[name] = TensorRef(path, entry)
         # tensors the index lists but its shard lacks: the planner names them if a merge needs them
         self.listed_missing = {n: s for n, s in (weight_map or {}).items() if n not in self.tensors}
+
+    def _snapshot(self, path: str) -> None:
+        """Which of the shard's pages the page cache holds before this index reads any, the header
+        included (pagecache.py)."""
+        if not self.give_back or not pagecache.honest(path):
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return  # the header read that follows names the problem
+        try:
+            bits = pagecache.resident(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        if bits is not None:
+            self._cached[path] = pagecache.Residency(bits)
 
     def _find_shards(self) -> tuple[str, dict[str, str] | None, list[str]]:
         """(index file, weight map or None, shard files): safetensors first, then PyTorch .bin
@@ -133,6 +156,7 @@ class ModelIndex:
         for name, hdr in sorted(self.headers.items()):
             st = os.stat(hdr.path)
             with open(hdr.path, "rb") as f:
+                pagecache.no_readahead(f.fileno())
                 head = f.read(hdr.data_start)
             shards[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
                             "header_xxh3_128": xxhash.xxh3_128_hexdigest(head)}
@@ -201,6 +225,8 @@ class ModelIndex:
             fd = self._fds.get(ref.shard)
             if fd is None:
                 fd = self._fds[ref.shard] = os.open(ref.shard, os.O_RDONLY)
+                if ref.shard in self._cached:  # pages read are given back: read no others
+                    pagecache.no_readahead(fd)
         view = memoryview(out.view(torch.uint8).numpy()) if nbytes else memoryview(b"")  # type: ignore[arg-type]
         done = 0
         while done < nbytes:
@@ -212,9 +238,37 @@ class ModelIndex:
         if hasher is not None:
             hasher.update(view)
 
+    def release(self, name: str, row0: int = 0, row1: int | None = None) -> None:
+        """The merge reads rows [row0, row1) of `name` no more (no rows given: the whole tensor, for
+        good): the pages inside them that the page cache did not hold before are given back
+        (pagecache.py)."""
+        ref = self.tensors[name]
+        res = self._cached.get(ref.shard)
+        with self._lock:
+            fd = self._fds.get(ref.shard)
+        if res is None or fd is None:
+            return
+        if row1 is None:
+            res.finish(fd, ref.entry.begin, ref.entry.end)
+            return
+        width = ref.cols * itemsize(ref.entry.dtype)
+        res.release(fd, ref.entry.begin + row0 * width, ref.entry.begin + row1 * width)
+
+    def prefetch(self, name: str, row0: int, row1: int) -> None:
+        """The merge reads rows [row0, row1) of `name` next: where read-ahead is off for its shard (its
+        pages are given back), the kernel is asked to start reading them now."""
+        ref = self.tensors[name]
+        with self._lock:
+            fd = self._fds.get(ref.shard)
+        if fd is not None and ref.shard in self._cached:
+            width = ref.cols * itemsize(ref.entry.dtype)
+            pagecache.prefetch(fd, ref.entry.begin + row0 * width, ref.entry.begin + row1 * width)
+
     def close(self) -> None:
         """Close every shard."""
         with self._lock:
-            for fd in self._fds.values():
+            for shard, fd in self._fds.items():
+                if shard in self._cached:
+                    self._cached[shard].sweep(fd)
                 os.close(fd)
             self._fds.clear()

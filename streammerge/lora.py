@@ -170,6 +170,12 @@ class AdaptedIndex(ModelIndex):
             self._add_delta(name, lo, row0, out.view(row1 - row0, self.tensors[name].cols))
         return None
 
+    def release(self, name: str, row0: int = 0, row1: int | None = None) -> None:
+        (self.adapter if name in self.replaced else self.base).release(name, row0, row1)
+
+    def prefetch(self, name: str, row0: int, row1: int) -> None:
+        (self.adapter if name in self.replaced else self.base).prefetch(name, row0, row1)
+
     def _add_delta(self, name: str, lo: Lora, row0: int, rows: torch.Tensor) -> None:
         """rows (n, cols), holding W's rows from row0 in some dtype, become the adapted rows, rounded to
         W's dtype as a merged adapter is stored.

@@ -215,7 +215,7 @@ class PlannedIndex(ModelIndex):
     def __init__(self, plan: Plan, folder: str, label: str) -> None:
         self.folder, self.label = folder, label
         self.headers, self._fds, self._local = {}, {}, threading.local()
-        self.tensors, self.listed_missing = {}, {}
+        self.tensors, self.listed_missing, self._cached = {}, {}, {}
         for t in plan.tasks:
             shard = os.path.join(folder, plan.shards[t.shard].name)
             self.tensors[t.name] = TensorRef(shard, TensorEntry(t.name, t.out_dtype, t.shape, t.begin,
@@ -290,7 +290,7 @@ class _Builder:
             else:
                 base = ref.base
                 folder = alias or self._folders.get(base) or resolve_model(base)
-                index = ModelIndex(folder, str(base))
+                index = ModelIndex(folder, str(base), give_back=True)
                 if ref.adapter is not None:
                     lora = self._folders.get(ref.adapter) or resolve_model(ref.adapter)
                     index = AdaptedIndex(index, lora, str(ref))

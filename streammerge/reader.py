@@ -24,6 +24,9 @@ from .overlap import ReadAhead, RingArena
 from .planner import INPUT_KEY_SEP, Plan, Task
 from .schedule import PARALLEL_MIN_ELEMENTS, Read, input_bytes
 
+# input bytes of the next block the kernel is asked to read ahead while one computes (pagecache.py:
+# where pages are given back the kernel's own read-ahead is off)
+PREFETCH_BYTES = 32 << 20
 Block = torch.Tensor | list[torch.Tensor]  # merge inputs (n, rows, cols), or a copied tensor's raw rows
 
 
@@ -53,18 +56,33 @@ class InputReader:
         hashers = self._task_hashers(read.task) if read.hash else None
         if task.copy_exact:
             assert hashers is not None
-            return [self.plan.models[i.model].index.read_rows(i.tensor, read.r0, read.r1, hasher=hi)
+            rows: Block = [self.plan.models[i.model].index.read_rows(i.tensor, read.r0, read.r1, hasher=hi)
                     for i, hi in zip(task.inputs, hashers)]
-        if self.device.type != "cuda":
-            return self._read(task, read.r0, read.r1, hashers)
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
-        if task.vocab is None:
-            xg = self._upload_raw(task, read, hashers, self._copy_stream)
-        else:  # rows gathered to another vocabulary are assembled on the host
-            xg = upload(self._read(task, read.r0, read.r1, hashers), self._copy_stream)
-        self.arena.give_back()  # staged and copied: the host block is free
-        return xg
+        elif self.device.type != "cuda":
+            rows = self._read(task, read.r0, read.r1, hashers)
+        else:
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(self.device)
+            if task.vocab is None:
+                rows = self._upload_raw(task, read, hashers, self._copy_stream)
+            else:  # rows gathered to another vocabulary are assembled on the host
+                rows = upload(self._read(task, read.r0, read.r1, hashers), self._copy_stream)
+            self.arena.give_back()  # staged and copied: the host block is free
+        if read.hash and task.vocab is None:  # the apply pass: these input rows are not read again
+            for inp in task.inputs:
+                self.plan.models[inp.model].index.release(inp.tensor, read.r0, read.r1)
+        return rows
+
+    def prefetch(self, read: Read) -> None:
+        """`read` comes next: the kernel is asked to start reading its first PREFETCH_BYTES (shared
+        among its inputs) while this block computes."""
+        task = self.plan.tasks[read.task]
+        if task.vocab is not None or not task.inputs:
+            return
+        width = task.cols * max(itemsize(i.dtype) for i in task.inputs)
+        rows = max(1, PREFETCH_BYTES // len(task.inputs) // max(1, width))
+        for inp in task.inputs:
+            self.plan.models[inp.model].index.prefetch(inp.tensor, read.r0, min(read.r1, read.r0 + rows))
 
     def release(self, read: Read) -> None:
         """The runner is done with `read`'s block: its arena room (on the CPU) is free again."""
@@ -77,9 +95,12 @@ class InputReader:
         vocabulary are not the inputs' bytes in order: none for them."""
         task = self.plan.tasks[ti]
         hashers = self._hashers.pop(ti, None) or [xxhash.xxh3_128() for _ in task.inputs]
+        if task.vocab is None:
+            self._hash_tails(task, hashers)
+        for inp in task.inputs:  # whole tensors: gathered rows, tails, and pages two blocks shared
+            self.plan.models[inp.model].index.release(inp.tensor)
         if task.vocab is not None:
             return {}
-        self._hash_tails(task, hashers)
         return {f"{self.plan.models[i.model].ref}{INPUT_KEY_SEP}{i.tensor}": h.hexdigest()
                 for i, h in zip(task.inputs, hashers)}
 
@@ -236,7 +257,16 @@ class ReadBlocks:
         share per sub-chunk and pass), so progress moves inside a large block too."""
         self.reader = reader
         self.on_read = on_read
-        self._ahead: ReadAhead[Read, Block] = ReadAhead(reads, reader.load, lambda r: r.cost, capacity, threaded)
+        following = iter(reads[1:])
+
+        def load(read: Read) -> Block:  # reads are loaded one at a time, in order
+            block = reader.load(read)
+            after = next(following, None)
+            if after is not None:
+                reader.prefetch(after)
+            return block
+
+        self._ahead: ReadAhead[Read, Block] = ReadAhead(reads, load, lambda r: r.cost, capacity, threaded)
         self._counted: dict[Read, float] = {}  # bytes of a block reported so far, as a float share
 
     def take(self) -> tuple[Read, Block]:

@@ -1,6 +1,6 @@
 """The tensor table of a PyTorch `.bin` checkpoint, read without executing its pickle.
 
-Imports errors, format, dtypes. A checkpoint written by `torch.save` (torch >= 1.6) is a zip
+Imports errors, format, pagecache, dtypes. A checkpoint written by `torch.save` (torch >= 1.6) is a zip
 archive: `PREFIX/data.pkl` pickles the state dict, and each tensor storage is a zip record
 `PREFIX/data/KEY`, stored uncompressed. This module reads the pickle with an unpickler that
 imports nothing: the few globals a state dict needs (`_rebuild_tensor_v2`, the typed storage
@@ -25,6 +25,7 @@ from typing import BinaryIO
 from .dtypes import itemsize
 from .errors import InputError
 from .format import FileHeader, TensorEntry
+from .pagecache import no_readahead
 
 MAX_PICKLE_BYTES = 256 * 1024 * 1024  # a state dict's pickle is kilobytes; refuse absurd ones
 
@@ -117,8 +118,11 @@ def read_torch_header(path: str) -> FileHeader:
             raise InputError(f"{path}: a PyTorch checkpoint in the legacy format (before torch 1.6, not a zip "
                              "archive), which streammerge does not read; load it once with an old torch and "
                              "save it again with torch.save, or convert it to safetensors")
-        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
-            return _parse(path, zf, raw, file_size)
+        with open(path, "rb") as listing, open(path, "rb") as raw:
+            no_readahead(listing.fileno())  # headers only: no read-ahead into the data (pagecache.py)
+            no_readahead(raw.fileno())
+            with zipfile.ZipFile(listing) as zf:
+                return _parse(path, zf, raw, file_size)
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e}); check the path and permissions") from e
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error) as e:

@@ -1,0 +1,166 @@
+"""Input pages a merge brought into the page cache are given back; pages a user had cached stay.
+
+The page arithmetic is checked against references written from its definition (hypothesis); the
+kernel side on real files: a cold merge leaves (almost) nothing of its inputs cached, and no page
+given back was cached before the merge.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import make_models
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streammerge import pagecache
+from streammerge.config import parse_config
+from streammerge.executor import Executor
+from streammerge.format import read_header
+from streammerge.options import RunOptions
+from streammerge.planner import make_plan
+
+PAGE = pagecache.PAGE
+
+
+def ref_absent_runs(cached: list[bool], p0: int, p1: int) -> list[tuple[int, int]]:
+    """Maximal runs of pages in [p0, p1) not cached; pages past the list are not cached."""
+    runs: list[tuple[int, int]] = []
+    for p in range(p0, p1):
+        if p < len(cached) and cached[p]:
+            continue
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+@settings(max_examples=300, deadline=None)
+@given(cached=st.lists(st.booleans(), max_size=80), p0=st.integers(0, 100), n=st.integers(-3, 100))
+def test_absent_runs_are_the_uncached_pages_in_order(cached: list[bool], p0: int, n: int) -> None:
+    bits = np.packbits(np.array(cached, dtype=np.uint8)) if cached else np.zeros(0, dtype=np.uint8)
+    assert pagecache.absent_runs(bits, p0, p0 + n) == ref_absent_runs(cached, p0, p0 + n)
+
+
+@given(begin=st.integers(0, 10 * PAGE), length=st.integers(0, 10 * PAGE))
+def test_inner_pages_are_exactly_the_pages_inside_the_range(begin: int, length: int) -> None:
+    first, last = pagecache.inner_pages(begin, begin + length)
+    inside = [p for p in range(0, 21) if begin <= p * PAGE and (p + 1) * PAGE <= begin + length]
+    assert list(range(first, last)) == inside
+
+
+@given(ranges=st.lists(st.tuples(st.integers(0, 60), st.integers(1, 12)), min_size=1, max_size=12))
+def test_finished_ranges_and_what_finish_gives_back(ranges: list[tuple[int, int]]) -> None:
+    """Finished ranges stay sorted, disjoint and apart; a finish gives back only uncached pages, all
+    of them inside finished ranges, and the sweep every uncached page wholly inside their union."""
+    cached = [p % 3 == 0 for p in range(80)]
+    res = pagecache.Residency(np.packbits(np.array(cached, dtype=np.uint8)))
+    dropped: list[tuple[int, int]] = []
+    real = pagecache.drop
+    pagecache.drop = lambda fd, runs: dropped.extend(runs)  # type: ignore[assignment]
+    try:
+        done: set[int] = set()  # bytes finished, in units of 1/4 page
+        for start, length in ranges:
+            b0, b1 = start * PAGE // 4, (start + length) * PAGE // 4
+            res.finish(-1, b0, b1)
+            done |= set(range(start, start + length))
+        spans = res._done
+        assert spans == sorted(spans) and all(a < b for a, b in spans)
+        assert all(spans[k][1] < spans[k + 1][0] for k in range(len(spans) - 1))
+        assert {q for a, b in spans for q in range(a * 4 // PAGE, -(-b * 4 // PAGE))} == done
+        for a, b in dropped:
+            for p in range(a, b):
+                assert not cached[p]
+                assert all(q in done for q in range(4 * p, 4 * p + 4))  # wholly finished
+        dropped.clear()
+        res.sweep(-1)
+        want = {p for p in range(80) if not cached[p] and all(q in done for q in range(4 * p, 4 * p + 4))}
+        assert {p for a, b in dropped for p in range(a, b)} == want
+    finally:
+        pagecache.drop = real  # type: ignore[assignment]
+
+
+def _cold(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _resident(path: str) -> np.ndarray:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        bits = pagecache.resident(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    assert bits is not None
+    return np.unpackbits(bits)[:-(-os.path.getsize(path) // PAGE)].astype(bool)
+
+
+@pytest.fixture(scope="module")
+def mb_set(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Three ~9 MB models in 4 MB shards, on a file system whose page cache can be dropped."""
+    if not pagecache.honest(str(tmp_path_factory.getbasetemp())) or not hasattr(os, "posix_fadvise"):
+        pytest.skip("mincore and posix_fadvise: Linux only")
+    root = tmp_path_factory.mktemp("pagecache")
+    probe = root / "probe"
+    probe.write_bytes(b"\1" * (1 << 20))
+    _cold(str(probe))
+    if _resident(str(probe)).any():
+        pytest.skip(f"{root}'s file system keeps its pages (tmpfs?): nothing to give back")
+    folders = [str(root / n) for n in ("base", "ft1", "ft2")]
+    make_models.write_set(folders, make_models.Shape(256, 896, 4, 4, 2, 2048), seed=3, shard_bytes=4_000_000)
+    return folders
+
+
+def _ties(folders: list[str]):
+    text = (f"merge_method: ties\nbase_model: {folders[0]}\nmodels:\n"
+            + "".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.6}}\n" for f in folders[1:])
+            + "dtype: bfloat16\n")
+    return make_plan(parse_config(text), 64 << 20)
+
+
+def _shards(folders: list[str]) -> list[str]:
+    return sorted(p for f in folders for p in glob.glob(os.path.join(f, "*.safetensors")))
+
+
+def test_a_cold_merge_gives_its_inputs_pages_back(mb_set: list[str], tmp_path) -> None:
+    shards = _shards(mb_set)
+    for p in shards:
+        _cold(p)
+    Executor(_ties(mb_set), str(tmp_path / "out"), RunOptions(max_memory=1 << 30, chunk_bytes=1 << 18)).run()
+    for p in shards:
+        left = _resident(p)
+        header = -(-read_header(p).data_start // PAGE) + 1  # the header's pages and the first data page
+        assert left.sum() <= header, f"{p}: {left.sum()} of {len(left)} pages still cached"
+
+
+def test_pages_cached_before_the_merge_are_never_given_back(mb_set: list[str], tmp_path, monkeypatch) -> None:
+    shards = _shards(mb_set)
+    for k, p in enumerate(shards):  # every other shard cold; the rest cached in alternate 64 KiB stripes
+        _cold(p)
+        if k % 2:
+            with open(p, "rb") as f:
+                for off in range(0, os.path.getsize(p), 128 << 10):
+                    f.seek(off)
+                    f.read(64 << 10)
+    before = {os.path.realpath(p): _resident(p) for p in shards}
+    given_back: list[tuple[str, int, int]] = []
+    real = pagecache.drop
+
+    def drop(fd: int, runs: list[tuple[int, int]]) -> None:
+        path = os.path.realpath(f"/proc/self/fd/{fd}")
+        given_back.extend((path, a, b) for a, b in runs)
+        real(fd, runs)
+
+    monkeypatch.setattr(pagecache, "drop", drop)
+    Executor(_ties(mb_set), str(tmp_path / "out"), RunOptions(max_memory=1 << 30, chunk_bytes=1 << 18)).run()
+    assert given_back, "the merge gave nothing back"
+    for path, a, b in given_back:
+        assert not before[path][a:b].any(), f"{path}: pages {a}..{b} were cached before the merge"
