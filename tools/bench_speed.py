@@ -134,6 +134,7 @@ def main() -> None:
         runs = {}
         for v in variants:
             shutil.rmtree(out, ignore_errors=True)
+            warm(files)  # every run starts warm: the one before may have evicted inputs (7B: mergekit's 21 GiB)
             with busy(a.busy):
                 budget = [] if v == "unbounded" else ["--max-memory", a.max_memory]
                 cmd = [sys.executable, "-m", "streammerge", "run", cfg, out, "-q", *budget, *VARIANTS[v]]
@@ -156,6 +157,7 @@ def main() -> None:
         if a.mergekit:
             mk_out = os.path.join(root, "mk-" + name.split()[0])
             shutil.rmtree(mk_out, ignore_errors=True)
+            warm(files)
             with busy(a.busy):
                 row["mk"] = measure([a.mergekit, cfg, mk_out], RUN_ENV)
         rows.append(row)
