@@ -58,6 +58,15 @@ class TensorRef:
     def cols(self) -> int:
         return row_shape(self.entry.shape)[1]
 
+    @functools.cached_property
+    def row_bytes(self) -> int:
+        """Bytes of one row as stored."""
+        return self.cols * itemsize(self.entry.dtype)
+
+    def byte_range(self, row0: int, row1: int) -> tuple[int, int]:
+        """Where rows [row0, row1) lie in the shard: absolute offsets [begin, end)."""
+        return self.entry.begin + row0 * self.row_bytes, self.entry.begin + row1 * self.row_bytes
+
 
 class ModelIndex:
     """Headers of every shard of one model folder; data read lazily, by rows.
@@ -192,7 +201,7 @@ class ModelIndex:
             target = torch.empty(shape, dtype=dtype) if out is None else out
             self.pread_rows(name, row0, row1, target, hasher)
             return target
-        width = ref.cols * itemsize(ref.entry.dtype)
+        width = ref.row_bytes
         step = max(1, STAGE_BYTES // max(1, width))  # rows per slice through the staging buffer
         need = min(row1 - row0, step) * width
         buf = self._staging(need) if stage is None or stage.numel() < need else stage[:need]
@@ -216,9 +225,8 @@ class ModelIndex:
         """The raw bytes of rows [row0, row1) of tensor `name` into `out` (a contiguous CPU tensor of
         exactly that many bytes), by pread: no mapping, no page faults, no conversion."""
         ref = self.tensors[name]
-        width = ref.cols * itemsize(ref.entry.dtype)
-        begin = ref.entry.begin + row0 * width
-        nbytes = (row1 - row0) * width
+        begin, end = ref.byte_range(row0, row1)
+        nbytes = end - begin
         if out.numel() * out.element_size() != nbytes:
             raise ValueError(f"internal error: {nbytes} bytes of {name!r} into a buffer of another size")
         with self._lock:
@@ -250,9 +258,8 @@ class ModelIndex:
             return
         if row1 is None:
             res.finish(fd, ref.entry.begin, ref.entry.end)
-            return
-        width = ref.cols * itemsize(ref.entry.dtype)
-        res.release(fd, ref.entry.begin + row0 * width, ref.entry.begin + row1 * width)
+        else:
+            res.release(fd, *ref.byte_range(row0, row1))
 
     def prefetch(self, name: str, row0: int, row1: int) -> None:
         """The merge reads rows [row0, row1) of `name` next: where read-ahead is off for its shard (its
@@ -261,8 +268,7 @@ class ModelIndex:
         with self._lock:
             fd = self._fds.get(ref.shard)
         if fd is not None and ref.shard in self._cached:
-            width = ref.cols * itemsize(ref.entry.dtype)
-            pagecache.prefetch(fd, ref.entry.begin + row0 * width, ref.entry.begin + row1 * width)
+            pagecache.prefetch(fd, *ref.byte_range(row0, row1))
 
     def close(self) -> None:
         """Close every shard."""

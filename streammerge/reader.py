@@ -95,14 +95,14 @@ class InputReader:
         vocabulary are not the inputs' bytes in order: none for them."""
         task = self.plan.tasks[ti]
         hashers = self._hashers.pop(ti, None) or [xxhash.xxh3_128() for _ in task.inputs]
+        digests = {}
         if task.vocab is None:
             self._hash_tails(task, hashers)
+            digests = {f"{self.plan.models[i.model].ref}{INPUT_KEY_SEP}{i.tensor}": h.hexdigest()
+                       for i, h in zip(task.inputs, hashers)}
         for inp in task.inputs:  # whole tensors: gathered rows, tails, and pages two blocks shared
             self.plan.models[inp.model].index.release(inp.tensor)
-        if task.vocab is not None:
-            return {}
-        return {f"{self.plan.models[i.model].ref}{INPUT_KEY_SEP}{i.tensor}": h.hexdigest()
-                for i, h in zip(task.inputs, hashers)}
+        return digests
 
     def _task_hashers(self, ti: int) -> list[xxhash.xxh3_128]:
         if ti not in self._hashers:
@@ -114,7 +114,7 @@ class InputReader:
         for inp, h in zip(task.inputs, hashers):
             index = self.plan.models[inp.model].index
             ref = index.tensors[inp.tensor]
-            step = max(1, (16 << 20) // max(1, ref.cols * itemsize(inp.dtype)))
+            step = max(1, (16 << 20) // max(1, ref.row_bytes))
             for r0 in range(task.rows, ref.rows, step):
                 index.read_rows(inp.tensor, r0, min(ref.rows, r0 + step), hasher=h)
 
