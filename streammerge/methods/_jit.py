@@ -139,7 +139,16 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
                     t = xt[k] * sign[k]
                     acc[k] = acc[k] + (t if t > _ZERO else _ZERO)
                     div[k] = div[k] + (w if t > _ZERO else _ZERO)
+            finite = True  # a tile of finite sums (the rule) takes a loop that vectorizes
             for k in range(m):
+                finite &= np.isfinite(total[k])
+            if finite:
+                for k in range(m):
+                    total[k] = acc[k] * sign[k] + _ZERO
+                    dv = div[k]
+                    div[k] = np.float32(1.0) if dv == _ZERO else dv
+                    sign_out[e0 + k] = sign[k]
+            for k in range(0 if finite else m):
                 if np.isfinite(total[k]):
                     total[k] = acc[k] * sign[k] + _ZERO
                 else:  # the masked form: Σ δ·[δ·sign > 0], whose ∞·0 is NaN
