@@ -122,11 +122,17 @@ def test_ranked_keep_is_the_compare_of_the_bit_patterns(d, pick, edge) -> None:
     assert ties == int((v == above).sum())
     keep, _ = fused.ranked_keep(d, above, 1 << 32)
     assert torch.equal(torch.from_numpy(keep).view(d.shape), v > above)
-    # the first `quota` ties in flat order join them, and no others
-    quota = pick[0] % (ties + 2)
-    fused.keep_first_ties(d, above, quota, keep)
+    # the codes: 1 above, 2 a tie; settled, the first `quota` ties in flat order join those above, no
+    # others (quota -1 .. ties + 1: none, some, every tie, and more than there are)
+    codes, n = fused.ranked_codes(d, above)
+    assert n == ties
+    assert torch.equal(torch.from_numpy(codes.astype(np.int64)).view(d.shape),
+                       (v > above).to(torch.int64) + 2 * (v == above).to(torch.int64))
+    quota = pick[0] % (ties + 3) - 1
+    settled = fused.settle_ties(codes, n, quota)
+    assert settled.dtype == np.bool_ and set(np.unique(settled.view(np.uint8)).tolist()) <= {0, 1}
     tie_rank = torch.cumsum((v == above).flatten(), 0).view(v.shape)
-    assert torch.equal(torch.from_numpy(keep).view(d.shape), (v > above) | ((v == above) & (tie_rank <= quota)))
+    assert torch.equal(torch.from_numpy(settled).view(d.shape), (v > above) | ((v == above) & (tie_rank <= quota)))
 
 
 def _merge(method: str, ctx, x: torch.Tensor, chunk_rows: int, remember: bool) -> tuple[torch.Tensor, Tally]:

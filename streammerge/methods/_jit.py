@@ -225,14 +225,17 @@ def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int,
 
 
 @numba.njit(nogil=True, cache=True)
-def ranked_keep(d: np.ndarray, above: int, not_above: int, out: np.ndarray) -> int:
-    """out[j] ← above < v ≤ not_above for the bit pattern v of |d[j]| (as magnitude_bits makes it);
-    returns how many v equal `above` (TopK's threshold ties, when above is the threshold)."""
+def ranked_keep(d: np.ndarray, above: int, not_above: int, tie_code: int, out: np.ndarray) -> int:
+    """out[j] (uint8) ← 1 where above < v ≤ not_above for the bit pattern v of |d[j]| (as
+    magnitude_bits makes it), tie_code where v equals `above`, else 0; returns how many v equal
+    `above` (TopK's threshold ties, when above is the threshold: tie_code 2 marks them for
+    settle_ties, 0 drops them)."""
     mag = np.empty(_TILE, dtype=np.float32)
     v = mag.view(np.uint32)
     a = np.int64(above)
     c = np.int64(not_above)
-    ties = 0
+    code = np.uint8(tie_code)
+    ties = np.int64(0)
     for e0 in range(0, d.size, _TILE):
         m = min(_TILE, d.size - e0)
         dt = d[e0:e0 + m]
@@ -241,21 +244,17 @@ def ranked_keep(d: np.ndarray, above: int, not_above: int, out: np.ndarray) -> i
             mag[k] = abs(dt[k])
         for k in range(m):
             u = np.int64(_ranked(v[k]))
-            ot[k] = u > a and u <= c
-            ties += u == a
-    return ties
+            at = u == a
+            ot[k] = code if at else np.uint8(u > a and u <= c)
+            ties += at
+    return int(ties)
 
 
 @numba.njit(nogil=True, cache=True)
-def keep_first_ties(d: np.ndarray, tie: int, quota: int, out: np.ndarray) -> None:
-    """out[j] ← True for the first `quota` elements (in flat order) whose |d[j]|'s bit pattern is tie."""
-    t = np.int64(tie)
-    mag = np.empty(1, dtype=np.float32)
-    v = mag.view(np.uint32)
-    for j in range(d.size):
-        if quota <= 0:
-            return
-        mag[0] = abs(d[j])
-        if np.int64(_ranked(v[0])) == t:
-            out[j] = True
+def settle_ties(codes: np.ndarray, quota: int) -> None:
+    """ranked_codes' codes as a keep-mask of 0 and 1: the first `quota` ties (2) in flat order kept,
+    the others dropped."""
+    for j in range(codes.size):
+        if codes[j] == 2:
+            codes[j] = quota > 0
             quota -= 1

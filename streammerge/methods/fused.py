@@ -70,8 +70,10 @@ def warm() -> None:
                True, 1.0, 1.0)
     for base in (x[0], None):
         radix_count(x[1], base, -1)
-    keep, _ = ranked_keep(x[1], 0, 1 << 32)
-    keep_first_ties(x[1], 0, 1, keep)
+    ranked_keep(x[1], 0, 1 << 32)
+    codes, ties = ranked_codes(x[1], 0)
+    for quota in (0, 1, ties):
+        settle_ties(codes.copy(), ties, quota)
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -172,18 +174,37 @@ def radix_count(x: torch.Tensor, base: torch.Tensor | None, hi: int) -> tuple[in
 def ranked_keep(d: torch.Tensor, above: int, not_above: int) -> tuple[np.ndarray, int]:
     """(keep, ties) of float32 rows d: keep (flat) where above < bits(|d|) ≤ not_above (TopK's bit
     patterns), ties the count of bits(|d|) == above."""
+    return _ranked(d, above, not_above, 0)
+
+
+def ranked_codes(d: torch.Tensor, tie: int) -> tuple[np.ndarray, int]:
+    """(codes, ties) of float32 rows d: codes (flat uint8) 1 where bits(|d|) > tie, 2 where equal
+    (TopK's threshold ties), else 0; ties the count of 2s. settle_ties makes them a keep-mask."""
+    codes, ties = _ranked(d, tie, 1 << 32, 2)
+    return codes.view(np.uint8), ties
+
+
+def _ranked(d: torch.Tensor, above: int, not_above: int, tie_code: int) -> tuple[np.ndarray, int]:
     jit = kernels()
     assert jit is not None
     out = np.empty(d.numel(), dtype=np.bool_)
-    ties = jit.ranked_keep(_flat(d), above, not_above, out)
+    ties = jit.ranked_keep(_flat(d), above, not_above, tie_code, out.view(np.uint8))
     return out, int(ties)
 
 
-def keep_first_ties(d: torch.Tensor, tie: int, quota: int, keep: np.ndarray) -> None:
-    """keep (flat) also where the first `quota` bits(|d|) == tie lie."""
-    jit = kernels()
-    assert jit is not None
-    jit.keep_first_ties(_flat(d), tie, quota, keep)
+def settle_ties(codes: np.ndarray, ties: int, quota: int) -> np.ndarray:
+    """ranked_codes' codes (of `ties` ties) as a bool keep-mask, in place: the first `quota` ties kept.
+    Only the chunk where the quota runs out is walked; the others keep all of theirs or none, a
+    vectorized pass (ties to 1 or to 0)."""
+    if quota >= ties:  # (numpy's uint8 minimum does not vectorize: 15x the compare)
+        np.not_equal(codes, np.uint8(0), out=codes.view(np.bool_))
+    elif quota <= 0:
+        np.bitwise_and(codes, np.uint8(1), out=codes)
+    else:
+        jit = kernels()
+        assert jit is not None
+        jit.settle_ties(codes, quota)
+    return codes.view(np.bool_)
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:

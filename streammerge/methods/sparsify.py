@@ -180,13 +180,11 @@ class TopK:
         above = self.keeps_above()
         if above is not None:
             return fused.ranked_keep(d, above, 1 << 32)[0]
-        keep, n = fused.ranked_keep(d, self.threshold, 1 << 32)
+        codes, n = fused.ranked_codes(d, self.threshold)
         with self.order.turn(flat0, d.numel()):  # the ties before this chunk are counted
             seen = self._ties_seen
             self._ties_seen += n
-        if self.ties_keep > seen:
-            fused.keep_first_ties(d, self.threshold, self.ties_keep - seen, keep)
-        return keep
+        return fused.settle_ties(codes, n, self.ties_keep - seen)
 
     def mask(self, bits: torch.Tensor, flat0: int) -> torch.Tensor:
         """Keep-mask of the chunk of bits starting at flat index flat0."""
