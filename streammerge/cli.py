@@ -106,6 +106,40 @@ def main() -> None:
     """
 
 
+def entry() -> None:
+    """The console script and `python -m streammerge`: main(), then the process ends at once.
+
+    When main has returned, every file it wrote is closed and synced; what is left of a normal
+    exit is tearing the interpreter down, object by object (torch's and numba's modules among
+    them), about a second on this project's 2-core machine (a linear merge of the medium set:
+    8.5-8.9 s against 7.1-8.0 s of wall time). So, in the order interpreter exit does them: any
+    thread that is not a daemon joined, the atexit handlers run (Ray's shutdown, logging's, weakref
+    finalizers), the standard streams flushed; then os._exit with main's status (an exception that
+    escapes main is left to the interpreter). In-process callers (tests, the API) call main.
+    """
+    import atexit
+
+    try:
+        main()
+        code = 0
+    except SystemExit as e:  # sys.exit's rule: None is 0, an int itself, anything else printed and 1
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing more to say there
+            pass
+    os._exit(code)
+
+
 _shard = click.option("--out-shard-size", type=ByteSize(), default="5B", show_default=True,
                       help="Largest output shard, in bytes (K/M/B suffixes: 10^3/10^6/10^9); 0 or less: no limit, "
                            "one shard, as in mergekit.")

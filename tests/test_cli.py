@@ -1,9 +1,13 @@
 """The command line (click's CliRunner): plan output and JSON, byte-size options, the budget
-check at plan time, and exit codes with messages instead of tracebacks."""
+check at plan time, and exit codes with messages instead of tracebacks; the console script's
+entry in a real process."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -80,3 +84,33 @@ def test_bad_byte_size_is_a_usage_error(tiny_set, tmp_path) -> None:
 def test_missing_config_file(tmp_path) -> None:
     r = CliRunner().invoke(main, ["plan", str(tmp_path / "nope.yml")])
     assert r.exit_code == 3 and "cannot read the config file" in r.output
+
+
+_ENTRY = r"""
+import atexit, sys
+mark = sys.argv.pop()
+atexit.register(lambda: open(mark, "w").write("atexit ran"))
+sys.stdout.write("said before\n")  # a pipe's buffer: click flushes stdout only when it writes there
+from streammerge.cli import entry
+entry()
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("args, code, stream, text", [
+    (["--version"], 0, "stdout", "streammerge, version"),
+    (["plan", "nope.yml"], 3, "stderr", "cannot read the config file"),
+])
+def test_the_command_ends_the_process_with_mains_status_and_everything_said(tmp_path, args, code, stream,
+                                                                           text) -> None:
+    """The console script's entry ends the process without the interpreter's teardown (os._exit), yet
+    as exit does: main's status, the atexit handlers run, the standard streams (pipes here, so
+    block-buffered) flushed, and nothing after it."""
+    mark = tmp_path / "atexit"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    r = subprocess.run([sys.executable, "-c", _ENTRY, *args, str(mark)], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == code, r.stderr
+    assert text in getattr(r, stream)
+    assert "said before" in r.stdout and "not reached" not in r.stdout
+    assert mark.read_text() == "atexit ran"
