@@ -8,6 +8,7 @@ mergekit-yaml flag is accepted, doing what it means here or saying once why it i
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import os
@@ -117,8 +118,6 @@ def entry() -> None:
     finalizers), the standard streams flushed; then os._exit with main's status (an exception that
     escapes main is left to the interpreter). In-process callers (tests, the API) call main.
     """
-    import atexit
-
     try:
         main()
         code = 0

@@ -252,8 +252,8 @@ def ranked_keep(d: np.ndarray, above: int, not_above: int, tie_code: int, out: n
 
 @numba.njit(nogil=True, cache=True)
 def settle_ties(codes: np.ndarray, quota: int) -> None:
-    """ranked_codes' codes as a keep-mask of 0 and 1: the first `quota` ties (2) in flat order kept,
-    the others dropped."""
+    """ranked_keep's codes with tie_code 2 as a keep-mask of 0 and 1: the first `quota` ties (2) in
+    flat order kept, the others dropped."""
     for j in range(codes.size):
         if codes[j] == 2:
             codes[j] = quota > 0

@@ -71,9 +71,8 @@ def warm() -> None:
     for base in (x[0], None):
         radix_count(x[1], base, -1)
     ranked_keep(x[1], 0, 1 << 32)
-    codes, ties = ranked_codes(x[1], 0)
-    for quota in (0, 1, ties):
-        settle_ties(codes.copy(), ties, quota)
+    codes, ties = ranked_codes(x[1], 0)  # every zero a tie: quota 1 takes the compiled walk
+    settle_ties(codes, ties, 1)
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -174,21 +173,22 @@ def radix_count(x: torch.Tensor, base: torch.Tensor | None, hi: int) -> tuple[in
 def ranked_keep(d: torch.Tensor, above: int, not_above: int) -> tuple[np.ndarray, int]:
     """(keep, ties) of float32 rows d: keep (flat) where above < bits(|d|) ≤ not_above (TopK's bit
     patterns), ties the count of bits(|d|) == above."""
-    return _ranked(d, above, not_above, 0)
+    keep, ties = _ranked(d, above, not_above, 0)
+    return keep.view(np.bool_), ties
 
 
 def ranked_codes(d: torch.Tensor, tie: int) -> tuple[np.ndarray, int]:
     """(codes, ties) of float32 rows d: codes (flat uint8) 1 where bits(|d|) > tie, 2 where equal
     (TopK's threshold ties), else 0; ties the count of 2s. settle_ties makes them a keep-mask."""
-    codes, ties = _ranked(d, tie, 1 << 32, 2)
-    return codes.view(np.uint8), ties
+    return _ranked(d, tie, 1 << 32, 2)
 
 
 def _ranked(d: torch.Tensor, above: int, not_above: int, tie_code: int) -> tuple[np.ndarray, int]:
+    """_jit.ranked_keep into a new flat uint8 array: (codes, ties)."""
     jit = kernels()
     assert jit is not None
-    out = np.empty(d.numel(), dtype=np.bool_)
-    ties = jit.ranked_keep(_flat(d), above, not_above, tie_code, out.view(np.uint8))
+    out = np.empty(d.numel(), dtype=np.uint8)
+    ties = jit.ranked_keep(_flat(d), above, not_above, tie_code, out)
     return out, int(ties)
 
 
