@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import context, output_digest, run_chunked
+from helpers import ROOMY, context, output_digest, run_chunked
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_kernel_forms import VALUE, WEIGHT, bits, quiet
@@ -260,7 +260,7 @@ def test_a_small_merge_runs_the_torch_forms_to_the_same_bytes(tiny_set, tmp_path
     for mode in ("", "1", "0"):
         monkeypatch.setenv("STREAMMERGE_JIT", mode)
         out = str(tmp_path / f"out{mode}")
-        streammerge.merge(str(config), out, max_memory="1GiB")
+        streammerge.merge(str(config), out, max_memory=ROOMY)
         used[mode] = fused.kernels() is not None
         digests[mode] = output_digest(out)["shards"]
     assert used == {"": False, "1": True, "0": False}

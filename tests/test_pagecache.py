@@ -13,6 +13,7 @@ import os
 import make_models
 import numpy as np
 import pytest
+from helpers import ROOMY
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -134,7 +135,7 @@ def test_a_cold_merge_gives_its_inputs_pages_back(mb_set: list[str], tmp_path) -
     shards = _shards(mb_set)
     for p in shards:
         _cold(p)
-    Executor(_ties(mb_set), str(tmp_path / "out"), RunOptions(max_memory=1 << 30, chunk_bytes=1 << 18)).run()
+    Executor(_ties(mb_set), str(tmp_path / "out"), RunOptions(max_memory=ROOMY, chunk_bytes=1 << 18)).run()
     for p in shards:
         left = _resident(p)
         header = -(-read_header(p).data_start // PAGE) + 1  # the header's pages and the first data page
@@ -160,7 +161,7 @@ def test_pages_cached_before_the_merge_are_never_given_back(mb_set: list[str], t
         real(fd, runs)
 
     monkeypatch.setattr(pagecache, "drop", drop)
-    Executor(_ties(mb_set), str(tmp_path / "out"), RunOptions(max_memory=1 << 30, chunk_bytes=1 << 18)).run()
+    Executor(_ties(mb_set), str(tmp_path / "out"), RunOptions(max_memory=ROOMY, chunk_bytes=1 << 18)).run()
     assert given_back, "the merge gave nothing back"
     for path, a, b in given_back:
         assert not before[path][a:b].any(), f"{path}: pages {a}..{b} were cached before the merge"

@@ -19,7 +19,7 @@ import make_models
 import pytest
 import ray
 from click.testing import CliRunner
-from helpers import assert_golden, output_digest
+from helpers import ROOMY, assert_golden, output_digest
 from launch import Finished
 from launch import streammerge as launch_streammerge
 from ray.cluster_utils import Cluster
@@ -76,7 +76,7 @@ def test_stage1_on_two_nodes_is_byte_identical(cluster, tmp_path, write) -> None
     out = str(tmp_path / "out")
     notes = Notes()
     stats = streammerge.merge(STAGE1, out, ray=cluster.address, ray_write=write, out_shard_size="300K",
-                              max_memory="1GiB", progress=notes)[-1]
+                              max_memory=ROOMY, progress=notes)[-1]
     assert_golden("seed/stage1", out)  # what the local executor writes (test_e2e checks that too)
     streammerge.verify(out)
     how = "workers write OUT in place" if write == "auto" else "rows travel to the driver"

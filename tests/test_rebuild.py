@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ROOMY
 from kill_test import snapshot
 
 import streammerge
@@ -166,7 +167,7 @@ def test_plan_rejects_every_config_run_rejects(tiny_set, tmp_path) -> None:
             streammerge.plan(text)
         out = tmp_path / f"out{k}"
         with pytest.raises(StreamMergeError) as merged:
-            streammerge.merge(text, out, max_memory="1GiB")
+            streammerge.merge(text, out, max_memory=ROOMY)
         assert type(planned.value) is type(merged.value) and str(planned.value) == str(merged.value), what
         assert isinstance(planned.value, (ConfigError, PlanError)), what
         assert not out.exists(), f"{what}: the rejected run touched OUT"
@@ -196,7 +197,7 @@ def test_api_takes_sizes_as_the_cli_does_and_rejects_unknown_options(tiny_set, t
     with pytest.raises(OptionError, match="unknown option"):
         streammerge.merge(text, tmp_path / "p", max_memroy="1GiB")
     assert not (tmp_path / "p").exists()
-    opts = streammerge.RunOptions(max_memory="1GiB", copy_tokenizer=False, write_card=False)
+    opts = streammerge.RunOptions(max_memory=ROOMY, copy_tokenizer=False, write_card=False)
     streammerge.merge(text, tmp_path / "q", opts)
     assert not {"README.md", "tokenizer.json"} & set(os.listdir(tmp_path / "q"))
 
@@ -214,7 +215,7 @@ def test_every_run_option_is_an_api_option_and_plan_takes_them(tiny_set, tmp_pat
     cfg = tmp_path / "m.yml"
     cfg.write_text(ties_config(tiny_set))
     r = CliRunner().invoke(main, ["plan", str(cfg), "--device", "cpu", "--unsafe-truncate-embeddings",
-                                  "--no-copy-tokenizer", "--out-shard-size", "60K", "--max-memory", "1GiB"])
+                                  "--no-copy-tokenizer", "--out-shard-size", "60K", "--max-memory", "16GiB"])
     assert r.exit_code == 0, r.output
     assert "shard(s)" in r.output and "model-00001-of-" in r.output
 

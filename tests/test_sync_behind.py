@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from helpers import ROOMY
 
 import streammerge.committer as committer_mod
 from streammerge.config import parse_config
@@ -32,7 +33,7 @@ def merge(plan, out: str, threads: int = 1, overlap: bool = False) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        Executor(plan, out, RunOptions(max_memory=1 << 30, overlap=overlap)).run()
+        Executor(plan, out, RunOptions(max_memory=ROOMY, overlap=overlap)).run()
     finally:
         torch.set_num_threads(before)
 

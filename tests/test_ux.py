@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ROOMY
 
 from streammerge.cli import main
 
@@ -185,7 +186,7 @@ def test_python_api(tiny_set, tmp_path) -> None:
     cfg = ties_config(tmp_path, tiny_set)
     p = streammerge.plan(cfg)
     assert len(p.tasks) == 39 and p.method.name == "ties"
-    (stats,) = streammerge.merge(cfg, tmp_path / "api-out", max_memory=2 << 30)
+    (stats,) = streammerge.merge(cfg, tmp_path / "api-out", max_memory=ROOMY)
     assert stats.tensors == 39 and len(stats.manifest_hash) == 32
     assert streammerge.verify(tmp_path / "api-out", inputs=True).tensors == 39
     with open(cfg) as f:
