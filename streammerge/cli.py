@@ -18,19 +18,21 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ._version import __version__
 from .config import ConfigWarning, MergeConfig
 from .errors import ConfigError, OutputError, StreamMergeError
-from .executor import RunStats
-from .lora import AdaptedIndex
 from .options import DEFAULT_SEED, RunOptions
-from .planner import Plan, PlannedIndex, Task, parse
 from .progress import Progress, Totals
 from .units import parse_size, size_str
+
+if TYPE_CHECKING:  # the modules that import torch load with the command that needs them, not with
+    # --help, --version or a usage error (importing torch takes seconds)
+    from .executor import RunStats
+    from .planner import Plan, Task
 
 
 class ByteSize(click.ParamType):
@@ -58,6 +60,8 @@ def _load(config_path: str) -> list[MergeConfig]:
     except UnicodeDecodeError as e:
         raise ConfigError([f"not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); save the "
                            "config as UTF-8"], config_path) from None
+    from .planner import parse
+
     return parse(text, config_path)
 
 
@@ -543,6 +547,7 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
         smallest_budget,
         widest_row,
     )
+    from .planner import PlannedIndex
 
     need, worst = widest_row(p)
     budget = max_memory or default_max_memory()
@@ -611,6 +616,8 @@ def _explain(p: Plan, name: str) -> str:
 
 
 def _explain_lines(p: Plan, t: Task) -> list[str]:
+    from .lora import AdaptedIndex
+
     where = "not a layer tensor" if ".layers." not in t.name else f"layer {t.name.split('.layers.')[1].split('.')[0]}"
     if any("gradient" in how for how in t.provenance.values()):  # the position only where a gradient used it
         where += f"; gradients read at position {t.t:.6g} of its slice"

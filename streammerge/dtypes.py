@@ -1,27 +1,41 @@
 """Data types: safetensors dtype codes, torch dtypes and config dtype names.
 
-Imports only torch. The safetensors code ("BF16") and the torch dtype are kept distinct:
-headers speak codes, kernels speak torch.
+The safetensors code ("BF16") and the torch dtype are kept distinct: headers speak codes,
+kernels speak torch. torch is imported when a torch dtype is first asked for, not with this
+module: the config parser needs only the names, and with it `streammerge --help` and every
+usage error answer without the seconds importing torch takes.
 """
 
 from __future__ import annotations
 
-import torch
+import functools
+from typing import TYPE_CHECKING
 
-# safetensors code -> (torch dtype, bytes per element)
-_CODES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
+if TYPE_CHECKING:
+    import torch
+
+# safetensors code -> (torch's name of the dtype, bytes per element)
+_CODES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
-_BY_TORCH = {dt: code for code, (dt, _) in _CODES.items()}
+
+
+@functools.cache
+def _torch_dtypes() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    """(code -> torch dtype, torch dtype -> code), made on first use."""
+    import torch
+
+    by_code = {code: getattr(torch, name) for code, (name, _) in _CODES.items()}
+    return by_code, {dt: code for code, dt in by_code.items()}
 
 # names accepted in a config's `dtype` / `out_dtype` (SEMANTICS §1.1; `torch.` prefix allowed)
 CONFIG_DTYPES: dict[str, str] = {
@@ -40,7 +54,7 @@ def known_code(code: str) -> bool:
 
 def torch_dtype(code: str) -> torch.dtype:
     """The torch dtype of a safetensors code, e.g. "BF16" -> torch.bfloat16."""
-    return _CODES[code][0]
+    return _torch_dtypes()[0][code]
 
 
 def itemsize(code: str) -> int:
@@ -50,7 +64,7 @@ def itemsize(code: str) -> int:
 
 def code_of(dtype: torch.dtype) -> str:
     """The safetensors code of a torch dtype."""
-    return _BY_TORCH[dtype]
+    return _torch_dtypes()[1][dtype]
 
 
 def is_float(code: str) -> bool:
@@ -74,6 +88,8 @@ def config_name(code: str) -> str:
 
 def promote(codes: list[str]) -> str:
     """PyTorch's promotion folded over `codes` in order (bf16+fp16 -> fp32)."""
+    import torch
+
     dt = torch_dtype(codes[0])
     for c in codes[1:]:
         dt = torch.promote_types(dt, torch_dtype(c))
@@ -82,4 +98,4 @@ def promote(codes: list[str]) -> str:
 
 def compute_dtype(code: str) -> torch.dtype:
     """Kernels compute in float32, or float64 for float64 data (SEMANTICS deviation 1)."""
-    return torch.float64 if code == "F64" else torch.float32
+    return torch_dtype("F64" if code == "F64" else "F32")

@@ -20,7 +20,7 @@ import traceback
 from dataclasses import dataclass
 
 _CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["streammerge.cli"])
+_CONTEXT.set_forkserver_preload(["streammerge.cli", "streammerge.api"])  # api: torch (cli loads it lazily)
 
 
 @dataclass(frozen=True)

@@ -114,3 +114,26 @@ def test_the_command_ends_the_process_with_mains_status_and_everything_said(tmp_
     assert text in getattr(r, stream)
     assert "said before" in r.stdout and "not reached" not in r.stdout
     assert mark.read_text() == "atexit ran"
+
+
+_HEAVY = """
+import sys
+from streammerge.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    print("status", e.code)
+print("loaded:", sorted(m for m in ("torch", "numpy", "safetensors", "numba") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["run", "--help"], ["plan", "--help"],
+                                  ["run", "--max-memory", "lots", "c.yml", "out"]])
+def test_help_version_and_usage_errors_answer_without_importing_torch(tmp_path, args) -> None:
+    """What answers without reading a config (help, the version, a bad option) loads neither torch
+    nor numpy: importing torch takes seconds, longer than everything else these commands do."""
+    r = subprocess.run([sys.executable, "-c", _HEAVY, *args], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    status = 2 if "lots" in args else 0
+    assert f"status {status}" in r.stdout and "loaded: []" in r.stdout, (r.stdout, r.stderr)
