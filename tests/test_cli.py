@@ -137,3 +137,24 @@ def test_help_version_and_usage_errors_answer_without_importing_torch(tmp_path, 
     assert r.returncode == 0, r.stderr
     status = 2 if "lots" in args else 0
     assert f"status {status}" in r.stdout and "loaded: []" in r.stdout, (r.stdout, r.stderr)
+
+
+_GC = r"""
+import atexit, gc, sys
+mark = sys.argv.pop()
+atexit.register(lambda: open(mark, "w").write(f"{gc.isenabled()} {gc.get_freeze_count()} {'torch' in sys.modules}"))
+from streammerge.cli import entry
+entry()
+"""
+
+
+def test_a_command_runs_with_the_collector_on_and_its_imports_frozen(tiny_set, tmp_path) -> None:
+    """entry() holds the garbage collector off only while the command's modules load: the command
+    itself (a merge can run for hours) collects, and the imports' objects are frozen out of it."""
+    mark = tmp_path / "gc"
+    r = subprocess.run([sys.executable, "-c", _GC, "plan", config(tmp_path, tiny_set), str(mark)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    enabled, frozen, torch_loaded = mark.read_text().split()
+    assert enabled == "True" and torch_loaded == "True"
+    assert int(frozen) > 10_000  # torch's modules, classes and functions among them
