@@ -226,8 +226,8 @@ def output_rows(task: Task, y: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN or Inf in t. An integer or bool tensor holds none. A 16-bit float tensor on the CPU:
-    the largest of its bits with the sign cleared is below the all-ones exponent (0.18 ns per
-    element; its float32 sum took 0.44). Else its sum is finite (one reduction, no boolean tensor:
+    no bit pattern's magnitude reaches the all-ones exponent (0.15 ns per element; its float32
+    sum took 0.44). Else its sum is finite (one reduction, no boolean tensor:
     isfinite().all() cost a fifth of a linear merge), or the elements are looked at (a finite sum
     may overflow)."""
     if not t.is_floating_point():
@@ -236,8 +236,11 @@ def all_finite(t: torch.Tensor) -> bool:
     if top is not None and t.device.type == "cpu":
         if t.numel() == 0:
             return True
-        bits = t.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return int(np.bitwise_and(bits, np.uint16(0x7FFF)).max()) < top
+        # NaN and ±Inf: the patterns whose magnitude is at least `top`, as int16 the positive ones at
+        # least top, as uint16 the negative ones at least 0x8000 | top. Two reductions and no
+        # temporary: bitwise_and's (written, then read) made it 1.3 ns per element in a merge
+        bits = t.contiguous().view(torch.int16).numpy()
+        return int(bits.max()) < top and int(bits.view(np.uint16).max()) < (0x8000 | top)
     return math.isfinite(float(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
 
 

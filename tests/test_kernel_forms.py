@@ -82,6 +82,19 @@ def test_all_finite_is_isfinite_all(values, cols, dtype, strided) -> None:
     assert all_finite(t) == bool(torch.isfinite(t).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_all_finite_knows_every_16_bit_pattern(dtype) -> None:
+    """Each of the 65,536 patterns alone among finite values, and all of them in one tensor."""
+    patterns = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = torch.isfinite(patterns)
+    ones = torch.ones(2, 7, dtype=dtype)
+    for k in range(0, 65536, 1):
+        ones[1, k % 7] = patterns[k]
+        assert all_finite(ones) == bool(finite[k]), hex(k - 2**15)
+        ones[1, k % 7] = 1
+    assert not all_finite(patterns) and all_finite(patterns[finite])
+
+
 @given(values=st.lists(st.integers(-2**63, 2**63 - 1), max_size=20),
        dtype=st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.bool]))
 def test_a_tensor_of_integers_or_bools_is_all_finite(values, dtype) -> None:
