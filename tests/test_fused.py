@@ -87,12 +87,16 @@ def test_radix_counts_are_the_torch_counts(x, base, pick) -> None:
         hi = int(v[pick % v.numel()]) >> 16  # a bin that is not empty
         for pass_hi, want in ((-1, torch.bincount(v >> 16, minlength=1 << 16)),
                               (hi, torch.bincount(v[(v >> 16) == hi] & 0xFFFF, minlength=1 << 16))):
-            first, counts = fused.radix_count(x if b is not None else delta, b, pass_hi)
+            bins, counts = fused.radix_count(x if b is not None else delta, b, pass_hi)
+            assert len(set(bins.tolist())) == bins.size == counts.size  # each bin once
             got = torch.zeros(1 << 16, dtype=torch.int64)
-            got[first:first + counts.size] = torch.from_numpy(counts)
+            got[torch.from_numpy(bins)] = torch.from_numpy(counts)
             assert torch.equal(got, want)
-            assert counts.size == 0 or (counts[0] > 0 and counts[-1] > 0)  # the range touched, no wider
-        first, counts = fused.radix_count(x if b is not None else delta, b, -1)  # the scratch was cleared
+            if pass_hi < 0:  # the range touched, no wider
+                assert counts.size == 0 or (counts[0] > 0 and counts[-1] > 0)
+            else:  # the bins touched, no other
+                assert (counts > 0).all()
+        _, counts = fused.radix_count(x if b is not None else delta, b, -1)  # the scratch was cleared
         assert int(counts.sum()) == x.numel()
 
 
@@ -105,8 +109,8 @@ def test_every_nan_has_one_magnitude_in_both_forms() -> None:
     v = magnitude_bits(x - base)
     assert int((x - base).isnan().sum()) == 33  # all but inf − 0, 0 − inf and 0 − 0
     assert int((v == QUIET_NAN).sum()) == 33 and int(v.max()) == QUIET_NAN
-    first, counts = fused.radix_count(x, base, QUIET_NAN >> 16)
-    assert first == QUIET_NAN & 0xFFFF and list(counts) == [33]
+    bins, counts = fused.radix_count(x, base, QUIET_NAN >> 16)
+    assert list(bins) == [QUIET_NAN & 0xFFFF] and list(counts) == [33]
 
 
 @settings(max_examples=200, deadline=None)

@@ -190,15 +190,18 @@ def _ranked(u: np.uint32) -> np.uint32:
 
 @numba.njit(nogil=True, cache=True)
 def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int,
-                hist: np.ndarray) -> tuple[np.int64, np.int64]:
+                hist: np.ndarray, touched: np.ndarray) -> tuple[np.int64, np.int64, np.int64]:
     """One radix pass of TopK over float32 elements: the bit pattern v of |δ| (δ = x − b, or x itself
     with `deltas_done`), as sparsify.magnitude_bits makes it (every NaN's the quiet NaN's); hi < 0:
     hist[v >> 16] += 1, else, for the v whose high half is hi, hist[v & 0xFFFF] += 1. Returns the
-    first and last bin it touched (first > last when none)."""
+    first and last bin it touched (first > last when none) and, when hi >= 0, how many bins it
+    touched, listed in touched[:n] as they were first counted (0 when hi < 0: the high halves
+    of a tensor's |δ| fill a narrow range, the low halves spread over all 65,536 bins)."""
     mag = np.empty(_TILE, dtype=np.float32)
     v = mag.view(np.uint32)
     first = np.int64(hist.size)
     last = np.int64(-1)
+    n = np.int64(0)
     want = np.uint32(hi if hi >= 0 else 0)
     for e0 in range(0, x.size, _TILE):
         m = min(_TILE, x.size - e0)
@@ -216,12 +219,15 @@ def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int,
                 h = np.int64(u >> _HI_BITS)
             elif (u >> _HI_BITS) == want:
                 h = np.int64(u & _LO_MASK)
+                if hist[h] == 0:
+                    touched[n] = h
+                    n += 1
             else:
                 continue
             hist[h] += 1
             first = min(first, h)
             last = max(last, h)
-    return first, last
+    return first, last, n
 
 
 @numba.njit(nogil=True, cache=True)

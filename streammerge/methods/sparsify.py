@@ -139,10 +139,11 @@ class TopK:
             if self._small_n >= _BATCH:
                 self._flush()
 
-    def count(self, first: int, counts: np.ndarray) -> None:
-        """Add counts of bins first.. made elsewhere (fused.radix_count) to this pass's histogram."""
+    def count(self, bins: np.ndarray, counts: np.ndarray) -> None:
+        """Add counts of the bins `bins` (each once) made elsewhere (fused.radix_count) to this
+        pass's histogram."""
         with self._lock:
-            self._hist[first:first + counts.size] += counts
+            self._hist[bins] += counts
 
     def _flush(self) -> None:
         if self._small:
@@ -239,9 +240,9 @@ class Ranked(Sparsifier):
         if pass_idx >= 2 or self.rescale or not fused.usable(x.unsqueeze(0)):
             return super().observe_inputs(pass_idx, x, base, flat0)
         if pass_idx == 0:  # every selector counts the same high halves
-            first, counts = fused.radix_count(x, base, -1)
+            bins, counts = fused.radix_count(x, base, -1)
             for sel in self.selectors:
-                sel.count(first, counts)
+                sel.count(bins, counts)
             return
         for sel in self.selectors:
             sel.count(*fused.radix_count(x, base, sel.high_bin))
