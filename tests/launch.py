@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -47,8 +48,28 @@ def streammerge(*args: str, env: dict[str, str] | None = None, cwd: str | None =
             child.kill()
             child.join()
             raise TimeoutError(f"streammerge {' '.join(args)} ran past {timeout} s")
+        code = child.exitcode
+        if code == _LOST:  # the forkserver lost the child's status (see _LOST): the child's own word
+            code = _said_status(os.path.join(tmp, "status"))
         with open(out, encoding="utf-8", errors="replace") as f, open(err, encoding="utf-8", errors="replace") as g:
-            return Finished(list(args), child.exitcode, f.read(), g.read())
+            return Finished(list(args), code, f.read(), g.read())
+
+
+# multiprocessing's forkserver passes each child's wait status to the parent through a pipe; when
+# that pipe ends without it, Process.exitcode reads 255 (popen_forkserver.poll: "perhaps the
+# forkserver process itself got killed"). CI saw it once (a child SIGKILLed at a crash point while
+# another child started) among thousands of launches. A child that reaches its end writes its
+# status to a file first, so 255 can be told apart: the status written, or none because the child
+# never reached its end, i.e. a signal ended it, and SIGKILL is the only one these tests send.
+_LOST = 255
+
+
+def _said_status(path: str) -> int:
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read())
+    except FileNotFoundError:
+        return -signal.SIGKILL
 
 
 def _main(args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
@@ -79,4 +100,6 @@ def _main(args: list[str], env: dict[str, str], cwd: str, out: str, err: str) ->
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
+    with open(os.path.join(os.path.dirname(out), "status"), "w", encoding="ascii") as f:
+        f.write(str(code))
     os._exit(code)
