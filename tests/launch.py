@@ -40,8 +40,9 @@ def streammerge(*args: str, env: dict[str, str] | None = None, cwd: str | None =
     (default: the current directory); its exit status and output as subprocess.run gives them."""
     with tempfile.TemporaryDirectory(prefix="sm-launch-") as tmp:
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        status = os.path.join(tmp, "status")
         child = _CONTEXT.Process(target=_main, args=(list(args), dict(os.environ if env is None else env),
-                                                     cwd or os.getcwd(), out, err))
+                                                     cwd or os.getcwd(), out, err, status))
         child.start()
         child.join(timeout)
         if child.exitcode is None:
@@ -50,7 +51,7 @@ def streammerge(*args: str, env: dict[str, str] | None = None, cwd: str | None =
             raise TimeoutError(f"streammerge {' '.join(args)} ran past {timeout} s")
         code = child.exitcode
         if code == _LOST:  # the forkserver lost the child's status (see _LOST): the child's own word
-            code = _said_status(os.path.join(tmp, "status"))
+            code = _said_status(status)
         with open(out, encoding="utf-8", errors="replace") as f, open(err, encoding="utf-8", errors="replace") as g:
             return Finished(list(args), code, f.read(), g.read())
 
@@ -72,7 +73,7 @@ def _said_status(path: str) -> int:
         return -signal.SIGKILL
 
 
-def _main(args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
+def _main(args: list[str], env: dict[str, str], cwd: str, out: str, err: str, status: str) -> None:
     """The child: stdout and stderr to files, the caller's environment and directory, then the
     command line as `python -m streammerge` runs it (an uncaught exception prints its traceback
     and exits 1, as the interpreter would)."""
@@ -100,6 +101,6 @@ def _main(args: list[str], env: dict[str, str], cwd: str, out: str, err: str) ->
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    with open(os.path.join(os.path.dirname(out), "status"), "w", encoding="ascii") as f:
+    with open(status, "w", encoding="ascii") as f:
         f.write(str(code))
     os._exit(code)

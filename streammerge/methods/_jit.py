@@ -193,10 +193,11 @@ def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int,
                 hist: np.ndarray, touched: np.ndarray) -> tuple[np.int64, np.int64, np.int64]:
     """One radix pass of TopK over float32 elements: the bit pattern v of |δ| (δ = x − b, or x itself
     with `deltas_done`), as sparsify.magnitude_bits makes it (every NaN's the quiet NaN's); hi < 0:
-    hist[v >> 16] += 1, else, for the v whose high half is hi, hist[v & 0xFFFF] += 1. Returns the
-    first and last bin it touched (first > last when none) and, when hi >= 0, how many bins it
-    touched, listed in touched[:n] as they were first counted (0 when hi < 0: the high halves
-    of a tensor's |δ| fill a narrow range, the low halves spread over all 65,536 bins)."""
+    hist[v >> 16] += 1, else, for the v whose high half is hi, hist[v & 0xFFFF] += 1. Returns
+    (first, last, n): hi < 0, the first and last bin it touched (first > last when none; the high
+    halves of a tensor's |δ| fill a narrow range) and n 0; else first > last and the n bins it
+    touched, listed in touched[:n] as they were first counted (the low halves spread over all
+    65,536 bins)."""
     mag = np.empty(_TILE, dtype=np.float32)
     v = mag.view(np.uint32)
     first = np.int64(hist.size)
@@ -217,6 +218,8 @@ def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int,
             u = _ranked(v[k])
             if hi < 0:
                 h = np.int64(u >> _HI_BITS)
+                first = min(first, h)
+                last = max(last, h)
             elif (u >> _HI_BITS) == want:
                 h = np.int64(u & _LO_MASK)
                 if hist[h] == 0:
@@ -225,8 +228,6 @@ def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int,
             else:
                 continue
             hist[h] += 1
-            first = min(first, h)
-            last = max(last, h)
     return first, last, n
 
 
