@@ -322,3 +322,17 @@ def arcee_fusion(a: np.ndarray, b: np.ndarray, seed: int = 0, tensor: str = "t")
     qv = lambda x: imp_s[math.floor(x * (imp_s.size - 1))]  # noqa: E731
     thr = qv(0.5) + 1.5 * (qv(0.75) - qv(0.25))
     return (a + (b - a) * (imp >= thr).reshape(a.shape))
+
+
+def pairwise_sum(row: list[float]) -> float:
+    """The fixed order of every per-row float64 sum (README, deviation on whole-tensor statistics):
+    zeros appended up to a power of two, then the second half added to the first, one rounded add at
+    a time, until one value is left. Plain Python floats: every add is IEEE double addition."""
+    width = 1
+    while width < len(row):
+        width *= 2
+    vals = list(row) + [0.0] * (width - len(row))
+    while len(vals) > 1:
+        half = len(vals) // 2
+        vals = [vals[i] + vals[half + i] for i in range(half)]
+    return vals[0] if vals else 0.0

@@ -12,10 +12,11 @@ import torch
 from helpers import ROOMY, context, output_digest, run_chunked
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from reference import pairwise_sum
 from test_kernel_forms import VALUE, WEIGHT, bits, quiet
 
 from streammerge.methods import METHODS, Tally, fused, rng
-from streammerge.methods.base import row_sums
+from streammerge.methods.base import row_sums, tree_row_sums
 from streammerge.methods.rng import _hash32_numpy, bernoulli_mask, keep_threshold
 from streammerge.methods.sparsify import QUIET_NAN, magnitude_bits
 
@@ -271,3 +272,20 @@ def test_a_small_merge_runs_the_torch_forms_to_the_same_bytes(tiny_set, tmp_path
     assert digests[""] == digests["1"] == digests["0"]
     monkeypatch.setenv("STREAMMERGE_JIT", "")
     assert fused.use_for(fused.MIN_WORK) and not fused.use_for(fused.MIN_WORK - 1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(a=rows_of_values(), b=rows_of_values(), rows=st.integers(1, 3))
+def test_slerp_sums_are_the_torch_statistics_pass(a, b, rows) -> None:
+    """SLERP's compiled statistics loop gives the float64 row sums of a·a, b·b and a·b that the torch
+    form's float32 products and tree_row_sums give (and the plain-Python pairwise reference), NaN
+    where theirs is NaN, on values of every kind: infinities, signed zeros, subnormals."""
+    b = b.repeat(1, a.shape[1] // b.shape[1] + 1)[:, :a.shape[1]]
+    a, b = a.repeat(rows, 1).contiguous(), b.repeat(rows, 1).contiguous()
+    got = fused.slerp_sums(a, b)
+    for k, (p, q) in enumerate(((a, a), (b, b), (a, b))):
+        prod = p * q
+        want = tree_row_sums(prod)
+        ref = torch.tensor([pairwise_sum([float(v) for v in r]) for r in prod.double().tolist()], dtype=torch.float64)
+        for w in (want, ref):
+            assert torch.equal(got[k].isnan(), w.isnan()) and torch.equal(got[k][~w.isnan()], w[~w.isnan()])

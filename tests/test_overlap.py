@@ -1,6 +1,5 @@
 """The helper threads and the block arena (overlap.py): order kept, capacity kept, errors raised
-to the caller, nothing hangs; and the fixed-order row sums a GPU uses, against plain Python, and
-a CPU's, against torch's float64-accumulating sum."""
+to the caller, nothing hangs; and the fixed-order row sums every device uses, against plain Python."""
 
 from __future__ import annotations
 
@@ -13,7 +12,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import pairwise_sum
 
+from streammerge.methods import fused
 from streammerge.methods.base import row_sums, tree_row_sums
 from streammerge.overlap import ArenaClosed, ReadAhead, RingArena, WriteBehind
 
@@ -139,34 +140,30 @@ def test_ring_arena_waits_for_room_and_closes() -> None:
 def test_tree_row_sums_follow_the_stated_order() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 13, generator=g) * torch.logspace(-6, 6, 13)
-
-    def pairwise(row: list[float]) -> float:
-        width = 1
-        while width < len(row):
-            width *= 2
-        vals = row + [0.0] * (width - len(row))
-        while len(vals) > 1:
-            half = len(vals) // 2
-            vals = [vals[i] + vals[half + i] for i in range(half)]
-        return vals[0]
-
-    want = [pairwise([float(v) for v in r]) for r in x.tolist()]
+    want = [pairwise_sum([float(v) for v in r]) for r in x.tolist()]
     assert tree_row_sums(x).tolist() == want
     assert tree_row_sums(x[2:4]).tolist() == want[2:4]
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 9), cols=st.one_of(st.integers(1, 300), st.sampled_from([1023, 1024, 3584, 4097, 14336])),
-       spread=st.sampled_from([0.0, 4.0, 12.0]), seed=st.integers(0, 2**31 - 1), step=st.sampled_from([1, 2]))
-def test_cpu_row_sums_are_the_float64_accumulating_sum(rows, cols, spread, seed, step) -> None:
-    """row_sums on a CPU copies to float64 and then sums (2.5-4x faster here): the bits of
-    `x.sum(dim=1, dtype=torch.float64)`, which every CPU output was made with, on float32 rows whose
-    magnitudes span up to e^±80, where the sum's order shows in its last bits; rows contiguous or not."""
+@given(rows=st.integers(1, 9), cols=st.one_of(st.integers(0, 300), st.sampled_from([1023, 1024, 3584, 4097, 14336])),
+       spread=st.sampled_from([0.0, 4.0, 12.0]), seed=st.integers(0, 2**31 - 1), step=st.sampled_from([1, 2]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), loops=st.booleans())
+def test_cpu_row_sums_are_the_pairwise_tree(rows, cols, spread, seed, step, dtype, loops) -> None:
+    """row_sums on a CPU, compiled or torch's form, adds in the stated pairwise order (the plain-Python
+    reference's, every add one IEEE double add), on rows whose magnitudes span up to e^±80, where any
+    other order shows in the last bits; float32 and float64 rows, contiguous or not."""
+    if loops and fused.kernels() is None:
+        loops = False  # no numba here: the torch form is all there is
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(rows, cols * step, generator=g) * torch.exp(spread * torch.randn(rows, cols * step, generator=g)))
-    x = x[:, ::step]
-    assert torch.equal(row_sums(x), x.sum(dim=1, dtype=torch.float64))
-    assert torch.equal(row_sums(x.double()), x.double().sum(dim=1))
+    x = x.to(dtype)[:, ::step]
+    want = [pairwise_sum([float(v) for v in r]) for r in x.tolist()]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(fused._use, "on", loops)
+        got = row_sums(x)
+        assert (fused.tree_sums(x) is not None) == loops
+    assert got.dtype == torch.float64 and got.tolist() == want
 
 
 def test_pread_rows_are_the_mapped_rows(tiny_set) -> None:

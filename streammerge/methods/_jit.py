@@ -265,3 +265,61 @@ def settle_ties(codes: np.ndarray, quota: int) -> None:
         if codes[j] == 2:
             codes[j] = quota > 0
             quota -= 1
+
+
+@numba.njit(inline="always")
+def _halve(s: np.ndarray, width: int) -> np.float64:
+    """base.tree_row_sums' order over s[:width] (width a power of two): the second half added to the
+    first, elementwise, until one value is left."""
+    h = width
+    while h > 1:
+        h //= 2
+        for j in range(h):
+            s[j] += s[j + h]
+    return s[0]
+
+
+@numba.njit(inline="always")
+def _width(cols: int) -> int:
+    w = 1
+    while w < cols:
+        w *= 2
+    return w
+
+
+@numba.njit(nogil=True, cache=True)
+def tree_rows(x: np.ndarray, out: np.ndarray) -> None:
+    """out[r] ← row r of x (rows, cols; float32 or float64) widened to float64 and summed in
+    base.tree_row_sums' pairwise order (columns padded with zeros to a power of two)."""
+    rows, cols = x.shape
+    w = _width(cols)
+    s = np.empty(w, dtype=np.float64)
+    for r in range(rows):
+        for j in range(cols):
+            s[j] = np.float64(x[r, j])
+        for j in range(cols, w):
+            s[j] = 0.0
+        out[r] = _halve(s, w)
+
+
+@numba.njit(nogil=True, cache=True)
+def slerp_sums(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out[0, r], out[1, r], out[2, r] ← tree_rows' sums of row r of a·a, b·b and a·b (rows, cols of
+    float32; each product rounded to float32, as the torch form multiplies, then widened)."""
+    rows, cols = a.shape
+    w = _width(cols)
+    s = np.empty((3, w), dtype=np.float64)
+    s0, s1, s2 = s[0], s[1], s[2]
+    for r in range(rows):
+        for j in range(cols):
+            p, q = a[r, j], b[r, j]
+            s0[j] = np.float64(p * p)
+            s1[j] = np.float64(q * q)
+            s2[j] = np.float64(p * q)
+        for j in range(cols, w):
+            s0[j] = 0.0
+            s1[j] = 0.0
+            s2[j] = 0.0
+        out[0, r] = _halve(s0, w)
+        out[1, r] = _halve(s1, w)
+        out[2, r] = _halve(s2, w)

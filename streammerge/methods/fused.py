@@ -1,4 +1,5 @@
-"""Fused CPU kernels for the hottest loops of the DARE and TIES family, when numba is installed.
+"""Fused CPU kernels for the hottest loops of the DARE and TIES family and SLERP's statistics, and
+the per-row tree sums of every method (row_sums), when numba is installed.
 
 Imports rng (and numpy, torch); the compiled loops live in _jit.py, imported on first use. The
 torch/numpy forms take a pass over memory per operation — ten for a mask's draw and compare, about
@@ -40,6 +41,12 @@ def use_for(work: int) -> bool:
     return kernels() is not None
 
 
+def loaded() -> ModuleType | None:
+    """The compiled kernels' module where the merge this process runs uses them and they are loaded
+    already; never loads them (a method without loops of its own asks this, not kernels())."""
+    return _state.get("jit") if _use["on"] else None
+
+
 def kernels() -> ModuleType | None:
     """The compiled kernels' module, or None where numba is missing, STREAMMERGE_JIT=0, or the merge
     is too small to repay loading them (use_for)."""
@@ -73,6 +80,9 @@ def warm() -> None:
     ranked_keep(x[1], 0, 1 << 32)
     codes, ties = ranked_codes(x[1], 0)  # every zero a tie: quota 1 takes the compiled walk
     settle_ties(codes, ties, 1)
+    for dt in (torch.float32, torch.float64):
+        tree_sums(x[1].to(dt))
+    slerp_sums(x[1], x[2])
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -219,3 +229,24 @@ def settle_ties(codes: np.ndarray, ties: int, quota: int) -> np.ndarray:
 
 def _flat(t: torch.Tensor) -> np.ndarray:
     return t.numpy().reshape(-1)
+
+
+def tree_sums(x: torch.Tensor) -> torch.Tensor | None:
+    """base.tree_row_sums(x) for rows (rows, cols) of float32 or float64 on the CPU, compiled (the
+    same bits); None where the kernels are not loaded."""
+    jit = loaded()
+    if jit is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 2:
+        return None
+    out = np.empty(x.shape[0], dtype=np.float64)
+    jit.tree_rows(x.contiguous().numpy(), out)
+    return torch.from_numpy(out)
+
+
+def slerp_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(3, rows) float64: the tree_row_sums of a·a, b·b and a·b for rows (rows, cols) of float32 (each
+    row contiguous), products rounded to float32 as torch's, in one compiled loop (usable)."""
+    jit = kernels()
+    assert jit is not None
+    out = np.empty((3, a.shape[0]), dtype=np.float64)
+    jit.slerp_sums(a.contiguous().numpy(), b.contiguous().numpy(), out)
+    return torch.from_numpy(out)

@@ -1,7 +1,8 @@
 """`slerp`: spherical interpolation of the base and one other model, whole tensor as one vector.
 
-SEMANTICS §2.3. One statistics pass (‖v0‖², ‖v1‖², v0·v1 as chunk-independent float64
-sums), then the apply pass: out = c0·v0 + c1·v1 with scalar coefficients.
+SEMANTICS §2.3. One statistics pass (‖v0‖², ‖v1‖², v0·v1 as chunk-independent float64 sums:
+row_sums' per-row tree sums, all three in one compiled loop where numba is loaded), then the apply
+pass: out = c0·v0 + c1·v1 with scalar coefficients.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import torch
 
 from ..params import ParamSpec
+from . import fused
 from .base import MergeOp, MethodDef, RowSums, TaskContext, fixed_cost, row_sums
 
 EPS = 1e-8
@@ -41,6 +43,10 @@ class Slerp(MergeOp):
 
     def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
         v0, v1 = x[self.i0], x[self.i1]
+        if fused.usable(x):  # the three products' row sums in one loop, no temporaries: the same bits
+            for acc, sums in zip(self._sums, fused.slerp_sums(v0, v1)):
+                acc.add(sums)
+            return
         self._sums[0].add(row_sums(v0 * v0))
         self._sums[1].add(row_sums(v1 * v1))
         self._sums[2].add(row_sums(v0 * v1))
@@ -59,6 +65,6 @@ SLERP = MethodDef(
     params=(ParamSpec("t", "float", "shared", required=True, bounds=(0.0, 1.0)),),
     base="required", min_inputs=2, max_inputs=2, make=Slerp,
     cost=fixed_cost(1, 4.0),  # products, scaled inputs, the output (measured 3.1)
-    min_others=1,
+    min_others=1, jit=True,
     pretty="SLERP", url="https://en.wikipedia.org/wiki/Slerp",
 )
