@@ -16,7 +16,7 @@ from reference import pairwise_sum
 from test_kernel_forms import VALUE, WEIGHT, bits, quiet
 
 from streammerge.methods import METHODS, Tally, fused, rng
-from streammerge.methods.base import row_sums, tree_row_sums
+from streammerge.methods.base import tree_row_sums
 from streammerge.methods.rng import _hash32_numpy, bernoulli_mask, keep_threshold
 from streammerge.methods.sparsify import QUIET_NAN, magnitude_bits
 
@@ -58,24 +58,28 @@ def rows_of_values(draw):
 
 
 @settings(max_examples=100, deadline=None)
-@given(x=rows_of_values(), base=rows_of_values(), key=KEY, start=st.integers(2**32 - 700, 2**32 + 10),
-       probability=st.floats(0, 1))
-def test_dare_observe_is_the_torch_statistics_pass(x, base, key, start, probability) -> None:
-    """DARE's compiled statistics pass holds |δ| and |δ|·keep as float64 (the float32 values, widened):
-    the very values RandomDrop.observe's float32 arrays give row_sums, so the same L1 sums, bit
-    for bit, and the same mask, across a 2^32 block boundary too."""
-    base = base.repeat(1, x.shape[1] // base.shape[1] + 1)[:, :x.shape[1]].contiguous()
-    mag, kept, keep = fused.dare_observe(x, base, key, start, keep_threshold(probability))
+@given(x=rows_of_values(), base=rows_of_values(), rows=st.integers(1, 3), key=KEY,
+       start=st.one_of(st.integers(0, 2**34), st.integers(2**32 - 3000, 2**32 + 10)), probability=st.floats(0, 1),
+       pack=st.booleans())
+def test_dare_sums_are_the_torch_statistics_pass(x, base, rows, key, start, probability, pack) -> None:
+    """DARE's compiled statistics pass gives the row sums of |δ| and |δ|·keep that RandomDrop.observe's
+    float32 arrays give row_sums (and the plain-Python pairwise reference), bit for bit, and the same
+    mask's bits, np.packbits' order, on rows that cross a 2^32 block boundary too (a new key)."""
+    base = base.repeat(1, x.shape[1] // base.shape[1] + 1)[:, :x.shape[1]]
+    x, base = x.repeat(rows, 1).contiguous(), base.repeat(rows, 1).contiguous()
+    total, kept, packed = fused.dare_sums(x, base, key, start, keep_threshold(probability), pack)
     want_keep = bernoulli_mask(key, start, x.numel(), probability, x.device).view(x.shape)
     want_mag = (x - base).abs()
     want_kept = want_mag * want_keep
-    assert np.array_equal(keep.reshape(x.shape), want_keep.numpy())
-    for got, want in ((mag, want_mag), (kept, want_kept)):
-        assert got.dtype == torch.float64
-        assert torch.equal(quiet(got.to(torch.float32)).view(torch.int32), quiet(want).view(torch.int32))
-        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()].double())
-        s, w = row_sums(got), row_sums(want)
-        assert torch.equal(s.isnan(), w.isnan()) and torch.equal(s[~s.isnan()], w[~w.isnan()])
+    if pack:
+        assert packed is not None and np.array_equal(packed, np.packbits(want_keep.numpy().reshape(-1)))
+    else:
+        assert packed is None
+    for got, want in ((total, want_mag), (kept, want_kept)):
+        assert got.dtype == torch.float64 and got.shape == (rows,)
+        ref = torch.tensor([pairwise_sum([float(v) for v in r]) for r in want.double().tolist()], dtype=torch.float64)
+        for w in (tree_row_sums(want), ref):
+            assert torch.equal(got.isnan(), w.isnan()) and torch.equal(got[~w.isnan()], w[~w.isnan()])
 
 
 @settings(max_examples=100, deadline=None)

@@ -204,13 +204,13 @@ class CountDraws:
             return real(key, start, count, probability, device)
 
         monkeypatch.setattr(sparsify, "bernoulli_mask", counted)
-        real_observe = fused.dare_observe
+        real_observe = fused.dare_sums
 
-        def counted_observe(x, base, key, start, threshold):  # the compiled statistics pass draws too
+        def counted_observe(x, base, key, start, threshold, pack):  # the compiled statistics pass draws too
             self.n += x.numel()
-            return real_observe(x, base, key, start, threshold)
+            return real_observe(x, base, key, start, threshold, pack)
 
-        monkeypatch.setattr(fused, "dare_observe", counted_observe)
+        monkeypatch.setattr(fused, "dare_sums", counted_observe)
 
 
 def test_masks_kept_between_passes_of_a_tensor_read_in_blocks(tiny_set, tmp_path, monkeypatch) -> None:

@@ -38,21 +38,58 @@ def bernoulli(k: int, lo: int, t: int, out: np.ndarray) -> None:
         out[j] = np.uint64(_draw(kk, lo + j)) < tt
 
 
+@numba.njit(inline="always")
+def _dare_run(xr: np.ndarray, br: np.ndarray, k: np.uint32, i0: int, tt: np.uint64, sm: np.ndarray,
+              sk: np.ndarray, bits: np.ndarray) -> None:
+    """dare_sums' work on one run of a row within one 2^32 block (key k), its first index i0."""
+    for j in range(xr.size):
+        m = abs(xr[j] - br[j])
+        kj = np.uint64(_draw(k, i0 + j)) < tt
+        bits[j] = kj
+        sm[j] = np.float64(m)
+        sk[j] = np.float64(m * (np.float32(1.0) if kj else _ZERO))
+
+
 @numba.njit(nogil=True, cache=True)
-def dare_observe(x: np.ndarray, b: np.ndarray, k: int, lo: int, t: int,
-                 mag: np.ndarray, kept: np.ndarray, keep: np.ndarray) -> None:
-    """DARE's statistics pass for one input over one 2^32 block: keep ← draw < t,
-    mag ← |x − b|, kept ← mag·keep (float32, as RandomDrop.observe computes them), stored widened
-    to float64 arrays: exactly the values the float64 row sums then add, without a conversion pass
-    of their own (3.05 against 2.0 ns per element with the sums, 118 x 1024)."""
-    kk = np.uint32(k)
+def dare_sums(x: np.ndarray, b: np.ndarray, keys: np.ndarray, start: int, t: int, total: np.ndarray,
+              kept: np.ndarray, packed: np.ndarray) -> None:
+    """DARE's statistics pass for one input over rows x, b (rows, cols of float32) whose first flat
+    index is `start`: per element keep ← draw < t, m ← |x − b| and m·keep (float32, as
+    RandomDrop.observe computes them), widened to float64 and summed per row in tree_rows' order
+    into total[r] and kept[r]; with packed (not empty) the keep bits too, in np.packbits' order
+    (element e at bit 7 − e % 8 of byte e // 8; packed zeroed by the caller). keys[k] is the key of
+    the 2^32 block start >> 32 + k (rng.block_key): a row may cross into the next block."""
+    rows, cols = x.shape
+    w = _width(cols)
+    sm = np.empty(w, dtype=np.float64)
+    sk = np.empty(w, dtype=np.float64)
+    bits = np.empty(cols, dtype=np.uint8)
     tt = np.uint64(t)
-    for j in range(x.size):
-        m = abs(x[j] - b[j])
-        kj = np.uint64(_draw(kk, lo + j)) < tt
-        keep[j] = kj
-        mag[j] = np.float64(m)
-        kept[j] = np.float64(m * (np.float32(1.0) if kj else _ZERO))
+    pack = packed.size > 0
+    first = start >> 32
+    for r in range(rows):
+        e0 = r * cols
+        i0 = start + e0
+        cut = min(cols, (((i0 >> 32) + 1) << 32) - i0)  # where the row enters the next block, if it does
+        _dare_run(x[r, :cut], b[r, :cut], np.uint32(keys[(i0 >> 32) - first]), i0, tt, sm, sk, bits)
+        if cut < cols:
+            _dare_run(x[r, cut:], b[r, cut:], np.uint32(keys[((i0 + cut) >> 32) - first]), i0 + cut, tt,
+                      sm[cut:], sk[cut:], bits[cut:])
+        for j in range(cols, w):
+            sm[j] = 0.0
+            sk[j] = 0.0
+        total[r] = _halve(sm, w)
+        kept[r] = _halve(sk, w)
+        if pack:  # apart from the loop above, which a branch would keep from being vectorized
+            if e0 % 8 == 0 and cols % 8 == 0:
+                for q in range(cols // 8):
+                    packed[(e0 >> 3) + q] = ((bits[8 * q] << 7) | (bits[8 * q + 1] << 6) | (bits[8 * q + 2] << 5)
+                                             | (bits[8 * q + 3] << 4) | (bits[8 * q + 4] << 3) | (bits[8 * q + 5] << 2)
+                                             | (bits[8 * q + 6] << 1) | bits[8 * q + 7])
+            else:
+                for j in range(cols):
+                    e = e0 + j
+                    packed[e >> 3] |= np.uint8(bits[j] << (7 - (e & 7)))
 
 
 _TILE = 512  # elements per tile: every input's run of a tile stays in L1 beside the sums
@@ -274,8 +311,9 @@ def _halve(s: np.ndarray, width: int) -> np.float64:
     h = width
     while h > 1:
         h //= 2
+        lo, hi = s[:h], s[h:2 * h]  # two views: the loop vectorizes without an overlap check
         for j in range(h):
-            s[j] += s[j + h]
+            lo[j] += hi[j]
     return s[0]
 
 

@@ -72,7 +72,7 @@ def warm() -> None:
         return
     bernoulli(1, 0, 8, 1 << 31)
     x = torch.zeros(3, 1, 8)
-    dare_observe(x[1], x[0], 1, 0, 1 << 31)
+    dare_sums(x[1], x[0], 1, 0, 1 << 31, True)
     task_apply(x, 0, [1, 2], [torch.ones(1, 8, dtype=torch.bool), None], [1.0, 1.0], [1.0, 1.0], False, True,
                True, 1.0, 1.0)
     for base in (x[0], None):
@@ -105,22 +105,22 @@ def bernoulli(key: int, start: int, count: int, threshold: int) -> np.ndarray | 
     return out
 
 
-def dare_observe(x: torch.Tensor, base: torch.Tensor, key: int, start: int,
-                 threshold: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """(|x − base|, |x − base|·keep, keep) of rows (rows, cols) of float32 whose first flat index
-    is start; keep is the bernoulli mask. The magnitudes are float32 values held as float64 (exact),
-    ready for row_sums."""
+def dare_sums(x: torch.Tensor, base: torch.Tensor, key: int, start: int, threshold: int,
+              pack: bool) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+    """DARE's L1 statistics of rows (rows, cols) of float32 whose first flat index is start: the
+    row_sums of |x − base| and of |x − base|·keep (keep: the bernoulli mask) as float64 (rows,),
+    and with `pack` the mask's bits as np.packbits packs them; in one compiled loop, without the
+    float64 arrays of every element."""
     jit = kernels()
     assert jit is not None
-    xf, bf = _flat(x), _flat(base)
-    mag, kept = np.empty(xf.size, dtype=np.float64), np.empty(xf.size, dtype=np.float64)
-    keep = np.empty(xf.size, dtype=np.bool_)
-    at = 0
-    for block, lo, n in _blocks(start, xf.size):
-        s = slice(at, at + n)
-        jit.dare_observe(xf[s], bf[s], block_key(key, block), lo, threshold, mag[s], kept[s], keep[s])
-        at += n
-    return torch.from_numpy(mag).view(x.shape), torch.from_numpy(kept).view(x.shape), keep
+    rows, cols = x.shape
+    count = rows * cols
+    blocks = range(start >> 32, ((start + count - 1) >> 32) + 1) if count else range(0)
+    keys = np.array([block_key(key, blk) for blk in blocks] or [0], dtype=np.int64)
+    total, kept = np.empty(rows, dtype=np.float64), np.empty(rows, dtype=np.float64)
+    packed = np.zeros((count + 7) // 8 if pack else 0, dtype=np.uint8)
+    jit.dare_sums(x.contiguous().numpy(), base.contiguous().numpy(), keys, start, threshold, total, kept, packed)
+    return torch.from_numpy(total), torch.from_numpy(kept), packed if pack else None
 
 
 def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.Tensor | np.ndarray | None],

@@ -352,15 +352,15 @@ class RandomDrop(Sparsifier):
         return 1 if rescale and density < 1 else 0
 
     def observe_inputs(self, pass_idx: int, x: torch.Tensor, base: torch.Tensor, flat0: int) -> None:
-        """With numba, δ, its draws, |δ| and the kept |δ| in one compiled loop (fused.dare_observe);
-        the same sums and mask as observe's."""
+        """With numba, δ, its draws and the row sums of |δ| and the kept |δ| in one compiled loop
+        (fused.dare_sums); the same sums and mask as observe's."""
         if type(self) is not RandomDrop or not fused.usable(x.unsqueeze(0)):
             return super().observe_inputs(pass_idx, x, base, flat0)
-        mag, kept, keep = fused.dare_observe(x, base, self.key, flat0, keep_threshold(self.density))
-        if self.remember:
-            self._packed[flat0] = np.packbits(keep)
-        self._total.add(row_sums(mag))
-        self._kept.add(row_sums(kept))
+        total, kept, packed = fused.dare_sums(x, base, self.key, flat0, keep_threshold(self.density), self.remember)
+        if packed is not None:
+            self._packed[flat0] = packed
+        self._total.add(total)
+        self._kept.add(kept)
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
         """`delta` is the caller's to lose: |δ| is made in its place."""
