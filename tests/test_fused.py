@@ -179,6 +179,20 @@ def test_fused_merges_are_the_torch_merges(case) -> None:
     _assert_torch_form_agrees(method, ctx, x, chunk_rows, remember, _merge(method, ctx, x, chunk_rows, remember))
 
 
+@settings(max_examples=20, deadline=None)
+@given(method=st.sampled_from(["ties", "dare_ties", "breadcrumbs_ties"]), rows=st.integers(1, 7),
+       cols=st.integers(500, 1300), chunk_rows=st.integers(1, 7), seed=st.integers(0, 2**31))
+def test_fused_tallies_of_rows_across_tiles(method, rows, cols, chunk_rows, seed) -> None:
+    """The loop's agreement tallies where a picked row spans the loop's 512-element tiles (the rows
+    of test_fused_merges_are_the_torch_merges are shorter than a tile)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, rows, cols, generator=g)
+    params = [{}] + [{"weight": 0.7, "density": 0.5}, {"weight": -0.4, "density": 0.3}]
+    ctx = context(method, params, {"normalize": True}, base=0, shape=(rows, cols), seed=seed)
+    _assert_torch_form_agrees(method, ctx, x, min(chunk_rows, rows), True,
+                              _merge(method, ctx, x, min(chunk_rows, rows), True))
+
+
 def _assert_torch_form_agrees(method: str, ctx, x: torch.Tensor, chunk_rows: int, remember: bool,
                               fused_merge: tuple[torch.Tensor, Tally]) -> None:
     """The merge without numba (the torch forms) gives fused_merge's output and report counts."""

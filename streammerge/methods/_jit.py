@@ -95,19 +95,43 @@ def dare_sums(x: np.ndarray, b: np.ndarray, keys: np.ndarray, start: int, t: int
 _TILE = 512  # elements per tile: every input's run of a tile stays in L1 beside the sums
 
 
+@numba.njit(inline="always")
+def _tally_tile(x: np.ndarray, stride: int, others: np.ndarray, sign: np.ndarray, e0: int, m: int, cols: int,
+                pick: np.ndarray, tallied: np.ndarray) -> None:
+    """task_apply's tallies over the picked rows' elements in the tile of m elements from e0."""
+    for r in range(e0 // cols, (e0 + m - 1) // cols + 1):
+        if r < pick[0] or r >= pick[1] or (r - pick[0]) % pick[2] != 0:
+            continue
+        k0 = max(e0, r * cols) - e0
+        k1 = min(e0 + m, (r + 1) * cols) - e0
+        for j in range(others.size):
+            xt = x[others[j] * stride + e0:others[j] * stride + e0 + m]
+            nonzero = 0
+            agree = 0
+            for k in range(k0, k1):
+                d = xt[k]
+                nonzero += d != _ZERO
+                agree += d * sign[k] > _ZERO
+            tallied[0, j] += nonzero
+            tallied[1, j] += agree
+
+
 @numba.njit(nogil=True, cache=True)
 def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: np.ndarray, packed: np.ndarray,
                masked: np.ndarray, slot: np.ndarray,
                scale: np.ndarray, zero: np.ndarray, weight: np.ndarray, deltas_done: bool, consensus: bool,
                normalize: bool, divisor: np.float32, lam: np.float32, scale_lam: bool,
-               out: np.ndarray, sign_out: np.ndarray) -> None:
+               out: np.ndarray, sign_out: np.ndarray, cols: int, pick: np.ndarray, tallied: np.ndarray) -> None:
     """TaskArithmetic.apply on float32 rows: input i's `count` elements at x[i·stride:] (x one flat
     run, so that numba knows each input's slices contiguous and vectorizes their loops), per element each
     other input's δ = x − base (unless `deltas_done`), times scale where kept and the zero of scale's
     sign where dropped, written back into x; their sum in input
     order; with `consensus` TIES's elected-sign sum (_consensus: the max form where the sum is
     finite, the masked form where not) and divisor; then ÷ divisor with `normalize`, ·lam with
-    `scale_lam`, and base added: out. sign_out gets the elected sign (for the report's tallies).
+    `scale_lam`, and base added: out. sign_out gets the elected sign. With consensus and pick = (first,
+    stop, step) of rows of `cols` elements (step 0: none), the report's tallies of those rows:
+    tallied[0, j] += other j's weighted, sparsified δ that are not zero, tallied[1, j] += those whose
+    δ·sign > 0 (TaskArithmetic._count_agreement's counts, counted here while the tile is in L1).
     Input j's mask: none (masked[j] 0), the bool row keep[slot[j]] (1), or the bits of
     packed[slot[j]] (2: np.packbits' order, element k at bit 7 − k % 8 of byte k // 8), unpacked a
     tile at a time into L1, not into a bool array of the whole sub-chunk first.
@@ -203,6 +227,8 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
                 if div[k] == _ZERO:
                     div[k] = np.float32(1.0)
                 sign_out[e0 + k] = sign[k]
+            if pick[2] > 0:
+                _tally_tile(x, stride, others, sign, e0, m, cols, pick, tallied)
         ot = out[e0:e0 + m]
         for k in range(m):
             t = total[k]

@@ -141,6 +141,10 @@ class Tally:
             per = np.count_nonzero(a > 0 if positive else a != 0, axis=(1, 2)).tolist()
         else:
             per = torch.count_nonzero(x > 0 if positive else x, dim=(1, 2)).tolist()
+        self.add_each(counts, inputs, per)
+
+    def add_each(self, counts: list[int | None], inputs: list[int], per: list[int]) -> None:
+        """Add per[k] to input inputs[k]'s count."""
         with self._lock:
             self.used = True
             for i, n in zip(inputs, per):

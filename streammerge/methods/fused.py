@@ -125,11 +125,14 @@ def dare_sums(x: torch.Tensor, base: torch.Tensor, key: int, start: int, thresho
 
 def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.Tensor | np.ndarray | None],
                scales: list[float], weights: list[float], deltas_done: bool, consensus: bool,
-               normalize: bool, divisor: float, lam: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+               normalize: bool, divisor: float, lam: float, pick: slice | None = None,
+               tallied: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TaskArithmetic.apply's arithmetic after the masks, in one loop (_jit.task_apply), on chunk x
     (usable(x)): returns the merged rows and, with consensus, the elected signs; x[others] hold the
     weighted, sparsified δ afterwards, as the torch form leaves them. A mask is a bool tensor of the
-    chunk's shape, or its bits as np.packbits packs them (a uint8 array, DARE's kept masks)."""
+    chunk's shape, or its bits as np.packbits packs them (a uint8 array, DARE's kept masks). With
+    consensus, `pick` (rows of the chunk) and `tallied` ((2, len(others)) int64), the report's counts
+    of those rows are added to tallied: each other input's nonzero δ, and those agreeing with the sign."""
     jit = kernels()
     assert jit is not None
     n, rows, cols = x.shape
@@ -159,7 +162,10 @@ def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.
     sign = np.empty(count if consensus else 0, dtype=np.float32)  # every element elected
     jit.task_apply(xf, stride, base, np.array(others, dtype=np.int64), keep, packed, masked, slot, scale, zero,
                    np.array(weights, dtype=np.float32), deltas_done, consensus, normalize,
-                   np.float32(divisor), np.float32(lam), lam != 1.0, out, sign)
+                   np.float32(divisor), np.float32(lam), lam != 1.0, out, sign, cols,
+                   np.array(pick.indices(rows) if pick is not None and tallied is not None else (0, 0, 0),
+                            dtype=np.int64),
+                   tallied if tallied is not None else np.zeros((2, len(others)), dtype=np.int64))
     return torch.from_numpy(out).view(rows, cols), torch.from_numpy(sign).view(rows, cols) if consensus else None
 
 

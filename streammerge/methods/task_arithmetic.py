@@ -154,10 +154,15 @@ class TaskArithmetic(MergeOp):
                 x[i] -= x[self.base]
         masks = [self._fused_mask(j, x[i], flat0) for j, i in enumerate(self.others)]
         divisor = 1.0 if self.consensus else self._weight_divisor()
-        out, sign = fused.task_apply(x, self.base, self.others, [k for k, _ in masks], [s for _, s in masks],
-                                     self.weights, deltas_done, self.consensus, self.normalize, divisor, self.lam)
-        if sign is not None:
-            self._count_agreement([x[i] for i in self.others], sign)
+        tally = self.tally
+        pick = tally.pick if tally is not None and self.consensus and self.others else None
+        tallied = np.zeros((2, len(self.others)), dtype=np.int64) if pick is not None else None
+        out, _ = fused.task_apply(x, self.base, self.others, [k for k, _ in masks], [s for _, s in masks],
+                                  self.weights, deltas_done, self.consensus, self.normalize, divisor, self.lam,
+                                  pick, tallied)
+        if tally is not None and tallied is not None:  # _count_agreement's counts, made in the loop
+            tally.add_each(tally.nonzero, self.others, tallied[0].tolist())
+            tally.add_each(tally.agree, self.others, tallied[1].tolist())
         return out
 
     def _mask(self, j: int, d: torch.Tensor, flat0: int) -> tuple[torch.Tensor | None, float]:
