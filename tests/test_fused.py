@@ -57,7 +57,7 @@ def rows_of_values(draw):
     return torch.from_numpy(words.view(np.float32).copy()).view(1, n)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(x=rows_of_values(), base=rows_of_values(), rows=st.integers(1, 3), key=KEY,
        start=st.one_of(st.integers(0, 2**34), st.integers(2**32 - 3000, 2**32 + 10)), probability=st.floats(0, 1),
        pack=st.booleans())
@@ -179,7 +179,7 @@ def test_fused_merges_are_the_torch_merges(case) -> None:
     _assert_torch_form_agrees(method, ctx, x, chunk_rows, remember, _merge(method, ctx, x, chunk_rows, remember))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(method=st.sampled_from(["ties", "dare_ties", "breadcrumbs_ties"]), rows=st.integers(1, 7),
        cols=st.integers(500, 1300), chunk_rows=st.integers(1, 7), seed=st.integers(0, 2**31))
 def test_fused_tallies_of_rows_across_tiles(method, rows, cols, chunk_rows, seed) -> None:
