@@ -121,14 +121,14 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
                masked: np.ndarray, slot: np.ndarray,
                scale: np.ndarray, zero: np.ndarray, weight: np.ndarray, deltas_done: bool, consensus: bool,
                normalize: bool, divisor: np.float32, lam: np.float32, scale_lam: bool,
-               out: np.ndarray, sign_out: np.ndarray, cols: int, pick: np.ndarray, tallied: np.ndarray) -> None:
+               out: np.ndarray, cols: int, pick: np.ndarray, tallied: np.ndarray) -> None:
     """TaskArithmetic.apply on float32 rows: input i's `count` elements at x[i·stride:] (x one flat
     run, so that numba knows each input's slices contiguous and vectorizes their loops), per element each
     other input's δ = x − base (unless `deltas_done`), times scale where kept and the zero of scale's
     sign where dropped, written back into x; their sum in input
     order; with `consensus` TIES's elected-sign sum (_consensus: the max form where the sum is
     finite, the masked form where not) and divisor; then ÷ divisor with `normalize`, ·lam with
-    `scale_lam`, and base added: out. sign_out gets the elected sign. With consensus and pick = (first,
+    `scale_lam`, and base added: out. With consensus and pick = (first,
     stop, step) of rows of `cols` elements (step 0: none), the report's tallies of those rows:
     tallied[0, j] += other j's weighted, sparsified δ that are not zero, tallied[1, j] += those whose
     δ·sign > 0 (TaskArithmetic._count_agreement's counts, counted here while the tile is in L1).
@@ -208,7 +208,6 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
                     total[k] = acc[k] * sign[k] + _ZERO
                     dv = div[k]
                     div[k] = np.float32(1.0) if dv == _ZERO else dv
-                    sign_out[e0 + k] = sign[k]
             for k in range(0 if finite else m):
                 if np.isfinite(total[k]):
                     total[k] = acc[k] * sign[k] + _ZERO
@@ -226,7 +225,6 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
                     div[k] = dv
                 if div[k] == _ZERO:
                     div[k] = np.float32(1.0)
-                sign_out[e0 + k] = sign[k]
             if pick[2] > 0:
                 _tally_tile(x, stride, others, sign, e0, m, cols, pick, tallied)
         ot = out[e0:e0 + m]

@@ -126,10 +126,10 @@ def dare_sums(x: torch.Tensor, base: torch.Tensor, key: int, start: int, thresho
 def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.Tensor | np.ndarray | None],
                scales: list[float], weights: list[float], deltas_done: bool, consensus: bool,
                normalize: bool, divisor: float, lam: float, pick: slice | None = None,
-               tallied: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               tallied: np.ndarray | None = None) -> torch.Tensor:
     """TaskArithmetic.apply's arithmetic after the masks, in one loop (_jit.task_apply), on chunk x
-    (usable(x)): returns the merged rows and, with consensus, the elected signs; x[others] hold the
-    weighted, sparsified δ afterwards, as the torch form leaves them. A mask is a bool tensor of the
+    (usable(x)): returns the merged rows; x[others] hold the weighted, sparsified δ afterwards, as
+    the torch form leaves them. A mask is a bool tensor of the
     chunk's shape, or its bits as np.packbits packs them (a uint8 array, DARE's kept masks). With
     consensus, `pick` (rows of the chunk) and `tallied` ((2, len(others)) int64), the report's counts
     of those rows are added to tallied: each other input's nonzero δ, and those agreeing with the sign."""
@@ -159,14 +159,13 @@ def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.
         scale = np.array(scales, dtype=np.float32)
         zero = scale * np.float32(0.0)  # keep·scale where dropped: the zero of scale's sign
     out = np.empty(count, dtype=np.float32)
-    sign = np.empty(count if consensus else 0, dtype=np.float32)  # every element elected
     jit.task_apply(xf, stride, base, np.array(others, dtype=np.int64), keep, packed, masked, slot, scale, zero,
                    np.array(weights, dtype=np.float32), deltas_done, consensus, normalize,
-                   np.float32(divisor), np.float32(lam), lam != 1.0, out, sign, cols,
+                   np.float32(divisor), np.float32(lam), lam != 1.0, out, cols,
                    np.array(pick.indices(rows) if pick is not None and tallied is not None else (0, 0, 0),
                             dtype=np.int64),
                    tallied if tallied is not None else np.zeros((2, len(others)), dtype=np.int64))
-    return torch.from_numpy(out).view(rows, cols), torch.from_numpy(sign).view(rows, cols) if consensus else None
+    return torch.from_numpy(out).view(rows, cols)
 
 
 def radix_count(x: torch.Tensor, base: torch.Tensor | None, hi: int) -> tuple[np.ndarray, np.ndarray]:

@@ -157,9 +157,9 @@ class TaskArithmetic(MergeOp):
         tally = self.tally
         pick = tally.pick if tally is not None and self.consensus and self.others else None
         tallied = np.zeros((2, len(self.others)), dtype=np.int64) if pick is not None else None
-        out, _ = fused.task_apply(x, self.base, self.others, [k for k, _ in masks], [s for _, s in masks],
-                                  self.weights, deltas_done, self.consensus, self.normalize, divisor, self.lam,
-                                  pick, tallied)
+        out = fused.task_apply(x, self.base, self.others, [k for k, _ in masks], [s for _, s in masks],
+                               self.weights, deltas_done, self.consensus, self.normalize, divisor, self.lam,
+                               pick, tallied)
         if tally is not None and tallied is not None:  # _count_agreement's counts, made in the loop
             tally.add_each(tally.nonzero, self.others, tallied[0].tolist())
             tally.add_each(tally.agree, self.others, tallied[1].tolist())
