@@ -75,11 +75,8 @@ def dare_sums(x: np.ndarray, b: np.ndarray, keys: np.ndarray, start: int, t: int
         if cut < cols:
             _dare_run(x[r, cut:], b[r, cut:], np.uint32(keys[((i0 + cut) >> 32) - first]), i0 + cut, tt,
                       sm[cut:], sk[cut:], bits[cut:])
-        for j in range(cols, w):
-            sm[j] = 0.0
-            sk[j] = 0.0
-        total[r] = _halve(sm, w)
-        kept[r] = _halve(sk, w)
+        total[r] = _halve(sm, cols, w)
+        kept[r] = _halve(sk, cols, w)
         if pack:  # apart from the loop above, which a branch would keep from being vectorized
             if e0 % 8 == 0 and cols % 8 == 0:
                 for q in range(cols // 8):
@@ -329,9 +326,11 @@ def settle_ties(codes: np.ndarray, quota: int) -> None:
 
 
 @numba.njit(inline="always")
-def _halve(s: np.ndarray, width: int) -> np.float64:
-    """base.tree_row_sums' order over s[:width] (width a power of two): the second half added to the
-    first, elementwise, until one value is left."""
+def _halve(s: np.ndarray, n: int, width: int) -> np.float64:
+    """base.tree_row_sums' order over the n values in s: zeros after them up to width (a power of
+    two), then the second half added to the first, elementwise, until one value is left."""
+    for j in range(n, width):
+        s[j] = 0.0
     h = width
     while h > 1:
         h //= 2
@@ -359,9 +358,7 @@ def tree_rows(x: np.ndarray, out: np.ndarray) -> None:
     for r in range(rows):
         for j in range(cols):
             s[j] = np.float64(x[r, j])
-        for j in range(cols, w):
-            s[j] = 0.0
-        out[r] = _halve(s, w)
+        out[r] = _halve(s, cols, w)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -378,10 +375,6 @@ def slerp_sums(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
             s0[j] = np.float64(p * p)
             s1[j] = np.float64(q * q)
             s2[j] = np.float64(p * q)
-        for j in range(cols, w):
-            s0[j] = 0.0
-            s1[j] = 0.0
-            s2[j] = 0.0
-        out[0, r] = _halve(s0, w)
-        out[1, r] = _halve(s1, w)
-        out[2, r] = _halve(s2, w)
+        out[0, r] = _halve(s0, cols, w)
+        out[1, r] = _halve(s1, cols, w)
+        out[2, r] = _halve(s2, cols, w)
