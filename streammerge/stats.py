@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from .methods import Tally
+from .methods import Tally, fused
 from .methods.base import row_sums
 
 # Every figure is taken over every stride-th row of a tensor (rows 0, s, 2s, ...): a fixed sample,
@@ -75,6 +75,19 @@ class TensorStats:
         first = row0 // self.stride
         rows = slice(first, first + k)
         yx = y.to(x.dtype)
+        parts = 3 if self.base is not None else 2
+        sums = fused.product_sums(x, yx, self.base)  # one compiled loop, the same bits, where loaded
+        if sums is None:
+            sums = self._torch_sums(x, yx)
+        self._rows[0, :, rows] = sums[:n]
+        if self.base is not None:
+            self._rows[1, :, rows] = sums[n:2 * n]
+        self._rows[2, :, rows] = sums[(parts - 1) * n:parts * n]
+        self._out[rows] = sums[parts * n]
+
+    def _torch_sums(self, x: torch.Tensor, yx: torch.Tensor) -> np.ndarray:
+        """add's sums in torch: (parts · n + 1, k), as fused.product_sums gives them."""
+        n, k, cols = x.shape
         # every product in one buffer, summed by one row_sums call: x², (x − base)², x·out per input
         # and out², each row's sum the one a call of its own gives (row_sums: a row's sum does not
         # depend on the rows beside it). The sampled rows are few; a call per product cost more in
@@ -87,12 +100,7 @@ class TensorStats:
             d.mul_(d)
         torch.mul(x, yx, out=prod[(parts - 1) * n:parts * n])
         torch.mul(yx, yx, out=prod[parts * n])
-        sums = _sums(prod)
-        self._rows[0, :, rows] = sums[:n]
-        if self.base is not None:
-            self._rows[1, :, rows] = sums[n:2 * n]
-        self._rows[2, :, rows] = sums[(parts - 1) * n:parts * n]
-        self._out[rows] = sums[parts * n]
+        return _sums(prod)
 
     def record(self) -> dict[str, object]:
         """The tensor's record: lists per input (None where a figure does not apply)."""

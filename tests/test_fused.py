@@ -19,6 +19,7 @@ from streammerge.methods import METHODS, Tally, fused, rng
 from streammerge.methods.base import tree_row_sums
 from streammerge.methods.rng import _hash32_numpy, bernoulli_mask, keep_threshold
 from streammerge.methods.sparsify import QUIET_NAN, magnitude_bits
+from streammerge.stats import TensorStats
 
 
 @pytest.fixture(autouse=True)
@@ -307,3 +308,34 @@ def test_slerp_sums_are_the_torch_statistics_pass(a, b, rows) -> None:
         ref = torch.tensor([pairwise_sum([float(v) for v in r]) for r in prod.double().tolist()], dtype=torch.float64)
         for w in (want, ref):
             assert torch.equal(got[k].isnan(), w.isnan()) and torch.equal(got[k][~w.isnan()], w[~w.isnan()])
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data(), n=st.integers(1, 3), rows=st.integers(1, 3), with_base=st.booleans())
+def test_report_sums_are_the_products_summed_in_the_tree(data, n, rows, with_base) -> None:
+    """The report's per-row figures from one compiled loop: Σx_i², Σ(x_i − x_base)², Σx_i·out and
+    Σout², each the plain-Python pairwise sum of the float32 products (and the torch form's), NaN
+    where it is NaN, on values of every kind."""
+    first = data.draw(rows_of_values())
+    cols = first.shape[1]
+
+    def like(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat(1, cols // t.shape[1] + 1)[:, :cols]
+
+    x = torch.stack([torch.cat([like(data.draw(rows_of_values())) for _ in range(rows)]) for _ in range(n)])
+    x[0, 0] = first[0]
+    y = torch.cat([like(data.draw(rows_of_values())) for _ in range(rows)])
+    base = data.draw(st.integers(0, n - 1)) if with_base else None
+    got = fused.product_sums(x, y, base)
+    assert got is not None
+    stats = TensorStats(n, rows, base)
+    products = [x[i] * x[i] for i in range(n)]
+    if base is not None:
+        products += [(x[i] - x[base]) * (x[i] - x[base]) for i in range(n)]
+    products += [x[i] * y for i in range(n)] + [y * y]
+    with np.errstate(all="ignore"):
+        ref = np.array([[pairwise_sum([float(v) for v in r]) for r in p.double().tolist()] for p in products])
+    for want in (ref, stats._torch_sums(x, y)):
+        assert want.shape == got.shape
+        assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[~np.isnan(want)],
+                                                                                  want[~np.isnan(want)])

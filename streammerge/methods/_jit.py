@@ -362,19 +362,31 @@ def tree_rows(x: np.ndarray, out: np.ndarray) -> None:
 
 
 @numba.njit(nogil=True, cache=True)
-def slerp_sums(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    """out[0, r], out[1, r], out[2, r] ← tree_rows' sums of row r of a·a, b·b and a·b (rows, cols of
-    float32; each product rounded to float32, as the torch form multiplies, then widened)."""
-    rows, cols = a.shape
+def product_sums(x: np.ndarray, y: np.ndarray, base: int, out: np.ndarray) -> None:
+    """tree_rows' sums of float32 products (each rounded to float32, as the torch form multiplies,
+    then widened) for row r of inputs x (n, rows, cols) and rows y (rows, cols): out[i, r] ← Σ x_i²,
+    then, where base >= 0, out[n + i, r] ← Σ (x_i − x_base)²; then Σ x_i·y and last Σ y² (stats.py's
+    figures, SLERP's three sums with n = 1)."""
+    n, rows, cols = x.shape
     w = _width(cols)
-    s = np.empty((3, w), dtype=np.float64)
-    s0, s1, s2 = s[0], s[1], s[2]
+    s = np.empty(w, dtype=np.float64)
+    xy = 2 * n if base >= 0 else n
     for r in range(rows):
+        yr = y[r]
+        for i in range(n):
+            xr = x[i, r]
+            for j in range(cols):
+                s[j] = np.float64(xr[j] * xr[j])
+            out[i, r] = _halve(s, cols, w)
+            if base >= 0:
+                br = x[base, r]
+                for j in range(cols):
+                    d = xr[j] - br[j]
+                    s[j] = np.float64(d * d)
+                out[n + i, r] = _halve(s, cols, w)
+            for j in range(cols):
+                s[j] = np.float64(xr[j] * yr[j])
+            out[xy + i, r] = _halve(s, cols, w)
         for j in range(cols):
-            p, q = a[r, j], b[r, j]
-            s0[j] = np.float64(p * p)
-            s1[j] = np.float64(q * q)
-            s2[j] = np.float64(p * q)
-        out[0, r] = _halve(s0, cols, w)
-        out[1, r] = _halve(s1, cols, w)
-        out[2, r] = _halve(s2, cols, w)
+            s[j] = np.float64(yr[j] * yr[j])
+        out[xy + n, r] = _halve(s, cols, w)

@@ -1,5 +1,5 @@
 """Fused CPU kernels for the hottest loops of the DARE and TIES family and SLERP's statistics, and
-the per-row tree sums of every method (row_sums), when numba is installed.
+the per-row tree sums of every method (row_sums) and of the report's figures, when numba is installed.
 
 Imports rng (and numpy, torch); the compiled loops live in _jit.py, imported on first use. The
 torch/numpy forms take a pass over memory per operation — ten for a mask's draw and compare, about
@@ -82,7 +82,7 @@ def warm() -> None:
     settle_ties(codes, ties, 1)
     for dt in (torch.float32, torch.float64):
         tree_sums(x[1].to(dt))
-    slerp_sums(x[1], x[2])
+    slerp_sums(x[1], x[2])  # _jit.product_sums, as the report's statistics call it too
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -253,5 +253,19 @@ def slerp_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     jit = kernels()
     assert jit is not None
     out = np.empty((3, a.shape[0]), dtype=np.float64)
-    jit.slerp_sums(a.contiguous().numpy(), b.contiguous().numpy(), out)
-    return torch.from_numpy(out)
+    jit.product_sums(a.contiguous().numpy()[None], b.contiguous().numpy(), -1, out)
+    return torch.from_numpy(out[[0, 2, 1]])
+
+
+def product_sums(x: torch.Tensor, y: torch.Tensor, base: int | None) -> np.ndarray | None:
+    """stats.TensorStats' per-row sums of sampled rows x (n, rows, cols) of the inputs and y (rows,
+    cols) of the output, float32 on the CPU, in one compiled loop (_jit.product_sums: Σx_i², then
+    Σ(x_i − x_base)² where a base is given, Σx_i·y, Σy²: (2n + 1 or 3n + 1, rows) float64, the bits of
+    the torch form's products and row_sums); None where the kernels are not loaded."""
+    jit = loaded()
+    if jit is None or x.device.type != "cpu" or x.dtype != torch.float32 or y.dtype != torch.float32:
+        return None
+    n, rows = x.shape[0], x.shape[1]
+    out = np.empty(((3 if base is not None else 2) * n + 1, rows), dtype=np.float64)
+    jit.product_sums(x.contiguous().numpy(), y.contiguous().numpy(), -1 if base is None else base, out)
+    return out
