@@ -168,14 +168,16 @@ def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.
     return torch.from_numpy(out).view(rows, cols)
 
 
-def radix_count(x: torch.Tensor, base: torch.Tensor | None, hi: int) -> tuple[np.ndarray, np.ndarray]:
+def radix_count(x: torch.Tensor, base: torch.Tensor | None, hi: int) -> tuple[slice | np.ndarray, np.ndarray]:
     """One of TopK's radix passes over float32 rows x (δ itself when base is None, else x − base):
     (bins, counts), counts[i] the elements in bin bins[i] (see _jit.radix_count; hi < 0 is the
     first pass). The bins are counted in this thread's own histogram, so threads never share one,
     and only the bins touched are copied out and cleared: in the first pass the range between the
-    first and the last (|δ| of a tensor spans few exponents), in the second the bins themselves
-    (the low halves spread over all 65,536 bins, and copying, clearing and adding the range took
-    a tenth of a 3-model TIES's statistics passes)."""
+    first and the last (|δ| of a tensor spans few exponents), as a slice, in the second the bins
+    themselves, as an index array (the low halves spread over all 65,536 bins, and copying,
+    clearing and adding the range took a tenth of a 3-model TIES's statistics passes). The first
+    pass's range reaches from the zeros' bin to the largest |δ|'s, ~16K bins: an index array of
+    them made adding the counts (numpy's gather and scatter) cost as much as counting them."""
     jit = kernels()
     assert jit is not None
     hist = getattr(_scratch, "hist", None)
@@ -192,7 +194,7 @@ def radix_count(x: torch.Tensor, base: torch.Tensor | None, hi: int) -> tuple[np
         return bins, counts
     counts = hist[first:last + 1].copy()
     hist[first:last + 1] = 0
-    return np.arange(first, last + 1, dtype=np.int64), counts
+    return slice(int(first), int(first) + counts.size), counts
 
 
 def ranked_keep(d: torch.Tensor, above: int, not_above: int) -> tuple[np.ndarray, int]:

@@ -139,9 +139,9 @@ class TopK:
             if self._small_n >= _BATCH:
                 self._flush()
 
-    def count(self, bins: np.ndarray, counts: np.ndarray) -> None:
-        """Add counts of the bins `bins` (each once) made elsewhere (fused.radix_count) to this
-        pass's histogram."""
+    def count(self, bins: slice | np.ndarray, counts: np.ndarray) -> None:
+        """Add counts of the bins `bins` (a range, or an index array naming each bin once) made
+        elsewhere (fused.radix_count) to this pass's histogram."""
         with self._lock:
             self._hist[bins] += counts
 
