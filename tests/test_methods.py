@@ -9,6 +9,10 @@ import pytest
 import reference as ref
 import torch
 from helpers import context, run_chunked
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streammerge.methods.sparsify import _select_from_top
 
 A = [[1, 2, 3], [4, 5, 6]]
 B = [[2, 0, -1], [3, 7, 1]]
@@ -225,6 +229,21 @@ def test_topk_ties_keep_exactly_k_lowest_indices() -> None:
     out = chunked_all("ties", ctx, torch.cat([base, other]))
     kept = out.flatten().nonzero().flatten().tolist()
     assert kept == list(range(9))  # k = floor(0.3 * 30) = 9
+
+
+@settings(max_examples=200, deadline=None)
+@given(counts=st.lists(st.integers(0, 4), min_size=0, max_size=40), lo=st.integers(0, 3), need=st.integers(1, 90))
+def test_selection_from_a_histogram_is_the_need_th_largest(counts, lo, need) -> None:
+    """_select_from_top on the counts of bins lo, lo + 1, ...: the bin of the need-th largest element
+    in sorted order, the elements above it and in it (fewer than need: bin 0, all, bin 0's)."""
+    hist = np.array(counts, dtype=np.int64)
+    elements = sorted((lo + b for b, n in enumerate(counts) for _ in range(n)), reverse=True)
+    got = _select_from_top(hist, need, lo)
+    if len(elements) < need:
+        assert got == (0, len(elements), elements.count(0))
+    else:
+        b = elements[need - 1]
+        assert got == (b, sum(e > b for e in elements), elements.count(b))
 
 
 def test_breadcrumbs_band_with_ties_and_edges() -> None:

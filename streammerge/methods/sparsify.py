@@ -114,6 +114,7 @@ class TopK:
     def __init__(self, k: int | None) -> None:
         self.k = k
         self._hist = np.zeros(_BINS, dtype=np.int64)
+        self._touched = [_BINS, 0]  # the bins [lo, hi) counted in this pass may be nonzero
         self.high_bin = 0  # pass 1 counts the low halves of the bit patterns whose high half is this
         self._need = 0  # elements still to select inside the threshold's high bin
         self.threshold = 0  # int bit pattern of the k-th largest |δ|
@@ -132,6 +133,7 @@ class TopK:
             hist = torch.bincount(values, minlength=_BINS).cpu().numpy()
             with self._lock:
                 self._hist += hist
+                self._touched[:] = [0, _BINS]
             return
         with self._lock:  # a few values: binned with others (a 65536-bin count per small chunk costs more)
             self._small.append(values.cpu())
@@ -142,29 +144,42 @@ class TopK:
     def count(self, bins: slice | np.ndarray, counts: np.ndarray) -> None:
         """Add counts of the bins `bins` (a range, or an index array naming each bin once) made
         elsewhere (fused.radix_count) to this pass's histogram."""
+        if isinstance(bins, slice):
+            lo, hi = bins.start, bins.stop
+        else:
+            lo, hi = (int(bins.min()), int(bins.max()) + 1) if bins.size else (_BINS, 0)
         with self._lock:
             self._hist[bins] += counts
+            if lo < hi:
+                self._touched[:] = [min(self._touched[0], lo), max(self._touched[1], hi)]
 
     def _flush(self) -> None:
         if self._small:
             self._hist += torch.bincount(torch.cat(self._small), minlength=_BINS).numpy()
+            self._touched[:] = [0, _BINS]
         self._small, self._small_n = [], 0
 
     def end_pass(self, pass_idx: int) -> None:
+        """Select from this pass's counts, which it clears: only the range of bins counted is looked
+        at (the first pass fills ~16K of the 65,536), and summed from the bottom (on the thread every
+        compute thread waits for, copying and clearing all of them and summing them from the top,
+        a reversed view, took 0.2 ms a call)."""
         assert self.k is not None
         self._flush()
-        hist = self._hist.copy()
-        self._hist[:] = 0
+        lo, hi = self._touched
+        self._touched[:] = [_BINS, 0]
+        hist = self._hist[lo:hi].copy()
+        self._hist[lo:hi] = 0
         if self.k <= 0:
             self.threshold, self.ties_keep = 1 << 31, 0  # above every bit pattern: keep nothing
             return
-        b, above = _select_from_top(hist, self.k if pass_idx == 0 else self._need)
+        b, above, inside = _select_from_top(hist, self.k if pass_idx == 0 else self._need, lo)
         if pass_idx == 0:
             self.high_bin, self._need = b, self.k - above
         else:
             self.threshold = (self.high_bin << 16) | b
             self.ties_keep = self._need - above
-            self.ties_total = int(hist[b])
+            self.ties_total = inside
 
     def keeps_above(self) -> int | None:
         """The mask as bits > this value, or None where only some threshold ties are kept (and
@@ -315,15 +330,17 @@ def outlier_band(density: float, gamma: float, numel: int) -> tuple[int, int]:
     return keep, numel - bot - keep
 
 
-def _select_from_top(hist: np.ndarray, need: int) -> tuple[int, int]:
-    """The bin holding the need-th largest element, and how many lie in higher bins
-    (bin 0 and every element when there are fewer than need)."""
-    from_top = np.cumsum(hist[::-1])  # from_top[i]: elements in bins >= _BINS - 1 - i
-    i = int(np.searchsorted(from_top, need))  # the first i reaching need
-    if i >= len(from_top):
-        return 0, int(from_top[-1])
-    b = _BINS - 1 - i
-    return b, int(from_top[i] - hist[b])
+def _select_from_top(hist: np.ndarray, need: int, lo: int = 0) -> tuple[int, int, int]:
+    """(bin, above, inside): the bin holding the need-th largest element (need >= 1), how many lie
+    in higher bins and how many in it, of the counts hist[i] of bins lo + i (every other bin empty);
+    where there are fewer than need, bin 0, every element and bin 0's. Summed from the bottom, a
+    contiguous pass: numpy's cumsum of a reversed view took 4x as long."""
+    below = np.cumsum(hist)  # below[i]: elements in bins <= lo + i
+    total = int(below[-1]) if len(below) else 0
+    if total < need:
+        return 0, total, int(hist[0]) if lo == 0 and len(hist) else 0
+    i = int(np.searchsorted(below, total - need, side="right"))  # the last bin with need at or above it
+    return lo + i, total - int(below[i]), int(hist[i])
 
 
 class RandomDrop(Sparsifier):
