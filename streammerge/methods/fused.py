@@ -251,12 +251,11 @@ def tree_sums(x: torch.Tensor) -> torch.Tensor | None:
 
 def slerp_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(3, rows) float64: the tree_row_sums of a·a, b·b and a·b for rows (rows, cols) of float32 (each
-    row contiguous), products rounded to float32 as torch's, in one compiled loop (usable)."""
-    jit = kernels()
-    assert jit is not None
-    out = np.empty((3, a.shape[0]), dtype=np.float64)
-    jit.product_sums(a.contiguous().numpy()[None], b.contiguous().numpy(), -1, out)
-    return torch.from_numpy(out[[0, 2, 1]])
+    row contiguous), products rounded to float32 as torch's, in one compiled loop (usable):
+    product_sums of one input, its rows reordered."""
+    sums = product_sums(a[None], b, None)
+    assert sums is not None
+    return torch.from_numpy(sums[[0, 2, 1]])
 
 
 def product_sums(x: torch.Tensor, y: torch.Tensor, base: int | None) -> np.ndarray | None:
