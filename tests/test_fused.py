@@ -86,14 +86,15 @@ def test_dare_sums_are_the_torch_statistics_pass(x, base, rows, key, start, prob
 @settings(max_examples=100, deadline=None)
 @given(x=rows_of_values(), base=rows_of_values(), pick=st.integers(0, 2**16 - 1))
 def test_radix_counts_are_the_torch_counts(x, base, pick) -> None:
-    """Both radix passes, over δ = x − base and over δ given, count what TopK's torch form counts."""
+    """Both radix passes, over δ = x − base and over δ given, count what TopK's torch form counts; the
+    first also how many of each high half's bit patterns have a low half that is not zero."""
     base = base.repeat(1, x.shape[1] // base.shape[1] + 1)[:, :x.shape[1]].contiguous()
     for delta, b in ((x - base, base), (x, None)):
         v = magnitude_bits(delta).flatten().to(torch.int64)
         hi = int(v[pick % v.numel()]) >> 16  # a bin that is not empty
         for pass_hi, want in ((-1, torch.bincount(v >> 16, minlength=1 << 16)),
                               (hi, torch.bincount(v[(v >> 16) == hi] & 0xFFFF, minlength=1 << 16))):
-            got_bins, counts = fused.radix_count(x if b is not None else delta, b, pass_hi)
+            got_bins, counts, inexact = fused.radix_count(x if b is not None else delta, b, pass_hi)
             bins = np.arange(1 << 16)[got_bins]  # a range in the first pass, an index array in the second
             assert len(set(bins.tolist())) == bins.size == counts.size  # each bin once
             got = torch.zeros(1 << 16, dtype=torch.int64)
@@ -101,10 +102,15 @@ def test_radix_counts_are_the_torch_counts(x, base, pick) -> None:
             assert torch.equal(got, want)
             if pass_hi < 0:  # the range touched, no wider
                 assert counts.size == 0 or (counts[0] > 0 and counts[-1] > 0)
+                assert inexact is not None and inexact.size == counts.size
+                got[:] = 0
+                got[torch.from_numpy(bins)] = torch.from_numpy(inexact)
+                assert torch.equal(got, torch.bincount(v[(v & 0xFFFF) != 0] >> 16, minlength=1 << 16))
             else:  # the bins touched, no other
-                assert (counts > 0).all()
-        _, counts = fused.radix_count(x if b is not None else delta, b, -1)  # the scratch was cleared
-        assert int(counts.sum()) == x.numel()
+                assert (counts > 0).all() and inexact is None
+        _, counts, inexact = fused.radix_count(x if b is not None else delta, b, -1)  # the scratch was cleared
+        assert int(counts.sum()) == x.numel() and inexact is not None
+        assert int(inexact.sum()) == int(((v & 0xFFFF) != 0).sum())
 
 
 def test_every_nan_has_one_magnitude_in_both_forms() -> None:
@@ -116,7 +122,7 @@ def test_every_nan_has_one_magnitude_in_both_forms() -> None:
     v = magnitude_bits(x - base)
     assert int((x - base).isnan().sum()) == 33  # all but inf − 0, 0 − inf and 0 − 0
     assert int((v == QUIET_NAN).sum()) == 33 and int(v.max()) == QUIET_NAN
-    bins, counts = fused.radix_count(x, base, QUIET_NAN >> 16)
+    bins, counts, _ = fused.radix_count(x, base, QUIET_NAN >> 16)
     assert list(np.arange(1 << 16)[bins]) == [QUIET_NAN & 0xFFFF] and list(counts) == [33]
 
 

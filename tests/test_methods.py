@@ -246,6 +246,29 @@ def test_selection_from_a_histogram_is_the_need_th_largest(counts, lo, need) -> 
         assert got == (b, sum(e > b for e in elements), elements.count(b))
 
 
+@settings(max_examples=120, deadline=None)
+@given(rows=st.integers(1, 12), cols=st.integers(1, 9), density=st.floats(0.05, 0.95), gamma=st.floats(0, 0.5),
+       high=st.integers(0x3A00, 0x3F00), data=st.data())
+def test_a_threshold_the_first_pass_finds_is_the_one_both_passes_find(rows, cols, density, gamma, high, data) -> None:
+    """|δ| of a few bit patterns, most with a zero low half (δ of bfloat16 models), some not, in three
+    adjacent high halves: TIES's top k and breadcrumbs's band keep what the reference keeps, whether
+    the first radix pass finds the threshold (its high bin's patterns with a low half are fewer than
+    the elements still to select there) or the second pass has to."""
+    n = rows * cols
+    lows = st.one_of(st.just(0), st.just(0), st.just(0), st.integers(1, 0xFFFF))
+    bits = data.draw(st.lists(st.tuples(st.integers(0, 2), lows, st.booleans()), min_size=n, max_size=n))
+    words = np.array([((1 << 31) if neg else 0) | ((high + h) << 16) | lo for h, lo, neg in bits], dtype=np.uint32)
+    delta = words.view(np.float32).reshape(rows, cols)
+    x = torch.stack([torch.zeros(rows, cols), torch.from_numpy(delta.copy())])
+    ctx = context("ties", [{}, {"weight": 1.0, "density": density}], {"normalize": False}, base=0, shape=(rows, cols))
+    kept = chunked_all("ties", ctx, x).numpy() != 0
+    assert np.array_equal(kept.reshape(rows, cols), ref.topk_keep(delta.astype(np.float64), density))
+    ctx = context("breadcrumbs", [{}, {"weight": 1.0, "density": density, "gamma": gamma}], {}, base=0,
+                  shape=(rows, cols))
+    kept = chunked_all("breadcrumbs", ctx, x).numpy() != 0
+    assert np.array_equal(kept.reshape(rows, cols), ref.band_keep(delta.astype(np.float64), density, gamma))
+
+
 def test_breadcrumbs_band_with_ties_and_edges() -> None:
     """All-equal magnitudes: the band is ascending ranks [bot, bot+keep); density 0 keeps nothing."""
     base = torch.zeros(1, 5, 4)

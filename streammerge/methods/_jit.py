@@ -247,18 +247,21 @@ def _ranked(u: np.uint32) -> np.uint32:
 
 
 @numba.njit(nogil=True, cache=True)
-def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int,
-                hist: np.ndarray, touched: np.ndarray) -> tuple[np.int64, np.int64, np.int64]:
+def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int, hist: np.ndarray,
+                split: np.ndarray, touched: np.ndarray) -> tuple[np.int64, np.int64, np.int64]:
     """One radix pass of TopK over float32 elements: the bit pattern v of |δ| (δ = x − b, or x itself
     with `deltas_done`), as sparsify.magnitude_bits makes it (every NaN's the quiet NaN's); hi < 0:
-    hist[v >> 16] += 1, else, for the v whose high half is hi, hist[v & 0xFFFF] += 1. Returns
-    (first, last, n): hi < 0, the first and last bin it touched (first > last when none; the high
-    halves of a tensor's |δ| fill a narrow range) and n 0; else first > last and the n bins it
-    touched, listed in touched[:n] as they were first counted (the low halves spread over all
-    65,536 bins)."""
+    hist[2 (v >> 16) + 1] += 1 where v's low half is not zero, else hist[2 (v >> 16)] += 1 (one
+    count per element: 1.4 ns per element against 1.2 counting the high halves alone, where a
+    separate count of those with a low half, by a branch or a second store, took 1.7), then, for
+    the high halves h from the first to the last it met (first > last when none; the high halves
+    of a tensor's |δ| fill a narrow range), split[0, h − first] the elements and split[1, h − first]
+    those whose low half is not zero, hist cleared; returns (first, last, 0). Else, for the v whose
+    high half is hi, hist[v & 0xFFFF] += 1; returns first > last and the n bins it touched, listed
+    in touched[:n] as they were first counted (the low halves spread over all 65,536 bins)."""
     mag = np.empty(_TILE, dtype=np.float32)
     v = mag.view(np.uint32)
-    first = np.int64(hist.size)
+    first = np.int64(1 << 16)
     last = np.int64(-1)
     n = np.int64(0)
     want = np.uint32(hi if hi >= 0 else 0)
@@ -272,20 +275,31 @@ def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int,
             bt = b[e0:e0 + m]
             for k in range(m):
                 mag[k] = abs(xt[k] - bt[k])
-        for k in range(m):
-            u = _ranked(v[k])
-            if hi < 0:
-                h = np.int64(u >> _HI_BITS)
+        if hi < 0:  # in three loops, two of them vectorised: one loop took 2.1 ns per element
+            for k in range(m):
+                u = _ranked(v[k])
+                v[k] = (u >> _HI_BITS) + ((u + _LO_MASK) >> _HI_BITS)  # 2h, + 1 where the low half is not zero
+            for k in range(m):
+                hist[v[k]] += 1
+            for k in range(m):
+                h = np.int64(v[k] >> np.uint32(1))
                 first = min(first, h)
                 last = max(last, h)
-            elif (u >> _HI_BITS) == want:
+            continue
+        for k in range(m):
+            u = _ranked(v[k])
+            if (u >> _HI_BITS) == want:
                 h = np.int64(u & _LO_MASK)
                 if hist[h] == 0:
                     touched[n] = h
                     n += 1
-            else:
-                continue
-            hist[h] += 1
+                hist[h] += 1
+    if hi < 0:  # each high half's two counts into split[0] (all) and split[1] (low half not zero)
+        for j in range(first, last + 1):
+            split[0, j - first] = hist[2 * j] + hist[2 * j + 1]
+            split[1, j - first] = hist[2 * j + 1]
+            hist[2 * j] = 0
+            hist[2 * j + 1] = 0
     return first, last, n
 
 

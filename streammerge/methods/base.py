@@ -222,6 +222,12 @@ class MergeOp:
     def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
         """Statistics pass `pass_idx` sees rows row0.. of every input; must not modify x."""
 
+    def needs_pass(self, pass_idx: int) -> bool:
+        """Whether statistics pass `pass_idx` has anything to see, asked once the pass before it
+        ended: False when what it would find is known already (the runner then gives it no rows,
+        and still calls end_pass)."""
+        return True
+
     def end_pass(self, pass_idx: int) -> None:
         """Statistics pass `pass_idx` has seen every row."""
 

@@ -168,33 +168,36 @@ def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.
     return torch.from_numpy(out).view(rows, cols)
 
 
-def radix_count(x: torch.Tensor, base: torch.Tensor | None, hi: int) -> tuple[slice | np.ndarray, np.ndarray]:
+def radix_count(x: torch.Tensor, base: torch.Tensor | None,
+                hi: int) -> tuple[slice | np.ndarray, np.ndarray, np.ndarray | None]:
     """One of TopK's radix passes over float32 rows x (δ itself when base is None, else x − base):
-    (bins, counts), counts[i] the elements in bin bins[i] (see _jit.radix_count; hi < 0 is the
-    first pass). The bins are counted in this thread's own histogram, so threads never share one,
-    and only the bins touched are copied out and cleared: in the first pass the range between the
-    first and the last (|δ| of a tensor spans few exponents), as a slice, in the second the bins
-    themselves, as an index array (the low halves spread over all 65,536 bins, and copying,
-    clearing and adding the range took a tenth of a 3-model TIES's statistics passes). The first
-    pass's range reaches from the zeros' bin to the largest |δ|'s, ~16K bins: an index array of
-    them made adding the counts (numpy's gather and scatter) cost as much as counting them."""
+    (bins, counts, inexact), counts[i] the elements in bin bins[i] (see _jit.radix_count; hi < 0 is
+    the first pass) and, in the first pass, inexact[i] how many of them have a bit pattern whose low
+    half is not zero (None in the second). The bins are counted in this thread's own histograms, so
+    threads never share one, and only the bins touched are copied out and cleared: in the first pass
+    the range between the first and the last (|δ| of a tensor spans few exponents), as a slice, in
+    the second the bins themselves, as an index array (the low halves spread over all 65,536 bins,
+    and copying, clearing and adding the range took a tenth of a 3-model TIES's statistics passes).
+    The first pass's range reaches from the zeros' bin to the largest |δ|'s, ~16K bins: an index
+    array of them made adding the counts (numpy's gather and scatter) cost as much as counting them."""
     jit = kernels()
     assert jit is not None
     hist = getattr(_scratch, "hist", None)
     if hist is None:
-        hist = _scratch.hist = np.zeros(1 << 16, dtype=np.int64)
+        hist = _scratch.hist = np.zeros(2 << 16, dtype=np.int64)  # the first pass: two per high half
+        _scratch.split = np.empty((2, 1 << 16), dtype=np.int64)
         _scratch.touched = np.empty(1 << 16, dtype=np.int64)
     xf = _flat(x)
     first, last, n = jit.radix_count(xf, xf if base is None else _flat(base), base is None, hi, hist,
-                                     _scratch.touched)
+                                     _scratch.split, _scratch.touched)
     if hi >= 0:
         bins = _scratch.touched[:n].copy()
         counts = hist[bins]
         hist[bins] = 0
-        return bins, counts
-    counts = hist[first:last + 1].copy()
-    hist[first:last + 1] = 0
-    return slice(int(first), int(first) + counts.size), counts
+        return bins, counts, None
+    size = max(0, int(last) - int(first) + 1)
+    counts, inexact = _scratch.split[:, :size].copy()
+    return slice(int(first), int(first) + size), counts, inexact
 
 
 def ranked_keep(d: torch.Tensor, above: int, not_above: int) -> tuple[np.ndarray, int]:

@@ -89,6 +89,11 @@ class Sparsifier:
         """observe the δ = x − base of input rows x and base rows base."""
         self.observe(pass_idx, x - base, flat0)
 
+    def needs_pass(self, pass_idx: int) -> bool:
+        """Whether statistics pass `pass_idx` has anything to count: False when what it would find is
+        known already (TopK: the first pass found the threshold). Asked once the pass before ended."""
+        return True
+
     def end_pass(self, pass_idx: int) -> None:
         pass
 
@@ -121,6 +126,9 @@ class TopK:
         self.ties_keep = 0
         self.ties_total = 0  # elements equal to the threshold
         self._ties_seen = 0
+        # first pass: per high bin, the elements whose low half is not zero (None: not counted)
+        self._inexact: np.ndarray | None = np.zeros(_BINS, dtype=np.int64)
+        self.found = False  # the first pass found the threshold: the second has nothing to count
         self._lock = threading.Lock()
         self._small: list[torch.Tensor] = []  # values of small chunks not yet counted
         self._small_n = 0
@@ -128,6 +136,8 @@ class TopK:
 
     def observe(self, pass_idx: int, bits: torch.Tensor) -> None:
         """`bits`: magnitude_bits of a chunk."""
+        if pass_idx == 0:
+            self._inexact = None  # (the torch form does not count them)
         values = (bits >> 16).flatten() if pass_idx == 0 else bits[(bits >> 16) == self.high_bin] & 0xFFFF
         if values.numel() >= _BATCH:
             hist = torch.bincount(values, minlength=_BINS).cpu().numpy()
@@ -141,9 +151,10 @@ class TopK:
             if self._small_n >= _BATCH:
                 self._flush()
 
-    def count(self, bins: slice | np.ndarray, counts: np.ndarray) -> None:
+    def count(self, bins: slice | np.ndarray, counts: np.ndarray, inexact: np.ndarray | None = None) -> None:
         """Add counts of the bins `bins` (a range, or an index array naming each bin once) made
-        elsewhere (fused.radix_count) to this pass's histogram."""
+        elsewhere (fused.radix_count) to this pass's histogram; in the first pass `inexact`, how
+        many of them have a bit pattern whose low half is not zero (None: not counted)."""
         if isinstance(bins, slice):
             lo, hi = bins.start, bins.stop
         else:
@@ -152,6 +163,11 @@ class TopK:
             self._hist[bins] += counts
             if lo < hi:
                 self._touched[:] = [min(self._touched[0], lo), max(self._touched[1], hi)]
+            if self._inexact is not None:  # (the first pass: end_pass(0) drops them)
+                if inexact is None:
+                    self._inexact = None
+                else:
+                    self._inexact[bins] += inexact
 
     def _flush(self) -> None:
         if self._small:
@@ -171,11 +187,23 @@ class TopK:
         hist = self._hist[lo:hi].copy()
         self._hist[lo:hi] = 0
         if self.k <= 0:
-            self.threshold, self.ties_keep = 1 << 31, 0  # above every bit pattern: keep nothing
+            self.threshold, self.ties_keep, self._inexact = 1 << 31, 0, None  # above every bit pattern: keep nothing
             return
+        if self.found:
+            return  # the first pass found the threshold (and the second counted nothing)
         b, above, inside = _select_from_top(hist, self.k if pass_idx == 0 else self._need, lo)
         if pass_idx == 0:
             self.high_bin, self._need = b, self.k - above
+            # The elements of the threshold's high bin whose low half is zero all have one bit
+            # pattern, the bin's lowest: with fewer than `need` others in the bin (the rest, each
+            # above it), the threshold is that pattern, and the second pass would only count what
+            # is known. δ of bfloat16 or float16 models has few significant bits: almost always so.
+            counted, self._inexact = self._inexact, None
+            if counted is not None:
+                c = int(counted[b])
+                if c < self._need <= inside:
+                    self.threshold, self.ties_keep, self.ties_total = b << 16, self._need - c, inside - c
+                    self.found = True
         else:
             self.threshold = (self.high_bin << 16) | b
             self.ties_keep = self._need - above
@@ -255,12 +283,16 @@ class Ranked(Sparsifier):
         if pass_idx >= 2 or self.rescale or not fused.usable(x.unsqueeze(0)):
             return super().observe_inputs(pass_idx, x, base, flat0)
         if pass_idx == 0:  # every selector counts the same high halves
-            bins, counts = fused.radix_count(x, base, -1)
+            bins, counts, inexact = fused.radix_count(x, base, -1)
             for sel in self.selectors:
-                sel.count(bins, counts)
+                sel.count(bins, counts, inexact)
             return
         for sel in self.selectors:
-            sel.count(*fused.radix_count(x, base, sel.high_bin))
+            if not sel.found:
+                sel.count(*fused.radix_count(x, base, sel.high_bin)[:2])
+
+    def needs_pass(self, pass_idx: int) -> bool:
+        return pass_idx != 1 or not all(sel.found for sel in self.selectors)
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
         if pass_idx == 2:
@@ -270,7 +302,8 @@ class Ranked(Sparsifier):
             return
         bits = magnitude_bits(delta)
         for sel in self.selectors:
-            sel.observe(pass_idx, bits)
+            if pass_idx == 0 or not sel.found:
+                sel.observe(pass_idx, bits)
         if pass_idx == 0 and self.rescale:
             self._total.add(row_sums(delta.abs()))
 

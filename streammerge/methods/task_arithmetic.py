@@ -114,6 +114,9 @@ class TaskArithmetic(MergeOp):
             if pass_idx < sp.stat_passes:
                 sp.observe_inputs(pass_idx, x[self.others[j]], x[self.base], flat0)
 
+    def needs_pass(self, pass_idx: int) -> bool:
+        return any(pass_idx < sp.stat_passes and sp.needs_pass(pass_idx) for sp in self.sparsifiers)
+
     def end_pass(self, pass_idx: int) -> None:
         for sp in self.sparsifiers:
             if pass_idx < sp.stat_passes:
