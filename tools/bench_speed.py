@@ -5,14 +5,17 @@ floor and, when given, mergekit 0.1.5 (installed in a separate environment).
 For each of linear (3 models), the seed's gradient slerp, ties (3 models) and the 14-model
 dare_ties it prints wall time, the merge's own time (less Python's start-up and torch's import) and
 peak RSS, and the I/O floor measured in the same run: reading every input byte once from a warm page
-cache plus writing and syncing the output's size; both times also as multiples of the floor.
+cache (--cold: from the disk) plus writing and syncing the output's size; both times also as multiples of the floor.
 
   python tools/bench_speed.py --dir /work/bench/medium [--set medium|7b] [--max-memory 1GiB] [--cap 512M]
                                [--mergekit /venv/bin/mergekit-yaml] [--variants cpu,j1,no-overlap,cuda] [--busy N]
+                               [--cold]
 
 --set 7b makes (once) 15 models of Mistral-7B's own tensor shapes (4096 x 14336 MLPs, 32000 x 4096
 embeddings; 2 layers, ~1.4 GB each) instead of the medium set (hidden 1024, ~560 MB each).
 --busy N runs every merge beside N processes spinning on the CPU (a loaded laptop).
+--cold drops the inputs' pages from the page cache before every run, mergekit's and the floor's
+read too (a laptop whose RAM cannot hold the inputs: every byte comes from the disk).
 
 Variants (each a streammerge run of every config): cpu (the defaults: compute threads on every
 core this process may use; read-ahead and write-behind threads with 4 or more cores), j1 (-j 1:
@@ -39,6 +42,7 @@ from bench_common import (  # noqa: E402
     busy,
     dare_ties_14,
     ensure_set,
+    evict,
     measure,
     shard_files,
     tensor_hashes,
@@ -106,6 +110,8 @@ def main() -> None:
                     "this hard memory cap (tools/memcap: a memory cgroup, page cache included), e.g. 512M")
     ap.add_argument("--busy", type=int, default=0,
                     help="run every merge (and mergekit) beside this many processes spinning on the CPU")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the inputs from the page cache before every run (and the floor's read)")
     a = ap.parse_args()
     variants = a.variants.split(",")
     if any(v not in VARIANTS for v in variants):
@@ -127,14 +133,15 @@ def main() -> None:
         with open(cfg, "w") as f:
             f.write(yaml_text)
         files = [p for d in inputs for p in shard_files(d)]
-        warm(files)  # fill the cache, then measure a warm read
+        start = evict if a.cold else warm  # how every run finds the inputs
+        start(files)  # cold: a read from the disk; warm: fill the cache, then measure a warm read
         read_s = warm(files)
         out = os.path.join(root, "out-" + name.split()[0])
         floor = None
         runs = {}
         for v in variants:
             shutil.rmtree(out, ignore_errors=True)
-            warm(files)  # every run starts warm: the one before may have evicted inputs (7B: mergekit's 21 GiB)
+            start(files)  # warm: the run before may have evicted inputs (7B: mergekit's 21 GiB)
             with busy(a.busy):
                 budget = [] if v == "unbounded" else ["--max-memory", a.max_memory]
                 cmd = [sys.executable, "-m", "streammerge", "run", cfg, out, "-q", *budget, *VARIANTS[v]]
@@ -157,7 +164,7 @@ def main() -> None:
         if a.mergekit:
             mk_out = os.path.join(root, "mk-" + name.split()[0])
             shutil.rmtree(mk_out, ignore_errors=True)
-            warm(files)
+            start(files)
             with busy(a.busy):
                 row["mk"] = measure([a.mergekit, cfg, mk_out], RUN_ENV)
         rows.append(row)
@@ -165,7 +172,8 @@ def main() -> None:
               + (f", mergekit {row['mk'].wall_s:.1f} s" if "mk" in row else ""), flush=True)
     load = f", beside {a.busy} busy processes" if a.busy else ", quiet"
     cap = f" under a {a.cap} memory cgroup" if a.cap else ""
-    print(f"\n{a.set} set, {os.cpu_count()} cores{load}, warm page cache, bytecode cached, "
+    cache = "inputs dropped from the page cache before every run" if a.cold else "warm page cache"
+    print(f"\n{a.set} set, {os.cpu_count()} cores{load}, {cache}, bytecode cached, "
           f"streammerge --max-memory {a.max_memory}{cap}")
     head = (f"{'merge':<22} {'variant':<16} {'wall s':>7} {'merge s':>7} {'peak RSS MiB':>12} {'I/O floor s':>11} "
             f"{'x floor':>8} {'merge x floor':>13}")
