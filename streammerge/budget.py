@@ -64,23 +64,40 @@ def live_pieces(threads: int) -> int:
 
 
 def block_dtype(task: Task) -> str:
-    """The dtype a CPU block holds its inputs in (reader.InputReader). For a method without statistics
-    passes, the one dtype the inputs are loaded in (the config's `dtype`, else every input's own)
-    when narrower than the compute dtype: bfloat16 and float16 blocks take half the memory and
-    memory traffic of float32 ones, and each sub-chunk is converted as it is computed (runner).
-    Otherwise the compute dtype. (A GPU's blocks are staged raw and converted there: it counts
-    them with narrow=False.)
+    """The dtype a CPU block holds its inputs in (reader.InputReader). Where at most one pass widens
+    the block (widening_passes: a method without statistics passes, or one whose other passes take
+    bfloat16 as read), the one dtype the inputs are loaded in (the config's `dtype`, else every
+    input's own) when narrower than the compute dtype: bfloat16 and float16 blocks take half the
+    memory and memory traffic of float32 ones, and each sub-chunk is converted as it is computed
+    (runner), or loaded as it is. Otherwise the compute dtype. (A GPU's blocks are staged raw and
+    converted there: it counts them with narrow=False.)
 
     Measured at a 512 MiB cap, medium set, interleaved runs against float32 blocks: linear 4.0 s
     against 4.5 s; but a block that every pass converts again cost more than it saved, the 15-model
     DARE-TIES 66.3 s against 62.2 s and the gradient SLERP 5.7 s against 5.3 s (TIES the same):
     a sub-chunk of many inputs converted to float32 does not stay in cache, so each pass read
     2 bytes, wrote 4 and read 4 again where it had read 4."""
-    loads = {task.load_dtype} if task.load_dtype else {i.dtype for i in task.inputs}
-    if task.copy_exact or task.vocab is not None or len(loads) != 1 or task.cost.stat_passes:
+    loads = _loads(task)
+    if task.copy_exact or task.vocab is not None or len(loads) != 1 or widening_passes(task) > 1:
         return task.compute
     (load,) = loads
     return load if is_float(load) and itemsize(load) < itemsize(task.compute) else task.compute
+
+
+def _loads(task: Task) -> set[str]:
+    return {task.load_dtype} if task.load_dtype else {i.dtype for i in task.inputs}
+
+
+def widening_passes(task: Task) -> int:
+    """Passes (statistics and apply) that would widen each sub-chunk of a narrow block to the compute
+    dtype: all of them, less those whose op takes a bfloat16 block as read (Cost.raw_passes) where
+    this process merges with the compiled loops. A method whose every pass takes it so widens
+    nothing (DARE-TIES: its draws, sums and apply load bfloat16 themselves), one whose apply pass
+    alone widens (SLERP, TIES) widens once, as a float32 block's read does."""
+    passes = task.cost.stat_passes + 1
+    if task.cost.raw_passes and _loads(task) == {"BF16"} and task.compute == "F32" and fused.loaded() is not None:
+        return passes - task.cost.raw_passes
+    return passes
 
 
 def input_row_bytes(task: Task, narrow: bool = True) -> int:
@@ -103,7 +120,7 @@ def compute_row_bytes(task: Task, narrow: bool = True) -> int:
     (`narrow`, a block narrower than the compute dtype) the inputs' rows converted."""
     csize = itemsize(task.compute)
     temp = 1.0 if task.copy_exact else task.cost.temp_rows + len(task.inputs) + 2
-    if narrow and block_dtype(task) != task.compute:
+    if narrow and block_dtype(task) != task.compute and widening_passes(task):
         temp += len(task.inputs)
     return int(task.cols * (temp * csize + itemsize(task.out_dtype))) + 64
 
@@ -128,7 +145,9 @@ def row_cost(task: Task, narrow: bool = True) -> int:
 
 
 def widest_row(plan: Plan) -> tuple[int, Task | None]:
-    """The largest one-row cost of any task, and that task."""
+    """The largest one-row cost of any task, and that task (the plan's kernel forms decided first:
+    a block's dtype depends on them, block_dtype)."""
+    loops_for(plan)
     costs = [(row_cost(t), i) for i, t in enumerate(plan.tasks)]
     if not costs:
         return 0, None
@@ -156,8 +175,12 @@ def baseline_bytes(plan: Plan | None = None) -> int:
 
 def loops_for(plan: Plan) -> bool:
     """Decide whether this process merges `plan` with the compiled loops (fused.use_for); every
-    schedule is made after this is asked, so no merge follows the choice made for another."""
-    return plan.device == "cpu" and plan.method.jit and fused.use_for(jit_work(plan))
+    schedule is made after this is asked, so no merge follows the choice made for another (nor
+    sizes a block by it: block_dtype). A merge on a GPU uses none."""
+    if plan.device != "cpu":
+        fused.use_none()
+        return False
+    return plan.method.jit and fused.use_for(jit_work(plan))
 
 
 def kernel_forms(plan: Plan) -> tuple[bool, str]:

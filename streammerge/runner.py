@@ -163,12 +163,14 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
     rows = read.r1 - read.r0
     pieces = spans(0, rows, sched.sub)
     compute = compute_dtype(task.compute)
+    raw = x.dtype == torch.bfloat16 and compute == torch.float32 and op.takes_raw(p, x)
 
     def inputs(ab: tuple[int, int]) -> torch.Tensor:
         """The sub-chunk's rows of every input in the compute dtype: a narrow block's (bfloat16
-        models') converted here, on the thread computing them, while they are in its cache."""
+        models') converted here, on the thread computing them, while they are in its cache; as read
+        where the op's loops widen them as they load them (MergeOp.takes_raw)."""
         xs = x[:, ab[0]:ab[1]]
-        return xs if xs.dtype == compute else xs.to(compute)
+        return xs if raw or xs.dtype == compute else xs.to(compute)
 
     if len(pieces) == 1 or x.numel() < PARALLEL_MIN_ELEMENTS:
         workers = INLINE  # too little work to hand out: a thread's wake-up costs more

@@ -53,15 +53,17 @@ class TensorStats:
 
     def before(self, x: torch.Tensor, row0: int) -> tuple[slice, torch.Tensor, int] | None:
         """Before the apply pass on rows row0.. of the inputs (n, rows, cols), which it may overwrite:
-        the sampled rows' positions in the chunk, a copy of them, and the first one's row (None when
-        the chunk holds no sampled row). The kernel's tally counts those rows."""
+        the sampled rows' positions in the chunk, a copy of them (bfloat16 rows as read, which the
+        op widens to float32 as it loads them, widened), and the first one's row (None when the
+        chunk holds no sampled row). The kernel's tally counts those rows."""
         picked = sampled(row0, row0 + x.shape[1], self.stride)
         if not len(picked):
             self.tally.pick = None
             return None
         rows = slice(picked.start - row0, picked.stop - row0, picked.step)
         self.tally.pick = rows
-        return rows, x[:, rows].clone(), picked.start  # a strided copy: index_select cost 3x as much
+        picks = x[:, rows]  # a strided copy: index_select cost 3x as much
+        return rows, picks.float() if picks.dtype == torch.bfloat16 else picks.clone(), picked.start
 
     def after(self, before: tuple[slice, torch.Tensor, int], y: torch.Tensor) -> None:
         """The apply pass gave rows y for the chunk `before` was taken of."""

@@ -27,29 +27,43 @@ def context(method: str, input_params: list[dict], shared: dict | None = None, b
 
 
 def run_chunked(method: str, ctx: TaskContext, x: torch.Tensor, chunk_rows: int,
-                remember: bool = False, tally: Tally | None = None) -> torch.Tensor:
+                remember: bool = False, tally: Tally | None = None, raw: list[int] | None = None) -> torch.Tensor:
     """Feed x (n, rows, cols) through the method's operation in chunks of chunk_rows rows;
     with `remember`, the op keeps state between passes as the executor allows for one block; with
-    `tally`, the op counts every other row of each chunk into it (as the runner picks rows)."""
+    `tally`, the op counts every other row of each chunk into it (as the runner picks rows). x of
+    bfloat16 goes to the op as it is in the passes whose op takes it so (MergeOp.takes_raw: those
+    passes are appended to `raw`, given), widened to float32 in the others, as the runner does."""
     op = METHODS[method].make(ctx)
     op.tally = tally
     if remember:
         op.hold_state()
     rows = x.shape[1]
     spans = [(r, min(rows, r + chunk_rows)) for r in range(0, rows, chunk_rows)]
-    for p in range(METHODS[method].cost(ctx).stat_passes):
+    passes = METHODS[method].cost(ctx).stat_passes
+
+    def given(p: int) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            return x
+        if raw is not None and op.takes_raw(p, x):
+            raw.append(p)
+            return x
+        return x.float()
+
+    for p in range(passes):
+        xp = given(p)
         for r0, r1 in spans:
-            chunk = x[:, r0:r1].clone()
+            chunk = xp[:, r0:r1].clone()
             op.observe(p, chunk, r0)
             # bytes, not values: a NaN is not equal to itself
-            assert torch.equal(chunk.view(torch.uint8), x[:, r0:r1].contiguous().view(torch.uint8)), \
+            assert torch.equal(chunk.view(torch.uint8), xp[:, r0:r1].contiguous().view(torch.uint8)), \
                 "a statistics pass modified its input"
         op.end_pass(p)
     out = []
+    xp = given(passes)
     for r0, r1 in spans:
         if tally is not None:
             tally.pick = slice(0, None, 2)
-        out.append(op.apply(x[:, r0:r1].clone(), r0))
+        out.append(op.apply(xp[:, r0:r1].clone(), r0))
     return torch.cat(out)
 
 

@@ -187,6 +187,57 @@ def test_fused_merges_are_the_torch_merges(case) -> None:
     _assert_torch_form_agrees(method, ctx, x, chunk_rows, remember, _merge(method, ctx, x, chunk_rows, remember))
 
 
+def _bfloat16(x: torch.Tensor, patterns: list[int | None]) -> torch.Tensor:
+    """x rounded to bfloat16, with any bit pattern (NaN payloads of either sign, subnormals) where
+    `patterns` gives one."""
+    words = x.to(torch.bfloat16).view(torch.int16).reshape(-1).numpy().view(np.uint16).copy()
+    for k, w in enumerate(patterns[:words.size]):
+        if w is not None:
+            words[k] = w
+    return torch.from_numpy(words.view(np.int16)).view(torch.bfloat16).view(x.shape)
+
+
+BF16_PATTERN = st.one_of(st.none(), st.none(), st.integers(0, 2**16 - 1),
+                         st.sampled_from([0x7FC0, 0xFFC1, 0x7F81, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x807F]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=merges(), patterns=st.lists(BF16_PATTERN, max_size=210))
+def test_bfloat16_rows_as_read_merge_as_widened_ones(case, patterns) -> None:
+    """An op given bfloat16 rows as read (MergeOp.takes_raw: DARE's sums and apply, TIES's radix
+    passes) widens each element as its compiled loops load it: the same output bits and report
+    counts as the torch forms on the rows widened to float32 first — and it takes them so in as
+    many passes as its Cost says (budget.block_dtype keeps the block bfloat16 on that count)."""
+    method, ctx, x, chunk_rows, remember = case
+    xb = _bfloat16(x, patterns)
+    taken: list[int] = []
+    tally = Tally(x.shape[0])
+    got = run_chunked(method, ctx, xb, chunk_rows, remember, tally, taken)
+    assert len(set(taken)) == len(taken) == METHODS[method].cost(ctx).raw_passes, (method, taken)
+    _assert_torch_form_agrees(method, ctx, xb.float(), chunk_rows, remember, (got, tally))
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.integers(1, 5), cols=st.integers(1, 700), chunk_rows=st.integers(1, 5), t=st.floats(0, 1),
+       patterns=st.lists(BF16_PATTERN, max_size=300), seed=st.integers(0, 2**31))
+def test_slerp_sums_of_bfloat16_rows_as_read(rows, cols, chunk_rows, t, patterns, seed) -> None:
+    """SLERP's statistics pass takes bfloat16 rows as read (its apply pass widens them): the norms and
+    dot product, and so the output, are those of the torch form on rows widened first."""
+    g = torch.Generator().manual_seed(seed)
+    xb = _bfloat16(torch.randn(2, rows, cols, generator=g) * 3, patterns)
+    ctx = context("slerp", [{}, {}], {"t": t}, base=0, shape=(rows, cols))
+    taken: list[int] = []
+    got = run_chunked("slerp", ctx, xb, min(chunk_rows, rows), raw=taken)
+    assert taken == [0] and METHODS["slerp"].cost(ctx).raw_passes == 1
+    jit = fused._state["jit"]
+    fused._state["jit"] = None  # as without numba
+    try:
+        plain = run_chunked("slerp", ctx, xb.float(), min(chunk_rows, rows))
+    finally:
+        fused._state["jit"] = jit
+    assert torch.equal(bits(quiet(got)), bits(quiet(plain)))
+
+
 @settings(max_examples=8, deadline=None)
 @given(method=st.sampled_from(["ties", "dare_ties", "breadcrumbs_ties"]), rows=st.integers(1, 7),
        cols=st.integers(500, 1300), chunk_rows=st.integers(1, 7), seed=st.integers(0, 2**31))

@@ -4,18 +4,53 @@ first needs them: numba's import and a first compile cost a second that short me
 Each loop does, per element, the very operations of the numpy/torch form it replaces, in the same
 order and in the same float32 arithmetic (no fastmath, so no contraction into FMAs and no
 reassociation), so its bits are that form's bits; tests/test_fused.py checks them against it.
+
+The loops that read a merge's inputs take them as float32 or as bfloat16's bits (uint16 arrays,
+a block as read from bfloat16 models): `widen` makes each loaded element float32, exactly as
+torch widens bfloat16 (the bits shifted into the high half), so the values, and every bit after
+them, are those of the widened copy the runner would otherwise make first.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
 
 _L1 = np.uint32(0x21F0AAAD)  # lowbias32's multipliers, as in rng.py
 _L2 = np.uint32(0x735A2D97)
 _S15 = np.uint32(15)
 _S16 = np.uint32(16)
 _ZERO = np.float32(0.0)
+
+
+@intrinsic
+def _bfloat16_bits(typingctx, u):  # type: ignore[no-untyped-def]
+    """The float32 whose high half is the uint16 u and whose low half is zero: bfloat16 u widened."""
+    if u != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+def widen(v):  # type: ignore[no-untyped-def]
+    """An input element as float32: a float as it is, bfloat16's bits (uint16) widened."""
+    raise NotImplementedError("compiled loops only")
+
+
+@overload(widen, inline="always")
+def _widen(v):  # type: ignore[no-untyped-def]
+    if isinstance(v, types.Float):
+        return lambda v: v
+    if v == types.uint16:
+        return lambda v: _bfloat16_bits(v)  # type: ignore[call-arg]  # numba passes the typing context
+    return None
 
 
 @numba.njit(inline="always")
@@ -43,7 +78,7 @@ def _dare_run(xr: np.ndarray, br: np.ndarray, k: np.uint32, i0: int, tt: np.uint
               sk: np.ndarray, bits: np.ndarray) -> None:
     """dare_sums' work on one run of a row within one 2^32 block (key k), its first index i0."""
     for j in range(xr.size):
-        m = abs(xr[j] - br[j])
+        m = abs(widen(xr[j]) - widen(br[j]))
         kj = np.uint64(_draw(k, i0 + j)) < tt
         bits[j] = kj
         sm[j] = np.float64(m)
@@ -53,8 +88,8 @@ def _dare_run(xr: np.ndarray, br: np.ndarray, k: np.uint32, i0: int, tt: np.uint
 @numba.njit(nogil=True, cache=True)
 def dare_sums(x: np.ndarray, b: np.ndarray, keys: np.ndarray, start: int, t: int, total: np.ndarray,
               kept: np.ndarray, packed: np.ndarray) -> None:
-    """DARE's statistics pass for one input over rows x, b (rows, cols of float32) whose first flat
-    index is `start`: per element keep ← draw < t, m ← |x − b| and m·keep (float32, as
+    """DARE's statistics pass for one input over rows x, b (rows, cols; float32, or bfloat16's bits)
+    whose first flat index is `start`: per element keep ← draw < t, m ← |x − b| and m·keep (float32, as
     RandomDrop.observe computes them), widened to float64 and summed per row in tree_rows' order
     into total[r] and kept[r]; with packed (not empty) the keep bits too, in np.packbits' order
     (element e at bit 7 − e % 8 of byte e // 8; packed zeroed by the caller). keys[k] is the key of
@@ -93,16 +128,17 @@ _TILE = 512  # elements per tile: every input's run of a tile stays in L1 beside
 
 
 @numba.njit(inline="always")
-def _tally_tile(x: np.ndarray, stride: int, others: np.ndarray, sign: np.ndarray, e0: int, m: int, cols: int,
-                pick: np.ndarray, tallied: np.ndarray) -> None:
-    """task_apply's tallies over the picked rows' elements in the tile of m elements from e0."""
+def _tally_tile(deltas: np.ndarray, sign: np.ndarray, e0: int, m: int, cols: int, pick: np.ndarray,
+                tallied: np.ndarray) -> None:
+    """task_apply's tallies over the picked rows' elements in the tile of m elements from e0, whose
+    other inputs' weighted, sparsified δ are deltas[j, :m]."""
     for r in range(e0 // cols, (e0 + m - 1) // cols + 1):
         if r < pick[0] or r >= pick[1] or (r - pick[0]) % pick[2] != 0:
             continue
         k0 = max(e0, r * cols) - e0
         k1 = min(e0 + m, (r + 1) * cols) - e0
-        for j in range(others.size):
-            xt = x[others[j] * stride + e0:others[j] * stride + e0 + m]
+        for j in range(deltas.shape[0]):
+            xt = deltas[j]
             nonzero = 0
             agree = 0
             for k in range(k0, k1):
@@ -119,16 +155,17 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
                scale: np.ndarray, zero: np.ndarray, weight: np.ndarray, deltas_done: bool, consensus: bool,
                normalize: bool, divisor: np.float32, lam: np.float32, scale_lam: bool,
                out: np.ndarray, cols: int, pick: np.ndarray, tallied: np.ndarray) -> None:
-    """TaskArithmetic.apply on float32 rows: input i's `count` elements at x[i·stride:] (x one flat
-    run, so that numba knows each input's slices contiguous and vectorizes their loops), per element each
-    other input's δ = x − base (unless `deltas_done`), times scale where kept and the zero of scale's
-    sign where dropped, written back into x; their sum in input
-    order; with `consensus` TIES's elected-sign sum (_consensus: the max form where the sum is
-    finite, the masked form where not) and divisor; then ÷ divisor with `normalize`, ·lam with
-    `scale_lam`, and base added: out. With consensus and pick = (first,
-    stop, step) of rows of `cols` elements (step 0: none), the report's tallies of those rows:
-    tallied[0, j] += other j's weighted, sparsified δ that are not zero, tallied[1, j] += those whose
-    δ·sign > 0 (TaskArithmetic._count_agreement's counts, counted here while the tile is in L1).
+    """TaskArithmetic.apply on rows of float32 (or bfloat16's bits, without `deltas_done`): input i's
+    `count` elements at x[i·stride:] (x one flat run, so that numba knows each input's slices
+    contiguous and vectorizes their loops), per element each other input's δ = x − base (unless
+    `deltas_done`: x holds δ), times scale where kept and the zero of scale's sign where dropped
+    (kept a tile at a time in L1: x is only read); their sum in input order; with `consensus`
+    TIES's elected-sign sum (_consensus: the max form where the sum is finite, the masked form
+    where not) and divisor; then ÷ divisor with `normalize`, ·lam with `scale_lam`, and base
+    added: out. With consensus and pick = (first, stop, step) of rows of `cols` elements (step 0:
+    none), the report's tallies of those rows: tallied[0, j] += other j's weighted, sparsified δ
+    that are not zero, tallied[1, j] += those whose δ·sign > 0 (TaskArithmetic._count_agreement's
+    counts, counted here while the tile is in L1).
     Input j's mask: none (masked[j] 0), the bool row keep[slot[j]] (1), or the bits of
     packed[slot[j]] (2: np.packbits' order, element k at bit 7 − k % 8 of byte k // 8), unpacked a
     tile at a time into L1, not into a bool array of the whole sub-chunk first.
@@ -140,6 +177,7 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
     n_others = others.size
     count = out.size
     b = x[base * stride:base * stride + count]
+    deltas = np.empty((n_others, _TILE), dtype=np.float32)  # the tile's weighted, sparsified δ
     total = np.empty(_TILE, dtype=np.float32)
     acc = np.empty(_TILE, dtype=np.float32)
     div = np.empty(_TILE, dtype=np.float32)
@@ -152,6 +190,7 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
         bt = b[e0:e0 + m]
         for j in range(n_others):
             xt = x[others[j] * stride + e0:others[j] * stride + e0 + m]  # loops over slices vectorize
+            dt = deltas[j]
             s = scale[j]
             z = zero[j]
             if masked[j] == 2:  # _TILE is a multiple of 8: the tile starts on a byte
@@ -167,23 +206,23 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
             if masked[j] != 0:
                 if deltas_done:
                     for k in range(m):
-                        d = xt[k] * (s if kt[k] else z)
-                        xt[k] = d
+                        d = widen(xt[k]) * (s if kt[k] else z)
+                        dt[k] = d
                         total[k] = total[k] + d
                 else:
                     for k in range(m):
-                        d = (xt[k] - bt[k]) * (s if kt[k] else z)
-                        xt[k] = d
+                        d = (widen(xt[k]) - widen(bt[k])) * (s if kt[k] else z)
+                        dt[k] = d
                         total[k] = total[k] + d
             elif deltas_done:
                 for k in range(m):
-                    d = xt[k] * s
-                    xt[k] = d
+                    d = widen(xt[k]) * s
+                    dt[k] = d
                     total[k] = total[k] + d
             else:
                 for k in range(m):
-                    d = (xt[k] - bt[k]) * s
-                    xt[k] = d
+                    d = (widen(xt[k]) - widen(bt[k])) * s
+                    dt[k] = d
                     total[k] = total[k] + d
         if consensus:
             for k in range(m):
@@ -191,10 +230,10 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
                 acc[k] = _ZERO
                 div[k] = _ZERO
             for j in range(n_others):  # the max form: Σ max(δ·sign, 0), then ·sign, then +0
-                xt = x[others[j] * stride + e0:others[j] * stride + e0 + m]
+                dt = deltas[j]
                 w = weight[j]
                 for k in range(m):
-                    t = xt[k] * sign[k]
+                    t = dt[k] * sign[k]
                     acc[k] = acc[k] + (t if t > _ZERO else _ZERO)
                     div[k] = div[k] + (w if t > _ZERO else _ZERO)
             finite = True  # a tile of finite sums (the rule) takes a loop that vectorizes
@@ -212,7 +251,7 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
                     a = _ZERO
                     dv = _ZERO
                     for j in range(n_others):
-                        d = x[others[j] * stride + e0 + k]
+                        d = deltas[j, k]
                         if d * sign[k] > _ZERO:
                             a = a + d
                             dv = dv + weight[j]
@@ -223,7 +262,7 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
                 if div[k] == _ZERO:
                     div[k] = np.float32(1.0)
             if pick[2] > 0:
-                _tally_tile(x, stride, others, sign, e0, m, cols, pick, tallied)
+                _tally_tile(deltas, sign, e0, m, cols, pick, tallied)
         ot = out[e0:e0 + m]
         for k in range(m):
             t = total[k]
@@ -231,7 +270,7 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
                 t = t / (div[k] if consensus else divisor)
             if scale_lam:
                 t = t * lam
-            ot[k] = bt[k] + t
+            ot[k] = widen(bt[k]) + t
 
 
 _HI_BITS = np.uint32(16)
@@ -249,16 +288,17 @@ def _ranked(u: np.uint32) -> np.uint32:
 @numba.njit(nogil=True, cache=True)
 def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int, hist: np.ndarray,
                 split: np.ndarray, touched: np.ndarray) -> tuple[np.int64, np.int64, np.int64]:
-    """One radix pass of TopK over float32 elements: the bit pattern v of |δ| (δ = x − b, or x itself
-    with `deltas_done`), as sparsify.magnitude_bits makes it (every NaN's the quiet NaN's); hi < 0:
-    hist[2 (v >> 16) + 1] += 1 where v's low half is not zero, else hist[2 (v >> 16)] += 1 (one
-    count per element: 1.4 ns per element against 1.2 counting the high halves alone, where a
-    separate count of those with a low half, by a branch or a second store, took 1.7), then, for
-    the high halves h from the first to the last it met (first > last when none; the high halves
-    of a tensor's |δ| fill a narrow range), split[0, h − first] the elements and split[1, h − first]
-    those whose low half is not zero, hist cleared; returns (first, last, 0). Else, for the v whose
-    high half is hi, hist[v & 0xFFFF] += 1; returns first > last and the n bins it touched, listed
-    in touched[:n] as they were first counted (the low halves spread over all 65,536 bins)."""
+    """One radix pass of TopK over float32 elements (or bfloat16's bits): the bit pattern v of |δ|
+    (δ = x − b, or x itself with `deltas_done`), as sparsify.magnitude_bits makes it (every NaN's
+    the quiet NaN's); hi < 0: hist[2 (v >> 16) + 1] += 1 where v's low half is not zero, else
+    hist[2 (v >> 16)] += 1 (one count per element: 1.4 ns per element against 1.2 counting the
+    high halves alone, where a separate count of those with a low half, by a branch or a second
+    store, took 1.7), then, for the high halves h from the first to the last it met (first > last
+    when none; the high halves of a tensor's |δ| fill a narrow range), split[0, h − first] the
+    elements and split[1, h − first] those whose low half is not zero, hist cleared; returns
+    (first, last, 0). Else, for the v whose high half is hi, hist[v & 0xFFFF] += 1; returns
+    first > last and the n bins it touched, listed in touched[:n] as they were first counted (the
+    low halves spread over all 65,536 bins)."""
     mag = np.empty(_TILE, dtype=np.float32)
     v = mag.view(np.uint32)
     first = np.int64(1 << 16)
@@ -270,11 +310,11 @@ def radix_count(x: np.ndarray, b: np.ndarray, deltas_done: bool, hi: int, hist: 
         xt = x[e0:e0 + m]
         if deltas_done:
             for k in range(m):
-                mag[k] = abs(xt[k])
+                mag[k] = abs(widen(xt[k]))
         else:
             bt = b[e0:e0 + m]
             for k in range(m):
-                mag[k] = abs(xt[k] - bt[k])
+                mag[k] = abs(widen(xt[k]) - widen(bt[k]))
         if hi < 0:  # in three loops, two of them vectorised: one loop took 2.1 ns per element
             for k in range(m):
                 u = _ranked(v[k])
@@ -378,7 +418,8 @@ def tree_rows(x: np.ndarray, out: np.ndarray) -> None:
 @numba.njit(nogil=True, cache=True)
 def product_sums(x: np.ndarray, y: np.ndarray, base: int, out: np.ndarray) -> None:
     """tree_rows' sums of float32 products (each rounded to float32, as the torch form multiplies,
-    then widened) for row r of inputs x (n, rows, cols) and rows y (rows, cols): out[i, r] ← Σ x_i²,
+    then widened) for row r of inputs x (n, rows, cols) and rows y (rows, cols), float32 or
+    bfloat16's bits: out[i, r] ← Σ x_i²,
     then, where base >= 0, out[n + i, r] ← Σ (x_i − x_base)²; then Σ x_i·y and last Σ y² (stats.py's
     figures, SLERP's three sums with n = 1)."""
     n, rows, cols = x.shape
@@ -390,17 +431,19 @@ def product_sums(x: np.ndarray, y: np.ndarray, base: int, out: np.ndarray) -> No
         for i in range(n):
             xr = x[i, r]
             for j in range(cols):
-                s[j] = np.float64(xr[j] * xr[j])
+                v = widen(xr[j])
+                s[j] = np.float64(v * v)
             out[i, r] = _halve(s, cols, w)
             if base >= 0:
                 br = x[base, r]
                 for j in range(cols):
-                    d = xr[j] - br[j]
+                    d = widen(xr[j]) - widen(br[j])
                     s[j] = np.float64(d * d)
                 out[n + i, r] = _halve(s, cols, w)
             for j in range(cols):
-                s[j] = np.float64(xr[j] * yr[j])
+                s[j] = np.float64(widen(xr[j]) * widen(yr[j]))
             out[xy + i, r] = _halve(s, cols, w)
         for j in range(cols):
-            s[j] = np.float64(yr[j] * yr[j])
+            v = widen(yr[j])
+            s[j] = np.float64(v * v)
         out[xy + n, r] = _halve(s, cols, w)

@@ -67,6 +67,9 @@ class Cost:
     # bytes per element of one input row kept between passes when the tensor is read once, or
     # when budget.hold_reserve sets them aside (hold_state: DARE's packed keep-masks)
     held_per_element: float = 0.0
+    # passes (statistics passes and the apply pass) whose op takes a bfloat16 block as read where
+    # the compiled loops are in use (MergeOp.takes_raw says so for each; budget.block_dtype)
+    raw_passes: int = 0
 
 
 def fixed_cost(stat_passes: int, temp_rows: float) -> Callable[[TaskContext], Cost]:
@@ -218,6 +221,14 @@ class MergeOp:
     def hold_state(self) -> None:
         """Keep per-element state from the statistics passes for the apply pass: the runner says
         so when the apply pass sees the very same block (the method's cost counts its bytes)."""
+
+    def takes_raw(self, pass_idx: int, x: torch.Tensor) -> bool:
+        """Whether pass `pass_idx` (the apply pass when it is the method's stat_passes) takes the
+        sub-chunks of block x (bfloat16 models' rows, as read) as they are, not widened to float32:
+        where its compiled loops load them (fused.LOADED: each element widened as it is loaded, to
+        the same value), the widened copy of every sub-chunk — twice its bytes, written, then read
+        again — is not made. Asked once per pass and block."""
+        return False
 
     def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
         """Statistics pass `pass_idx` sees rows row0.. of every input; must not modify x."""

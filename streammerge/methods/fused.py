@@ -41,6 +41,11 @@ def use_for(work: int) -> bool:
     return kernels() is not None
 
 
+def use_none() -> None:
+    """The merge this process runs uses no compiled loops (it runs on a GPU)."""
+    _use["on"] = False
+
+
 def loaded() -> ModuleType | None:
     """The compiled kernels' module where the merge this process runs uses them and they are loaded
     already; never loads them (a method without loops of its own asks this, not kernels())."""
@@ -71,25 +76,36 @@ def warm() -> None:
     if kernels() is None:
         return
     bernoulli(1, 0, 8, 1 << 31)
+    for x in (torch.zeros(3, 1, 8), torch.zeros(3, 1, 8, dtype=torch.bfloat16)):  # and blocks as read
+        dare_sums(x[1], x[0], 1, 0, 1 << 31, True)
+        task_apply(x, 0, [1, 2], [torch.ones(1, 8, dtype=torch.bool), None], [1.0, 1.0], [1.0, 1.0], False,
+                   True, True, 1.0, 1.0)
+        radix_count(x[1], x[0], -1)
+        slerp_sums(x[1], x[2])  # _jit.product_sums, as the report's statistics call it too
     x = torch.zeros(3, 1, 8)
-    dare_sums(x[1], x[0], 1, 0, 1 << 31, True)
-    task_apply(x, 0, [1, 2], [torch.ones(1, 8, dtype=torch.bool), None], [1.0, 1.0], [1.0, 1.0], False, True,
-               True, 1.0, 1.0)
-    for base in (x[0], None):
-        radix_count(x[1], base, -1)
+    radix_count(x[1], None, -1)
     ranked_keep(x[1], 0, 1 << 32)
     codes, ties = ranked_codes(x[1], 0)  # every zero a tie: quota 1 takes the compiled walk
     settle_ties(codes, ties, 1)
     for dt in (torch.float32, torch.float64):
         tree_sums(x[1].to(dt))
-    slerp_sums(x[1], x[2])  # _jit.product_sums, as the report's statistics call it too
+
+
+# the dtypes the loops load: float32, and bfloat16 widened as each element is loaded (_jit.widen)
+LOADED = (torch.float32, torch.bfloat16)
 
 
 def usable(x: torch.Tensor) -> bool:
-    """The fused kernels apply to chunk x (n_inputs, rows, cols): numba present, float32 on the CPU,
-    each input's rows one contiguous run (a sub-chunk's whole rows of a block)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 3 and x.stride(2) == 1
+    """The fused kernels apply to chunk x (n_inputs, rows, cols): numba present, on the CPU, float32
+    (or bfloat16, where an op takes its block as read: MergeOp.takes_raw), each input's rows one
+    contiguous run (a sub-chunk's whole rows of a block)."""
+    return (x.device.type == "cpu" and x.dtype in LOADED and x.dim() == 3 and x.stride(2) == 1
             and x.stride(1) == x.shape[2] and kernels() is not None)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's elements as a numpy view: bfloat16 (which numpy lacks) as its bits, uint16."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def bernoulli(key: int, start: int, count: int, threshold: int) -> np.ndarray | None:
@@ -119,7 +135,7 @@ def dare_sums(x: torch.Tensor, base: torch.Tensor, key: int, start: int, thresho
     keys = np.array([block_key(key, blk) for blk in blocks] or [0], dtype=np.int64)
     total, kept = np.empty(rows, dtype=np.float64), np.empty(rows, dtype=np.float64)
     packed = np.zeros((count + 7) // 8 if pack else 0, dtype=np.uint8)
-    jit.dare_sums(x.contiguous().numpy(), base.contiguous().numpy(), keys, start, threshold, total, kept, packed)
+    jit.dare_sums(_np(x.contiguous()), _np(base.contiguous()), keys, start, threshold, total, kept, packed)
     return torch.from_numpy(total), torch.from_numpy(kept), packed if pack else None
 
 
@@ -128,19 +144,19 @@ def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.
                normalize: bool, divisor: float, lam: float, pick: slice | None = None,
                tallied: np.ndarray | None = None) -> torch.Tensor:
     """TaskArithmetic.apply's arithmetic after the masks, in one loop (_jit.task_apply), on chunk x
-    (usable(x)): returns the merged rows; x[others] hold the weighted, sparsified δ afterwards, as
-    the torch form leaves them. A mask is a bool tensor of the
-    chunk's shape, or its bits as np.packbits packs them (a uint8 array, DARE's kept masks). With
-    consensus, `pick` (rows of the chunk) and `tallied` ((2, len(others)) int64), the report's counts
-    of those rows are added to tallied: each other input's nonzero δ, and those agreeing with the sign."""
+    (usable(x); bfloat16 only without `deltas_done`): returns the merged rows (float32), x as it was.
+    A mask is a bool tensor of the chunk's shape, or its bits as np.packbits packs them (a uint8
+    array, DARE's kept masks). With consensus, `pick` (rows of the chunk) and `tallied` ((2,
+    len(others)) int64), the report's counts of those rows are added to tallied: each other input's
+    nonzero δ, and those agreeing with the sign."""
     jit = kernels()
     assert jit is not None
     n, rows, cols = x.shape
     count = rows * cols
     stride = x.stride(0)
     # one flat run from the first input's first element to the last's last (usable: each input's
-    # rows are contiguous), a view: the δ the loop writes are x's
-    xf = torch.as_strided(x, ((n - 1) * stride + count,), (1,)).numpy()
+    # rows are contiguous), a view
+    xf = _np(torch.as_strided(x, ((n - 1) * stride + count,), (1,)))
     masked = np.zeros(len(keeps), dtype=np.int8)  # 0 none, 1 a bool row of keep, 2 a row of packed
     slot = np.zeros(len(keeps), dtype=np.int64)
     keep = np.empty((sum(isinstance(k, torch.Tensor) for k in keeps), count), dtype=np.bool_)
@@ -238,7 +254,7 @@ def settle_ties(codes: np.ndarray, ties: int, quota: int) -> np.ndarray:
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
-    return t.numpy().reshape(-1)
+    return _np(t).reshape(-1)
 
 
 def tree_sums(x: torch.Tensor) -> torch.Tensor | None:
@@ -253,8 +269,8 @@ def tree_sums(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def slerp_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(3, rows) float64: the tree_row_sums of a·a, b·b and a·b for rows (rows, cols) of float32 (each
-    row contiguous), products rounded to float32 as torch's, in one compiled loop (usable):
+    """(3, rows) float64: the tree_row_sums of a·a, b·b and a·b for rows (rows, cols) of float32, or
+    both bfloat16 (each row contiguous), products rounded to float32 as torch's, in one compiled loop (usable):
     product_sums of one input, its rows reordered."""
     sums = product_sums(a[None], b, None)
     assert sums is not None
@@ -265,11 +281,12 @@ def product_sums(x: torch.Tensor, y: torch.Tensor, base: int | None) -> np.ndarr
     """stats.TensorStats' per-row sums of sampled rows x (n, rows, cols) of the inputs and y (rows,
     cols) of the output, float32 on the CPU, in one compiled loop (_jit.product_sums: Σx_i², then
     Σ(x_i − x_base)² where a base is given, Σx_i·y, Σy²: (2n + 1 or 3n + 1, rows) float64, the bits of
-    the torch form's products and row_sums); None where the kernels are not loaded."""
+    the torch form's products and row_sums); x and y both bfloat16 too. None where the kernels are
+    not loaded."""
     jit = loaded()
-    if jit is None or x.device.type != "cpu" or x.dtype != torch.float32 or y.dtype != torch.float32:
+    if jit is None or x.device.type != "cpu" or x.dtype not in LOADED or y.dtype != x.dtype:
         return None
     n, rows = x.shape[0], x.shape[1]
     out = np.empty(((3 if base is not None else 2) * n + 1, rows), dtype=np.float64)
-    jit.product_sums(x.contiguous().numpy(), y.contiguous().numpy(), -1 if base is None else base, out)
+    jit.product_sums(_np(x.contiguous()), _np(y.contiguous()), -1 if base is None else base, out)
     return out

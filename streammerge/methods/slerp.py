@@ -13,9 +13,11 @@ import torch
 
 from ..params import ParamSpec
 from . import fused
-from .base import MergeOp, MethodDef, RowSums, TaskContext, fixed_cost, row_sums
+from .base import Cost, MergeOp, MethodDef, RowSums, TaskContext, row_sums
 
 EPS = 1e-8
+# temporaries: products, scaled inputs, the output (measured 3.1); the sums' loop takes blocks as read
+SLERP_COST = Cost(1, 4.0, raw_passes=1)
 DOT_THRESHOLD = 0.9995
 
 
@@ -51,6 +53,9 @@ class Slerp(MergeOp):
         self._sums[1].add(row_sums(v1 * v1))
         self._sums[2].add(row_sums(v0 * v1))
 
+    def takes_raw(self, pass_idx: int, x: torch.Tensor) -> bool:
+        return pass_idx == 0 and fused.usable(x)  # the sums' loop; the apply pass is torch's
+
     def end_pass(self, pass_idx: int) -> None:
         nn0, nn1, dot = (s.total() for s in self._sums)
         self.c0, self.c1 = slerp_coefficients(self.t, nn0, nn1, dot)
@@ -64,7 +69,7 @@ SLERP = MethodDef(
     name="slerp",
     params=(ParamSpec("t", "float", "shared", required=True, bounds=(0.0, 1.0)),),
     base="required", min_inputs=2, max_inputs=2, make=Slerp,
-    cost=fixed_cost(1, 4.0),  # products, scaled inputs, the output (measured 3.1)
+    cost=lambda ctx: SLERP_COST,
     min_others=1, jit=True,
     pretty="SLERP", url="https://en.wikipedia.org/wiki/Slerp",
 )

@@ -89,6 +89,12 @@ class Sparsifier:
         """observe the δ = x − base of input rows x and base rows base."""
         self.observe(pass_idx, x - base, flat0)
 
+    def takes_raw(self, pass_idx: int) -> bool:
+        """Where the compiled loops are in use (fused.usable), whether statistics pass `pass_idx` (below
+        stat_passes), or the apply pass's fused.task_apply, takes input rows as read (bfloat16): this
+        sparsifier's loops load them themselves, and its mask does not look at δ."""
+        return True
+
     def needs_pass(self, pass_idx: int) -> bool:
         """Whether statistics pass `pass_idx` has anything to count: False when what it would find is
         known already (TopK: the first pass found the threshold). Asked once the pass before ended."""
@@ -294,6 +300,9 @@ class Ranked(Sparsifier):
     def needs_pass(self, pass_idx: int) -> bool:
         return pass_idx != 1 or not all(sel.found for sel in self.selectors)
 
+    def takes_raw(self, pass_idx: int) -> bool:
+        return pass_idx < min(2, self.stat_passes) and not self.rescale  # the radix passes (the mask looks at δ)
+
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
         if pass_idx == 2:
             keep = self.mask(delta, flat0)
@@ -424,6 +433,9 @@ class RandomDrop(Sparsifier):
 
     def end_pass(self, pass_idx: int) -> None:
         self.factor = l1_factor(self._total.total(), self._kept.total())
+
+    def takes_raw(self, pass_idx: int) -> bool:
+        return type(self) is RandomDrop  # dare_sums; DELLA's draws rank δ
 
     def packed_mask(self, flat0: int) -> np.ndarray | None:
         """The bits the statistics pass kept of the mask of the chunk starting at flat index flat0

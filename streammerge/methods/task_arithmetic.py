@@ -58,7 +58,14 @@ def family_cost(ctx: TaskContext, sparsify: str) -> Cost:
     temp = _TEMP_ROWS[sparsify + ("_rescale" if bool(ctx.shared["rescale"]) and ranked else "")]
     # a random mask drawn in the statistics pass is kept, bit-packed, for the apply pass
     held = sum(1 for p in passes if p) / 8 if sparsify in ("random", "della") else 0.0
-    return Cost(max(passes, default=0), temp, held)
+    stat = max(passes, default=0)
+    if sparsify in ("random", "none"):  # dare_sums, then task_apply (Sparsifier/RandomDrop.takes_raw)
+        raw = stat + 1
+    elif ranked and not bool(ctx.shared["rescale"]):  # the radix passes; the masks look at δ
+        raw = min(2, stat)
+    else:
+        raw = 0
+    return Cost(stat, temp, held, raw)
 
 
 def della_check(ctx: TaskContext) -> list[str]:
@@ -116,6 +123,10 @@ class TaskArithmetic(MergeOp):
 
     def needs_pass(self, pass_idx: int) -> bool:
         return any(pass_idx < sp.stat_passes and sp.needs_pass(pass_idx) for sp in self.sparsifiers)
+
+    def takes_raw(self, pass_idx: int, x: torch.Tensor) -> bool:
+        observing = [sp for sp in self.sparsifiers if pass_idx < sp.stat_passes]  # none: the apply pass
+        return fused.usable(x) and all(sp.takes_raw(pass_idx) for sp in observing or self.sparsifiers)
 
     def end_pass(self, pass_idx: int) -> None:
         for sp in self.sparsifiers:
