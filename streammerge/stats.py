@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .methods import Tally, fused
-from .methods.base import row_sums
+from .methods.base import exact_total, row_sums
 
 # Every figure is taken over every stride-th row of a tensor (rows 0, s, 2s, ...): a fixed sample,
 # the same whatever the chunking, of at least MIN_SAMPLED rows where the tensor has them, one row
@@ -106,10 +106,10 @@ class TensorStats:
 
     def record(self) -> dict[str, object]:
         """The tensor's record: lists per input (None where a figure does not apply)."""
-        xx = [math.fsum(r) for r in self._rows[0]]
-        dd = [math.fsum(r) for r in self._rows[1]]
-        xy = [math.fsum(r) for r in self._rows[2]]
-        yy = math.fsum(self._out)
+        xx = [exact_total(r.tolist()) for r in self._rows[0]]
+        dd = [exact_total(r.tolist()) for r in self._rows[1]]
+        xy = [exact_total(r.tolist()) for r in self._rows[2]]
+        yy = exact_total(self._out.tolist())
         t = self.tally
         return {
             "norm": [math.sqrt(v) for v in xx],

@@ -256,3 +256,40 @@ def test_a_shard_truncated_under_the_run_is_an_input_error_not_sigbus(pristine, 
     with pytest.raises(InputError, match=f"{os.path.basename(shard)}.*truncated during the merge"):
         Executor(plan, out, RunOptions(max_memory=1 << 32)).run()
     assert not os.path.exists(os.path.join(out, "streammerge.manifest.json"))
+
+
+@pytest.mark.parametrize("method", ["slerp", "linear", "ties"])
+def test_inputs_holding_both_infinities_merge_with_a_warning(method, tmp_path, monkeypatch) -> None:
+    """A tensor whose rows hold +inf and -inf makes per-row sums of both signs (SLERP's dot product,
+    the report's products); their exact total is NaN, as adding them gives, not a ValueError out
+    of math.fsum: the merge ends with the warning that names the tensor, the same bytes with the
+    compiled loops and without."""
+    from safetensors.torch import load_file, save_file
+
+    base, ft = str(tmp_path / "base"), str(tmp_path / "ft")
+    make_models.write_set([base, ft], SHAPE, seed=4)
+    shard = os.path.join(ft, sorted(f for f in os.listdir(ft) if f.endswith(".safetensors"))[0])
+    tensors = load_file(shard)
+    name = next(k for k in tensors if k.endswith("mlp.up_proj.weight"))
+    w = tensors[name]
+    w[: w.shape[0] // 2, 0] = float("inf")  # one per row: each row's sum is ±inf, not NaN
+    w[w.shape[0] // 2:, 0] = float("-inf")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    cfg = tmp_path / "m.yml"
+    body = {"slerp": f"base_model: {base}\nmodels: [{{model: {base}}}, {{model: {ft}}}]\nparameters: {{t: 0.3}}\n",
+            "linear": f"models: [{{model: {base}, parameters: {{weight: 0.5}}}}, "
+                      f"{{model: {ft}, parameters: {{weight: 0.5}}}}]\n",
+            "ties": f"base_model: {base}\nmodels: [{{model: {base}}}, "
+                    f"{{model: {ft}, parameters: {{weight: 0.5, density: 0.5}}}}]\n"}[method]
+    cfg.write_text(f"merge_method: {method}\n{body}")
+    digests = set()
+    for jit in ("0", "1"):
+        monkeypatch.setenv("STREAMMERGE_JIT", jit)
+        out = tmp_path / f"out{jit}"
+        r = CliRunner().invoke(main, ["run", str(cfg), str(out), "-q"])
+        assert r.exit_code == 0 and r.exception is None, (jit, r.output, repr(r.exception))
+        assert "Traceback" not in r.output
+        assert f"tensor {name!r}: the merged values hold NaN or Inf" in r.output
+        with open(out / "streammerge.manifest.json") as f:
+            digests.add(json.load(f)["content_xxh3_128"])
+    assert len(digests) == 1

@@ -284,7 +284,17 @@ class RowSums:
         self._parts.extend(row_sums.tolist())
 
     def total(self) -> float:
-        return math.fsum(self._parts)
+        return exact_total(self._parts)
+
+
+def exact_total(parts: list[float]) -> float:
+    """math.fsum of per-row sums: exact, in any order; where they hold both +inf and -inf (rows of
+    values whose products overflow float32, or infinite inputs) NaN, as adding them gives — fsum
+    itself raises ValueError there."""
+    try:
+        return math.fsum(parts)
+    except ValueError:
+        return math.nan
 
 
 def majority_sign(total: torch.Tensor) -> torch.Tensor:
