@@ -81,6 +81,7 @@ def warm() -> None:
         task_apply(x, 0, [1, 2], [torch.ones(1, 8, dtype=torch.bool), None], [1.0, 1.0], [1.0, 1.0], False,
                    True, True, 1.0, 1.0)
         radix_count(x[1], x[0], -1)
+        ranked_keep(x[1], 0, 1 << 32, x[0])
         slerp_sums(x[1], x[2])  # _jit.product_sums, as the report's statistics call it too
     x = torch.zeros(3, 1, 8)
     radix_count(x[1], None, -1)
@@ -216,25 +217,30 @@ def radix_count(x: torch.Tensor, base: torch.Tensor | None,
     return slice(int(first), int(first) + size), counts, inexact
 
 
-def ranked_keep(d: torch.Tensor, above: int, not_above: int) -> tuple[np.ndarray, int]:
-    """(keep, ties) of float32 rows d: keep (flat) where above < bits(|d|) ≤ not_above (TopK's bit
-    patterns), ties the count of bits(|d|) == above."""
-    keep, ties = _ranked(d, above, not_above, 0)
+def ranked_keep(d: torch.Tensor, above: int, not_above: int,
+                base: torch.Tensor | None = None) -> tuple[np.ndarray, int]:
+    """(keep, ties) of rows of δ = d − base (d itself where base is None; float32, or bfloat16 as
+    read): keep (flat) where above < bits(|δ|) ≤ not_above (TopK's bit patterns), ties the count of
+    bits(|δ|) == above."""
+    keep, ties = _ranked(d, base, above, not_above, 0)
     return keep.view(np.bool_), ties
 
 
-def ranked_codes(d: torch.Tensor, tie: int) -> tuple[np.ndarray, int]:
-    """(codes, ties) of float32 rows d: codes (flat uint8) 1 where bits(|d|) > tie, 2 where equal
-    (TopK's threshold ties), else 0; ties the count of 2s. settle_ties makes them a keep-mask."""
-    return _ranked(d, tie, 1 << 32, 2)
+def ranked_codes(d: torch.Tensor, tie: int, base: torch.Tensor | None = None) -> tuple[np.ndarray, int]:
+    """(codes, ties) of rows of δ = d − base (as ranked_keep): codes (flat uint8) 1 where
+    bits(|δ|) > tie, 2 where equal (TopK's threshold ties), else 0; ties the count of 2s.
+    settle_ties makes them a keep-mask."""
+    return _ranked(d, base, tie, 1 << 32, 2)
 
 
-def _ranked(d: torch.Tensor, above: int, not_above: int, tie_code: int) -> tuple[np.ndarray, int]:
+def _ranked(d: torch.Tensor, base: torch.Tensor | None, above: int, not_above: int,
+            tie_code: int) -> tuple[np.ndarray, int]:
     """_jit.ranked_keep into a new flat uint8 array: (codes, ties)."""
     jit = kernels()
     assert jit is not None
     out = np.empty(d.numel(), dtype=np.uint8)
-    ties = jit.ranked_keep(_flat(d), above, not_above, tie_code, out)
+    df = _flat(d)
+    ties = jit.ranked_keep(df, df if base is None else _flat(base), base is None, above, not_above, tie_code, out)
     return out, int(ties)
 
 

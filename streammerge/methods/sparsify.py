@@ -224,13 +224,14 @@ class TopK:
             return self.threshold - 1 if self.ties_keep else self.threshold
         return None
 
-    def mask_fused(self, d: torch.Tensor, flat0: int) -> np.ndarray:
-        """`mask` of δ rows d (float32 on the CPU, numba present) in compiled loops, flat: no bit
-        patterns made; the ties are counted and taken in turn as `mask` does."""
+    def mask_fused(self, d: torch.Tensor, flat0: int, base: torch.Tensor | None = None) -> np.ndarray:
+        """`mask` of δ rows d − base (d itself where base is None; on the CPU, numba present) in
+        compiled loops, flat: no bit patterns made; the ties are counted and taken in turn as `mask`
+        does."""
         above = self.keeps_above()
         if above is not None:
-            return fused.ranked_keep(d, above, 1 << 32)[0]
-        codes, n = fused.ranked_codes(d, self.threshold)
+            return fused.ranked_keep(d, above, 1 << 32, base)[0]
+        codes, n = fused.ranked_codes(d, self.threshold, base)
         with self.order.turn(flat0, d.numel()):  # the ties before this chunk are counted
             seen = self._ties_seen
             self._ties_seen += n
@@ -301,7 +302,8 @@ class Ranked(Sparsifier):
         return pass_idx != 1 or not all(sel.found for sel in self.selectors)
 
     def takes_raw(self, pass_idx: int) -> bool:
-        return pass_idx < min(2, self.stat_passes) and not self.rescale  # the radix passes (the mask looks at δ)
+        # the apply pass's masks (mask_inputs); the radix passes, not rescale's L1 pass
+        return pass_idx >= self.stat_passes or (pass_idx < 2 and not self.rescale)
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
         if pass_idx == 2:
@@ -339,15 +341,24 @@ class Ranked(Sparsifier):
             keep &= ~self.selectors[1].mask(bits, flat0)
         return keep
 
-    def _mask_fused(self, delta: torch.Tensor, flat0: int) -> np.ndarray:
+    def mask_inputs(self, x: torch.Tensor, base: torch.Tensor, flat0: int) -> torch.Tensor | None:
+        """`mask` of the δ = x − base of input rows x and base rows base (usable: float32 or bfloat16
+        as read, the compiled loops), made in the loops without δ itself."""
+        if self.keep_all:
+            return None
+        if self.zero_all:
+            return torch.zeros(x.shape, dtype=torch.bool)
+        return torch.from_numpy(self._mask_fused(x, flat0, base)).view(x.shape)
+
+    def _mask_fused(self, delta: torch.Tensor, flat0: int, base: torch.Tensor | None = None) -> np.ndarray:
         top = self.selectors[0]
         if len(self.selectors) == 1:
-            return top.mask_fused(delta, flat0)
+            return top.mask_fused(delta, flat0, base)
         above, not_above = top.keeps_above(), self.selectors[1].keeps_above()
         if above is not None and not_above is not None:  # a band without ties to count: one loop
-            return fused.ranked_keep(delta, above, not_above)[0]
-        keep = top.mask_fused(delta, flat0)
-        keep &= ~self.selectors[1].mask_fused(delta, flat0)
+            return fused.ranked_keep(delta, above, not_above, base)[0]
+        keep = top.mask_fused(delta, flat0, base)
+        keep &= ~self.selectors[1].mask_fused(delta, flat0, base)
         return keep
 
     def abort(self) -> None:

@@ -61,9 +61,9 @@ def family_cost(ctx: TaskContext, sparsify: str) -> Cost:
     stat = max(passes, default=0)
     if sparsify in ("random", "none"):  # dare_sums, then task_apply (Sparsifier/RandomDrop.takes_raw)
         raw = stat + 1
-    elif ranked and not bool(ctx.shared["rescale"]):  # the radix passes; the masks look at δ
-        raw = min(2, stat)
-    else:
+    elif ranked:  # the radix passes (not rescale's L1 pass), and the apply pass's masks
+        raw = (0 if bool(ctx.shared["rescale"]) else min(2, stat)) + 1
+    else:  # DELLA: its draws rank δ
         raw = 0
     return Cost(stat, temp, held, raw)
 
@@ -162,11 +162,12 @@ class TaskArithmetic(MergeOp):
         the same bits. Where every mask ignores δ (DARE's draws, none) δ is made in that loop too."""
         assert self.base is not None  # the family requires a base
         flat0 = row0 * x.shape[2]
-        deltas_done = any(type(sp) not in (RandomDrop, Sparsifier) for sp in self.sparsifiers)
-        if deltas_done:  # a ranked mask looks at δ
+        deltas_done = any(type(sp) not in (RandomDrop, Sparsifier, Ranked) for sp in self.sparsifiers)
+        if deltas_done:  # DELLA's draws rank δ
             for i in self.others:
                 x[i] -= x[self.base]
-        masks = [self._fused_mask(j, x[i], flat0) for j, i in enumerate(self.others)]
+        base = None if deltas_done else x[self.base]  # TIES's masks: made from the inputs in the loops
+        masks = [self._fused_mask(j, x[i], flat0, base) for j, i in enumerate(self.others)]
         divisor = 1.0 if self.consensus else self._weight_divisor()
         tally = self.tally
         pick = tally.pick if tally is not None and self.consensus and self.others else None
@@ -186,11 +187,17 @@ class TaskArithmetic(MergeOp):
         self._tally_kept(j, d, keep)
         return keep, self._scale(j)
 
-    def _fused_mask(self, j: int, d: torch.Tensor, flat0: int) -> tuple[torch.Tensor | np.ndarray | None, float]:
+    def _fused_mask(self, j: int, d: torch.Tensor, flat0: int,
+                    base: torch.Tensor | None) -> tuple[torch.Tensor | np.ndarray | None, float]:
         """_mask for fused.task_apply: a mask the statistics pass kept bit-packed comes as those bits,
         which the compiled loop unpacks a tile at a time, instead of np.unpackbits of the whole mask
-        and its copy into the loop's array (14-model DARE-TIES at 512 MiB: 50.5 s against 54.5)."""
+        and its copy into the loop's array (14-model DARE-TIES at 512 MiB: 50.5 s against 54.5);
+        a ranked mask is made from the input rows d and base where base is given (δ not made)."""
         sp = self.sparsifiers[j]
+        if isinstance(sp, Ranked) and base is not None:
+            keep = sp.mask_inputs(d, base, flat0)
+            self._tally_kept(j, d, keep)
+            return keep, self._scale(j)
         bits = sp.packed_mask(flat0) if isinstance(sp, RandomDrop) else None
         if bits is None:
             return self._mask(j, d, flat0)
