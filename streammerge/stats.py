@@ -106,10 +106,10 @@ class TensorStats:
 
     def record(self) -> dict[str, object]:
         """The tensor's record: lists per input (None where a figure does not apply)."""
-        xx = [exact_total(r.tolist()) for r in self._rows[0]]
-        dd = [exact_total(r.tolist()) for r in self._rows[1]]
-        xy = [exact_total(r.tolist()) for r in self._rows[2]]
-        yy = exact_total(self._out.tolist())
+        xx = [exact_total(r) for r in self._rows[0]]
+        dd = [exact_total(r) for r in self._rows[1]]
+        xy = [exact_total(r) for r in self._rows[2]]
+        yy = exact_total(self._out)
         t = self.tally
         return {
             "norm": [math.sqrt(v) for v in xx],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -287,7 +287,7 @@ class RowSums:
         return exact_total(self._parts)
 
 
-def exact_total(parts: list[float]) -> float:
+def exact_total(parts: Iterable[float]) -> float:
     """math.fsum of per-row sums: exact, in any order; where they hold both +inf and -inf (rows of
     values whose products overflow float32, or infinite inputs) NaN, as adding them gives — fsum
     itself raises ValueError there."""

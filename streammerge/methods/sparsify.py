@@ -302,7 +302,7 @@ class Ranked(Sparsifier):
         return pass_idx != 1 or not all(sel.found for sel in self.selectors)
 
     def takes_raw(self, pass_idx: int) -> bool:
-        # the apply pass's masks (mask_inputs); the radix passes, not rescale's L1 pass
+        # the apply pass's masks (mask, given the base); the radix passes, not rescale's L1 pass
         return pass_idx >= self.stat_passes or (pass_idx < 2 and not self.rescale)
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
@@ -328,27 +328,20 @@ class Ranked(Sparsifier):
             for sel in self.selectors:
                 sel.restart()  # the next pass (rescale or apply) counts ties from the start
 
-    def mask(self, delta: torch.Tensor, flat0: int) -> torch.Tensor | None:
+    def mask(self, delta: torch.Tensor, flat0: int, base: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Keep-mask of δ rows `delta`; where `base` is given, of δ = delta − base, input rows and
+        base rows (fused.usable: float32 or bfloat16 as read), made in the compiled loops without δ."""
         if self.keep_all:
             return None
         if self.zero_all:
             return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
-        if fused.usable(delta.unsqueeze(0)):  # with numba: compiled loops over δ
-            return torch.from_numpy(self._mask_fused(delta, flat0)).view(delta.shape)
+        if base is not None or fused.usable(delta.unsqueeze(0)):  # with numba: compiled loops over δ
+            return torch.from_numpy(self._mask_fused(delta, flat0, base)).view(delta.shape)
         bits = magnitude_bits(delta)
         keep = self.selectors[0].mask(bits, flat0)
         if len(self.selectors) > 1:
             keep &= ~self.selectors[1].mask(bits, flat0)
         return keep
-
-    def mask_inputs(self, x: torch.Tensor, base: torch.Tensor, flat0: int) -> torch.Tensor | None:
-        """`mask` of the δ = x − base of input rows x and base rows base (usable: float32 or bfloat16
-        as read, the compiled loops), made in the loops without δ itself."""
-        if self.keep_all:
-            return None
-        if self.zero_all:
-            return torch.zeros(x.shape, dtype=torch.bool)
-        return torch.from_numpy(self._mask_fused(x, flat0, base)).view(x.shape)
 
     def _mask_fused(self, delta: torch.Tensor, flat0: int, base: torch.Tensor | None = None) -> np.ndarray:
         top = self.selectors[0]

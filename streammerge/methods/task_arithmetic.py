@@ -180,10 +180,13 @@ class TaskArithmetic(MergeOp):
             tally.add_each(tally.agree, self.others, tallied[1].tolist())
         return out
 
-    def _mask(self, j: int, d: torch.Tensor, flat0: int) -> tuple[torch.Tensor | None, float]:
+    def _mask(self, j: int, d: torch.Tensor, flat0: int,
+              base: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float]:
         """The keep-mask of the j-th other input's rows d (δ, or the input itself where its mask does
-        not look at δ) and the scale of what it keeps, factor·weight; the tally counts what it kept."""
-        keep = self.sparsifiers[j].mask(d, flat0)
+        not look at δ, or, given `base`, where a ranked mask makes δ = d − base in its loops) and the
+        scale of what it keeps, factor·weight; the tally counts what it kept."""
+        sp = self.sparsifiers[j]
+        keep = sp.mask(d, flat0, base) if base is not None and isinstance(sp, Ranked) else sp.mask(d, flat0)
         self._tally_kept(j, d, keep)
         return keep, self._scale(j)
 
@@ -194,13 +197,9 @@ class TaskArithmetic(MergeOp):
         and its copy into the loop's array (14-model DARE-TIES at 512 MiB: 50.5 s against 54.5);
         a ranked mask is made from the input rows d and base where base is given (δ not made)."""
         sp = self.sparsifiers[j]
-        if isinstance(sp, Ranked) and base is not None:
-            keep = sp.mask_inputs(d, base, flat0)
-            self._tally_kept(j, d, keep)
-            return keep, self._scale(j)
         bits = sp.packed_mask(flat0) if isinstance(sp, RandomDrop) else None
         if bits is None:
-            return self._mask(j, d, flat0)
+            return self._mask(j, d, flat0, base)
         self._tally_kept(j, d, bits)
         return bits, self._scale(j)
 
