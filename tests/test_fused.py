@@ -12,13 +12,13 @@ import torch
 from helpers import ROOMY, context, output_digest, run_chunked
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from reference import pairwise_sum
+from reference import della_keep, pairwise_sum
 from test_kernel_forms import VALUE, WEIGHT, bits, quiet
 
 from streammerge.methods import METHODS, Tally, fused, rng
 from streammerge.methods.base import tree_row_sums
 from streammerge.methods.rng import _hash32_numpy, bernoulli_mask, keep_threshold
-from streammerge.methods.sparsify import QUIET_NAN, magnitude_bits
+from streammerge.methods.sparsify import QUIET_NAN, RankedDrop, magnitude_bits
 from streammerge.stats import TensorStats
 
 
@@ -199,6 +199,84 @@ def _bfloat16(x: torch.Tensor, patterns: list[int | None]) -> torch.Tensor:
 
 BF16_PATTERN = st.one_of(st.none(), st.none(), st.integers(0, 2**16 - 1),
                          st.sampled_from([0x7FC0, 0xFFC1, 0x7F81, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x807F]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=rows_of_values(), base=rows_of_values(), rows=st.integers(1, 3), seed=st.integers(0, 2**31),
+       start=st.one_of(st.just(0), st.integers(0, 2**34), st.integers(2**32 - 3000, 2**32 + 10)),
+       density=st.floats(0.3, 0.9), epsilon=st.floats(0.01, 0.25), zero_all=st.booleans(),
+       narrow=st.booleans(), patterns=st.lists(BF16_PATTERN, max_size=40))
+def test_della_masks_and_sums_are_the_torch_and_reference_ones(x, base, rows, seed, start, density, epsilon,
+                                                               zero_all, narrow, patterns) -> None:
+    """DELLA's compiled loop (a radix sort of each row's |δ| bit patterns for the ranks, then the
+    draws) keeps exactly the elements torch's stable argsort form keeps, on rows of ties, NaNs of
+    any payload, infinities and signed zeros, across a 2^32 block boundary too, from δ or from the
+    inputs as read (float32 or bfloat16); from index 0 the plain-numpy reference's mask; and its
+    statistics pass's row sums are RandomDrop.observe's."""
+    epsilon = min(epsilon, density - 0.01, 0.99 - density)
+    base = base.repeat(1, x.shape[1] // base.shape[1] + 1)[:, :x.shape[1]]
+    x, base = x.repeat(rows, 1).contiguous(), base.repeat(rows, 1).contiguous()
+    if narrow:
+        x, base = _bfloat16(x, patterns), _bfloat16(base, patterns[::-1])
+    cols = x.shape[1]
+    if cols < 2 and not zero_all:
+        return  # della_check refuses a row of one at plan time
+    tensor = "model.layers.0.mlp.down_proj.weight"
+    key = rng.stream_key(seed, 2, tensor)
+    sp = RankedDrop(0.0 if zero_all else density, epsilon, key, True, cols, True)
+    delta = x.float() - base.float()
+    made = fused.della_keep(x, key, start, cols, sp._prob(), base, sums=True)
+    assert made is not None
+    keep, total, kept = made
+    from_delta = fused.della_keep(delta, key, start, cols, sp._prob())
+    assert from_delta is not None and np.array_equal(from_delta[0], keep)
+    fused._use["on"] = False
+    try:
+        want = sp._draw(delta.clone(), start)  # the torch form
+    finally:
+        fused._use["on"] = True
+    assert torch.equal(torch.from_numpy(keep).view(x.shape), want)
+    if start == 0 and not zero_all:
+        assert np.array_equal(keep.reshape(x.shape), della_keep(delta.numpy(), density, epsilon, seed, 2, tensor))
+    mag = delta.abs()
+    for got, w in ((total, tree_row_sums(mag)), (kept, tree_row_sums(mag * want))):
+        assert torch.equal(got.isnan(), w.isnan()) and torch.equal(got[~w.isnan()], w[~w.isnan()])
+
+
+@st.composite
+def rows_differing_in_one_byte(draw):
+    """A float32 row of few bit patterns that differ from one another in a single byte (a radix
+    pass's digit) and in a second, lower one at most: the passes that must not be skipped."""
+    n = draw(st.integers(2, 600))
+    word = draw(st.integers(0, 2**31 - 1))
+    shifts = draw(st.lists(st.sampled_from([0, 8, 16, 24]), min_size=1, max_size=2))
+    pool = [word]
+    for _ in range(draw(st.integers(1, 3))):
+        w = word
+        for s in shifts:
+            w = (w & ~(0xFF << s)) | (draw(st.integers(0, 255)) << s)
+        pool.append(w)
+    words = np.array([pool[draw(st.integers(0, len(pool) - 1))] for _ in range(n)], dtype=np.uint32)
+    return torch.from_numpy(words.view(np.float32).copy()).view(1, n)
+
+
+@settings(max_examples=60, deadline=None)
+@given(d=st.one_of(rows_of_values(), rows_differing_in_one_byte()), rows=st.integers(1, 2))
+def test_della_ranks_are_the_stable_argsort_ranks(d, rows) -> None:
+    """The ranks themselves, which a draw reveals only where it falls between two neighbouring
+    probabilities: with the probability table 1 from rank t on (a draw is below 1) and 0 before, the
+    loop keeps the elements ranked t or above, so the counts over every t are the ranks — those of
+    numpy's stable argsort of |δ| in float32 (every NaN after +inf, in index order)."""
+    d = d.repeat(rows, 1).contiguous()
+    n = d.shape[1]
+    ranks = np.zeros(d.numel(), dtype=np.int64)
+    for t in range(1, n):
+        made = fused.della_keep(d, 5, 0, n, (np.arange(n) >= t).astype(np.float64))
+        assert made is not None
+        ranks += made[0]
+    mag = np.abs(d.numpy())
+    want = np.argsort(np.argsort(mag, axis=1, kind="stable"), axis=1, kind="stable")
+    assert np.array_equal(ranks.reshape(d.shape), want)
 
 
 @settings(max_examples=200, deadline=None)

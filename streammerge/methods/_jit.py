@@ -375,6 +375,83 @@ def ranked_keep(d: np.ndarray, b: np.ndarray, deltas_done: bool, above: int, not
     return int(ties)
 
 
+_DIGIT = 8  # bits of a rank_row radix pass: 4 passes over 256 bins, which stay in L1 beside a row
+
+
+@numba.njit(inline="always")
+def _rank_row(v: np.ndarray, n: int, keys: np.ndarray, idx: np.ndarray, keys2: np.ndarray, idx2: np.ndarray,
+              hist: np.ndarray, rank: np.ndarray) -> None:
+    """rank[j] ← the rank (0-based) of v[j] among v[:n] (magnitudes' bit patterns, as _ranked makes
+    them), ties by lower index: a stable LSD radix sort of (pattern, index), a pass skipped where
+    every pattern has the same digit."""
+    for j in range(n):
+        keys[j] = _ranked(v[j])
+        idx[j] = j
+    src_k, src_i, dst_k, dst_i = keys, idx, keys2, idx2
+    for p in range(32 // _DIGIT):
+        shift = np.uint32(p * _DIGIT)
+        hist[:] = 0
+        for j in range(n):
+            hist[(src_k[j] >> shift) & np.uint32(255)] += 1
+        if hist[(src_k[0] >> shift) & np.uint32(255)] == n:
+            continue
+        at = 0
+        for d in range(256):
+            c = hist[d]
+            hist[d] = at
+            at += c
+        for j in range(n):
+            d = (src_k[j] >> shift) & np.uint32(255)
+            q = hist[d]
+            hist[d] = q + 1
+            dst_k[q] = src_k[j]
+            dst_i[q] = src_i[j]
+        src_k, src_i, dst_k, dst_i = dst_k, dst_i, src_k, src_i
+    for j in range(n):
+        rank[src_i[j]] = j
+
+
+@numba.njit(nogil=True, cache=True)
+def della_keep(d: np.ndarray, b: np.ndarray, deltas_done: bool, cols: int, keys: np.ndarray, start: int,
+               prob: np.ndarray, out: np.ndarray, total: np.ndarray, kept: np.ndarray) -> None:
+    """DELLA's keep-mask of rows of δ = d − b (flat, `cols` per row; float32, or bfloat16's bits; d
+    itself with `deltas_done`) whose first flat index is `start`: out[j] ← draw/2^32 < prob[rank],
+    rank that of |δ[j]| in its row (ties by lower index), prob[r] the keep-probability of rank r
+    (RankedDrop's, one per rank), the draw rng's as in dare_sums (keys[k] the key of the 2^32
+    block start >> 32 + k). With total and kept (not empty), the statistics pass's row sums too,
+    as dare_sums makes them: of |δ| and of |δ|·keep, float64 in tree_rows' order."""
+    rows = d.size // cols if cols else 0
+    mag = np.empty(cols, dtype=np.float32)
+    v = mag.view(np.uint32)
+    keys_a = np.empty(cols, dtype=np.uint32)
+    keys_b = np.empty(cols, dtype=np.uint32)
+    idx_a = np.empty(cols, dtype=np.int64)
+    idx_b = np.empty(cols, dtype=np.int64)
+    hist = np.empty(256, dtype=np.int64)
+    rank = np.empty(cols, dtype=np.int64)
+    sums = total.size > 0
+    w = _width(cols)
+    sm = np.empty(w if sums else 0, dtype=np.float64)
+    sk = np.empty(w if sums else 0, dtype=np.float64)
+    first = start >> 32
+    for r in range(rows):
+        e0 = r * cols
+        _magnitudes(d, b, deltas_done, e0, cols, mag)
+        _rank_row(v, cols, keys_a, idx_a, keys_b, idx_b, hist, rank)
+        ot = out[e0:e0 + cols]
+        for j in range(cols):
+            i = start + e0 + j
+            u = np.float64(_draw(np.uint32(keys[(i >> 32) - first]), i)) / 4294967296.0
+            ot[j] = u < prob[rank[j]]
+        if sums:
+            for j in range(cols):
+                m = mag[j]
+                sm[j] = np.float64(m)
+                sk[j] = np.float64(m * (np.float32(1.0) if ot[j] else _ZERO))
+            total[r] = _halve(sm, cols, w)
+            kept[r] = _halve(sk, cols, w)
+
+
 @numba.njit(nogil=True, cache=True)
 def settle_ties(codes: np.ndarray, quota: int) -> None:
     """ranked_keep's codes with tie_code 2 as a keep-mask of 0 and 1: the first `quota` ties (2) in

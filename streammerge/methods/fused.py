@@ -83,6 +83,7 @@ def warm() -> None:
         radix_count(x[1], x[0], -1)
         ranked_keep(x[1], 0, 1 << 32, x[0])
         slerp_sums(x[1], x[2])  # _jit.product_sums, as the report's statistics call it too
+        della_keep(x[1], 1, 0, 8, np.zeros(8), x[0], sums=True)
     x = torch.zeros(3, 1, 8)
     radix_count(x[1], None, -1)
     ranked_keep(x[1], 0, 1 << 32)
@@ -138,6 +139,27 @@ def dare_sums(x: torch.Tensor, base: torch.Tensor, key: int, start: int, thresho
     packed = np.zeros((count + 7) // 8 if pack else 0, dtype=np.uint8)
     jit.dare_sums(_np(x.contiguous()), _np(base.contiguous()), keys, start, threshold, total, kept, packed)
     return torch.from_numpy(total), torch.from_numpy(kept), packed if pack else None
+
+
+def della_keep(d: torch.Tensor, key: int, start: int, cols: int, prob: np.ndarray, base: torch.Tensor | None = None,
+               sums: bool = False) -> tuple[np.ndarray, torch.Tensor, torch.Tensor] | None:
+    """RankedDrop's keep-mask (flat bool) of rows of δ = d − base (d itself where base is None;
+    float32, or bfloat16 as read; `cols` per row, contiguous) whose first flat index is start, in
+    one compiled loop per row (_jit.della_keep: a radix sort for the ranks, then the draws), and
+    with `sums` the row sums of |δ| and |δ|·keep as RandomDrop.observe makes them (float64, (rows,);
+    else empty); None where the kernels are not loaded."""
+    jit = kernels()
+    if jit is None:
+        return None
+    count = d.numel()
+    blocks = range(start >> 32, ((start + count - 1) >> 32) + 1) if count else range(0)
+    keys = np.array([block_key(key, blk) for blk in blocks] or [0], dtype=np.int64)
+    out = np.empty(count, dtype=np.bool_)
+    rows = count // cols if sums and cols else 0
+    total, kept = np.empty(rows, dtype=np.float64), np.empty(rows, dtype=np.float64)
+    df = _flat(d)
+    jit.della_keep(df, df if base is None else _flat(base), base is None, cols, keys, start, prob, out, total, kept)
+    return out, torch.from_numpy(total), torch.from_numpy(kept)
 
 
 def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.Tensor | np.ndarray | None],

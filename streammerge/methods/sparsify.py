@@ -103,8 +103,9 @@ class Sparsifier:
     def end_pass(self, pass_idx: int) -> None:
         pass
 
-    def mask(self, delta: torch.Tensor, flat0: int) -> torch.Tensor | None:
-        """Keep-mask for delta rows starting at flat index flat0; None = keep all."""
+    def mask(self, delta: torch.Tensor, flat0: int, base: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Keep-mask for delta rows starting at flat index flat0 (given `base`, delta holds the input's
+        rows as read and δ = delta − base); None = keep all."""
         return None
 
     def abort(self) -> None:
@@ -439,23 +440,24 @@ class RandomDrop(Sparsifier):
         self.factor = l1_factor(self._total.total(), self._kept.total())
 
     def takes_raw(self, pass_idx: int) -> bool:
-        return type(self) is RandomDrop  # dare_sums; DELLA's draws rank δ
+        return type(self) is RandomDrop  # dare_sums (RankedDrop says for itself)
 
     def packed_mask(self, flat0: int) -> np.ndarray | None:
         """The bits the statistics pass kept of the mask of the chunk starting at flat index flat0
         (np.packbits' order), handed over once; None where it kept none."""
         return None if self.keep_all else self._packed.pop(flat0, None)
 
-    def mask(self, delta: torch.Tensor, flat0: int) -> torch.Tensor | None:
+    def mask(self, delta: torch.Tensor, flat0: int, base: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.keep_all:
             return None
         packed = self.packed_mask(flat0)
         if packed is not None:
             bits = np.unpackbits(packed, count=delta.numel())
             return torch.from_numpy(bits).view(torch.bool).view(delta.shape)
-        return self._draw(delta, flat0)
+        return self._draw(delta, flat0, base)
 
-    def _draw(self, delta: torch.Tensor, flat0: int) -> torch.Tensor:
+    def _draw(self, delta: torch.Tensor, flat0: int, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask of rows delta (δ, or the input's rows where base is given) from flat index flat0."""
         return bernoulli_mask(self.key, flat0, delta.numel(), self.density, delta.device).view(delta.shape)
 
 
@@ -464,17 +466,45 @@ class RankedDrop(RandomDrop):
 
     p = (density − ε) + 2ε·(rank − 1)/(n − 1) for ranks 1..n ascending by |δ| in float32
     (ties: lower index ranks lower), drawn from the counter-based generator; L1 rescale over
-    the whole tensor. `row_len` is the length of axis 1 (the whole tensor for 0-D and 1-D).
+    the whole tensor. `row_len` is the length of axis 1 (the whole tensor for 0-D and 1-D);
+    `whole_rows`: each streamed row is one such row (axis 1 is all of a row: 0-D to 2-D tensors),
+    so that the compiled loop ranks the rows of a block as they are, and takes them as read: it
+    makes δ from the input and the base itself (takes_raw), in the statistics pass with the L1
+    sums. Otherwise (and without numba, or on a GPU) torch ranks δ along axis 1.
     """
 
-    def __init__(self, density: float, epsilon: float, key: int, rescale: bool, row_len: int) -> None:
+    def __init__(self, density: float, epsilon: float, key: int, rescale: bool, row_len: int,
+                 whole_rows: bool) -> None:
         super().__init__(density, key, rescale)
-        self.epsilon, self.row_len = epsilon, row_len
+        self.epsilon, self.row_len, self.whole_rows = epsilon, row_len, whole_rows
         self.zero_all = density <= 0
+        self._probs: np.ndarray | None = None
 
-    def _draw(self, delta: torch.Tensor, flat0: int) -> torch.Tensor:
+    def takes_raw(self, pass_idx: int) -> bool:
+        return self.whole_rows
+
+    def observe_inputs(self, pass_idx: int, x: torch.Tensor, base: torch.Tensor, flat0: int) -> None:
+        """With numba and whole rows, the mask and the row sums of |δ| and the kept |δ| in one
+        compiled loop (fused.della_keep), from the input's rows as read: observe's sums and mask."""
+        if not self.whole_rows or not fused.usable(x.unsqueeze(0)):
+            return Sparsifier.observe_inputs(self, pass_idx, x, base, flat0)
+        made = fused.della_keep(x, self.key, flat0, self.row_len, self._prob(), base, sums=True)
+        assert made is not None  # usable: the kernels are loaded
+        keep, total, kept = made
+        if self.remember:
+            self._packed[flat0] = np.packbits(keep)
+        self._total.add(total)
+        self._kept.add(kept)
+
+    def _draw(self, delta: torch.Tensor, flat0: int, base: torch.Tensor | None = None) -> torch.Tensor:
         if self.zero_all:
             return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+        if self.whole_rows and fused.usable(delta.unsqueeze(0)):
+            made = fused.della_keep(delta, self.key, flat0, self.row_len, self._prob(), base)
+            assert made is not None  # usable: the kernels are loaded
+            return torch.from_numpy(made[0]).view(delta.shape)
+        if base is not None:  # (fused.task_apply gives a base only where the loops run)
+            delta = delta.float() - base.float()
         mag = delta.abs().to(torch.float32).reshape(delta.shape[0], self.row_len, -1)  # rank along axis 1
         order = torch.argsort(mag, dim=1, stable=True)
         rank = torch.empty_like(order)
@@ -482,3 +512,16 @@ class RankedDrop(RandomDrop):
         prob = (self.density - self.epsilon) + 2 * self.epsilon * rank.double() / (self.row_len - 1)
         u = draws32(self.key, flat0, delta.numel(), delta.device).double() / float(1 << 32)
         return (u < prob.reshape(-1)).view(delta.shape)
+
+    def _prob(self) -> np.ndarray:
+        """The keep-probability of each rank 0..row_len − 1, as _draw computes it per element (the same
+        torch operations on the ranks themselves, so the same bits), for the compiled loop; all zero
+        where density ≤ 0 (_draw's zero mask)."""
+        if self._probs is None:
+            rank = torch.arange(self.row_len)
+            if self.zero_all:
+                self._probs = torch.zeros(self.row_len, dtype=torch.float64).numpy()
+            else:
+                self._probs = ((self.density - self.epsilon)
+                               + 2 * self.epsilon * rank.double() / (self.row_len - 1)).numpy()
+        return self._probs

@@ -42,6 +42,11 @@ def _row_len(ctx: TaskContext) -> int:
     return ctx.shape[1] if len(ctx.shape) >= 2 else max(1, ctx.numel)
 
 
+def _whole_rows(ctx: TaskContext) -> bool:
+    """Whether axis 1, along which DELLA ranks, is all of a streamed row (0-D to 2-D tensors)."""
+    return len(ctx.shape) < 2 or ctx.shape[0] * ctx.shape[1] == ctx.numel
+
+
 def _input_passes(sparsify: str, ctx: TaskContext, i: int) -> int:
     """Statistics passes input i's sparsifier needs."""
     rescale = bool(ctx.shared["rescale"])
@@ -63,8 +68,8 @@ def family_cost(ctx: TaskContext, sparsify: str) -> Cost:
         raw = stat + 1
     elif ranked:  # the radix passes (not rescale's L1 pass), and the apply pass's masks
         raw = (0 if bool(ctx.shared["rescale"]) else min(2, stat)) + 1
-    else:  # DELLA: its draws rank δ
-        raw = 0
+    else:  # DELLA: its loop ranks whole rows as read (della_keep), in every pass; torch ranks the others
+        raw = stat + 1 if _whole_rows(ctx) else 0
     return Cost(stat, temp, held, raw)
 
 
@@ -102,7 +107,7 @@ class TaskArithmetic(MergeOp):
             elif sparsify == "della":  # della_check has vetted density and epsilon at plan time
                 key = stream_key(ctx.seed, ctx.input_positions[i], ctx.tensor)
                 eps = float(ctx.input_params[i]["epsilon"])
-                self.sparsifiers.append(RankedDrop(density, eps, key, rescale, _row_len(ctx)))
+                self.sparsifiers.append(RankedDrop(density, eps, key, rescale, _row_len(ctx), _whole_rows(ctx)))
             else:
                 self.sparsifiers.append(Sparsifier())
 
@@ -162,11 +167,12 @@ class TaskArithmetic(MergeOp):
         the same bits. Where every mask ignores δ (DARE's draws, none) δ is made in that loop too."""
         assert self.base is not None  # the family requires a base
         flat0 = row0 * x.shape[2]
-        deltas_done = any(type(sp) not in (RandomDrop, Sparsifier, Ranked) for sp in self.sparsifiers)
-        if deltas_done:  # DELLA's draws rank δ
+        apply_pass = max((sp.stat_passes for sp in self.sparsifiers), default=0)
+        deltas_done = not all(sp.takes_raw(apply_pass) for sp in self.sparsifiers)
+        if deltas_done:  # DELLA's torch ranks of δ along axis 1 of a ≥3-D tensor
             for i in self.others:
                 x[i] -= x[self.base]
-        base = None if deltas_done else x[self.base]  # TIES's masks: made from the inputs in the loops
+        base = None if deltas_done else x[self.base]  # ranked masks (TIES, DELLA): made from the inputs in the loops
         masks = [self._fused_mask(j, x[i], flat0, base) for j, i in enumerate(self.others)]
         divisor = 1.0 if self.consensus else self._weight_divisor()
         tally = self.tally
@@ -186,7 +192,7 @@ class TaskArithmetic(MergeOp):
         not look at δ, or, given `base`, where a ranked mask makes δ = d − base in its loops) and the
         scale of what it keeps, factor·weight; the tally counts what it kept."""
         sp = self.sparsifiers[j]
-        keep = sp.mask(d, flat0, base) if base is not None and isinstance(sp, Ranked) else sp.mask(d, flat0)
+        keep = sp.mask(d, flat0, base)
         self._tally_kept(j, d, keep)
         return keep, self._scale(j)
 
