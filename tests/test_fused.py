@@ -245,8 +245,8 @@ def test_della_masks_and_sums_are_the_torch_and_reference_ones(x, base, rows, se
 
 @st.composite
 def rows_differing_in_one_byte(draw):
-    """A float32 row of few bit patterns that differ from one another in a single byte (a radix
-    pass's digit) and in a second, lower one at most: the passes that must not be skipped."""
+    """A float32 row of few bit patterns that differ from one another in one or two bytes only: the
+    bits that the sort's narrowing (less the smallest, past the low bits zero in all) must keep."""
     n = draw(st.integers(2, 600))
     word = draw(st.integers(0, 2**31 - 1))
     shifts = draw(st.lists(st.sampled_from([0, 8, 16, 24]), min_size=1, max_size=2))

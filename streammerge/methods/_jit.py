@@ -375,40 +375,70 @@ def ranked_keep(d: np.ndarray, b: np.ndarray, deltas_done: bool, above: int, not
     return int(ties)
 
 
-_DIGIT = 8  # bits of a rank_row radix pass: 4 passes over 256 bins, which stay in L1 beside a row
-
-
 @numba.njit(inline="always")
 def _rank_row(v: np.ndarray, n: int, keys: np.ndarray, idx: np.ndarray, keys2: np.ndarray, idx2: np.ndarray,
               hist: np.ndarray, rank: np.ndarray) -> None:
     """rank[j] ← the rank (0-based) of v[j] among v[:n] (magnitudes' bit patterns, as _ranked makes
-    them), ties by lower index: a stable LSD radix sort of (pattern, index), a pass skipped where
-    every pattern has the same digit."""
+    them), ties by lower index: a stable LSD radix sort of (pattern, index). The patterns are first
+    made narrower without changing their order: less the row's smallest, and shifted right past the
+    low bits that are zero in every one (δ of bfloat16 inputs has few significant bits): ~20 bits
+    are left, sorted in as few passes of at most 11 bits as cover them (hist: (3, 2048), all three
+    digits counted in one loop), where four 8-bit passes over all 31 took 30% longer."""
+    orr = np.uint32(0)
+    kmin = np.uint32(0xFFFFFFFF)
+    kmax = np.uint32(0)
     for j in range(n):
-        keys[j] = _ranked(v[j])
-        idx[j] = j
-    src_k, src_i, dst_k, dst_i = keys, idx, keys2, idx2
-    for p in range(32 // _DIGIT):
-        shift = np.uint32(p * _DIGIT)
-        hist[:] = 0
+        k = _ranked(v[j])
+        keys[j] = k
+        orr |= k
+        kmin = min(kmin, k)
+        kmax = max(kmax, k)
+    if kmin == kmax:  # all equal: index order
         for j in range(n):
-            hist[(src_k[j] >> shift) & np.uint32(255)] += 1
-        if hist[(src_k[0] >> shift) & np.uint32(255)] == n:
-            continue
-        at = 0
-        for d in range(256):
-            c = hist[d]
-            hist[d] = at
+            rank[j] = np.uint32(j)
+        return
+    tz = np.uint32(0)
+    while (orr >> tz) & np.uint32(1) == 0:
+        tz += np.uint32(1)
+    top = (kmax - kmin) >> tz
+    width = 0
+    while top:
+        top >>= np.uint32(1)
+        width += 1
+    passes = (width + 10) // 11
+    bits = (width + passes - 1) // passes
+    mask = np.uint32((1 << bits) - 1)
+    bins = 1 << bits
+    h0, h1, h2 = hist[0], hist[1], hist[2]
+    h0[:bins] = 0
+    h1[:bins] = 0
+    h2[:bins] = 0
+    s1, s2 = np.uint32(bits), np.uint32(2 * bits)
+    for j in range(n):
+        k = (keys[j] - kmin) >> tz
+        keys[j] = k
+        idx[j] = np.uint32(j)
+        h0[k & mask] += np.uint32(1)
+        h1[(k >> s1) & mask] += np.uint32(1)
+        h2[(k >> s2) & mask] += np.uint32(1)
+    src_k, src_i, dst_k, dst_i = keys, idx, keys2, idx2
+    for p in range(passes):
+        shift = np.uint32(p * bits)
+        h = hist[p]
+        at = np.uint32(0)
+        for d in range(bins):
+            c = h[d]
+            h[d] = at
             at += c
         for j in range(n):
-            d = (src_k[j] >> shift) & np.uint32(255)
-            q = hist[d]
-            hist[d] = q + 1
+            d = (src_k[j] >> shift) & mask
+            q = h[d]
+            h[d] = q + np.uint32(1)
             dst_k[q] = src_k[j]
             dst_i[q] = src_i[j]
         src_k, src_i, dst_k, dst_i = dst_k, dst_i, src_k, src_i
     for j in range(n):
-        rank[src_i[j]] = j
+        rank[src_i[j]] = np.uint32(j)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -425,10 +455,10 @@ def della_keep(d: np.ndarray, b: np.ndarray, deltas_done: bool, cols: int, keys:
     v = mag.view(np.uint32)
     keys_a = np.empty(cols, dtype=np.uint32)
     keys_b = np.empty(cols, dtype=np.uint32)
-    idx_a = np.empty(cols, dtype=np.int64)
-    idx_b = np.empty(cols, dtype=np.int64)
-    hist = np.empty(256, dtype=np.int64)
-    rank = np.empty(cols, dtype=np.int64)
+    idx_a = np.empty(cols, dtype=np.uint32)  # unsigned: no negative-index wraparound in the sort's loops
+    idx_b = np.empty(cols, dtype=np.uint32)
+    hist = np.empty((3, 2048), dtype=np.uint32)
+    rank = np.empty(cols, dtype=np.uint32)
     sums = total.size > 0
     w = _width(cols)
     sm = np.empty(w if sums else 0, dtype=np.float64)
