@@ -2,7 +2,7 @@
 """Speed benchmark on a generated model set, side by side in one run: streammerge against the I/O
 floor and, when given, mergekit 0.1.5 (installed in a separate environment).
 
-For each of linear (3 models), the seed's gradient slerp, ties (3 models) and the 14-model
+For each of linear (3 models), the seed's gradient slerp, ties and della (3 models each) and the 14-model
 dare_ties it prints wall time, the merge's own time (less Python's start-up and torch's import) and
 peak RSS, and the I/O floor measured in the same run: reading every input byte once from a warm page
 cache (--cold: from the disk) plus writing and syncing the output's size; both times also as multiples of the floor.
@@ -75,9 +75,14 @@ def configs(folders: list[str]) -> dict[str, tuple[str, list[str]]]:
     ties = (f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {base}\n"
             + "".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for f in ft[:2])
             + "dtype: bfloat16\n")
+    della = (f"merge_method: della\nbase_model: {base}\nmodels:\n  - model: {base}\n"
+             + "".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\n"
+                       for f in ft[:2])
+             + "dtype: bfloat16\n")
     dare = dare_ties_14(folders)
     return {"linear (3 models)": (linear, folders[:3]), "slerp (gradient)": (slerp, folders[:2]),
-            "ties (3 models)": (ties, folders[:3]), "dare_ties (15 models)": (dare, folders[:15])}
+            "ties (3 models)": (ties, folders[:3]), "della (3 models)": (della, folders[:3]),
+            "dare_ties (15 models)": (dare, folders[:15])}
 
 
 def merge_seconds(stderr: str) -> float:
@@ -86,7 +91,7 @@ def merge_seconds(stderr: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-MERGES = ("linear", "slerp", "ties", "dare_ties")  # the first word of each name configs() gives
+MERGES = ("linear", "slerp", "ties", "della", "dare_ties")  # the first word of each name configs() gives
 VARIANTS = {"cpu": [], "j1": ["-j", "1"], "j2": ["-j", "2"], "j4": ["-j", "4"], "j8": ["-j", "8"],
             "j16": ["-j", "16"], "no-overlap": ["--no-overlap"], "overlap": ["--overlap"], "unbounded": [],
             "cuda": ["--device", "cuda"], "cuda-no-overlap": ["--device", "cuda", "--no-overlap"], "nojit": []}
