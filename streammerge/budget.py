@@ -180,7 +180,7 @@ def loops_for(plan: Plan) -> bool:
     if plan.device != "cpu":
         fused.use_none()
         return False
-    return plan.method.jit and fused.use_for(jit_work(plan))
+    return plan.method.jit and fused.use_for(jit_work(plan), plan.method.jit_min_work)
 
 
 def kernel_forms(plan: Plan) -> tuple[bool, str]:
@@ -192,13 +192,13 @@ def kernel_forms(plan: Plan) -> tuple[bool, str]:
         return False, f"torch's kernels ({plan.method.name} has no compiled loops)"
     mode = os.environ.get("STREAMMERGE_JIT", "")
     work = jit_work(plan)
-    size, least = f"{work / 1e6:,.0f}M element-inputs", f"{fused.MIN_WORK / 1e6:.0f}M"
+    size, least = f"{work / 1e6:,.0f}M element-inputs", f"{plan.method.jit_min_work / 1e6:,.0f}M"
     if loops_for(plan):
         return True, "compiled loops (numba): " + (
             "STREAMMERGE_JIT=1" if mode == "1" else f"{size}, at least the {least} that repay loading numba")
     if mode == "0":
         return False, "torch's forms: STREAMMERGE_JIT=0"
-    if mode != "1" and work < fused.MIN_WORK:
+    if mode != "1" and work < plan.method.jit_min_work:
         return False, (f"torch's forms: {size}, under the {least} that repay loading numba "
                        "(STREAMMERGE_JIT=1 loads it anyway)")
     return False, "torch's forms: numba cannot be imported here (pip install numba for the compiled loops)"

@@ -429,6 +429,34 @@ def test_a_small_merge_runs_the_torch_forms_to_the_same_bytes(tiny_set, tmp_path
     assert fused.use_for(fused.MIN_WORK) and not fused.use_for(fused.MIN_WORK - 1)
 
 
+@pytest.mark.parametrize("method", ["slerp", "task_arithmetic", "ties", "dare_ties"])
+def test_each_method_loads_the_loops_from_its_own_least_work(tiny_set, monkeypatch, method) -> None:
+    """Whether a merge takes the compiled loops is its method's jit_min_work against the plan's
+    element-inputs (SLERP's and task arithmetic's loops save less, so they ask for more than the
+    family default), and `streammerge plan` names the figure it compared."""
+    import dataclasses
+
+    from test_all_methods import config_text
+
+    from streammerge.budget import jit_work, kernel_forms, loops_for
+    from streammerge.config import parse_config
+    from streammerge.methods import METHODS
+    from streammerge.planner import make_plan
+
+    monkeypatch.setenv("STREAMMERGE_JIT", "")
+    least = METHODS[method].jit_min_work
+    assert least == (fused.MIN_WORK if method in ("ties", "dare_ties") else
+                     fused.SLIM_WORK if method == "slerp" else fused.SUM_WORK)
+    plan = make_plan(parse_config(config_text(method, tiny_set)))
+    work = jit_work(plan)
+    for threshold, takes in ((work, True), (work + 1, False)):
+        at = dataclasses.replace(plan, method=dataclasses.replace(plan.method, jit_min_work=threshold))
+        assert loops_for(at) is takes
+        used, why = kernel_forms(at)
+        assert used is takes and f"{threshold / 1e6:,.0f}M" in why
+    assert loops_for(plan) is (work >= least)
+
+
 @settings(max_examples=50, deadline=None)
 @given(a=rows_of_values(), b=rows_of_values(), rows=st.integers(1, 3))
 def test_slerp_sums_are_the_torch_statistics_pass(a, b, rows) -> None:

@@ -264,6 +264,11 @@ class MethodDef:
     # its float32 CPU kernels run as compiled loops (fused.py) where numba is installed: whoever
     # measures the memory a run starts from loads them first (budget.baseline_bytes, fused.warm)
     jit: bool = False
+    # the element-inputs (elements x inputs over the tensors it computes) from which its loops repay
+    # loading numba and the kernels (about 0.6-0.9 s here, and a smaller block budget under a cap):
+    # fused.MIN_WORK where they save 3-14 ns per element-input; more where they save less (SLERP's one
+    # statistics loop, task arithmetic's plain sum), measured per method. Same bytes either way.
+    jit_min_work: int = fused.MIN_WORK
     max_others: int | None = None
     pretty: str = ""
     url: str = ""

@@ -29,15 +29,24 @@ _use = {"on": True}  # the merge this process runs uses the loops (use_for); tes
 # A merge with fewer float32 element-inputs than this (elements x inputs, over its family tensors)
 # runs the torch forms: loading numba and the cached kernels takes ~1 s (on this project's 2-core
 # machine), and the loops save 3 (DARE-TIES) to 14 (TIES) ns per element-input, so below ~2^26 (67M) the
-# load costs more than it saves. Same bytes either way.
+# load costs more than it saves. Same bytes either way. The default of MethodDef.jit_min_work: methods
+# whose loops save less ask for more (SLIM_WORK, SUM_WORK).
 MIN_WORK = 1 << 26
+# SLERP's statistics loop and task arithmetic's plain sum save under 1 ns per element-input: on the
+# medium set (hidden 1024; 2 cores, 512 MiB cap) the torch forms merged a 2-model SLERP (567M) in
+# 2.9-3.2 s against 3.5-4.1 with the loops, a 3-model task arithmetic (850M) in 1.8-2.0 against
+# 3.2-3.6; at 7B shapes (1.4G) the SLERP's loops won 1.3-1.6 s in two rounds of three, and a
+# 14-model task arithmetic (8.1G) merged in 9.3-10.5 s with them against 10.5-12.5.
+SLIM_WORK = 1 << 30  # SLERP
+SUM_WORK = 1 << 31  # task_arithmetic: its 2-input 1.4G at 7B shapes was still 0.3-1.0 s slower with the loops
 
 
-def use_for(work: int) -> bool:
+def use_for(work: int, least: int = MIN_WORK) -> bool:
     """Whether the merge about to run, `work` element-inputs of this family, uses the compiled loops:
-    STREAMMERGE_JIT=1 always, =0 never, unset when work >= MIN_WORK (and numba is there)."""
+    STREAMMERGE_JIT=1 always, =0 never, unset when work >= least (its method's jit_min_work; and
+    numba is there)."""
     mode = os.environ.get("STREAMMERGE_JIT", "")
-    _use["on"] = mode == "1" or (mode != "0" and work >= MIN_WORK)
+    _use["on"] = mode == "1" or (mode != "0" and work >= least)
     return kernels() is not None
 
 
