@@ -132,6 +132,13 @@ def bernoulli(key: int, start: int, count: int, threshold: int) -> np.ndarray | 
     return out
 
 
+def _block_keys(key: int, start: int, count: int) -> np.ndarray:
+    """rng.block_key of every 2^32 block that elements start .. start + count − 1 touch, in order:
+    keys[k] is block (start >> 32) + k's (one placeholder where count is 0), as the loops index them."""
+    blocks = range(start >> 32, ((start + count - 1) >> 32) + 1) if count else range(0)
+    return np.array([block_key(key, blk) for blk in blocks] or [0], dtype=np.int64)
+
+
 def dare_sums(x: torch.Tensor, base: torch.Tensor, key: int, start: int, threshold: int,
               pack: bool) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
     """DARE's L1 statistics of rows (rows, cols) of float32 whose first flat index is start: the
@@ -142,8 +149,7 @@ def dare_sums(x: torch.Tensor, base: torch.Tensor, key: int, start: int, thresho
     assert jit is not None
     rows, cols = x.shape
     count = rows * cols
-    blocks = range(start >> 32, ((start + count - 1) >> 32) + 1) if count else range(0)
-    keys = np.array([block_key(key, blk) for blk in blocks] or [0], dtype=np.int64)
+    keys = _block_keys(key, start, count)
     total, kept = np.empty(rows, dtype=np.float64), np.empty(rows, dtype=np.float64)
     packed = np.zeros((count + 7) // 8 if pack else 0, dtype=np.uint8)
     jit.dare_sums(_np(x.contiguous()), _np(base.contiguous()), keys, start, threshold, total, kept, packed)
@@ -161,8 +167,7 @@ def della_keep(d: torch.Tensor, key: int, start: int, cols: int, prob: np.ndarra
     if jit is None:
         return None
     count = d.numel()
-    blocks = range(start >> 32, ((start + count - 1) >> 32) + 1) if count else range(0)
-    keys = np.array([block_key(key, blk) for blk in blocks] or [0], dtype=np.int64)
+    keys = _block_keys(key, start, count)
     out = np.empty(count, dtype=np.bool_)
     rows = count // cols if sums and cols else 0
     total, kept = np.empty(rows, dtype=np.float64), np.empty(rows, dtype=np.float64)
