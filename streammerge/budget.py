@@ -58,6 +58,23 @@ PIECES_AHEAD = 2
 HOLD_SHARE = 0.5
 
 
+# Every figure is taken over every stride-th row of a tensor (rows 0, s, 2s, ...): a fixed sample,
+# the same whatever the chunking, of at least MIN_SAMPLED rows where the tensor has them, one row
+# in at most MAX_STRIDE. Measured: every element cost ~20% of the seed's stage-1 time (small set);
+# one row in 8 cost 8-20% of a 3-model TIES once its kernels were compiled (medium set, 18.2-20.5
+# s against 16.6-16.8 s with row 0 alone); one in 32 keeps 32-1000 rows of Mistral-7B's tensors.
+# (At least 64 rows, every row of the seed's tiny stage 1 with its 16-96-row tensors, took it
+# 3.1-3.5 s against 2.4-2.9 s at one in 8; at least 8 rows, 2.8-3.3 s against 2.8-3.4 s.)
+MAX_STRIDE = 32
+MIN_SAMPLED = 8
+
+
+def stride_for(rows: int) -> int:
+    """The stride of the report's sample (stats.py) for a tensor of `rows` rows: rows // MIN_SAMPLED,
+    between 1 and MAX_STRIDE (budget.py counts the sampled rows' copies)."""
+    return min(MAX_STRIDE, max(1, rows // MIN_SAMPLED))
+
+
 def live_pieces(threads: int) -> int:
     """Sub-chunks alive at once (computing, or finished and waiting) with `threads` compute threads."""
     return 1 if threads <= 1 else PIECES_AHEAD * threads
@@ -115,33 +132,54 @@ def input_row_bytes(task: Task, narrow: bool = True) -> int:
 
 
 def compute_row_bytes(task: Task, narrow: bool = True) -> int:
-    """Bytes one row of a compute sub-chunk adds: the kernel's temporaries and the cast output, for
-    the report's statistics a copy of the inputs' rows (apply may overwrite them) and two rows, and
-    (`narrow`, a block narrower than the compute dtype) the inputs' rows converted."""
+    """Bytes one row of a compute sub-chunk adds: the kernel's temporaries and the cast output, the
+    report's statistics' share (piece_bytes), and (`narrow`, a block narrower than the compute
+    dtype) the inputs' rows converted."""
     csize = itemsize(task.compute)
-    temp = 1.0 if task.copy_exact else task.cost.temp_rows + len(task.inputs) + 2
+    temp = 1.0 if task.copy_exact else task.cost.temp_rows + _stats_rows(task) / stride_for(task.rows)
     if narrow and block_dtype(task) != task.compute and widening_passes(task):
         temp += len(task.inputs)
     return int(task.cols * (temp * csize + itemsize(task.out_dtype))) + 64
 
 
+def piece_bytes(task: Task) -> int:
+    """Bytes a compute sub-chunk holds whatever its rows: the report's statistics copy the rows of
+    its sample (every stride_for(rows)-th row) as the sub-chunk is computed, and a sub-chunk of s
+    rows holds at most s / stride + 1 of them: compute_row_bytes counts the s / stride, this the one
+    more. (Counting a copy of every row, as before, left a 15-model merge at 512 MiB 110-row
+    sub-chunks where a tenth of that was in use.)"""
+    return 0 if task.copy_exact else int(_stats_rows(task) * task.cols * itemsize(task.compute))
+
+
+def _stats_rows(task: Task) -> int:
+    """Compute-dtype rows per sampled row the statistics hold (stats.TensorStats): the inputs'
+    copy, the output's, and without the compiled loops their products (3 per input, one more)."""
+    return 4 * len(task.inputs) + 2
+
+
 def sub_elements(task: Task) -> int:
     """Elements per input of a compute sub-chunk: COMPUTE_BYTES of inputs in the compute dtype,
     between COMPUTE_ELEMENTS (many inputs: a 15-model DARE-TIES) and COMPUTE_ELEMENTS_MAX (one or
-    two inputs)."""
+    two inputs); COMPUTE_ELEMENTS_MAX where the compiled loops take the task's blocks as read
+    (Cost.raw_passes), which stream each input through once and repay cache-sized pieces less than
+    they pay for the Python around each (the 15-model DARE-TIES, 1 GiB: 9.5-11.0 s of merge at 512K
+    elements per input against 11.3-14.2 s at 128K, interleaved)."""
+    if task.cost.raw_passes and fused.loaded() is not None:
+        return COMPUTE_ELEMENTS_MAX
     share = COMPUTE_BYTES // max(1, len(task.inputs) * itemsize(task.compute))
     return max(COMPUTE_ELEMENTS, min(COMPUTE_ELEMENTS_MAX, share))
 
 
-def sub_rows(task: Task) -> int:
+def sub_rows(task: Task, threads: int = 1) -> int:
     """Rows of a compute sub-chunk: about sub_elements(task) per input, so a kernel runs in cache and
-    a sub-chunk's work outweighs handing it to a thread."""
-    return max(1, min(task.rows, sub_elements(task) // max(1, task.cols)))
+    a sub-chunk's work outweighs handing it to a thread; and at most a `threads`-th of the tensor's
+    rows, so that each thread has a piece of a tensor read whole."""
+    return max(1, min(task.rows // max(1, threads), sub_elements(task) // max(1, task.cols)))
 
 
 def row_cost(task: Task, narrow: bool = True) -> int:
     """Bytes the smallest workable chunk needs: one row read, one row computed."""
-    return input_row_bytes(task, narrow) + compute_row_bytes(task, narrow)
+    return input_row_bytes(task, narrow) + compute_row_bytes(task, narrow) + piece_bytes(task)
 
 
 def widest_row(plan: Plan) -> tuple[int, Task | None]:
@@ -257,25 +295,26 @@ def chunk_rows(task: Task, budget_bytes: int, overlap: bool = False,
     """
     compute = compute_row_bytes(task, narrow)
     per_row = input_row_bytes(task, narrow)
+    piece = piece_bytes(task)
     if whole_blocks:
-        block = budget_bytes // (per_row + compute)
+        block = (budget_bytes - piece) // (per_row + compute)
         if overlap and block < task.rows:
-            block = budget_bytes // 2 // (per_row + compute)
+            block = (budget_bytes // 2 - piece) // (per_row + compute)
         block = max(1, min(task.rows, block))
         return block, block, 1
-    sub = sub_rows(task)
-    whole_sub = (budget_bytes - task.rows * per_row) // (live_pieces(threads) * compute)
+    sub = sub_rows(task, threads)
+    whole_sub = (budget_bytes - task.rows * per_row - live_pieces(threads) * piece) // (live_pieces(threads) * compute)
     if whole_sub >= min(sub, max(1, WHOLE_SUB_ELEMENTS // max(1, task.cols))):
         return task.rows, max(1, min(sub, whole_sub)), threads  # whole, in smaller sub-chunks if need be
     # Not whole: sub-chunks get at most half of the room, blocks the rest (sub-chunks that took
     # it all left a 12-model DARE 4-row blocks, 35 times slower than one thread's 2,136), and
     # fewer threads compute when even one-row sub-chunks for each would take more.
-    room = budget_bytes // 2 if overlap and budget_bytes // 2 >= compute + per_row else budget_bytes
-    while threads > 1 and live_pieces(threads) * compute > room // 2:
+    room = budget_bytes // 2 if overlap and budget_bytes // 2 >= compute + piece + per_row else budget_bytes
+    while threads > 1 and live_pieces(threads) * (compute + piece) > room // 2:
         threads -= 1
     live = live_pieces(threads)
-    sub = max(1, min(sub, room // 2 // (live * compute)))
-    block = (room - live * sub * compute) // per_row
+    sub = max(1, min(sub, (room // 2 - live * piece) // (live * compute)))
+    block = (room - live * (sub * compute + piece)) // per_row
     return max(1, min(task.rows, block)), max(1, min(sub, block, task.rows)), threads
 
 
@@ -306,7 +345,7 @@ def hold_reserve(tasks: Sequence[Task], budget_bytes: int, threads: int = 1) -> 
 
 def block_bytes(task: Task, rows: int, sub: int, threads: int = 1) -> int:
     """Bytes a block of `rows` rows holds while computed in sub-chunks of `sub` rows on `threads`."""
-    return rows * input_row_bytes(task) + live_pieces(threads) * sub * compute_row_bytes(task)
+    return rows * input_row_bytes(task) + live_pieces(threads) * (sub * compute_row_bytes(task) + piece_bytes(task))
 
 
 def chunk_bytes_used(task: Task, budget_bytes: int, overlap: bool = False, threads: int = 1) -> int:

@@ -176,20 +176,21 @@ def tallest_task(method: str, folders: list[str]) -> Task:
 
 
 def test_a_budget_without_room_for_sub_chunks_per_thread_computes_on_fewer(tiny_set) -> None:
-    from streammerge.budget import compute_row_bytes, input_row_bytes
+    from streammerge.budget import block_bytes, compute_row_bytes, input_row_bytes, piece_bytes
 
     task = tallest_task("ties", tiny_set)
-    per_row, compute = input_row_bytes(task), compute_row_bytes(task)
-    roomy = per_row * 10 + live_pieces(4) * 5 * compute
+    per_row, compute, piece = input_row_bytes(task), compute_row_bytes(task), piece_bytes(task)
+    assert piece > 0  # the report's sampled rows, counted once per live sub-chunk
+    roomy = per_row * 10 + live_pieces(4) * (5 * compute + piece)
     block, sub, threads = chunk_rows(task, roomy, threads=4)
-    assert threads == 4 and block * per_row + live_pieces(4) * sub * compute <= roomy
-    tight = 2 * live_pieces(4) * compute - 1  # one-row sub-chunks for 4 threads would take over half
+    assert threads == 4 and block_bytes(task, block, sub, 4) <= roomy
+    tight = 2 * live_pieces(4) * (compute + piece) - 1  # one-row sub-chunks for 4 threads would take over half
     block, sub, threads = chunk_rows(task, tight, threads=4)
-    assert threads < 4 and block * per_row + live_pieces(threads) * sub * compute <= tight
-    tight = 2 * live_pieces(2) * compute - 1
-    assert tight >= per_row + compute  # room for one thread's one-row sub-chunk and a row read
+    assert threads < 4 and block_bytes(task, block, sub, threads) <= tight
+    tight = 2 * live_pieces(2) * (compute + piece) - 1
+    assert tight >= per_row + compute + piece  # room for one thread's one-row sub-chunk and a row read
     block, sub, threads = chunk_rows(task, tight, threads=4)
-    assert threads == 1 and block * per_row + sub * compute <= tight
+    assert threads == 1 and block_bytes(task, block, sub, 1) <= tight
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -230,6 +231,58 @@ def test_sub_chunks_hold_about_the_same_bytes_whatever_the_input_count(tiny_set,
     assert sub_rows(task(n)) == max(1, e // cols)
 
 
+def test_the_compiled_loops_take_the_largest_sub_chunks_whatever_the_input_count(tiny_set, monkeypatch) -> None:
+    """Where the compiled loops take a task's blocks as read (DARE-TIES: Cost.raw_passes), its
+    sub-chunks hold COMPUTE_ELEMENTS_MAX elements per input even for 15 inputs; with torch's forms,
+    or for a method without such loops (linear), the COMPUTE_BYTES share still rules."""
+    from streammerge.methods import fused
+
+    def task(method: str, n: int) -> Task:
+        base = tallest_task(method, tiny_set)
+        return dataclasses.replace(base, inputs=tuple(base.inputs[i % len(base.inputs)] for i in range(n)),
+                                   shape=(10**6, 1024))
+
+    dare, linear = task("dare_ties", 15), task("linear", 15)
+    assert dare.cost.raw_passes and not linear.cost.raw_passes
+    share = max(COMPUTE_ELEMENTS, COMPUTE_BYTES // (15 * itemsize(dare.compute)))
+    assert share < COMPUTE_ELEMENTS_MAX
+    monkeypatch.setattr(fused, "loaded", lambda: fused)  # this process merges with the loops
+    assert sub_elements(dare) == COMPUTE_ELEMENTS_MAX and sub_rows(dare) == COMPUTE_ELEMENTS_MAX // 1024
+    assert sub_elements(linear) == share
+    monkeypatch.setattr(fused, "loaded", lambda: None)  # torch's forms
+    assert sub_elements(dare) == share
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(sorted(RECIPES)), threads=st.integers(1, 16), rows=st.integers(1, 5000),
+       cols=st.integers(1, 4096))
+def test_each_thread_has_a_piece_of_a_tensor_read_whole(tiny_set, method, threads, rows, cols) -> None:
+    """Sub-chunks are at most a threads-th of the tensor's rows, so a tensor read whole in one
+    block gives every thread a piece (512K-element sub-chunks left a 256-row attention tensor of
+    a 15-model merge one piece, on one of the 2 threads)."""
+    from streammerge.schedule import spans
+
+    task = dataclasses.replace(tallest_task(method, tiny_set), shape=(rows, cols))
+    sub = sub_rows(task, threads)
+    assert len(spans(0, rows, sub)) >= min(threads, rows)
+    assert sub == max(1, min(sub_rows(task), rows // threads))
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 5000), n=st.integers(1, 4), data=st.data())
+def test_a_sub_chunk_copies_at_most_its_share_of_the_sample_and_one_row_more(rows, n, data) -> None:
+    """What budget.piece_bytes stands on: the report's statistics copy, of a sub-chunk of s rows
+    starting anywhere (TensorStats.before), at most s / stride + 1 rows of each input, stride being
+    stride_for(rows): compute_row_bytes counts the s / stride, piece_bytes the one more."""
+    from streammerge.budget import stride_for
+
+    row0 = data.draw(st.integers(0, rows - 1))
+    s = data.draw(st.integers(1, rows - row0))
+    got = TensorStats(n, rows, 0).before(torch.zeros(n, s, 3), row0)
+    copied = 0 if got is None else got[1].shape[1]
+    assert copied <= s / stride_for(rows) + 1
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(method=st.sampled_from(sorted(RECIPES)), threads=st.integers(1, 16), rows=st.integers(1, 40_000),
        cols=st.integers(1, 16_384), share=st.floats(0.0, 1.5))
@@ -239,15 +292,15 @@ def test_a_tensor_that_fits_with_smaller_sub_chunks_is_read_whole(tiny_set, meth
     per input (a 3-model TIES's MLP tensors at 512 MiB were read three times, once per pass, for
     want of room for four 512-row sub-chunks); the sub-chunks are then as large as the room left
     allows, never larger than sub_rows, and the whole block keeps the budget."""
-    from streammerge.budget import WHOLE_SUB_ELEMENTS, block_bytes, compute_row_bytes, input_row_bytes
+    from streammerge.budget import WHOLE_SUB_ELEMENTS, block_bytes, row_cost
 
     task = dataclasses.replace(tallest_task(method, tiny_set), shape=(rows, cols))
-    per_row, compute, live = input_row_bytes(task), compute_row_bytes(task), live_pieces(threads)
-    smallest = min(sub_rows(task), max(1, WHOLE_SUB_ELEMENTS // cols))
-    budget = int(share * (rows * per_row + live * smallest * compute)) + per_row + compute
+    most = sub_rows(task, threads)
+    smallest = min(most, max(1, WHOLE_SUB_ELEMENTS // cols))
+    whole = block_bytes(task, rows, smallest, threads)
+    budget = int(share * whole) + row_cost(task)
     block, sub, used = chunk_rows(task, budget, threads=threads)
-    fits = rows * per_row + live * smallest * compute <= budget
-    if fits:
-        assert block == rows and used == threads and smallest <= sub <= sub_rows(task)
-        assert sub == sub_rows(task) or block_bytes(task, rows, sub + 1, threads) > budget
+    if whole <= budget:
+        assert block == rows and used == threads and smallest <= sub <= most
+        assert sub == most or block_bytes(task, rows, sub + 1, threads) > budget
     assert block_bytes(task, block, sub, used) <= budget
