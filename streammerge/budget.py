@@ -151,10 +151,18 @@ def piece_bytes(task: Task) -> int:
     return 0 if task.copy_exact else int(_stats_rows(task) * task.cols * itemsize(task.compute))
 
 
-def _stats_rows(task: Task) -> int:
+def _stats_rows(task: Task) -> float:
     """Compute-dtype rows per sampled row the statistics hold (stats.TensorStats): the inputs'
-    copy, the output's, and without the compiled loops their products (3 per input, one more)."""
-    return 4 * len(task.inputs) + 2
+    copy, the output's and their products (3 per input, one more); where torch's form sums the
+    products (no compiled loops, or a float64 merge: fused.product_sums declines), also row_sums'
+    float64 copy of them padded to a power of two columns (base.tree_row_sums), which at 14,336
+    columns is 2.3 rows per product row."""
+    n = len(task.inputs)
+    rows = 4.0 * n + 2
+    if fused.loaded() is None or task.compute != "F32":
+        width = 1 << max(0, task.cols - 1).bit_length()
+        rows += (3 * n + 1) * 8 * width / (itemsize(task.compute) * max(1, task.cols))
+    return rows
 
 
 def sub_elements(task: Task) -> int:
