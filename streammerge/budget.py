@@ -58,13 +58,14 @@ PIECES_AHEAD = 2
 HOLD_SHARE = 0.5
 
 
-# Every figure is taken over every stride-th row of a tensor (rows 0, s, 2s, ...): a fixed sample,
-# the same whatever the chunking, of at least MIN_SAMPLED rows where the tensor has them, one row
-# in at most MAX_STRIDE. Measured: every element cost ~20% of the seed's stage-1 time (small set);
-# one row in 8 cost 8-20% of a 3-model TIES once its kernels were compiled (medium set, 18.2-20.5
-# s against 16.6-16.8 s with row 0 alone); one in 32 keeps 32-1000 rows of Mistral-7B's tensors.
-# (At least 64 rows, every row of the seed's tiny stage 1 with its 16-96-row tensors, took it
-# 3.1-3.5 s against 2.4-2.9 s at one in 8; at least 8 rows, 2.8-3.3 s against 2.8-3.4 s.)
+# The report (stats.py) takes every figure over every stride-th row of a tensor (rows 0, s, 2s,
+# ...): a fixed sample, the same whatever the chunking, of at least MIN_SAMPLED rows where the
+# tensor has them, one row in at most MAX_STRIDE. Measured: every element cost ~20% of the seed's
+# stage-1 time (small set); one row in 8 cost 8-20% of a 3-model TIES once its kernels were compiled
+# (medium set, 18.2-20.5 s against 16.6-16.8 s with row 0 alone); one in 32 keeps 32-1000 rows of
+# Mistral-7B's tensors. (At least 64 rows, every row of the seed's tiny stage 1 with its 16-96-row
+# tensors, took it 3.1-3.5 s against 2.4-2.9 s at one in 8; at least 8 rows, 2.8-3.3 s against
+# 2.8-3.4 s.)
 MAX_STRIDE = 32
 MIN_SAMPLED = 8
 
