@@ -21,8 +21,9 @@ Variants (each a streammerge run of every config): cpu (the defaults: compute th
 core this process may use; read-ahead and write-behind threads with 4 or more cores), j1 (-j 1:
 one compute thread), j2, j4, j8 (-j N), no-overlap (--no-overlap: one thread does the I/O in
 order), overlap (--overlap: the helper threads whatever the cores), cuda (--device cuda),
-cuda-no-overlap, nojit (STREAMMERGE_JIT=0: the torch forms instead of the compiled loops). The
-unbounded variant runs without --max-memory (half the available memory).
+cuda-no-overlap, nojit (STREAMMERGE_JIT=0: the torch forms instead of the compiled loops), jit
+(STREAMMERGE_JIT=1: the loops whatever the merge's size). The unbounded variant runs without
+--max-memory (half the available memory).
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def merge_seconds(stderr: str) -> float:
 MERGES = ("linear", "slerp", "ties", "della", "dare_ties")  # the first word of each name configs() gives
 VARIANTS = {"cpu": [], "j1": ["-j", "1"], "j2": ["-j", "2"], "j4": ["-j", "4"], "j8": ["-j", "8"],
             "j16": ["-j", "16"], "no-overlap": ["--no-overlap"], "overlap": ["--overlap"], "unbounded": [],
-            "cuda": ["--device", "cuda"], "cuda-no-overlap": ["--device", "cuda", "--no-overlap"], "nojit": []}
-ENV = {"nojit": {"STREAMMERGE_JIT": "0"}}  # variants set by the environment
+            "cuda": ["--device", "cuda"], "cuda-no-overlap": ["--device", "cuda", "--no-overlap"],
+            "nojit": [], "jit": []}
+ENV = {"nojit": {"STREAMMERGE_JIT": "0"}, "jit": {"STREAMMERGE_JIT": "1"}}  # variants set by the environment
 # Every timed command runs as on a user's machine: Python writes and reuses bytecode caches. (This
 # project's machines set PYTHONDONTWRITEBYTECODE=1, so an editable streammerge recompiled its ~70
 # modules, 0.4 s, on every start, while pip had compiled mergekit's and torch's at install.)

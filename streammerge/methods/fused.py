@@ -32,12 +32,14 @@ _use = {"on": True}  # the merge this process runs uses the loops (use_for); tes
 # load costs more than it saves. Same bytes either way. The default of MethodDef.jit_min_work: methods
 # whose loops save less ask for more (SLIM_WORK, SUM_WORK).
 MIN_WORK = 1 << 26
-# SLERP's statistics loop and task arithmetic's plain sum save under 1 ns per element-input: on the
-# medium set (hidden 1024; 2 cores, 512 MiB cap) the torch forms merged a 2-model SLERP (567M) in
-# 2.9-3.2 s against 3.5-4.1 with the loops, a 3-model task arithmetic (850M) in 1.8-2.0 against
-# 3.2-3.6; at 7B shapes (1.4G) the SLERP's loops won 1.3-1.6 s in two rounds of three, and a
-# 14-model task arithmetic (8.1G) merged in 9.3-10.5 s with them against 10.5-12.5.
-SLIM_WORK = 1 << 30  # SLERP
+# SLERP's statistics loop and task arithmetic's plain sum save less. SLERP's (one loop for its three
+# products' tree sums, with blocks as read and 512K-element sub-chunks) against torch's forms, on the
+# medium set (hidden 1024; 2 cores, 512 MiB cap, alternated; merge seconds, numba's load included):
+# 2 layers (186M) 1.1-1.2 against 1.0-1.4, 6 layers (300M) 1.2 against 1.4-1.6, 10 layers (430M)
+# 1.5-1.9 against 1.9-2.5, 16 layers (567M) 2.0-2.3 against 2.6-3.2. A 3-model task arithmetic
+# (850M) merged in 1.6-2.6 s with the loops against 1.7-2.2; a 14-model one (8.1G) in 9.3-10.5 s
+# with them against 10.5-12.5.
+SLIM_WORK = 1 << 28  # SLERP
 SUM_WORK = 1 << 31  # task_arithmetic: its 2-input 1.4G at 7B shapes was still 0.3-1.0 s slower with the loops
 
 
