@@ -364,9 +364,9 @@ def test_kept_masks_reach_the_compiled_apply_as_bits(method, n, rows, cols, chun
     got_bits = []
     task_apply = fused.task_apply
 
-    def spy(x, base, others, keeps, *args):
+    def spy(x, base, others, keeps, *args, **kwargs):
         got_bits.append(all(isinstance(k, np.ndarray) for k in keeps))
-        return task_apply(x, base, others, keeps, *args)
+        return task_apply(x, base, others, keeps, *args, **kwargs)
 
     fused.task_apply = spy
     try:
@@ -375,6 +375,46 @@ def test_kept_masks_reach_the_compiled_apply_as_bits(method, n, rows, cols, chun
         fused.task_apply = task_apply
     assert got_bits and all(got_bits)
     _assert_torch_form_agrees(method, ctx, x, chunk_rows, True, fast)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 4), rows=st.integers(1, 5), cols=st.sampled_from([1, 7, 300, 513, 1100]),
+       start=st.one_of(st.integers(0, 2**34), st.integers(2**32 - 2000, 2**32 + 10)), key=KEY,
+       densities=st.lists(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]), min_size=3, max_size=3),
+       consensus=st.booleans(), narrow=st.booleans(), pick=st.tuples(st.integers(0, 4), st.integers(1, 3)),
+       seed=st.integers(0, 2**31))
+def test_masks_drawn_in_the_apply_loop_are_bernoullis(n, rows, cols, start, key, densities, consensus, narrow,
+                                                      pick, seed) -> None:
+    """A Draw (DARE's mask where none was kept) is drawn in task_apply's loop a tile at a time: the same
+    output as the bool masks of the numpy draws (rng's form without numba), across 512-element tiles,
+    rows and a 2^32 block's edge (a new key), and the report's kept count of the picked rows is the
+    masks' set bits there; the agreement counts are those of the bool masks' call."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, rows, cols, generator=g)
+    if narrow:
+        x = x.to(torch.bfloat16)
+    others = list(range(1, n))
+    keys = [key + 7919 * j for j in others]
+    thresholds = [keep_threshold(densities[j - 1]) for j in others]
+    jit = fused._state["jit"]
+    fused._state["jit"] = None  # rng.bernoulli_mask's numpy form: the reference draws
+    try:
+        bools = [bernoulli_mask(k, start, rows * cols, densities[j - 1]).view(rows, cols)
+                 for j, k in zip(others, keys)]
+    finally:
+        fused._state["jit"] = jit
+    picked = slice(min(pick[0], rows - 1), rows, pick[1])
+    scales, weights = [0.7, -1.3, 2.0][:n - 1], [0.5, 0.25, 1.0][:n - 1]
+    args = (scales, weights, False, consensus, True, 1.0, 1.0, picked)
+    want_tally = np.zeros((3, n - 1), dtype=np.int64)
+    want = fused.task_apply(x, 0, others, bools, *args, want_tally, start=start)
+    got_tally = np.zeros((3, n - 1), dtype=np.int64)
+    draws = [fused.Draw(k, t) for k, t in zip(keys, thresholds)]
+    got = fused.task_apply(x, 0, others, draws, *args, got_tally, start=start)
+    assert torch.equal(bits(quiet(got)), bits(quiet(want)))
+    assert np.array_equal(got_tally[:2], want_tally[:2])
+    assert got_tally[2].tolist() == [int(b[picked].sum()) for b in bools]
+    assert want_tally[2].tolist() == [0] * (n - 1)  # bool masks are counted by the caller, not the loop
 
 
 def test_a_bernoulli_mask_on_the_cpu_takes_the_compiled_loop(monkeypatch) -> None:

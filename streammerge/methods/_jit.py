@@ -149,9 +149,35 @@ def _tally_tile(deltas: np.ndarray, sign: np.ndarray, e0: int, m: int, cols: int
             tallied[1, j] += agree
 
 
+@numba.njit(inline="always")
+def _draw_tile(keys: np.ndarray, first: int, tt: np.uint64, i0: int, m: int, bits: np.ndarray) -> None:
+    """bits[k] ← draw(i0 + k) < tt for the m indices from i0 (bernoulli's mask), each with the key of
+    its 2^32 block (keys[b − first] for block b): a tile may cross into the next block."""
+    cut = min(m, (((i0 >> 32) + 1) << 32) - i0)
+    kk = np.uint32(keys[(i0 >> 32) - first])
+    for k in range(cut):
+        bits[k] = np.uint64(_draw(kk, i0 + k)) < tt
+    if cut < m:
+        kk = np.uint32(keys[((i0 + cut) >> 32) - first])
+        for k in range(cut, m):
+            bits[k] = np.uint64(_draw(kk, i0 + k)) < tt
+
+
+@numba.njit(inline="always")
+def _count_picked(bits: np.ndarray, e0: int, m: int, cols: int, pick: np.ndarray) -> int:
+    """Set bits[:m] in the picked rows (pick = first, stop, step) of the tile of m elements from e0."""
+    n = 0
+    for r in range(e0 // cols, (e0 + m - 1) // cols + 1):
+        if r < pick[0] or r >= pick[1] or (r - pick[0]) % pick[2] != 0:
+            continue
+        for k in range(max(e0, r * cols) - e0, min(e0 + m, (r + 1) * cols) - e0):
+            n += bits[k]
+    return n
+
+
 @numba.njit(nogil=True, cache=True)
 def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: np.ndarray, packed: np.ndarray,
-               masked: np.ndarray, slot: np.ndarray,
+               masked: np.ndarray, slot: np.ndarray, draw_keys: np.ndarray, thresholds: np.ndarray, start: int,
                scale: np.ndarray, zero: np.ndarray, weight: np.ndarray, deltas_done: bool, consensus: bool,
                normalize: bool, divisor: np.float32, lam: np.float32, scale_lam: bool,
                out: np.ndarray, cols: int, pick: np.ndarray, tallied: np.ndarray) -> None:
@@ -166,9 +192,13 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
     none), the report's tallies of those rows: tallied[0, j] += other j's weighted, sparsified δ
     that are not zero, tallied[1, j] += those whose δ·sign > 0 (TaskArithmetic._count_agreement's
     counts, counted here while the tile is in L1).
-    Input j's mask: none (masked[j] 0), the bool row keep[slot[j]] (1), or the bits of
+    Input j's mask: none (masked[j] 0), the bool row keep[slot[j]] (1), the bits of
     packed[slot[j]] (2: np.packbits' order, element k at bit 7 − k % 8 of byte k // 8), unpacked a
-    tile at a time into L1, not into a bool array of the whole sub-chunk first.
+    tile at a time into L1, not into a bool array of the whole sub-chunk first, or (3) drawn here a
+    tile at a time: bernoulli's draw < thresholds[slot[j]] of the flat indices from `start`, keyed
+    by draw_keys[slot[j], b − (start >> 32)] in 2^32 block b, the very mask rng.bernoulli_mask
+    gives, never stored; with pick (step > 0) its set bits in the picked rows are added to
+    tallied[2, j] (the report's kept count, which the other kinds count from their arrays).
 
     Tile by tile, one input at a time within a tile: the inputs' rows lie a multiple of 4 KiB apart,
     so an element's 15 values fall in one L1 set, and a loop over inputs per element thrashed it.
@@ -183,6 +213,7 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
     div = np.empty(_TILE, dtype=np.float32)
     sign = np.empty(_TILE, dtype=np.float32)
     bits = np.empty(_TILE, dtype=np.bool_)
+    first = start >> 32
     for e0 in range(0, count, _TILE):
         m = min(_TILE, count - e0)
         for k in range(m):
@@ -203,6 +234,11 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
                 kt = bits[:m]
             elif masked[j] == 1:
                 kt = keep[slot[j], e0:e0 + m]
+            elif masked[j] == 3:
+                _draw_tile(draw_keys[slot[j]], first, np.uint64(thresholds[slot[j]]), start + e0, m, bits)
+                kt = bits[:m]
+                if pick[2] > 0:
+                    tallied[2, j] += _count_picked(bits, e0, m, cols, pick)
             if masked[j] != 0:
                 if deltas_done:
                     for k in range(m):

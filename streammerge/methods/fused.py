@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -178,16 +179,26 @@ def della_keep(d: torch.Tensor, key: int, start: int, cols: int, prob: np.ndarra
     return out, torch.from_numpy(total), torch.from_numpy(kept)
 
 
-def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.Tensor | np.ndarray | None],
+class Draw(NamedTuple):
+    """A keep-mask task_apply draws itself, a tile at a time, never stored: rng.bernoulli_mask's of
+    the chunk's flat indices with `key`, kept where the draw < `threshold` (rng.keep_threshold)."""
+
+    key: int
+    threshold: int
+
+
+def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.Tensor | np.ndarray | Draw | None],
                scales: list[float], weights: list[float], deltas_done: bool, consensus: bool,
                normalize: bool, divisor: float, lam: float, pick: slice | None = None,
-               tallied: np.ndarray | None = None) -> torch.Tensor:
+               tallied: np.ndarray | None = None, start: int = 0) -> torch.Tensor:
     """TaskArithmetic.apply's arithmetic after the masks, in one loop (_jit.task_apply), on chunk x
-    (usable(x); bfloat16 only without `deltas_done`): returns the merged rows (float32), x as it was.
-    A mask is a bool tensor of the chunk's shape, or its bits as np.packbits packs them (a uint8
-    array, DARE's kept masks). With consensus, `pick` (rows of the chunk) and `tallied` ((2,
-    len(others)) int64), the report's counts of those rows are added to tallied: each other input's
-    nonzero δ, and those agreeing with the sign."""
+    (usable(x); bfloat16 only without `deltas_done`) whose first flat index is `start`: returns the
+    merged rows (float32), x as it was. A mask is a bool tensor of the chunk's shape, its bits as
+    np.packbits packs them (a uint8 array, DARE's kept masks), or a Draw (DARE's mask where none
+    was kept: drawn in the loop, without 1 byte per element and input written and read again).
+    With `pick` (rows of the chunk) and `tallied` ((3, len(others)) int64) the report's counts of
+    those rows are added to tallied: with consensus each other input's nonzero δ (row 0) and those
+    agreeing with the sign (row 1); each Draw's kept elements (row 2)."""
     jit = kernels()
     assert jit is not None
     n, rows, cols = x.shape
@@ -196,16 +207,22 @@ def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.
     # one flat run from the first input's first element to the last's last (usable: each input's
     # rows are contiguous), a view
     xf = _np(torch.as_strided(x, ((n - 1) * stride + count,), (1,)))
-    masked = np.zeros(len(keeps), dtype=np.int8)  # 0 none, 1 a bool row of keep, 2 a row of packed
+    masked = np.zeros(len(keeps), dtype=np.int8)  # 0 none, 1 a bool row of keep, 2 a row of packed, 3 a draw
     slot = np.zeros(len(keeps), dtype=np.int64)
     keep = np.empty((sum(isinstance(k, torch.Tensor) for k in keeps), count), dtype=np.bool_)
     packed = np.empty((sum(isinstance(k, np.ndarray) for k in keeps), (count + 7) // 8), dtype=np.uint8)
-    nb = nbits = 0
+    draws = [k for k in keeps if isinstance(k, Draw)]
+    draw_keys = np.stack([_block_keys(d.key, start, count) for d in draws]) if draws else np.zeros((0, 1), np.int64)
+    thresholds = np.array([d.threshold for d in draws], dtype=np.int64)
+    nb = nbits = ndraw = 0
     for j, k in enumerate(keeps):
         if isinstance(k, torch.Tensor):
             masked[j], slot[j] = 1, nb
             keep[nb] = k.numpy().reshape(-1)
             nb += 1
+        elif isinstance(k, Draw):
+            masked[j], slot[j] = 3, ndraw
+            ndraw += 1
         elif k is not None:
             masked[j], slot[j] = 2, nbits
             packed[nbits] = k
@@ -214,12 +231,12 @@ def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.
         scale = np.array(scales, dtype=np.float32)
         zero = scale * np.float32(0.0)  # keep·scale where dropped: the zero of scale's sign
     out = np.empty(count, dtype=np.float32)
-    jit.task_apply(xf, stride, base, np.array(others, dtype=np.int64), keep, packed, masked, slot, scale, zero,
-                   np.array(weights, dtype=np.float32), deltas_done, consensus, normalize,
-                   np.float32(divisor), np.float32(lam), lam != 1.0, out, cols,
+    jit.task_apply(xf, stride, base, np.array(others, dtype=np.int64), keep, packed, masked, slot, draw_keys,
+                   thresholds, start, scale, zero, np.array(weights, dtype=np.float32), deltas_done, consensus,
+                   normalize, np.float32(divisor), np.float32(lam), lam != 1.0, out, cols,
                    np.array(pick.indices(rows) if pick is not None and tallied is not None else (0, 0, 0),
                             dtype=np.int64),
-                   tallied if tallied is not None else np.zeros((2, len(others)), dtype=np.int64))
+                   tallied if tallied is not None else np.zeros((3, len(others)), dtype=np.int64))
     return torch.from_numpy(out).view(rows, cols)
 
 

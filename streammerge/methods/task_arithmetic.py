@@ -20,7 +20,7 @@ import torch
 from ..params import ParamSpec
 from . import fused
 from .base import Cost, MergeOp, MethodDef, TaskContext, majority_sign, no_problems
-from .rng import stream_key
+from .rng import keep_threshold, stream_key
 from .sparsify import RandomDrop, Ranked, RankedDrop, Sparsifier, keep_scaled_, magnitude_band, outlier_band
 
 # float32 rows held beyond the inputs, measured per sparsifier in a fresh process
@@ -176,14 +176,18 @@ class TaskArithmetic(MergeOp):
         masks = [self._fused_mask(j, x[i], flat0, base) for j, i in enumerate(self.others)]
         divisor = 1.0 if self.consensus else self._weight_divisor()
         tally = self.tally
-        pick = tally.pick if tally is not None and self.consensus and self.others else None
-        tallied = np.zeros((2, len(self.others)), dtype=np.int64) if pick is not None else None
+        pick = tally.pick if tally is not None and self.others else None
+        tallied = np.zeros((3, len(self.others)), dtype=np.int64) if pick is not None else None
         out = fused.task_apply(x, self.base, self.others, [k for k, _ in masks], [s for _, s in masks],
                                self.weights, deltas_done, self.consensus, self.normalize, divisor, self.lam,
-                               pick, tallied)
-        if tally is not None and tallied is not None:  # _count_agreement's counts, made in the loop
-            tally.add_each(tally.nonzero, self.others, tallied[0].tolist())
-            tally.add_each(tally.agree, self.others, tallied[1].tolist())
+                               pick, tallied, start=flat0)
+        if tally is not None and tallied is not None:  # counts made in the loop
+            if self.consensus:  # _count_agreement's
+                tally.add_each(tally.nonzero, self.others, tallied[0].tolist())
+                tally.add_each(tally.agree, self.others, tallied[1].tolist())
+            drawn = [(i, int(n)) for (k, _), i, n in zip(masks, self.others, tallied[2]) if isinstance(k, fused.Draw)]
+            if drawn:  # the kept elements of the masks the loop drew
+                tally.add_each(tally.kept, [i for i, _ in drawn], [n for _, n in drawn])
         return out
 
     def _mask(self, j: int, d: torch.Tensor, flat0: int,
@@ -197,13 +201,19 @@ class TaskArithmetic(MergeOp):
         return keep, self._scale(j)
 
     def _fused_mask(self, j: int, d: torch.Tensor, flat0: int,
-                    base: torch.Tensor | None) -> tuple[torch.Tensor | np.ndarray | None, float]:
+                    base: torch.Tensor | None) -> tuple[torch.Tensor | np.ndarray | fused.Draw | None, float]:
         """_mask for fused.task_apply: a mask the statistics pass kept bit-packed comes as those bits,
         which the compiled loop unpacks a tile at a time, instead of np.unpackbits of the whole mask
         and its copy into the loop's array (14-model DARE-TIES at 512 MiB: 50.5 s against 54.5);
-        a ranked mask is made from the input rows d and base where base is given (δ not made)."""
+        DARE's mask where none was kept as a Draw, drawn in the loop (the report's kept count made
+        there too), instead of a bool array per input copied into one more; a ranked mask is made
+        from the input rows d and base where base is given (δ not made)."""
         sp = self.sparsifiers[j]
         bits = sp.packed_mask(flat0) if isinstance(sp, RandomDrop) else None
+        if bits is None and type(sp) is RandomDrop and not sp.keep_all:
+            if self.tally is not None:
+                self.tally.count(self.tally.seen, self.others[j], None, d)
+            return fused.Draw(sp.key, keep_threshold(sp.density)), self._scale(j)
         if bits is None:
             return self._mask(j, d, flat0, base)
         self._tally_kept(j, d, bits)
