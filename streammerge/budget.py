@@ -137,10 +137,21 @@ def compute_row_bytes(task: Task, narrow: bool = True) -> int:
     report's statistics' share (piece_bytes), and (`narrow`, a block narrower than the compute
     dtype) the inputs' rows converted."""
     csize = itemsize(task.compute)
-    temp = 1.0 if task.copy_exact else task.cost.temp_rows + _stats_rows(task) / stride_for(task.rows)
+    temp = 1.0 if task.copy_exact else _temp_rows(task) + _stats_rows(task) / stride_for(task.rows)
     if narrow and block_dtype(task) != task.compute and widening_passes(task):
         temp += len(task.inputs)
     return int(task.cols * (temp * csize + itemsize(task.out_dtype))) + 64
+
+
+def _temp_rows(task: Task) -> float:
+    """The kernel's temporaries in compute-dtype rows per sub-chunk row (Cost.temp_rows): the
+    compiled loops' own (Cost.loop_temp_rows) where this process merges a float32 task with them.
+    (DARE's loops hold 2 where torch's forms hold 7: at 512 MiB on Mistral-7B's shapes the torch
+    forms' count left the blocks 25 of the 64 MiB for blocks and sub-chunks.)"""
+    loop = task.cost.loop_temp_rows
+    if loop is not None and task.compute == "F32" and fused.loaded() is not None:
+        return loop
+    return task.cost.temp_rows
 
 
 def piece_bytes(task: Task) -> int:

@@ -21,6 +21,7 @@ from streammerge.budget import (
     COMPUTE_ELEMENTS,
     COMPUTE_ELEMENTS_MAX,
     chunk_rows,
+    compute_row_bytes,
     live_pieces,
     sub_elements,
     sub_rows,
@@ -251,6 +252,22 @@ def test_the_compiled_loops_take_the_largest_sub_chunks_whatever_the_input_count
     assert sub_elements(linear) == share
     monkeypatch.setattr(fused, "loaded", lambda: None)  # torch's forms
     assert sub_elements(dare) == share
+
+
+@pytest.mark.parametrize("compute", ["F32", "F64"])
+@pytest.mark.parametrize("loops", [True, False])
+def test_the_compiled_loops_temporaries_are_counted_where_they_run(tiny_set, monkeypatch, compute, loops) -> None:
+    """A sub-chunk row of DARE-TIES costs its loops' temporaries (Cost.loop_temp_rows) where this
+    process merges a float32 task with them, torch's forms' (temp_rows) otherwise."""
+    from streammerge.methods import fused
+
+    dare = dataclasses.replace(tallest_task("dare_ties", tiny_set), compute=compute, shape=(10**6, 1024))
+    assert dare.cost.loop_temp_rows is not None and dare.cost.loop_temp_rows < dare.cost.temp_rows
+    as_torch = dataclasses.replace(dare, cost=dataclasses.replace(dare.cost, loop_temp_rows=None))
+    monkeypatch.setattr(fused, "loaded", (lambda: fused) if loops else (lambda: None))
+    saved = (dare.cost.temp_rows - dare.cost.loop_temp_rows) * 1024 * itemsize(compute)
+    got = compute_row_bytes(as_torch) - compute_row_bytes(dare)
+    assert abs(got - (saved if loops and compute == "F32" else 0)) <= 1
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

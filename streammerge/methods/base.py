@@ -70,6 +70,8 @@ class Cost:
     # passes (statistics passes and the apply pass) whose op takes a bfloat16 block as read where
     # the compiled loops are in use (MergeOp.takes_raw says so for each; budget.block_dtype)
     raw_passes: int = 0
+    # temp_rows where the compiled loops compute every pass of a float32 merge (None: as temp_rows)
+    loop_temp_rows: float | None = None
 
 
 def fixed_cost(stat_passes: int, temp_rows: float) -> Callable[[TaskContext], Cost]:
