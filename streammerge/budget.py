@@ -146,8 +146,8 @@ def compute_row_bytes(task: Task, narrow: bool = True) -> int:
 def _temp_rows(task: Task) -> float:
     """The kernel's temporaries in compute-dtype rows per sub-chunk row (Cost.temp_rows): the
     compiled loops' own (Cost.loop_temp_rows) where this process merges a float32 task with them.
-    (DARE's loops hold 2 where torch's forms hold 7: at 512 MiB on Mistral-7B's shapes the torch
-    forms' count left the blocks 25 of the 64 MiB for blocks and sub-chunks.)"""
+    (DARE's loops hold 2 where torch's forms hold 7: at 512 MiB on Mistral-7B's shapes, counted as
+    torch's, its sub-chunks took 38 of the 63 MiB for blocks and sub-chunks, in 48-row pieces.)"""
     loop = task.cost.loop_temp_rows
     if loop is not None and task.compute == "F32" and fused.loaded() is not None:
         return loop

@@ -30,7 +30,8 @@ _TEMP_ROWS = {"none": 3.0, "magnitude": 8.0, "magnitude_rescale": 9.0, "outliers
 # The same where the compiled loops compute every pass (dare_sums, then task_apply drawing the masks
 # not kept): the output row, and the kept masks' bits (1/8 byte per element and input) copied into
 # the loop's array. Measured on 15 inputs of 2048 x 1024: 1.14 rows with the masks drawn in the loop,
-# 1.44 with them kept (the statistics pass: 0.58); torch's forms held 8 (bool masks, their copy).
+# 1.44 with them kept (the statistics pass: 0.58); 8 before the loop drew them (a bool array per
+# input, and their copy into one more).
 _LOOP_TEMP_ROWS = {"random": 2.0}
 
 
