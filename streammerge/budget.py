@@ -106,6 +106,12 @@ def _loads(task: Task) -> set[str]:
     return {task.load_dtype} if task.load_dtype else {i.dtype for i in task.inputs}
 
 
+def _loops(task: Task) -> bool:
+    """This process computes `task` with the compiled loops: they are loaded (fused.loaded: the plan's
+    choice, loops_for) and take its float32 compute (fused.usable)."""
+    return task.compute == "F32" and fused.loaded() is not None
+
+
 def widening_passes(task: Task) -> int:
     """Passes (statistics and apply) that would widen each sub-chunk of a narrow block to the compute
     dtype: all of them, less those whose op takes a bfloat16 block as read (Cost.raw_passes) where
@@ -113,7 +119,7 @@ def widening_passes(task: Task) -> int:
     nothing (DARE-TIES: its draws, sums and apply load bfloat16 themselves), one whose apply pass
     alone widens (SLERP, TIES) widens once, as a float32 block's read does."""
     passes = task.cost.stat_passes + 1
-    if task.cost.raw_passes and _loads(task) == {"BF16"} and task.compute == "F32" and fused.loaded() is not None:
+    if task.cost.raw_passes and _loads(task) == {"BF16"} and _loops(task):
         return passes - task.cost.raw_passes
     return passes
 
@@ -149,7 +155,7 @@ def _temp_rows(task: Task) -> float:
     (DARE's loops hold 2 where torch's forms hold 7: at 512 MiB on Mistral-7B's shapes, counted as
     torch's, its sub-chunks took 38 of the 63 MiB for blocks and sub-chunks, in 48-row pieces.)"""
     loop = task.cost.loop_temp_rows
-    if loop is not None and task.compute == "F32" and fused.loaded() is not None:
+    if loop is not None and _loops(task):
         return loop
     return task.cost.temp_rows
 
@@ -171,7 +177,7 @@ def _stats_rows(task: Task) -> float:
     columns is 2.3 rows per product row."""
     n = len(task.inputs)
     rows = 4.0 * n + 2
-    if fused.loaded() is None or task.compute != "F32":
+    if not _loops(task):
         width = 1 << max(0, task.cols - 1).bit_length()
         rows += (3 * n + 1) * 8 * width / (itemsize(task.compute) * max(1, task.cols))
     return rows

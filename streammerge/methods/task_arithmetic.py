@@ -217,21 +217,24 @@ class TaskArithmetic(MergeOp):
         sp = self.sparsifiers[j]
         bits = sp.packed_mask(flat0) if isinstance(sp, RandomDrop) else None
         if bits is None and type(sp) is RandomDrop and not sp.keep_all:
-            if self.tally is not None:
-                self.tally.count(self.tally.seen, self.others[j], None, d)
-            return fused.Draw(sp.key, keep_threshold(sp.density)), self._scale(j)
+            draw = fused.Draw(sp.key, keep_threshold(sp.density))
+            self._tally_kept(j, d, draw)
+            return draw, self._scale(j)
         if bits is None:
             return self._mask(j, d, flat0, base)
         self._tally_kept(j, d, bits)
         return bits, self._scale(j)
 
-    def _tally_kept(self, j: int, d: torch.Tensor, keep: torch.Tensor | np.ndarray | None) -> None:
+    def _tally_kept(self, j: int, d: torch.Tensor, keep: torch.Tensor | np.ndarray | fused.Draw | None) -> None:
         """The tally counts the elements of the j-th other input's rows d and those its sparsifier's
-        mask `keep` (a bool tensor, or np.packbits' bits) kept."""
+        mask `keep` (a bool tensor, or np.packbits' bits) kept; a Draw's kept ones fused.task_apply
+        counts as it draws them."""
         tally, sp = self.tally, self.sparsifiers[j]
         if tally is None or type(sp) is Sparsifier:  # not a sparsifier: nothing to say of δ kept
             return
         tally.count(tally.seen, self.others[j], None, d)
+        if isinstance(keep, fused.Draw):
+            return
         if isinstance(keep, np.ndarray):
             tally.count_packed(tally.kept, self.others[j], keep, *d.shape)
         else:
