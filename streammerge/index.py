@@ -267,8 +267,9 @@ class ModelIndex:
         ref = self.tensors[name]
         with self._lock:
             fd = self._fds.get(ref.shard)
-        if fd is not None and ref.shard in self._cached:
-            pagecache.prefetch(fd, *ref.byte_range(row0, row1))
+        res = self._cached.get(ref.shard)
+        if fd is not None and res is not None:
+            res.prefetch(fd, *ref.byte_range(row0, row1))
 
     def close(self) -> None:
         """Close every shard."""

@@ -15,7 +15,8 @@ So, for a merge's inputs (`ModelIndex(give_back=True)`):
   of warm inputs drops nothing;
 - the kernel's read-ahead is off for these files (it reads megabytes past each read, into tensors
   already finished, and charges them before they are needed), and the reader asks instead for
-  exactly the rows it reads next (WILLNEED), while a block computes.
+  the pages of exactly the rows it reads next that were not cached (WILLNEED), while a block
+  computes. (A page cached at the start and evicted since is read when the merge reaches it.)
 Only clean pages of input files are dropped; nothing is written.
 
 Linux only; elsewhere, or where the kernel would not report another user's file honestly (mincore
@@ -120,6 +121,11 @@ def inner_pages(begin: int, end: int) -> tuple[int, int]:
     return -(-begin // PAGE), end // PAGE
 
 
+def outer_pages(begin: int, end: int) -> tuple[int, int]:
+    """Pages holding any of bytes [begin, end): [first, last) (empty when the range is)."""
+    return (begin // PAGE, -(-end // PAGE)) if end > begin else (0, 0)
+
+
 def absent_runs(bits: np.ndarray, p0: int, p1: int) -> list[tuple[int, int]]:
     """Runs [a, b) of pages in [p0, p1) whose bit is clear (not cached when `bits` was taken), in
     order; pages past the bits count as absent."""
@@ -171,6 +177,13 @@ class Residency:
                       if a < end + SWEEP_BYTES]
         for a, b in window:
             self.release(fd, a, b)
+
+    def prefetch(self, fd: int, begin: int, end: int) -> None:
+        """Bytes [begin, end) are read next: ask the kernel to start reading the pages among them that
+        were not cached (prefetch). Asking for cached ones too cost the reading thread a page-cache
+        walk per call: 17% of its samples in a warm 15-model merge (py-spy), for pages already there."""
+        for a, b in absent_runs(self.bits, *outer_pages(begin, end)):
+            prefetch(fd, a * PAGE, b * PAGE)
 
     def sweep(self, fd: int) -> None:
         """Give back every finished range's pages that were not cached (the merge is over)."""

@@ -54,6 +54,25 @@ def test_inner_pages_are_exactly_the_pages_inside_the_range(begin: int, length: 
     assert list(range(first, last)) == inside
 
 
+@given(cached=st.lists(st.booleans(), max_size=40), begin=st.integers(0, 45 * PAGE), length=st.integers(0, 6 * PAGE))
+def test_prefetch_asks_for_exactly_the_uncached_pages_of_the_range(cached: list[bool], begin: int,
+                                                                    length: int) -> None:
+    """Every page holding a byte of the range and not cached is asked for once; no cached page is."""
+    bits = np.packbits(np.array(cached, dtype=np.uint8)) if cached else np.zeros(0, dtype=np.uint8)
+    asked: list[tuple[int, int]] = []
+    real = pagecache.prefetch
+    pagecache.prefetch = lambda fd, a, b: asked.append((a, b))  # type: ignore[assignment]
+    try:
+        pagecache.Residency(bits).prefetch(-1, begin, begin + length)
+    finally:
+        pagecache.prefetch = real  # type: ignore[assignment]
+    pages = [p for a, b in asked for p in range(a // PAGE, b // PAGE)]
+    assert all(a % PAGE == 0 and b % PAGE == 0 and a < b for a, b in asked)
+    held = {(begin + i) // PAGE for i in range(0, length, 64)} | ({(begin + length - 1) // PAGE} if length else set())
+    want = sorted(p for p in held if not (p < len(cached) and cached[p]))
+    assert pages == want
+
+
 @given(ranges=st.lists(st.tuples(st.integers(0, 60), st.integers(1, 12)), min_size=1, max_size=12))
 def test_finished_ranges_and_what_finish_gives_back(ranges: list[tuple[int, int]]) -> None:
     """Finished ranges stay sorted, disjoint and apart; a finish gives back only uncached pages, all
