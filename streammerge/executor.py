@@ -46,6 +46,16 @@ __all__ = ["Executor", "Progress", "RunStats", "peak_rss", "resolve_device", "st
 # same SLERP beside 4 busy processes slower (9.9-12.0 s against 8.1-9.8 s) and the quiet 3-model TIES
 # 10% slower (11.2-11.9 s against 10.1-10.9 s); linear and DARE-TIES even. A laptop is seldom idle.
 OVERLAP_MIN_CORES = 4
+# With a read-ahead, one thread reading every block was the merge's limit past a few cores. Measured
+# on 2 cores (medium set, 512 MiB, warm page cache, per-thread CPU time), the 15-model DARE-TIES with
+# the read-ahead on and 4 compute threads: reading 4.9-5.4 s of CPU, the compute threads 16.0 s, the
+# main thread 4.1-4.3 s (1.5-2 s of it imports): its merge could not go below ~5 s however many
+# cores computed (13 s on one). Reading takes about a quarter of its CPU, so a quarter of the cores
+# read: 2 threads on 8 cores, 4 on 16 (the read-ahead thread waits while they read; the compute
+# threads keep every core but one, and readers run only while there is room ahead, so neither waits
+# for the other's share). Not yet measured on a machine with that many cores.
+READ_PER_CORES = 4
+READ_THREADS_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,12 @@ def cores() -> int:
         n = os.cpu_count() or 1
     quota = cgroup_cpus()
     return max(1, min(n, quota)) if quota is not None else n
+
+
+def read_threads(available: int) -> int:
+    """Threads that read each block ahead (with a read-ahead thread: OVERLAP_MIN_CORES or more) on
+    `available` cores: one per READ_PER_CORES, at least one, at most READ_THREADS_MAX."""
+    return max(1, min(READ_THREADS_MAX, available // READ_PER_CORES))
 
 
 def default_threads(available: int, torch_threads: int) -> int:
@@ -273,10 +289,13 @@ class Executor:
         self._start_progress(reads, done)
         steps = {t.task: t for t in sched.tasks}
         workers = Workers(self.threads)
-        # without a read-ahead thread the compute threads wait for each block: they read it
-        each = (lambda fn, items: workers.each(fn, items, _nothing, _nothing)) \
-            if self.device.type == "cpu" and not self.overlap and workers.n > 1 else None
-        reader = InputReader(plan, self.device, RingArena(sched.arena, pin=self.device.type == "cuda"), each)
+        # Without a read-ahead thread the compute threads wait for each block: they read it. With
+        # one, it reads each block on threads of its own (READ_PER_CORES).
+        on_cpu = self.device.type == "cpu"
+        readers = Workers(read_threads(cores()) if on_cpu else 1, "streammerge-reader") if self.overlap else workers
+        each = (lambda fn, items: readers.each(fn, items, _nothing, _nothing)) if on_cpu and readers.n > 1 else None
+        reader = InputReader(plan, self.device, RingArena(sched.arena, pin=self.device.type == "cuda"), each,
+                             readers.n)
         source = ReadBlocks(reader, reads, sched.capacity, self.overlap, self.progress.read)
         writes = WriteBehind(WRITE_BEHIND_BYTES, self.overlap)
         committer = Committer(self.out_dir, plan, journal, self.progress)
@@ -302,6 +321,7 @@ class Executor:
             writes.drain()
         finally:
             workers.close()  # no sub-chunk computes on a block the reader gives back
+            readers.close()
             writes.close()
             source.close()  # before the inputs' files are closed
             committer.close()

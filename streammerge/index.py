@@ -191,8 +191,8 @@ class ModelIndex:
                 tensor's dtype, else through a reused staging buffer); otherwise a copy in the
                 tensor's own dtype is returned.
             hasher: fed the rows' raw bytes.
-            stage: the staging buffer to use (uint8, at least STAGE_BYTES or one row); default:
-                this thread's own.
+            stage: the staging buffer to use (uint8; slices fill it, or take one row where a row
+                is wider); default: this thread's own, of STAGE_BYTES.
         """
         ref = self.tensors[name]
         dtype = torch_dtype(ref.entry.dtype)
@@ -202,7 +202,8 @@ class ModelIndex:
             self.pread_rows(name, row0, row1, target, hasher)
             return target
         width = ref.row_bytes
-        step = max(1, STAGE_BYTES // max(1, width))  # rows per slice through the staging buffer
+        room = stage.numel() if stage is not None else STAGE_BYTES
+        step = max(1, room // max(1, width))  # rows per slice through the staging buffer
         need = min(row1 - row0, step) * width
         buf = self._staging(need) if stage is None or stage.numel() < need else stage[:need]
         for r in range(row0, row1, step):

@@ -17,10 +17,9 @@ from collections.abc import Callable
 import torch
 import xxhash
 
-from .budget import block_dtype
+from .budget import READ_STAGING_BYTES, block_dtype
 from .dtypes import compute_dtype, itemsize, torch_dtype
 from .errors import InputError
-from .index import STAGE_BYTES
 from .overlap import ReadAhead, RingArena
 from .planner import INPUT_KEY_SEP, Plan, Task
 from .schedule import PARALLEL_MIN_ELEMENTS, Read, input_bytes
@@ -40,12 +39,14 @@ class InputReader:
     """
 
     def __init__(self, plan: Plan, device: torch.device, arena: RingArena,
-                 each: Callable[[Callable[[int], None], list[int]], None] | None = None) -> None:
-        """`each(fn, items)`: runs fn over items on other threads and returns when all are done (the
-        compute threads, idle while the runner waits for its next block); then a block's inputs are
-        read by two of them at once, each through its own staging buffer (budget.py counts two)."""
+                 each: Callable[[Callable[[int], None], list[int]], None] | None = None, ways: int = 2) -> None:
+        """`each(fn, items)`: runs fn over items on other threads, every item at once (one thread
+        each: a thread may wait for another's piece), and returns when all are done: the compute
+        threads, idle while the runner waits for its next block, or the read-ahead's own. A block's
+        bytes are then read by `ways` of them at once (at most that many items), each through its
+        own share of the staging bytes budget.py counts."""
         self.plan, self.device, self.arena = plan, device, arena
-        self.each = each
+        self.each, self.ways = each, ways
         self._stages: list[torch.Tensor] = []
         self._hashers: dict[int, list[xxhash.xxh3_128]] = {}  # per task: each input's bytes, as read
         self._means: dict[str, torch.Tensor] = {}  # padding rows per vocabulary tensor
@@ -142,45 +143,51 @@ class InputReader:
             return hashers[k] if hashers is not None else None
 
         n = len(task.inputs)
-        if self.each is None:
+        if self.each is None or self.ways < 2:
             for k in range(n):
                 part(k, row0, row1, None, hasher_of(k))
             return x
-        if not self._stages:
-            self._stages = [torch.empty(STAGE_BYTES, dtype=torch.uint8) for _ in range(2)]
+        if not self._stages:  # budget.py counts READ_STAGING_BYTES, shared by the `ways` threads
+            per = READ_STAGING_BYTES // self.ways
+            self._stages = [torch.empty(per, dtype=torch.uint8) for _ in range(self.ways)]
         if n < 2 or x.numel() < PARALLEL_MIN_ELEMENTS:  # on this thread: a thread's wake-up would cost more
             for k in range(n):
-                part(k, row0, row1, self._stages[0], hasher_of(k))  # within the two staging buffers budget.py counts
-            return x
-        # Two threads, half the bytes each: the first reads inputs 0..m-1 and the first rows of input
-        # m, the second the rest of m and the inputs after it. Handing out whole inputs instead left
-        # one thread reading two of three inputs while the other waited (3-model TIES: 0.4 s of 1.1 s).
-        # Each input's bytes are hashed in row order: the first thread reads input m's earlier rows
-        # before anything else, so the second, reaching m's later rows last, finds them hashed; if it
-        # does not, it leaves its rows unhashed and they are read again here, hashed, once both end.
-        m, s = _split(task, row0, row1)
-        first_hashed = threading.Event()
-        late: list[bool] = []
-
-        def first() -> None:
-            if s > row0:
-                part(m, row0, s, self._stages[0], hasher_of(m))
-            first_hashed.set()
-            for k in range(m):
                 part(k, row0, row1, self._stages[0], hasher_of(k))
+            return x
+        # `ways` threads, a near-equal share of the bytes each (inputs in order, each input's rows in
+        # order), cut at rows: an input may be split between neighbouring threads. Handing out whole
+        # inputs instead left one thread reading two of three inputs while the other waited (3-model
+        # TIES: 0.4 s of 1.1 s). Each input's bytes are hashed in row order: a thread reads first the
+        # piece that begins an input its neighbour goes on with, then its whole inputs, and last the
+        # piece that goes on with its other neighbour's, once that one is read (when hashing at all).
+        parts = _parts(task, row0, row1, self.ways)
+        after: dict[tuple[int, int], threading.Event] = {}  # (input, first row): that piece is read
+        failed = threading.Event()
 
-        def second() -> None:
-            for k in range(m + 1, n):
-                part(k, row0, row1, self._stages[1], hasher_of(k))
-            if s < row1:
-                in_order = first_hashed.is_set()
-                part(m, s, row1, self._stages[1], hasher_of(m) if in_order else None)
-                if not in_order:
-                    late.append(True)
+        def run(t: int) -> None:
+            pieces = parts[t]
+            heads = [pc for pc in pieces if pc[2] < row1 and pc[1] == row0]
+            tails = [pc for pc in pieces if pc[1] > row0]
+            wholes = [pc for pc in pieces if pc not in heads and pc not in tails]
+            try:
+                for k, a, b in heads + wholes + tails:
+                    if a > row0 and hashers is not None:  # the rows before are another thread's
+                        while not after[(k, a)].wait(0.05):
+                            if failed.is_set():
+                                return
+                        if failed.is_set():
+                            return
+                    part(k, a, b, self._stages[t], hasher_of(k))
+                    if b < row1:
+                        after[(k, b)].set()
+            except BaseException:
+                failed.set()
+                raise
 
-        self.each(lambda h: (first, second)[h](), [0, 1])
-        if late and hashers is not None:
-            part(m, s, row1, self._stages[0], hashers[m])
+        for k, _, b in (pc for pieces in parts for pc in pieces):
+            if b < row1:
+                after[(k, b)] = threading.Event()
+        self.each(run, list(range(len(parts))))
         return x
 
     def _gather(self, task: Task, row0: int, row1: int, x: torch.Tensor) -> torch.Tensor:
@@ -271,17 +278,27 @@ class InputReader:
         return upload(stage, stream, convert)
 
 
-def _split(task: Task, row0: int, row1: int) -> tuple[int, int]:
-    """Where half of the raw bytes of rows [row0, row1) of every input lies: (input m, row s), the
-    bytes before row s of input m (and all of the inputs before it) being the first half."""
-    sizes = [task.cols * itemsize(i.dtype) for i in task.inputs]  # bytes per row
-    left = sum(sizes) * (row1 - row0) / 2
-    for m, width in enumerate(sizes):
-        whole = width * (row1 - row0)
-        if left < whole or m == len(sizes) - 1:
-            return m, min(row1, row0 + round(left / width))
-        left -= whole
-    raise AssertionError("unreachable")
+def _parts(task: Task, row0: int, row1: int, ways: int) -> list[list[tuple[int, int, int]]]:
+    """Rows [row0, row1) of every input as `ways` consecutive parts of near-equal raw bytes (the
+    inputs in order, each's rows in order), cut at rows: each a list of pieces (input, first row,
+    end row), none empty; a part may be empty where there are fewer rows than ways."""
+    sizes = [task.cols * itemsize(i.dtype) * (row1 - row0) for i in task.inputs]  # bytes per input
+    total = sum(sizes)
+    cuts = [(0, row0)]
+    for t in range(1, ways):
+        left = total * t / ways
+        m = 0
+        while m < len(sizes) - 1 and left >= sizes[m]:
+            left -= sizes[m]
+            m += 1
+        row = min(row1, row0 + round(left / max(1, sizes[m]) * (row1 - row0)))
+        cuts.append(max(cuts[-1], (m, row)))
+    cuts.append((len(sizes) - 1, row1))
+    parts = []
+    for (m0, r0), (m1, r1) in zip(cuts, cuts[1:]):
+        pieces = [(k, r0 if k == m0 else row0, r1 if k == m1 else row1) for k in range(m0, m1 + 1)]
+        parts.append([pc for pc in pieces if pc[1] < pc[2]])
+    return parts
 
 
 class ReadBlocks:

@@ -43,9 +43,9 @@ class Workers:
         ...     squares = list(w.ordered(lambda k: k * k, range(10)))
     """
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, name: str = "streammerge-kernel") -> None:
         self.n = max(1, n)
-        self._pool = ThreadPoolExecutor(self.n, "streammerge-kernel", initializer=torch.set_num_threads,
+        self._pool = ThreadPoolExecutor(self.n, name, initializer=torch.set_num_threads,
                                         initargs=(1,)) if self.n > 1 else None
 
     def __enter__(self) -> Workers:

@@ -1,13 +1,17 @@
-"""The reader (reader.InputReader): a block read by two threads holds exactly every input's rows,
+"""The reader (reader.InputReader): a block read by several threads holds exactly every input's rows,
 and each input's digest is the xxh3-128 of its bytes in order, however the block's bytes are
-split between the threads (any number of inputs, of any dtypes, in blocks of any size) and
-whichever thread reaches the shared input first."""
+split between the threads (any number of inputs, of any dtypes, in blocks of any size, 2-5
+threads) and whichever thread reaches a shared input first; a failing read fails the block and
+leaves no thread waiting."""
 
 from __future__ import annotations
 
 import glob
 import os
+import threading
+import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from unittest import mock
 
 import make_models
@@ -19,6 +23,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from streammerge import reader as reader_module
+from streammerge.errors import InputError
 from streammerge.overlap import RingArena
 from streammerge.planner import INPUT_KEY_SEP, make_plan, parse
 from streammerge.reader import InputReader
@@ -47,26 +52,35 @@ def _tensors(folder: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _serial(reverse: bool) -> Callable[[Callable[[int], None], list[int]], None]:
-    def each(fn: Callable[[int], None], items: list[int]) -> None:
-        for item in reversed(items) if reverse else items:
-            fn(item)
-    return each
+def _in_order(fn: Callable[[int], None], items: list[int]) -> None:
+    for item in items:
+        fn(item)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(picks=st.lists(st.tuples(st.sampled_from(list(DTYPES)), st.integers(0, 4)), min_size=1, max_size=5, unique=True),
-       chunk=st.integers(2_000, 200_000), order=st.sampled_from(["threads", "in order", "second first"]))
-def test_a_block_read_by_two_threads_is_every_input_and_its_bytes_in_order(mixed, picks, chunk, order) -> None:
+       chunk=st.integers(2_000, 200_000), ways=st.integers(2, 5),
+       order=st.sampled_from(["threads", "in order", "last first"]))
+def test_a_block_read_by_several_threads_is_every_input_and_its_bytes_in_order(mixed, picks, chunk, ways,
+                                                                               order) -> None:
     folders = [mixed[d][k] for d, k in picks]
     text = "merge_method: linear\nmodels:\n" + "".join(
         f"  - model: {f}\n    parameters: {{weight: 1.0}}\n" for f in folders) + "dtype: float32\n"
     plan = make_plan(parse(text)[0])
     schedule = make_schedule(plan, 1 << 34, overlap=False, chunk_bytes=chunk)
     truth = [_tensors(f) for f in folders]
-    workers = Workers(2)
-    each = (lambda fn, items: workers.each(fn, items, lambda _: None, lambda: None)) if order == "threads" \
-        else _serial(order == "second first")
+    workers = Workers(ways)
+
+    def each(fn: Callable[[int], None], items: list[int]) -> None:
+        if order == "in order":  # one thread, the parts in turn
+            return _in_order(fn, items)
+
+        def late_first(t: int) -> None:  # the last part's thread starts first, the others after it
+            if t != items[-1]:
+                time.sleep(0.002)
+            fn(t)
+        workers.each(late_first if order == "last first" else fn, items, lambda _: None, lambda: None)
+
     try:
         # every block is split between the two threads, however small
         with mock.patch.object(reader_module, "PARALLEL_MIN_ELEMENTS", 0):
@@ -74,7 +88,7 @@ def test_a_block_read_by_two_threads_is_every_input_and_its_bytes_in_order(mixed
                 if task.copy_exact or task.vocab is not None:
                     continue
                 sched = schedule.only([ti])
-                reader = InputReader(plan, torch.device("cpu"), RingArena(sched.arena), each)
+                reader = InputReader(plan, torch.device("cpu"), RingArena(sched.arena), each, ways)
                 for read in sched.reads():
                     x = reader.load(read)
                     assert isinstance(x, torch.Tensor)
@@ -91,3 +105,108 @@ def test_a_block_read_by_two_threads_is_every_input_and_its_bytes_in_order(mixed
                 assert got == want_digests, task.name
     finally:
         workers.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(widths=st.lists(st.integers(1, 9), min_size=1, max_size=6), row0=st.integers(0, 5), rows=st.integers(1, 40),
+       ways=st.integers(1, 9))
+def test_parts_cover_every_row_once_in_order_in_near_equal_shares(widths, row0, rows, ways) -> None:
+    """`ways` parts: every input's rows once, in order (inputs in order, rows in order), no empty
+    piece, and each part's bytes within one row of the widest input of an equal share."""
+    task = SimpleNamespace(cols=1, inputs=[SimpleNamespace(dtype={1: "U8", 2: "BF16", 4: "F32", 8: "F64"}.get(w, "U8"))
+                                           for w in widths])
+    width = [{"U8": 1, "BF16": 2, "F32": 4, "F64": 8}[i.dtype] for i in task.inputs]
+    parts = reader_module._parts(task, row0, row0 + rows, ways)  # type: ignore[arg-type]
+    assert len(parts) == ways
+    walk = [(k, r) for part in parts for k, a, b in part for r in range(a, b)]
+    assert walk == [(k, r) for k in range(len(widths)) for r in range(row0, row0 + rows)]
+    assert all(a < b for part in parts for _, a, b in part)
+    share = sum(width) * rows / ways
+    for part in parts:
+        assert abs(sum(width[k] * (b - a) for k, a, b in part) - share) <= 2 * max(width)
+
+
+def test_a_failing_read_fails_the_block_and_leaves_no_thread_waiting(mixed) -> None:
+    folders = mixed["bfloat16"][:3]
+    text = "merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {f}\n    parameters: {{weight: 1.0}}\n" for f in folders) + "dtype: float32\n"
+    plan = make_plan(parse(text)[0])
+    ti = next(i for i, t in enumerate(plan.tasks) if not t.copy_exact and t.vocab is None and t.rows >= 8)
+    sched = make_schedule(plan, 1 << 34, overlap=False).only([ti])
+    read = sched.reads()[-1]  # the apply pass's: hashed, so later pieces wait for earlier ones
+    assert read.hash
+    index = plan.models[plan.tasks[ti].inputs[0].model].index
+    real = index.read_rows
+
+    def broken(name, r0, r1, *args, **kwargs):  # the first input's first rows cannot be read
+        if r0 == read.r0:
+            raise InputError("shard vanished")
+        return real(name, r0, r1, *args, **kwargs)
+
+    def each(fn: Callable[[int], None], items: list[int]) -> None:
+        """Each item on a thread of its own (daemon: one left waiting cannot keep the tests alive)."""
+        errors: list[BaseException] = []
+
+        def run(item: int) -> None:
+            try:
+                fn(item)
+            except BaseException as e:  # noqa: BLE001 (raised below, on the caller's thread)
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(item,), daemon=True) for item in items]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        assert not any(t.is_alive() for t in threads), "a reading thread still waits 5 s after a read failed"
+        if errors:
+            raise errors[0]
+
+    with mock.patch.object(reader_module, "PARALLEL_MIN_ELEMENTS", 0), mock.patch.object(index, "read_rows", broken):
+        reader = InputReader(plan, torch.device("cpu"), RingArena(sched.arena), each, 4)
+        with pytest.raises(InputError, match="shard vanished"):
+            reader.load(read)
+
+
+def test_a_merge_read_ahead_by_several_threads_writes_and_records_the_same_bytes(tiny_set, tmp_path,
+                                                                                monkeypatch) -> None:
+    """With a read-ahead (as on 4 cores or more), its 3 reading threads split every block: the
+    output's tensors and the manifest's digests of every input tensor are those of a run that
+    reads everything on one thread, in blocks small enough that inputs are split between threads."""
+    import json
+
+    import streammerge.executor as executor_mod
+    from streammerge.config import parse_config
+    from streammerge.executor import Executor
+    from streammerge.options import RunOptions
+
+    text = ("merge_method: ties\nbase_model: " + tiny_set[0] + "\nmodels:\n"
+            + "".join(f"  - {{model: {f}, parameters: {{weight: 0.5, density: 0.6}}}}\n" for f in tiny_set[1:])
+            + "dtype: float32\n")
+    ways: list[int] = []
+    real_parts = reader_module._parts
+
+    def parts(task, row0, row1, n):  # noqa: ANN001, ANN202
+        ways.append(n)
+        return real_parts(task, row0, row1, n)
+
+    def run(out: str, overlap: bool) -> dict:
+        plan = make_plan(parse_config(text), 200_000)
+        Executor(plan, out, RunOptions(max_memory="64MiB", chunk_bytes=40_000, overlap=overlap)).run()
+        with open(os.path.join(out, "streammerge.manifest.json")) as f:
+            manifest = json.load(f)
+        return {"tensors": {k: v["xxh3_128"] for k, v in manifest["tensors"].items()},
+                "inputs": [m["tensors"] for m in manifest["inputs"]], "content": manifest["content_xxh3_128"]}
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = run(str(tmp_path / "alone"), overlap=False)
+        monkeypatch.setattr(executor_mod, "read_threads", lambda cores: 3)
+        monkeypatch.setattr(reader_module, "PARALLEL_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(reader_module, "_parts", parts)
+        ahead = run(str(tmp_path / "ahead"), overlap=True)
+    finally:
+        torch.set_num_threads(before)
+    assert ways and set(ways) == {3}  # the blocks were split three ways
+    assert all(alone["inputs"]) and ahead == alone
