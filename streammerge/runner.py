@@ -17,6 +17,7 @@ same whichever thread computed it.
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Protocol, TypeVar
@@ -59,34 +60,49 @@ class Workers:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def each(self, fn: Callable[[S], None], items: Iterable[S], done: Callable[[S], None],
-             abort: Callable[[], None]) -> None:
-        """fn(item) for every item, in any order; done(item) on the caller's thread as each ends."""
-        if self._pool is None:
+             abort: Callable[[], None], most: int | None = None) -> None:
+        """fn(item) for every item, in any order, at most live_pieces(most) of them begun and not ended
+        (`most`: the threads the budget holds sub-chunks for; default all); done(item) on the caller's
+        thread as each ends."""
+        if self._pool is None or most == 1:
             for item in items:
                 fn(item)
                 done(item)
             return
-        futures = {self._pool.submit(fn, item): item for item in items}
+        ahead = live_pieces(min(self.n, most or self.n))
+        futures: dict[Future[None], S] = {}
+        todo = iter(items)
         try:
-            for f in _as_done(futures):
-                f.result()
-                done(futures[f])
+            for item in todo:
+                futures[self._pool.submit(fn, item)] = item
+                if len(futures) >= ahead:
+                    break
+            while futures:
+                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    f.result()
+                    done(futures.pop(f))
+                    for item in itertools.islice(todo, 1):  # the next, if any
+                        futures[self._pool.submit(fn, item)] = item
         finally:
             _settle(futures, abort)
 
-    def ordered(self, fn: Callable[[S], T], items: Iterable[S], abort: Callable[[], None]) -> Iterator[T]:
-        """fn(item) for every item, the results in the items' order, at most live_pieces(n) items
-        begun and not yet taken (threads go on while one is held up; budget.py counts them)."""
-        if self._pool is None:
+    def ordered(self, fn: Callable[[S], T], items: Iterable[S], abort: Callable[[], None],
+                most: int | None = None) -> Iterator[T]:
+        """fn(item) for every item, the results in the items' order, at most live_pieces(most) items
+        begun and not yet taken (threads go on while one is held up; budget.py counts them for `most`
+        threads; default all)."""
+        if self._pool is None or most == 1:
             for item in items:
                 yield fn(item)
             return
+        live = live_pieces(min(self.n, most or self.n))
         pending: collections.deque[Future[T]] = collections.deque()
         todo = iter(items)
         try:
             for item in todo:
                 pending.append(self._pool.submit(fn, item))
-                if len(pending) >= live_pieces(self.n):
+                if len(pending) >= live:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
@@ -95,13 +111,6 @@ class Workers:
 
 
 INLINE = Workers(1)
-
-
-def _as_done(futures: Iterable[Future[T]]) -> Iterator[Future[T]]:
-    left = set(futures)
-    while left:
-        finished, left = wait(left, return_when=FIRST_COMPLETED)
-        yield from finished
 
 
 def _settle(futures: Iterable[Future[T]], abort: Callable[[], None]) -> None:
@@ -143,8 +152,8 @@ def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodD
         op.hold_state()  # the apply pass sees the very sub-chunks the statistics passes saw
     if stats is not None:
         op.tally = stats.tally
-    if not op.parallel or sched.threads < workers.n:
-        workers = INLINE  # in row order; or the budget holds sub-chunks for fewer threads than there are
+    if not op.parallel:
+        workers = INLINE  # in row order
     for step in sched.steps:
         read, x = blocks.take()
         _check(read, step.read, task)
@@ -183,7 +192,7 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
             op.observe(p, inputs(ab), read.r0 + ab[0])
 
         if op.needs_pass(p):
-            workers.each(observe, pieces, advanced, op.abort)
+            workers.each(observe, pieces, advanced, op.abort, sched.threads)
         else:  # the op knows what this pass would find
             for ab in pieces:
                 advanced(ab)
@@ -203,7 +212,8 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
         # piece, was the slowest stage of a linear merge
         return y.to(out)
 
-    for y, ab in zip(workers.ordered(apply, pieces, op.abort), pieces):
+    # at most sched.threads' sub-chunks at once: the budget may hold them for fewer threads than there are
+    for y, ab in zip(workers.ordered(apply, pieces, op.abort, sched.threads), pieces):
         yield read.r0 + ab[0], y
         advanced(ab)
 

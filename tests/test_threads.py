@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_all_methods import RECIPES, config_text
 
+from streammerge import runner
 from streammerge.budget import (
     COMPUTE_BYTES,
     COMPUTE_ELEMENTS,
@@ -28,7 +29,7 @@ from streammerge.budget import (
 )
 from streammerge.dtypes import itemsize
 from streammerge.methods import METHODS, MergeOp, MethodDef, TaskContext
-from streammerge.methods.base import InOrder
+from streammerge.methods.base import InOrder, fixed_cost
 from streammerge.planner import Task
 from streammerge.runner import Workers, run_task
 from streammerge.schedule import Read, Step, TaskSchedule
@@ -92,9 +93,11 @@ class Blocks:
         self.shares += share
 
 
-def merged(method: MethodDef, ctx: TaskContext, x: torch.Tensor, sub: int, threads: int) -> tuple[torch.Tensor, dict]:
+def merged(method: MethodDef, ctx: TaskContext, x: torch.Tensor, sub: int, threads: int,
+           pool: int | None = None) -> tuple[torch.Tensor, dict]:
     """The output rows and the report's record of running the real runner over x (n, rows, cols)
-    in sub-chunks of `sub` rows on `threads` compute threads."""
+    in sub-chunks of `sub` rows, scheduled for `threads` compute threads, on a pool of `pool`
+    (default `threads`)."""
     rows = x.shape[1]
     passes = method.cost(ctx).stat_passes
     read = Read(0, 0, rows, True, 0)
@@ -102,7 +105,7 @@ def merged(method: MethodDef, ctx: TaskContext, x: torch.Tensor, sub: int, threa
     task = FakeTask(ctx.tensor, ctx, rows)
     stats = TensorStats(x.shape[0], rows, ctx.base)
     blocks = Blocks(x, read)
-    with Workers(threads) as workers:
+    with Workers(pool or threads) as workers:
         parts = list(run_task(task, sched, blocks, method, stats, workers))  # type: ignore[arg-type]
     assert [r0 for r0, _ in parts] == list(range(0, rows, sub))  # in row order
     assert blocks.shares == pytest.approx(1.0)
@@ -166,6 +169,43 @@ def test_a_failing_sub_chunk_stops_the_others_without_a_hang(bad: int) -> None:
     t.join(timeout=60)
     assert not t.is_alive(), "the runner hung after a sub-chunk failed"
     assert isinstance(result[0], ValueError) and str(result[0]) == f"row {bad} is bad"
+
+
+class Counting(MergeOp):
+    """Notes how many sub-chunks its statistics pass and its apply pass compute at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = {0: 0, 1: 0}
+
+    def _busy(self, p: int) -> None:
+        with self.lock:
+            self.now += 1
+            self.most[p] = max(self.most[p], self.now)
+        threading.Event().wait(0.005)
+        with self.lock:
+            self.now -= 1
+
+    def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
+        self._busy(0)
+
+    def apply(self, x: torch.Tensor, row0: int) -> torch.Tensor:
+        self._busy(1)
+        return x[0].clone()
+
+
+@pytest.mark.parametrize(("budgeted", "pool"), [(2, 8), (3, 4), (5, 16)])
+def test_sub_chunks_for_fewer_threads_than_the_pool_still_share_the_threads(budgeted: int, pool: int,
+                                                                          monkeypatch) -> None:
+    """A schedule whose budget holds sub-chunks for fewer threads than the pool has computes on
+    several of them, never more sub-chunks at once than it holds (it ran on one thread before)."""
+    ctx = context("linear", [{"weight": 1.0}], shape=(64, 4))
+    monkeypatch.setattr(runner, "PARALLEL_MIN_ELEMENTS", 0)  # a tiny block, handed out all the same
+    op = Counting()
+    method = MethodDef("counting", (), "ignored", 1, 1, make=lambda c: op, cost=fixed_cost(1, 1.0))
+    merged(method, ctx, torch.ones(1, 64, 4), 1, budgeted, pool)
+    assert 1 < op.most[0] <= live_pieces(budgeted) and 1 < op.most[1] <= live_pieces(budgeted), op.most
 
 
 def tallest_task(method: str, folders: list[str]) -> Task:
