@@ -6,6 +6,7 @@ computes on fewer, and threads never shrink the blocks much."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from dataclasses import dataclass
 
@@ -361,3 +362,26 @@ def test_a_tensor_that_fits_with_smaller_sub_chunks_is_read_whole(tiny_set, meth
         assert block == rows and used == threads and smallest <= sub <= most
         assert sub == most or block_bytes(task, rows, sub + 1, threads) > budget
     assert block_bytes(task, block, sub, used) <= budget
+
+
+def test_thread_cpu_tool_names_each_roles_cpu_time(tmp_path) -> None:
+    """tools/thread_cpu.py runs a merge and lists the CPU time of the compute threads, the reading
+    threads and the main thread, as the numbers its docstring and the README quote were taken."""
+    import subprocess
+    import sys
+
+    import make_models
+
+    # one layer, but blocks large enough to be handed to the threads (PARALLEL_MIN_ELEMENTS)
+    folders = [str(tmp_path / n) for n in ("base", "ft1", "ft2")]
+    make_models.write_set(folders, make_models.Shape(512, 2048, 1, 4, 2, 2048), seed=5)
+    cfg = tmp_path / "ties.yml"
+    cfg.write_text(config_text("ties", folders))
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "thread_cpu.py")
+    r = subprocess.run([sys.executable, tool, "--compute-threads", "2", "--read-threads", "2", "--", "run", str(cfg),
+                        str(tmp_path / "out"), "-q", "--overlap"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
+    assert {"MainThread", "streammerge-kernel", "streammerge-read", "streammerge-reader"} <= set(rows), r.stdout
+    assert rows["streammerge-kernel"][1] == "2" and rows["streammerge-reader"][1] == "2", r.stdout
+    assert os.path.exists(tmp_path / "out" / "streammerge.manifest.json")

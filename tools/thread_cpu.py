@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""CPU seconds per thread role of one streammerge run: where a merge would stop scaling.
+
+Runs `streammerge run ...` in this process and samples every thread's CPU time (Linux
+/proc/self/task) every 50 ms, then prints the total per role: the main thread (imports, planning,
+the runner's Python, finalising), the compute threads (streammerge-kernel), the read-ahead thread
+(streammerge-read) and the threads it reads each block on (streammerge-reader), the write-behind
+and sync threads. On N cores a merge cannot take less than its busiest single thread's time, nor
+less than the compute threads' total over N.
+
+  python tools/thread_cpu.py [--compute-threads N] [--read-threads N] -- run CONFIG OUT [options]
+
+--compute-threads and --read-threads set those counts whatever the cores (to measure on a small
+machine how the work would divide on a large one; the run is then oversubscribed, so its wall time
+says nothing). Measured this way on 2 cores (medium set, 15-model DARE-TIES, 512 MiB cgroup and
+budget, --overlap, 4 compute threads, two runs each): compute 9.5-10.3 s; the read-ahead thread
+3.1-3.2 s reading alone, or 0.9-1.0 s beside 3 reading threads that took 3.1-3.3 s between them;
+the main thread 2.4-2.7 s, about 1.5 s of it imports. So on 16 cores (15 computing: 0.7 s each,
+4 reading: 0.8 s each) no thread would be busy for more than about a second of the merge, where
+one reading thread would have been for 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import threading
+import time
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(tid: int) -> float | None:
+    """Thread `tid`'s user + system CPU time, or None once it has ended."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def role(name: str) -> str:
+    """A thread's role from its Python name: 'streammerge-kernel_3' -> 'streammerge-kernel'."""
+    return name if name == "MainThread" else name.rstrip("0123456789").rstrip("_-")
+
+
+class Sampler:
+    """Every thread's latest CPU time and Python name, sampled on a thread of its own."""
+
+    def __init__(self, every: float = 0.05) -> None:
+        self.every = every
+        self.seen: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def _sample(self) -> None:
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        for entry in os.listdir("/proc/self/task"):
+            tid = int(entry)
+            cpu = cpu_seconds(tid)
+            if cpu is not None:
+                name = names.get(tid) or self.seen.get(tid, (f"native-{tid}", 0.0))[0]
+                self.seen[tid] = (name, cpu)
+
+    def table(self) -> list[tuple[str, int, float]]:
+        """(role, threads, CPU seconds), busiest role first."""
+        total: dict[str, float] = collections.defaultdict(float)
+        count: collections.Counter[str] = collections.Counter()
+        for name, cpu in self.seen.values():
+            total[role(name)] += cpu
+            count[role(name)] += 1
+        return sorted(((r, count[r], s) for r, s in total.items()), key=lambda row: -row[2])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compute-threads", type=int, help="compute threads, whatever the cores")
+    ap.add_argument("--read-threads", type=int, help="threads reading each block ahead, whatever the cores")
+    ap.add_argument("args", nargs=argparse.REMAINDER, help="-- then streammerge's arguments (run CONFIG OUT ...)")
+    a = ap.parse_args()
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    if not os.path.isdir("/proc/self/task"):
+        raise SystemExit("thread_cpu.py reads /proc/self/task: Linux only")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import streammerge.executor as executor
+    from streammerge.cli import main as cli
+
+    if a.compute_threads:
+        executor.Executor._threads = lambda self: a.compute_threads  # type: ignore[method-assign]
+    if a.read_threads:
+        executor.read_threads = lambda cores: a.read_threads  # type: ignore[assignment]
+    began = time.monotonic()
+    with Sampler() as sampler:
+        try:
+            cli(args, standalone_mode=False)
+        finally:
+            wall = time.monotonic() - began
+    rows = sampler.table()
+    total = sum(s for _, _, s in rows)
+    print(f"wall {wall:.2f} s, CPU {total:.2f} s")
+    for name, n, s in rows:
+        print(f"  {name:24s} {n:3d} thread(s) {s:7.2f} s  {100 * s / max(total, 1e-9):5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
