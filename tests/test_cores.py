@@ -31,3 +31,11 @@ def test_default_threads_are_the_cores_this_process_may_use() -> None:
     assert default_threads(16, 8) == 8  # never more than torch's own count (physical cores)
     assert default_threads(4, 16) == 4  # never more than the cores available (a cgroup quota)
     assert default_threads(0, 4) == 1  # never none
+
+
+def test_a_quarter_of_the_cores_read_ahead() -> None:
+    """With a read-ahead (4 cores or more), blocks are read by a quarter of the cores' threads:
+    reading was about a quarter of the 15-model DARE-TIES's CPU (tools/thread_cpu.py)."""
+    from streammerge.executor import OVERLAP_MIN_CORES, read_threads
+
+    assert [read_threads(c) for c in (1, 2, OVERLAP_MIN_CORES, 7, 8, 16, 32, 64, 256)] == [1, 1, 1, 1, 2, 4, 8, 8, 8]
