@@ -296,7 +296,7 @@ class Executor:
         # one, it reads each block on threads of its own (READ_PER_CORES).
         on_cpu = self.device.type == "cpu"
         readers = Workers(read_threads(cores()) if on_cpu else 1, "streammerge-reader") if self.overlap else workers
-        each = (lambda fn, items: readers.each(fn, items, _nothing, _nothing)) if on_cpu and readers.n > 1 else None
+        each = (lambda fn, items, abort: readers.each(fn, items, _nothing, abort)) if on_cpu and readers.n > 1 else None
         reader = InputReader(plan, self.device, RingArena(sched.arena, pin=self.device.type == "cuda"), each,
                              readers.n)
         source = ReadBlocks(reader, reads, sched.capacity, self.overlap, self.progress.read)

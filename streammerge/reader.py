@@ -39,12 +39,14 @@ class InputReader:
     """
 
     def __init__(self, plan: Plan, device: torch.device, arena: RingArena,
-                 each: Callable[[Callable[[int], None], list[int]], None] | None = None, ways: int = 2) -> None:
-        """`each(fn, items)`: runs fn over items on other threads, every item at once (one thread
-        each: a thread may wait for another's piece), and returns when all are done: the compute
-        threads, idle while the runner waits for its next block, or the read-ahead's own. A block's
-        bytes are then read by `ways` of them at once (at most that many items), each through its
-        own share of the staging bytes budget.py counts."""
+                 each: Callable[[Callable[[int], None], list[int], Callable[[], None]], None] | None = None,
+                 ways: int = 2) -> None:
+        """`each(fn, items, abort)`: runs fn over items on other threads, every item at once (one
+        thread each, started in the items' order: a thread may wait for an earlier item's piece),
+        and returns when all are done, calling abort() if it gives up on items still running: the
+        compute threads, idle while the runner waits for its next block, or the read-ahead's own. A
+        block's bytes are then read by `ways` of them at once (at most that many items), each
+        through its own share of the staging bytes budget.py counts."""
         self.plan, self.device, self.arena = plan, device, arena
         self.each, self.ways = each, ways
         self._stages: list[torch.Tensor] = []
@@ -162,7 +164,7 @@ class InputReader:
         # piece that goes on with its other neighbour's, once that one is read (when hashing at all).
         parts = _parts(task, row0, row1, self.ways)
         after: dict[tuple[int, int], threading.Event] = {}  # (input, first row): that piece is read
-        failed = threading.Event()
+        failed = threading.Event()  # a read failed, or the block was given up: waiting threads stop
 
         def run(t: int) -> None:
             pieces = parts[t]
@@ -187,7 +189,7 @@ class InputReader:
         for k, _, b in (pc for pieces in parts for pc in pieces):
             if b < row1:
                 after[(k, b)] = threading.Event()
-        self.each(run, list(range(len(parts))))
+        self.each(run, list(range(len(parts))), failed.set)  # given up: no thread waits on
         return x
 
     def _gather(self, task: Task, row0: int, row1: int, x: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ def test_a_block_read_by_several_threads_is_every_input_and_its_bytes_in_order(m
     truth = [_tensors(f) for f in folders]
     workers = Workers(ways)
 
-    def each(fn: Callable[[int], None], items: list[int]) -> None:
+    def each(fn: Callable[[int], None], items: list[int], abort: Callable[[], None]) -> None:
         if order == "in order":  # one thread, the parts in turn
             return _in_order(fn, items)
 
@@ -79,7 +79,7 @@ def test_a_block_read_by_several_threads_is_every_input_and_its_bytes_in_order(m
             if t != items[-1]:
                 time.sleep(0.002)
             fn(t)
-        workers.each(late_first if order == "last first" else fn, items, lambda _: None, lambda: None)
+        workers.each(late_first if order == "last first" else fn, items, lambda _: None, abort)
 
     try:
         # every block is split between the two threads, however small
@@ -143,8 +143,9 @@ def test_a_failing_read_fails_the_block_and_leaves_no_thread_waiting(mixed) -> N
             raise InputError("shard vanished")
         return real(name, r0, r1, *args, **kwargs)
 
-    def each(fn: Callable[[int], None], items: list[int]) -> None:
-        """Each item on a thread of its own (daemon: one left waiting cannot keep the tests alive)."""
+    def each(fn: Callable[[int], None], items: list[int], abort: Callable[[], None]) -> None:
+        """Each item on a thread of its own (daemon: one left waiting cannot keep the tests alive);
+        abort is not called, so a waiting thread must stop on the failure itself."""
         errors: list[BaseException] = []
 
         def run(item: int) -> None:
@@ -210,3 +211,34 @@ def test_a_merge_read_ahead_by_several_threads_writes_and_records_the_same_bytes
         torch.set_num_threads(before)
     assert ways and set(ways) == {3}  # the blocks were split three ways
     assert all(alone["inputs"]) and ahead == alone
+
+
+def test_a_block_given_up_leaves_no_thread_waiting(mixed) -> None:
+    """When `each` gives up on a block (its first part never started: cancelled at a shutdown), it
+    calls abort, and the parts waiting for that part's pieces stop instead of waiting forever."""
+    folders = mixed["float32"][:3]
+    text = "merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {f}\n    parameters: {{weight: 1.0}}\n" for f in folders) + "dtype: float32\n"
+    plan = make_plan(parse(text)[0])
+    ti = next(i for i, t in enumerate(plan.tasks) if not t.copy_exact and t.vocab is None and t.rows >= 8)
+    read = make_schedule(plan, 1 << 34, overlap=False).only([ti]).reads()[-1]
+    assert read.hash
+
+    class GivenUp(Exception):
+        pass
+
+    def each(fn: Callable[[int], None], items: list[int], abort: Callable[[], None]) -> None:
+        threads = [threading.Thread(target=fn, args=(item,), daemon=True) for item in items[1:]]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)  # they wait for the first part's pieces
+        abort()
+        for t in threads:
+            t.join(5)
+        assert not any(t.is_alive() for t in threads), "a reading thread still waits after the block was given up"
+        raise GivenUp
+
+    with mock.patch.object(reader_module, "PARALLEL_MIN_ELEMENTS", 0):
+        reader = InputReader(plan, torch.device("cpu"), RingArena(1 << 26), each, 4)
+        with pytest.raises(GivenUp):
+            reader.load(read)
