@@ -74,6 +74,16 @@ def bernoulli(k: int, lo: int, t: int, out: np.ndarray) -> None:
 
 
 @numba.njit(inline="always")
+def _block_cut(keys: np.ndarray, first: int, i0: int, m: int) -> tuple[int, np.uint32, np.uint32]:
+    """The m indices from i0 split where they enter the next 2^32 block, if they do: (cut, the key
+    of indices before it, the key of those from it: the first's again where they do not),
+    keys[b − first] being block b's."""
+    cut = min(m, (((i0 >> 32) + 1) << 32) - i0)
+    k0 = np.uint32(keys[(i0 >> 32) - first])
+    return cut, k0, np.uint32(keys[((i0 + cut) >> 32) - first]) if cut < m else k0
+
+
+@numba.njit(inline="always")
 def _dare_run(xr: np.ndarray, br: np.ndarray, k: np.uint32, i0: int, tt: np.uint64, sm: np.ndarray,
               sk: np.ndarray, bits: np.ndarray) -> None:
     """dare_sums' work on one run of a row within one 2^32 block (key k), its first index i0."""
@@ -105,11 +115,10 @@ def dare_sums(x: np.ndarray, b: np.ndarray, keys: np.ndarray, start: int, t: int
     for r in range(rows):
         e0 = r * cols
         i0 = start + e0
-        cut = min(cols, (((i0 >> 32) + 1) << 32) - i0)  # where the row enters the next block, if it does
-        _dare_run(x[r, :cut], b[r, :cut], np.uint32(keys[(i0 >> 32) - first]), i0, tt, sm, sk, bits)
+        cut, k0, k1 = _block_cut(keys, first, i0, cols)
+        _dare_run(x[r, :cut], b[r, :cut], k0, i0, tt, sm, sk, bits)
         if cut < cols:
-            _dare_run(x[r, cut:], b[r, cut:], np.uint32(keys[((i0 + cut) >> 32) - first]), i0 + cut, tt,
-                      sm[cut:], sk[cut:], bits[cut:])
+            _dare_run(x[r, cut:], b[r, cut:], k1, i0 + cut, tt, sm[cut:], sk[cut:], bits[cut:])
         total[r] = _halve(sm, cols, w)
         kept[r] = _halve(sk, cols, w)
         if pack:  # apart from the loop above, which a branch would keep from being vectorized
@@ -153,14 +162,11 @@ def _tally_tile(deltas: np.ndarray, sign: np.ndarray, e0: int, m: int, cols: int
 def _draw_tile(keys: np.ndarray, first: int, tt: np.uint64, i0: int, m: int, bits: np.ndarray) -> None:
     """bits[k] ← draw(i0 + k) < tt for the m indices from i0 (bernoulli's mask), each with the key of
     its 2^32 block (keys[b − first] for block b): a tile may cross into the next block."""
-    cut = min(m, (((i0 >> 32) + 1) << 32) - i0)
-    kk = np.uint32(keys[(i0 >> 32) - first])
+    cut, k0, k1 = _block_cut(keys, first, i0, m)
     for k in range(cut):
-        bits[k] = np.uint64(_draw(kk, i0 + k)) < tt
-    if cut < m:
-        kk = np.uint32(keys[((i0 + cut) >> 32) - first])
-        for k in range(cut, m):
-            bits[k] = np.uint64(_draw(kk, i0 + k)) < tt
+        bits[k] = np.uint64(_draw(k0, i0 + k)) < tt
+    for k in range(cut, m):
+        bits[k] = np.uint64(_draw(k1, i0 + k)) < tt
 
 
 @numba.njit(inline="always")
