@@ -385,3 +385,5 @@ def test_thread_cpu_tool_names_each_roles_cpu_time(tmp_path) -> None:
     assert {"MainThread", "streammerge-kernel", "streammerge-read", "streammerge-reader"} <= set(rows), r.stdout
     assert rows["streammerge-kernel"][1] == "2" and rows["streammerge-reader"][1] == "2", r.stdout
     assert os.path.exists(tmp_path / "out" / "streammerge.manifest.json")
+    bad = subprocess.run([sys.executable, tool, "--", "run"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Missing argument 'CONFIG'" in bad.stderr and "Traceback" not in bad.stderr

@@ -98,6 +98,8 @@ def main() -> None:
     if not os.path.isdir("/proc/self/task"):
         raise SystemExit("thread_cpu.py reads /proc/self/task: Linux only")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import click
+
     import streammerge.executor as executor
     from streammerge.cli import main as cli
 
@@ -108,9 +110,13 @@ def main() -> None:
     began = time.monotonic()
     with Sampler() as sampler:
         try:
-            cli(args, standalone_mode=False)
-        finally:
-            wall = time.monotonic() - began
+            code = cli(args, standalone_mode=False)
+        except click.ClickException as e:  # a usage error, said as streammerge says it
+            e.show()
+            raise SystemExit(e.exit_code) from None
+        if isinstance(code, int):  # click's exit without a run: --help, --version
+            raise SystemExit(code)
+        wall = time.monotonic() - began
     rows = sampler.table()
     total = sum(s for _, _, s in rows)
     print(f"wall {wall:.2f} s, CPU {total:.2f} s")
