@@ -30,6 +30,19 @@ def loops_on(monkeypatch):
 
 pytestmark = pytest.mark.skipif(fused.kernels() is None, reason="numba is not installed")
 
+
+
+def test_streammerge_jit_is_asked_at_each_call(monkeypatch) -> None:
+    """STREAMMERGE_JIT=0 turns the loops off even after they were loaded, and a 0 seen once is not
+    kept: `plan` and the run it describes agree whatever the variable said earlier in the process."""
+    monkeypatch.setenv("STREAMMERGE_JIT", "0")
+    assert fused.kernels() is None
+    monkeypatch.setenv("STREAMMERGE_JIT", "1")
+    assert fused.kernels() is not None
+    monkeypatch.setenv("STREAMMERGE_JIT", "0")
+    assert fused.kernels() is None
+
+
 FAMILY = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs",
           "breadcrumbs_ties"]
 KEY = st.integers(-2**63, 2**63 - 1)

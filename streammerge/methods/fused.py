@@ -67,17 +67,16 @@ def loaded() -> ModuleType | None:
 def kernels() -> ModuleType | None:
     """The compiled kernels' module, or None where numba is missing, STREAMMERGE_JIT=0, or the merge
     is too small to repay loading them (use_for)."""
-    if not _use["on"]:
+    if not _use["on"] or os.environ.get("STREAMMERGE_JIT", "") == "0":  # asked each time, not kept with the module
         return None
     if "jit" not in _state:
         with _lock:
             if "jit" not in _state:
-                jit: ModuleType | None = None
-                if os.environ.get("STREAMMERGE_JIT", "") != "0":
-                    try:
-                        from . import _jit as jit
-                    except ImportError:  # numba missing or broken here: the torch forms do the work
-                        jit = None
+                jit: ModuleType | None
+                try:
+                    from . import _jit as jit
+                except ImportError:  # numba missing or broken here: the torch forms do the work
+                    jit = None
                 _state["jit"] = jit
     return _state["jit"]
 
