@@ -30,7 +30,8 @@ def test_plan_shows_tensors_shards_and_memory(tiny_set, tmp_path) -> None:
     assert "model.layers.3.mlp.up_proj.weight  [160, 64] BF16" in r.output
 
 
-def test_plan_json(tiny_set, tmp_path) -> None:
+def test_plan_json(tiny_set, tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("STREAMMERGE_JIT", raising=False)  # the default choice, whatever the suite runs under
     r = CliRunner().invoke(main, ["plan", config(tmp_path, tiny_set), "--json", "--out-shard-size", "100K"])
     assert r.exit_code == 0, r.output
     p = json.loads(r.output)

@@ -190,8 +190,8 @@ def test_tally_counts_as_count_nonzero(values, n, cols, start, step, as_bool) ->
 
 
 class CountDraws:
-    """Counts the elements whose DARE keep-mask is drawn (by bernoulli_mask, or in the compiled
-    statistics pass)."""
+    """Counts the elements whose DARE keep-mask is drawn (by bernoulli_mask, in the compiled
+    statistics pass, or in the compiled apply loop: a Draw it is given)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import streammerge.methods.sparsify as sparsify
@@ -211,6 +211,13 @@ class CountDraws:
             return real_observe(x, base, key, start, threshold, pack)
 
         monkeypatch.setattr(fused, "dare_sums", counted_observe)
+        real_apply = fused.task_apply
+
+        def counted_apply(x, base, others, keeps, *args, **kwargs):  # the apply loop draws a Draw's mask
+            self.n += sum(isinstance(k, fused.Draw) for k in keeps) * x.shape[1] * x.shape[2]
+            return real_apply(x, base, others, keeps, *args, **kwargs)
+
+        monkeypatch.setattr(fused, "task_apply", counted_apply)
 
 
 def test_masks_kept_between_passes_of_a_tensor_read_in_blocks(tiny_set, tmp_path, monkeypatch) -> None:
