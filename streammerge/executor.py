@@ -293,10 +293,10 @@ class Executor:
         steps = {t.task: t for t in sched.tasks}
         workers = Workers(self.threads)
         # Without a read-ahead thread the compute threads wait for each block: they read it. With
-        # one, it reads each block on threads of its own (READ_PER_CORES).
-        on_cpu = self.device.type == "cpu"
-        readers = Workers(read_threads(cores()) if on_cpu else 1, "streammerge-reader") if self.overlap else workers
-        each = (lambda fn, items, abort: readers.each(fn, items, _nothing, abort)) if on_cpu and readers.n > 1 else None
+        # one, it reads each block on threads of its own (READ_PER_CORES), on a GPU too: the host
+        # stages each block's raw bytes for it.
+        readers = Workers(read_threads(cores()), "streammerge-reader") if self.overlap else workers
+        each = (lambda fn, items, abort: readers.each(fn, items, _nothing, abort)) if readers.n > 1 else None
         reader = InputReader(plan, self.device, RingArena(sched.arena, pin=self.device.type == "cuda"), each,
                              readers.n)
         source = ReadBlocks(reader, reads, sched.capacity, self.overlap, self.progress.read)

@@ -130,6 +130,7 @@ class InputReader:
         x = self.arena.take(input_bytes(task, row1 - row0), dt, shape)
         if task.vocab is not None:
             return self._gather(task, row0, row1, x.zero_())
+
         def part(k: int, a: int, b: int, stage: torch.Tensor | None, hasher: xxhash.xxh3_128 | None) -> None:
             """Input k's rows [a, b) into their place in the block, their raw bytes fed to `hasher`."""
             inp = task.inputs[k]
@@ -156,12 +157,21 @@ class InputReader:
             for k in range(n):
                 part(k, row0, row1, self._stages[0], hasher_of(k))
             return x
-        # `ways` threads, a near-equal share of the bytes each (inputs in order, each input's rows in
-        # order), cut at rows: an input may be split between neighbouring threads. Handing out whole
-        # inputs instead left one thread reading two of three inputs while the other waited (3-model
-        # TIES: 0.4 s of 1.1 s). Each input's bytes are hashed in row order: a thread reads first the
-        # piece that begins an input its neighbour goes on with, then its whole inputs, and last the
-        # piece that goes on with its other neighbour's, once that one is read (when hashing at all).
+        self._spread(task, row0, row1, hashers, lambda k, a, b, t, h: part(k, a, b, self._stages[t], h))
+        return x
+
+    def _spread(self, task: Task, row0: int, row1: int, hashers: list[xxhash.xxh3_128] | None,
+                part: Callable[[int, int, int, int, xxhash.xxh3_128 | None], None]) -> None:
+        """Rows [row0, row1) of every input read by `ways` threads at once (self.each):
+        part(k, a, b, t, hasher) reads input k's rows [a, b) on way t, feeding them to `hasher`.
+
+        A near-equal share of the bytes each (inputs in order, each input's rows in order), cut at
+        rows: an input may be split between neighbouring threads. Handing out whole inputs instead
+        left one thread reading two of three inputs while the other waited (3-model TIES: 0.4 s of
+        1.1 s). Each input's bytes are hashed in row order: a thread reads first the piece that
+        begins an input its neighbour goes on with, then its whole inputs, and last the piece that
+        goes on with its other neighbour's, once that one is read (when hashing at all)."""
+        assert self.each is not None
         parts = _parts(task, row0, row1, self.ways)
         after: dict[tuple[int, int], threading.Event] = {}  # (input, first row): that piece is read
         failed = threading.Event()  # a read failed, or the block was given up: waiting threads stop
@@ -179,7 +189,7 @@ class InputReader:
                                 return
                         if failed.is_set():
                             return
-                    part(k, a, b, self._stages[t], hasher_of(k))
+                    part(k, a, b, t, hashers[k] if hashers is not None else None)
                     if b < row1:
                         after[(k, b)].set()
             except BaseException:
@@ -190,7 +200,6 @@ class InputReader:
             if b < row1:
                 after[(k, b)] = threading.Event()
         self.each(run, list(range(len(parts))), failed.set)  # given up: no thread waits on
-        return x
 
     def _gather(self, task: Task, row0: int, row1: int, x: torch.Tensor) -> torch.Tensor:
         """Vocabulary rows row0..row1 of every input, aligned to the output vocabulary: each input's
@@ -255,17 +264,9 @@ class InputReader:
                     stream: torch.cuda.Stream) -> torch.Tensor:
         """A block on the GPU: each input's raw bytes read (pread) into the pinned arena, copied as
         they are, and converted to the compute dtype there; half the host traffic of converting
-        first, and no conversion on the host's one reading thread."""
+        first, and no conversion on the host's reading threads."""
         rows = read.r1 - read.r0
-        sizes = [rows * task.cols * itemsize(i.dtype) for i in task.inputs]
-        offsets = [0]
-        for n in sizes:
-            offsets.append(offsets[-1] + -(-n // 64) * 64)
-        stage = self.arena.take(offsets[-1], torch.uint8, (offsets[-1],))
-        for k, inp in enumerate(task.inputs):
-            part = stage[offsets[k]:offsets[k] + sizes[k]].view(torch_dtype(inp.dtype))
-            self.plan.models[inp.model].index.pread_rows(inp.tensor, read.r0, read.r1, part,
-                                                         hashers[k] if hashers is not None else None)
+        stage, offsets, sizes = self._stage_raw(task, read, hashers)
 
         def convert(staged: torch.Tensor) -> torch.Tensor:
             xg = torch.empty((len(task.inputs), rows, task.cols), dtype=compute_dtype(task.compute),
@@ -278,6 +279,33 @@ class InputReader:
             return xg
 
         return upload(stage, stream, convert)
+
+    def _stage_raw(self, task: Task, read: Read,
+                   hashers: list[xxhash.xxh3_128] | None) -> tuple[torch.Tensor, list[int], list[int]]:
+        """The block's raw bytes in the arena (uint8), each input's at a 64-byte aligned offset: (the
+        bytes, each input's offset, each input's size). Read by the reading threads as _read's
+        blocks are: a GPU merge read every block on the read-ahead thread alone, whatever the cores."""
+        rows = read.r1 - read.r0
+        sizes = [rows * task.cols * itemsize(i.dtype) for i in task.inputs]
+        offsets = [0]
+        for n in sizes:
+            offsets.append(offsets[-1] + -(-n // 64) * 64)
+        stage = self.arena.take(offsets[-1], torch.uint8, (offsets[-1],))
+        views = [stage[offsets[k]:offsets[k] + sizes[k]].view(torch_dtype(inp.dtype))
+                 for k, inp in enumerate(task.inputs)]
+
+        def raw(k: int, a: int, b: int, _way: int, hasher: xxhash.xxh3_128 | None) -> None:
+            inp = task.inputs[k]
+            self.plan.models[inp.model].index.pread_rows(
+                inp.tensor, a, b, views[k][(a - read.r0) * task.cols:(b - read.r0) * task.cols], hasher)
+
+        n = len(task.inputs)
+        if self.each is None or self.ways < 2 or n < 2 or n * rows * task.cols < PARALLEL_MIN_ELEMENTS:
+            for k in range(n):
+                raw(k, read.r0, read.r1, 0, hashers[k] if hashers is not None else None)
+        else:
+            self._spread(task, read.r0, read.r1, hashers, raw)
+        return stage, offsets, sizes
 
 
 def _parts(task: Task, row0: int, row1: int, ways: int) -> list[list[tuple[int, int, int]]]:

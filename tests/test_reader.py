@@ -60,9 +60,11 @@ def _in_order(fn: Callable[[int], None], items: list[int]) -> None:
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(picks=st.lists(st.tuples(st.sampled_from(list(DTYPES)), st.integers(0, 4)), min_size=1, max_size=5, unique=True),
        chunk=st.integers(2_000, 200_000), ways=st.integers(2, 5),
-       order=st.sampled_from(["threads", "in order", "last first"]))
+       order=st.sampled_from(["threads", "in order", "last first"]), raw=st.booleans())
 def test_a_block_read_by_several_threads_is_every_input_and_its_bytes_in_order(mixed, picks, chunk, ways,
-                                                                               order) -> None:
+                                                                               order, raw) -> None:
+    """`raw`: the block as a GPU's host staging holds it (InputReader._stage_raw), each input's
+    raw bytes at its offset, rather than converted to the block's dtype."""
     folders = [mixed[d][k] for d, k in picks]
     text = "merge_method: linear\nmodels:\n" + "".join(
         f"  - model: {f}\n    parameters: {{weight: 1.0}}\n" for f in folders) + "dtype: float32\n"
@@ -88,8 +90,19 @@ def test_a_block_read_by_several_threads_is_every_input_and_its_bytes_in_order(m
                 if task.copy_exact or task.vocab is not None:
                     continue
                 sched = schedule.only([ti])
-                reader = InputReader(plan, torch.device("cpu"), RingArena(sched.arena), each, ways)
+                reader = InputReader(plan, torch.device("cpu"), RingArena(sched.arena + 64 * len(task.inputs)),
+                                     each, ways)
                 for read in sched.reads():
+                    if raw:  # (the GPU's own upload and conversion are tests/test_gpu.py's)
+                        stage, offsets, sizes = reader._stage_raw(
+                            task, read, reader._task_hashers(ti) if read.hash else None)
+                        for k, inp in enumerate(task.inputs):
+                            want = truth[k][inp.tensor].reshape(task.rows, -1)[read.r0:read.r1].contiguous()
+                            assert torch.equal(stage[offsets[k]:offsets[k] + sizes[k]],
+                                               want.view(torch.uint8).reshape(-1)), (task.name, k, read)
+                        del stage
+                        reader.arena.give_back()
+                        continue
                     x = reader.load(read)
                     assert isinstance(x, torch.Tensor)
                     for k, inp in enumerate(task.inputs):
