@@ -107,6 +107,13 @@ def merge(config: Config, out: str | os.PathLike[str], options: RunOptions | Non
     try:
         with ray_session(opts.ray, cores()):
             return run_pipeline(configs_of(config), str(out), opts, progress)
+    except RuntimeError as e:
+        if "can't start new thread" not in str(e):  # CPython's words when the system refuses a thread
+            raise
+        raise OptionError(f"the system refused another thread ({torch.get_num_threads()} compute threads asked "
+                          "for, and their helpers): its limit on threads or processes is reached (ulimit -u, a "
+                          "container's pids.max); run again with a smaller -j/--num-threads, and the merge resumes "
+                          "where it stopped") from None
     finally:
         torch.set_num_threads(before)  # the caller's torch is left as it was
 

@@ -26,7 +26,7 @@ import click
 from ._version import __version__
 from .config import ConfigWarning, MergeConfig
 from .errors import ConfigError, OutputError, StreamMergeError
-from .options import DEFAULT_SEED, RunOptions
+from .options import DEFAULT_SEED, MAX_THREADS, RunOptions
 from .progress import Progress, Totals
 from .units import parse_size, size_str
 
@@ -200,8 +200,9 @@ def _mergekit_options(fn: Callable[..., None]) -> Callable[..., None]:
                      help="Read ahead and write behind on helper threads while kernels run "
                           "[default: with 4 or more cores]."),
         click.option("--gpu-rich/--no-gpu-rich", default=False, help="mergekit's all-GPU switch: here, --device cuda."),
-        click.option("-j", "--num-threads", type=int, default=None,
-                     help="CPU threads for the kernels (default: every core this process may use)."),
+        click.option("-j", "--num-threads", type=click.IntRange(0, MAX_THREADS), default=None,
+                     help=f"CPU threads for the kernels, at most {MAX_THREADS} (default, or 0: every core this "
+                          "process may use)."),
         click.option("--transformers-cache", type=click.Path(file_okay=False), default=None,
                      help="A Hugging Face cache folder to look in first."),
         click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,

@@ -17,6 +17,7 @@ from .units import parse_size
 DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default `5B`, counted in bytes
 DEFAULT_SEED = 0
 RAY_WRITE = ("auto", "workers", "driver")
+MAX_THREADS = 1024  # -j above this is a typo, not a machine (each thread holds its own sub-chunks)
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class RunOptions:
     copy_tokenizer: bool = True
     write_card: bool = True  # README.md and mergekit_config.yml
     intermediate_dir: str | None = None  # pipelines: where earlier stages go (default OUT.stages/)
-    num_threads: int | None = None  # torch's CPU threads for the kernels
+    num_threads: int | None = None  # CPU threads for the kernels, 1..MAX_THREADS; None or 0: every core it may use
     chunk_bytes: int | None = None  # fix the chunk buffers' size instead (tests and benchmarks)
     ray: str | None = None  # run the tasks on Ray: "local" (start one here), "auto", "ray://host:port", ...
     workers: int | None = None  # Ray: tasks running at once; None: as many as the cluster's resources allow
@@ -62,6 +63,9 @@ class RunOptions:
     def _resolved(self) -> RunOptions:
         if self.ray_write not in RAY_WRITE:
             raise ValueError(f"ray_write {self.ray_write!r}: use one of {', '.join(RAY_WRITE)}")
+        if self.num_threads is not None and not 0 <= self.num_threads <= MAX_THREADS:
+            raise ValueError(f"num_threads {self.num_threads}: give 1 to {MAX_THREADS} threads (0 or none: every "
+                             "core this process may use)")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers {self.workers}: give at least 1")
         if self.ray_cpus <= 0 or (self.ray_gpus is not None and self.ray_gpus < 0):

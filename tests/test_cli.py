@@ -62,6 +62,47 @@ def test_plan_says_which_kernels_a_run_takes(tiny_set, tmp_path, monkeypatch, mo
     assert "kernels: torch's kernels (linear has no compiled loops)" in linear
 
 
+@pytest.mark.parametrize("value", ["-1", "1025", "100000"])
+def test_a_thread_count_out_of_range_is_a_usage_error(tiny_set, tmp_path, value) -> None:
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["run", config(tmp_path, tiny_set), str(out), "-j", value])
+    assert r.exit_code == 2 and "'-j' / '--num-threads'" in r.output and "0<=x<=1024" in r.output, r.output
+    assert not out.exists()
+
+
+def test_threads_the_system_refuses_are_an_error_and_the_run_resumes(tiny_set, tmp_path, monkeypatch) -> None:
+    """A -j the system cannot start threads for (ulimit -u, a container's pids.max) stops the merge
+    with a message, not a traceback; once the count is smaller the same command finishes it."""
+    import threading
+
+    from helpers import output_digest
+
+    from streammerge import reader, runner
+
+    monkeypatch.setattr(runner, "PARALLEL_MIN_ELEMENTS", 0)  # every block handed to the threads
+    monkeypatch.setattr(reader, "PARALLEL_MIN_ELEMENTS", 0)
+    cfg = config(tmp_path, tiny_set)
+    whole = tmp_path / "whole"
+    assert CliRunner().invoke(main, ["run", cfg, str(whole), "-j", "1"]).exit_code == 0
+    real_start = threading.Thread.start
+
+    def refused(self: threading.Thread) -> None:
+        if self.name.startswith("streammerge-kernel"):
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(threading.Thread, "start", refused)
+        r = CliRunner().invoke(main, ["run", cfg, str(out), "-j", "8"])
+    assert r.exit_code == 2, r.output
+    assert "the system refused another thread" in r.output and "smaller -j/--num-threads" in r.output
+    assert "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["run", cfg, str(out), "-j", "2"])
+    assert r.exit_code == 0, r.output
+    assert output_digest(str(out)) == output_digest(str(whole))
+
+
 def test_budget_too_small_fails_at_plan_time_naming_tensor(tiny_set, tmp_path) -> None:
     out = tmp_path / "out"
     for cmd in (["plan", config(tmp_path, tiny_set)], ["run", config(tmp_path, tiny_set), str(out)]):

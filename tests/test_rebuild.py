@@ -196,6 +196,9 @@ def test_api_takes_sizes_as_the_cli_does_and_rejects_unknown_options(tiny_set, t
         streammerge.merge(text, tmp_path / "p", max_memory="lots")
     with pytest.raises(OptionError, match="unknown option"):
         streammerge.merge(text, tmp_path / "p", max_memroy="1GiB")
+    for threads in (-1, 1025):
+        with pytest.raises(OptionError, match=f"num_threads {threads}: give 1 to 1024"):
+            streammerge.merge(text, tmp_path / "p", num_threads=threads)
     assert not (tmp_path / "p").exists()
     opts = streammerge.RunOptions(max_memory=ROOMY, copy_tokenizer=False, write_card=False)
     streammerge.merge(text, tmp_path / "q", opts)
