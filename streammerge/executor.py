@@ -106,34 +106,53 @@ def default_threads(available: int, torch_threads: int) -> int:
 
 
 def cgroup_cpus(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
-    """CPUs the process's cgroup may use (its quota over its period, rounded up), or None when
-    it has no quota: cgroup v2's cpu.max, else v1's cpu.cfs_quota_us and cpu.cfs_period_us."""
-    own = ""
+    """CPUs the process's cgroups let it use: the smallest quota over its period (rounded up) of its
+    own cgroup and every one above it, or None when none has a quota. cgroup v2's cpu.max, else
+    v1's cpu.cfs_quota_us and cpu.cfs_period_us in the cpu controller's hierarchy; a cgroup whose
+    folder this mount does not show (a container sees its own cgroup as the root) is skipped.
+    (Reading only the root's files missed a quota set below it: a v1 job cgroup of half a CPU
+    on this 2-core machine still counted 2.)"""
+    unified, v1 = "", ""
     try:
         with open(proc_cgroup) as f:
             for line in f:
                 parts = line.strip().split(":", 2)
-                if len(parts) == 3 and parts[0] == "0":  # the v2 unified hierarchy
-                    own = parts[2].lstrip("/")
+                if len(parts) != 3:
+                    continue
+                if parts[0] == "0" and parts[1] == "":
+                    unified = parts[2]
+                elif "cpu" in parts[1].split(","):
+                    v1 = parts[2]
     except OSError:
         pass
-    for folder in dict.fromkeys([os.path.join(root, own), root]):
+    seen, limits = False, []
+    for folder in _up(root, unified):
         try:
             with open(os.path.join(folder, "cpu.max")) as f:
                 quota, period = f.read().split()[:2]
-            return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+            seen = True
+            if quota != "max" and int(period) > 0:
+                limits.append(int(quota) / int(period))
         except (OSError, ValueError):
             continue
-    for folder in (os.path.join(root, "cpu"), os.path.join(root, "cpu,cpuacct")):
-        try:
-            with open(os.path.join(folder, "cpu.cfs_quota_us")) as f:
-                quota_us = int(f.read())
-            with open(os.path.join(folder, "cpu.cfs_period_us")) as f:
-                period_us = int(f.read())
-            return None if quota_us <= 0 else max(1, math.ceil(quota_us / period_us))
-        except (OSError, ValueError):
-            continue
-    return None
+    for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu") if not seen else ():
+        for folder in _up(os.path.join(root, mount), v1):
+            try:
+                with open(os.path.join(folder, "cpu.cfs_quota_us")) as f:
+                    quota_us = int(f.read())
+                with open(os.path.join(folder, "cpu.cfs_period_us")) as f:
+                    period_us = int(f.read())
+            except (OSError, ValueError):
+                continue
+            if quota_us > 0 and period_us > 0:
+                limits.append(quota_us / period_us)
+    return max(1, math.ceil(min(limits))) if limits else None
+
+
+def _up(base: str, path: str) -> list[str]:
+    """The folder of cgroup `path` under `base`, then each folder above it, up to `base` itself."""
+    parts = [p for p in path.split("/") if p and p != ".."]
+    return [os.path.join(base, *parts[:k]) for k in range(len(parts), -1, -1)]
 
 
 def resolve_device(name: str) -> str:

@@ -1,8 +1,79 @@
-"""The cores a run may use: affinity capped by a cgroup CPU quota (v2 cpu.max, v1 cfs files)."""
+"""The cores a run may use: affinity capped by a cgroup CPU quota (v2 cpu.max, v1 cfs files), the
+process's own cgroup's and every one above it."""
 
 from __future__ import annotations
 
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from streammerge.executor import cgroup_cpus
+
+QUOTA = st.one_of(st.none(), st.tuples(st.integers(1_000, 1_600_000), st.sampled_from([50_000, 100_000, 250_000])))
+
+
+@settings(max_examples=200, deadline=None)
+@given(levels=st.lists(QUOTA, min_size=1, max_size=4), v2=st.booleans(), container=st.booleans(),
+       mount=st.sampled_from(["cpu", "cpu,cpuacct"]))
+def test_the_smallest_quota_on_the_way_up_counts(tmp_path_factory, levels, v2, container, mount) -> None:
+    """levels[0] is the mount's root, levels[-1] the process's own cgroup; `container`: the mount
+    shows the process's cgroup as its root (the cgroup file names a path the mount does not have)."""
+    root = tmp_path_factory.mktemp("cg")
+    names = [f"l{k}" for k in range(1, len(levels))]
+    base = root if v2 else root / mount
+    folders = [base] if container else [base.joinpath(*names[:k]) for k in range(len(levels))]
+    shown = levels[-1:] if container else levels
+    for folder, q in zip(folders, shown):
+        folder.mkdir(parents=True, exist_ok=True)
+        if v2:
+            (folder / "cpu.max").write_text(f"{q[0]} {q[1]}\n" if q else "max 100000\n")
+        else:
+            (folder / "cpu.cfs_quota_us").write_text(f"{q[0]}\n" if q else "-1\n")
+            (folder / "cpu.cfs_period_us").write_text(f"{q[1] if q else 100000}\n")
+    own = "/" + "/".join(names)
+    proc = root / "proc-cgroup"
+    proc.write_text(f"0::{own}\n" if v2 else f"4:memory:/elsewhere\n2:cpuacct,cpu:{own}\n0::/\n")
+    quotas = [q[0] / q[1] for q in shown if q is not None]
+    assert cgroup_cpus(str(root), str(proc)) == (max(1, math.ceil(min(quotas))) if quotas else None)
+
+
+def test_a_real_cgroup_quota_caps_the_cores() -> None:
+    """Half a CPU given to a child cgroup of this process's own: the run counts one core."""
+    if not os.access("/sys/fs/cgroup", os.W_OK):
+        pytest.skip("THIS MACHINE CANNOT MAKE A CPU CGROUP (not root): the real quota is untested")
+    with open("/proc/self/cgroup") as f:
+        lines = [line.strip().split(":", 2) for line in f if line.count(":") >= 2]
+    v1 = "/sys/fs/cgroup/cpu"
+    if os.path.isdir(v1):
+        own = next((path for _, controllers, path in lines if "cpu" in controllers.split(",")), "/")
+        cg = os.path.join(v1, own.strip("/"), f"sm-test-{os.getpid()}")
+        files = {"cpu.cfs_quota_us": "50000", "cpu.cfs_period_us": "100000"}
+    else:
+        own = next((path for n, _, path in lines if n == "0"), "/")
+        cg = os.path.join("/sys/fs/cgroup", own.strip("/"), f"sm-test-{os.getpid()}")
+        files = {"cpu.max": "50000 100000"}
+    try:
+        os.mkdir(cg)
+        for name, value in files.items():
+            with open(os.path.join(cg, name), "w") as f:
+                f.write(value)
+    except OSError as e:
+        if os.path.isdir(cg):
+            os.rmdir(cg)
+        pytest.skip(f"THIS MACHINE CANNOT MAKE A CPU CGROUP ({e}): the real quota is untested")
+    try:
+        code = (f"import os; open({os.path.join(cg, 'cgroup.procs')!r}, 'w').write(str(os.getpid())); "
+                "from streammerge.executor import cores; print(cores())")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["1"]
+    finally:
+        os.rmdir(cg)
 
 
 def test_cgroup_quota_v2_v1_and_none(tmp_path) -> None:
