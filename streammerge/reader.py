@@ -240,8 +240,10 @@ class InputReader:
             for k in range(len(task.inputs)):
                 if task.vocab.rows[k][j] < 0:
                     x[k, j - row0] = default
-        if task.load_dtype is not None:  # the config's dtype applies to gathered rows too
-            x = x.to(torch_dtype(task.load_dtype)).to(x.dtype)
+        load = torch_dtype(task.load_dtype) if task.load_dtype is not None else x.dtype
+        if load != x.dtype:  # the config's dtype applies to gathered rows too: in place, an input at a time
+            for k in range(x.shape[0]):  # (a rounded copy of the whole block beside it is not in the budget)
+                x[k].copy_(x[k].to(load))
         return x
 
     def _pad_means(self, task: Task) -> torch.Tensor:

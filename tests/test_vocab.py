@@ -19,7 +19,10 @@ from safetensors.torch import load_file
 from streammerge.config import parse_config
 from streammerge.executor import Executor
 from streammerge.options import RunOptions
+from streammerge.overlap import RingArena
 from streammerge.planner import make_plan
+from streammerge.reader import InputReader
+from streammerge.schedule import make_schedule
 
 
 def tensors(folder: str) -> dict[str, torch.Tensor]:
@@ -78,6 +81,33 @@ def test_union_tokenizer_aligns_rows(three_vocabs, tmp_path) -> None:
     with torch.no_grad():
         logits = model(torch.tensor([[5, 129, 130]])).logits
     assert logits.shape == (1, 3, 131) and torch.isfinite(logits).all()
+
+
+def test_gathered_rows_take_the_configs_dtype_in_their_own_block(three_vocabs, tmp_path) -> None:
+    """`dtype: bfloat16` rounds rows aligned to a new vocabulary (here a float32 model's) as it
+    rounds rows read as they are, and in the block the reader was given: the budget counts that
+    block, not a rounded copy of it beside it."""
+    base, _, chat = three_vocabs
+    extra = str(tmp_path / "extra32")
+    make_models.write_set([extra], make_models.Shape(64, 160, 4, 4, 2, 130), seed=4, dtype=torch.float32)
+
+    def first_block(dtype: str) -> tuple[torch.Tensor, RingArena]:
+        cfg = parse_config(f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {base}\n"
+                           f"  - model: {extra}\n  - model: {chat}\nparameters: {{weight: 1.0}}\n"
+                           f"tokenizer_source: union\ndtype: {dtype}\n")
+        plan = make_plan(cfg)
+        ti = next(i for i, t in enumerate(plan.tasks) if t.vocab is not None)
+        sched = make_schedule(plan, 1 << 34, overlap=False, chunk_bytes=1 << 20).only([ti])  # one block
+        arena = RingArena(sched.arena)
+        return InputReader(plan, torch.device("cpu"), arena).load(sched.reads()[0]), arena
+
+    wide, _ = first_block("float32")
+    x, arena = first_block("bfloat16")
+    assert arena._buf is not None
+    block, buffer = x.untyped_storage().data_ptr(), arena._buf.untyped_storage().data_ptr()
+    assert block == buffer  # (ints: a failing assert shows them, not the buffer's bytes)
+    assert x.dtype == wide.dtype and torch.equal(x, wide.to(torch.bfloat16).to(wide.dtype))
+    assert not torch.equal(wide, wide.to(torch.bfloat16).to(wide.dtype))  # some gathered row is rounded
 
 
 def test_base_tokenizer_keeps_base_rows(three_vocabs, tmp_path) -> None:
