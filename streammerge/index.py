@@ -179,7 +179,8 @@ class ModelIndex:
         return xxhash.xxh3_128_hexdigest(json.dumps(self.identity(), sort_keys=True).encode())
 
     def read_rows(self, name: str, row0: int, row1: int, out: torch.Tensor | None = None,
-                  hasher: xxhash.xxh3_128 | None = None, stage: torch.Tensor | None = None) -> torch.Tensor:
+                  hasher: xxhash.xxh3_128 | None = None, stage: torch.Tensor | None = None,
+                  via: torch.dtype | None = None) -> torch.Tensor:
         """Rows [row0, row1) of tensor `name` as (rows, cols).
 
         The bytes are read with pread, never touched through a memory map: a shard truncated or
@@ -193,24 +194,31 @@ class ModelIndex:
             hasher: fed the rows' raw bytes.
             stage: the staging buffer to use (uint8; slices fill it, or take one row where a row
                 is wider); default: this thread's own, of STAGE_BYTES.
+            via: with `out`, a dtype each slice is cast to on its way into `out` (the config's
+                dtype: values rounded to it, then widened to the block's). A slice and its cast
+                together take at most the staging buffer's bytes: nothing the size of the rows read.
         """
         ref = self.tensors[name]
         dtype = torch_dtype(ref.entry.dtype)
         shape = (row1 - row0, ref.cols)
-        if out is None or (out.dtype == dtype and out.is_contiguous()):
+        via = None if via == dtype else via
+        if out is None or (out.dtype == dtype and out.is_contiguous() and via is None):
+            assert via is None or out is not None, "via needs out"
             target = torch.empty(shape, dtype=dtype) if out is None else out
             self.pread_rows(name, row0, row1, target, hasher)
             return target
         width = ref.row_bytes
+        cast = ref.cols * via.itemsize if via is not None else 0  # a slice's cast, beside its staged bytes
         room = stage.numel() if stage is not None else STAGE_BYTES
-        step = max(1, room // max(1, width))  # rows per slice through the staging buffer
+        step = max(1, room // max(1, width + cast))  # rows per slice through the staging buffer
         need = min(row1 - row0, step) * width
         buf = self._staging(need) if stage is None or stage.numel() < need else stage[:need]
         for r in range(row0, row1, step):
             e = min(row1, r + step)
             part = buf[:(e - r) * width]
             self.pread_rows(name, r, e, part, hasher)
-            out[r - row0:e - row0].copy_(part.view(dtype).reshape(e - r, ref.cols))
+            rows = part.view(dtype).reshape(e - r, ref.cols)
+            out[r - row0:e - row0].copy_(rows if via is None else rows.to(via))
         return out
 
     def _staging(self, nbytes: int) -> torch.Tensor:

@@ -145,17 +145,28 @@ class AdaptedIndex(ModelIndex):
         return ident
 
     def read_rows(self, name: str, row0: int, row1: int, out: torch.Tensor | None = None,
-                  hasher: xxhash.xxh3_128 | None = None, stage: torch.Tensor | None = None) -> torch.Tensor:
+                  hasher: xxhash.xxh3_128 | None = None, stage: torch.Tensor | None = None,
+                  via: torch.dtype | None = None) -> torch.Tensor:
         if name in self.replaced:
-            return self.adapter.read_rows(name, row0, row1, out, hasher, stage)
+            return self.adapter.read_rows(name, row0, row1, out, hasher, stage, via)
         lo = self.loras.get(name)
         if lo is None:
-            return self.base.read_rows(name, row0, row1, out, hasher, stage)
+            return self.base.read_rows(name, row0, row1, out, hasher, stage, via)
+        stored, cols = torch_dtype(self.tensors[name].entry.dtype), self.tensors[name].cols
         if out is None:
-            own = torch.empty((row1 - row0, self.tensors[name].cols), dtype=torch_dtype(self.tensors[name].entry.dtype))
+            own = torch.empty((row1 - row0, cols), dtype=stored)
             self.base.read_rows(name, row0, row1, own, hasher)
             self._add_delta(name, lo, row0, own)
             return own
+        if via is not None and via != stored:  # adapted in W's dtype, then rounded to the config's: a slice at a time
+            step = max(1, SLICE_BYTES // max(1, cols * stored.itemsize))
+            for s in range(row0, row1, step):
+                e = min(row1, s + step)
+                own = torch.empty((e - s, cols), dtype=stored)
+                self.base.read_rows(name, s, e, own, hasher)
+                self._add_delta(name, lo, s, own)
+                out[s - row0:e - row0].copy_(own.to(via))
+            return out
         self.base.read_rows(name, row0, row1, out, hasher, stage)
         self._add_delta(name, lo, row0, out)
         return out

@@ -131,16 +131,14 @@ class InputReader:
         if task.vocab is not None:
             return self._gather(task, row0, row1, x.zero_())
 
+        via = torch_dtype(task.load_dtype) if task.load_dtype is not None else None
+
         def part(k: int, a: int, b: int, stage: torch.Tensor | None, hasher: xxhash.xxh3_128 | None) -> None:
-            """Input k's rows [a, b) into their place in the block, their raw bytes fed to `hasher`."""
+            """Input k's rows [a, b) into their place in the block (through the config's dtype where it
+            is not the input's), their raw bytes fed to `hasher`."""
             inp = task.inputs[k]
-            index = self.plan.models[inp.model].index
-            dest = x[k, a - row0:b - row0]
-            if task.load_dtype is None or task.load_dtype == inp.dtype:
-                index.read_rows(inp.tensor, a, b, out=dest, hasher=hasher, stage=stage)  # one copy, converting
-            else:
-                raw = index.read_rows(inp.tensor, a, b, hasher=hasher)
-                dest.copy_(raw.to(torch_dtype(task.load_dtype)))
+            self.plan.models[inp.model].index.read_rows(inp.tensor, a, b, out=x[k, a - row0:b - row0],
+                                                        hasher=hasher, stage=stage, via=via)
 
         def hasher_of(k: int) -> xxhash.xxh3_128 | None:
             return hashers[k] if hashers is not None else None

@@ -95,6 +95,24 @@ def test_adapted_model_matches_the_peft_formula(base, tmp_path, variant) -> None
     assert adapted and all(not np.allclose(got[k], load_folder(base)[k]) for k in adapted)
 
 
+def test_the_configs_dtype_rounds_the_adapted_weights(base, tmp_path) -> None:
+    """`dtype: bfloat16` over a float32 base with an adapter: W + B·A is formed in float32 and then
+    rounded, as a merged adapter loaded in that dtype is (not W rounded first and the delta added)."""
+    adapter = make_hub.make_adapter(str(tmp_path / "a"), SHAPE, rank=4, alpha=8, seed=3)
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = tmp_path / f"{dtype}.yml"
+        cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {base}+{adapter}\n    parameters: {{weight: 1}}\n"
+                       f"dtype: {dtype}\nout_dtype: float32\n")
+        r = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / dtype), "-q"])
+        assert r.exit_code == 0, r.output
+        outs[dtype] = load_file(os.path.join(str(tmp_path / dtype), "model.safetensors"))
+    adapted = [k for k in outs["float32"] if "q_proj" in k]
+    assert adapted
+    for k, wide in outs["float32"].items():
+        assert torch.equal(outs["bfloat16"][k], wide.to(torch.bfloat16).to(torch.float32)), k
+
+
 def test_bytes_do_not_depend_on_chunking_and_explain_names_the_adapter(base, tmp_path) -> None:
     adapter = make_hub.make_adapter(str(tmp_path / "a"), SHAPE, seed=5, embeddings=True)
     text = (f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"

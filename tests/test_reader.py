@@ -6,6 +6,7 @@ leaves no thread waiting."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import threading
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from streammerge import reader as reader_module
+from streammerge import schedule as schedule_module
 from streammerge.errors import InputError
 from streammerge.overlap import RingArena
 from streammerge.planner import INPUT_KEY_SEP, make_plan, parse
@@ -60,15 +62,26 @@ def _in_order(fn: Callable[[int], None], items: list[int]) -> None:
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(picks=st.lists(st.tuples(st.sampled_from(list(DTYPES)), st.integers(0, 4)), min_size=1, max_size=5, unique=True),
        chunk=st.integers(2_000, 200_000), ways=st.integers(2, 5),
-       order=st.sampled_from(["threads", "in order", "last first"]), raw=st.booleans())
+       order=st.sampled_from(["threads", "in order", "last first"]), raw=st.booleans(),
+       dtype=st.sampled_from(list(DTYPES)), wide=st.booleans())
 def test_a_block_read_by_several_threads_is_every_input_and_its_bytes_in_order(mixed, picks, chunk, ways,
-                                                                               order, raw) -> None:
+                                                                               order, raw, dtype, wide) -> None:
     """`raw`: the block as a GPU's host staging holds it (InputReader._stage_raw), each input's
-    raw bytes at its offset, rather than converted to the block's dtype."""
+    raw bytes at its offset, rather than converted to the block's dtype. `dtype`: the config's,
+    each input's values rounded to it (where it is not the input's) before the block's dtype;
+    `wide`: a float32 block (as for methods whose passes each widen it) rather than the config's."""
     folders = [mixed[d][k] for d, k in picks]
     text = "merge_method: linear\nmodels:\n" + "".join(
-        f"  - model: {f}\n    parameters: {{weight: 1.0}}\n" for f in folders) + "dtype: float32\n"
+        f"  - model: {f}\n    parameters: {{weight: 1.0}}\n" for f in folders) + f"dtype: {dtype}\n"
     plan = make_plan(parse(text)[0])
+    with contextlib.ExitStack() as stack:
+        if wide:  # the reader's blocks and the schedule's room for them, as budget.block_dtype gives a 2-pass method
+            stack.enter_context(mock.patch.object(reader_module, "block_dtype", lambda t: t.compute))
+            stack.enter_context(mock.patch.object(schedule_module, "block_dtype", lambda t: t.compute))
+        _read_every_block(plan, folders, chunk, ways, order, raw, dtype)
+
+
+def _read_every_block(plan, folders: list[str], chunk: int, ways: int, order: str, raw: bool, dtype: str) -> None:
     schedule = make_schedule(plan, 1 << 34, overlap=False, chunk_bytes=chunk)
     truth = [_tensors(f) for f in folders]
     workers = Workers(ways)
@@ -90,7 +103,9 @@ def test_a_block_read_by_several_threads_is_every_input_and_its_bytes_in_order(m
                 if task.copy_exact or task.vocab is not None:
                     continue
                 sched = schedule.only([ti])
-                reader = InputReader(plan, torch.device("cpu"), RingArena(sched.arena + 64 * len(task.inputs)),
+                # (raw: a GPU's host staging holds the raw bytes, wider than the block where the config narrows)
+                staged = task.rows * task.cols * 4 * len(task.inputs) if raw else 0
+                reader = InputReader(plan, torch.device("cpu"), RingArena(sched.arena + staged + 64 * len(task.inputs)),
                                      each, ways)
                 for read in sched.reads():
                     if raw:  # (the GPU's own upload and conversion are tests/test_gpu.py's)
@@ -106,7 +121,8 @@ def test_a_block_read_by_several_threads_is_every_input_and_its_bytes_in_order(m
                     x = reader.load(read)
                     assert isinstance(x, torch.Tensor)
                     for k, inp in enumerate(task.inputs):
-                        want = truth[k][inp.tensor].reshape(task.rows, -1)[read.r0:read.r1].to(x.dtype)
+                        want = truth[k][inp.tensor].reshape(task.rows, -1)[read.r0:read.r1]
+                        want = want.to(DTYPES[dtype]).to(x.dtype)
                         assert torch.equal(x[k], want), (task.name, k, read)
                     del x
                     reader.release(read)
@@ -118,6 +134,37 @@ def test_a_block_read_by_several_threads_is_every_input_and_its_bytes_in_order(m
                 assert got == want_digests, task.name
     finally:
         workers.close()
+
+
+@pytest.mark.parametrize("source,via", [("float32", torch.bfloat16), ("float16", torch.bfloat16),
+                                        ("bfloat16", torch.float16)])
+def test_rows_read_through_the_configs_dtype_are_cast_a_staged_slice_at_a_time(mixed, monkeypatch, source,
+                                                                              via) -> None:
+    """A config dtype other than the input's rounds the rows read through it; each cast is of one
+    slice of the staging buffer, never of all the rows at once (with several reading threads, one
+    input's rows each, that had taken memory no budget counted)."""
+    folder = mixed[source][0]
+    plan = make_plan(parse(f"merge_method: linear\nmodels:\n  - model: {folder}\n    parameters: {{weight: 1.0}}\n"
+                           "dtype: float32\n")[0])
+    task = max((t for t in plan.tasks if not t.copy_exact), key=lambda t: t.rows * t.cols)
+    index = plan.models[task.inputs[0].model].index
+    stage = torch.empty(1 << 12, dtype=torch.uint8)
+    casts: list[int] = []
+    real_to = torch.Tensor.to
+
+    def counted(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = real_to(self, *args, **kwargs)
+        if y.dtype == via and y is not self:
+            casts.append(y.numel() * y.element_size() + self.numel() * self.element_size())
+        return y
+
+    out = torch.empty(task.rows, task.cols, dtype=torch.float32)
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "to", counted)
+        index.read_rows(task.inputs[0].tensor, 0, task.rows, out=out, stage=stage, via=via)
+    truth = _tensors(folder)[task.inputs[0].tensor].reshape(task.rows, -1)
+    assert torch.equal(out, truth.to(via).to(torch.float32))
+    assert len(casts) > 1 and max(casts) <= stage.numel()  # each slice with its cast fits the stage
 
 
 @settings(max_examples=300, deadline=None)
