@@ -126,16 +126,16 @@ def widening_passes(task: Task) -> int:
 
 def input_row_bytes(task: Task, narrow: bool = True) -> int:
     """Bytes one row of a block holds: every input in the block's dtype (`narrow`: block_dtype's,
-    else the compute dtype), one raw row being read, and what the op keeps between passes (DARE's
-    packed masks)."""
+    else the compute dtype), and what the op keeps between passes (DARE's packed masks). Rows are
+    read with pread straight into the block, or through the staging buffers READ_STAGING_BYTES
+    counts, a slice at a time however the config's dtype rounds them (index.read_rows); only a
+    vocabulary block is rounded to the config's dtype after it is gathered, an input's rows at once."""
     csize = itemsize(block_dtype(task) if narrow else task.compute)
-    raw = max(itemsize(i.dtype) for i in task.inputs)
-    cast = itemsize(task.load_dtype) if task.load_dtype else 0
+    cast = itemsize(task.load_dtype) if task.load_dtype and task.vocab is not None else 0
     kept = 0.0 if task.copy_exact else task.cost.held_per_element
     # the report's per-row statistics (stats.py): three float64 sums per input and row, one for the output
     stats = 0 if task.copy_exact else 8 * (3 * len(task.inputs) + 1)
-    # a raw row is both mapped (until dropped) and copied out while it is read
-    return int(task.cols * (len(task.inputs) * csize + 2 * raw + cast + kept)) + 64 + stats
+    return int(task.cols * (len(task.inputs) * csize + cast + kept)) + 64 + stats
 
 
 def compute_row_bytes(task: Task, narrow: bool = True) -> int:
