@@ -140,28 +140,20 @@ class InputReader:
             self.plan.models[inp.model].index.read_rows(inp.tensor, a, b, out=x[k, a - row0:b - row0],
                                                         hasher=hasher, stage=stage, via=via)
 
-        def hasher_of(k: int) -> xxhash.xxh3_128 | None:
-            return hashers[k] if hashers is not None else None
-
-        n = len(task.inputs)
-        if self.each is None or self.ways < 2:
-            for k in range(n):
-                part(k, row0, row1, None, hasher_of(k))
-            return x
-        if not self._stages:  # budget.py counts READ_STAGING_BYTES, shared by the `ways` threads
-            per = READ_STAGING_BYTES // self.ways
+        if self.each is not None and self.ways > 1 and not self._stages:
+            per = READ_STAGING_BYTES // self.ways  # budget.py counts READ_STAGING_BYTES, shared by the ways
             self._stages = [torch.empty(per, dtype=torch.uint8) for _ in range(self.ways)]
-        if n < 2 or x.numel() < PARALLEL_MIN_ELEMENTS:  # on this thread: a thread's wake-up would cost more
-            for k in range(n):
-                part(k, row0, row1, self._stages[0], hasher_of(k))
-            return x
-        self._spread(task, row0, row1, hashers, lambda k, a, b, t, h: part(k, a, b, self._stages[t], h))
+        # (one reading thread: its own staging buffer, index.read_rows's default)
+        self._spread(task, row0, row1, hashers,
+                     lambda k, a, b, t, h: part(k, a, b, self._stages[t] if self._stages else None, h))
         return x
 
     def _spread(self, task: Task, row0: int, row1: int, hashers: list[xxhash.xxh3_128] | None,
                 part: Callable[[int, int, int, int, xxhash.xxh3_128 | None], None]) -> None:
-        """Rows [row0, row1) of every input read by `ways` threads at once (self.each):
-        part(k, a, b, t, hasher) reads input k's rows [a, b) on way t, feeding them to `hasher`.
+        """Rows [row0, row1) of every input read by `ways` threads at once (self.each), or on this
+        thread (way 0) where there is no `each`, one input, or too little to hand out (a thread's
+        wake-up would cost more): part(k, a, b, t, hasher) reads input k's rows [a, b) on way t,
+        feeding them to `hasher`.
 
         A near-equal share of the bytes each (inputs in order, each input's rows in order), cut at
         rows: an input may be split between neighbouring threads. Handing out whole inputs instead
@@ -169,7 +161,11 @@ class InputReader:
         1.1 s). Each input's bytes are hashed in row order: a thread reads first the piece that
         begins an input its neighbour goes on with, then its whole inputs, and last the piece that
         goes on with its other neighbour's, once that one is read (when hashing at all)."""
-        assert self.each is not None
+        n = len(task.inputs)
+        if self.each is None or self.ways < 2 or n < 2 or n * (row1 - row0) * task.cols < PARALLEL_MIN_ELEMENTS:
+            for k in range(n):
+                part(k, row0, row1, 0, hashers[k] if hashers is not None else None)
+            return
         parts = _parts(task, row0, row1, self.ways)
         after: dict[tuple[int, int], threading.Event] = {}  # (input, first row): that piece is read
         failed = threading.Event()  # a read failed, or the block was given up: waiting threads stop
@@ -299,12 +295,7 @@ class InputReader:
             self.plan.models[inp.model].index.pread_rows(
                 inp.tensor, a, b, views[k][(a - read.r0) * task.cols:(b - read.r0) * task.cols], hasher)
 
-        n = len(task.inputs)
-        if self.each is None or self.ways < 2 or n < 2 or n * rows * task.cols < PARALLEL_MIN_ELEMENTS:
-            for k in range(n):
-                raw(k, read.r0, read.r1, 0, hashers[k] if hashers is not None else None)
-        else:
-            self._spread(task, read.r0, read.r1, hashers, raw)
+        self._spread(task, read.r0, read.r1, hashers, raw)
         return stage, offsets, sizes
 
 
