@@ -201,7 +201,7 @@ class ModelIndex:
         ref = self.tensors[name]
         dtype = torch_dtype(ref.entry.dtype)
         shape = (row1 - row0, ref.cols)
-        via = None if via == dtype else via
+        via = None if via == dtype or (out is not None and via == out.dtype) else via  # copy_ rounds to out's
         if out is None or (out.dtype == dtype and out.is_contiguous() and via is None):
             assert via is None or out is not None, "via needs out"
             target = torch.empty(shape, dtype=dtype) if out is None else out
