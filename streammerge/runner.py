@@ -145,8 +145,8 @@ def run_task(task: Task, sched: TaskSchedule, blocks: BlockSource, method: Metho
 
 def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodDef,
            stats: TensorStats | None, workers: Workers) -> Iterator[tuple[int, torch.Tensor]]:
-    """Each step's block through its passes: statistics passes observe it (a pass ends with the
-    block that ends the tensor), the apply pass yields merged rows, sub-chunk by sub-chunk."""
+    """Each step's block through its passes: statistics passes observe it (a pass ends with its
+    last step's block), the apply pass yields merged rows, sub-chunk by sub-chunk."""
     op = method.make(task.ctx)
     if sched.hold:
         op.hold_state()  # the apply pass sees the very sub-chunks the statistics passes saw
@@ -154,21 +154,23 @@ def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodD
         op.tally = stats.tally
     if not op.parallel:
         workers = INLINE  # in row order
-    for step in sched.steps:
+    last = {p: i for i, step in enumerate(sched.steps) for p in step.passes}  # the step each pass ends with
+    for i, step in enumerate(sched.steps):
         read, x = blocks.take()
         _check(read, step.read, task)
         assert isinstance(x, torch.Tensor)
         for p in step.passes:
-            yield from _pass(task, sched, op, p, len(step.passes), read, x, blocks, stats, workers)
+            yield from _pass(task, sched, op, p, len(step.passes), read, x, blocks, stats, workers, last[p] == i)
         del x
         blocks.done(read)
 
 
 def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, read: Read, x: torch.Tensor,
-          blocks: BlockSource, stats: TensorStats | None, workers: Workers) -> Iterator[tuple[int, torch.Tensor]]:
+          blocks: BlockSource, stats: TensorStats | None, workers: Workers,
+          ends: bool) -> Iterator[tuple[int, torch.Tensor]]:
     """Pass `p` over the block `x` (rows read.r0..read.r1), its sub-chunks on the workers: a
-    statistics pass observes them (and ends with the block that ends the tensor), the apply pass
-    yields their merged rows in order."""
+    statistics pass observes them (and `ends` with this block: the pass's last, in whichever
+    direction the schedule runs it), the apply pass yields their merged rows in order."""
     rows = read.r1 - read.r0
     pieces = spans(0, rows, sched.sub)
     compute = compute_dtype(task.compute)
@@ -196,7 +198,7 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
         else:  # the op knows what this pass would find
             for ab in pieces:
                 advanced(ab)
-        if read.r1 == task.rows:
+        if ends:
             op.end_pass(p)
         return
 

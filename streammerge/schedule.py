@@ -6,7 +6,9 @@ Imports planner, budget, dtypes, errors (and torch, for the GPU's free memory). 
 whole tensor fits is read once: every pass runs over that one block (and the method may keep
 per-element state between its passes). Otherwise each statistics pass reads the tensor again
 in blocks, then the apply pass does; the apply pass's reads feed the input hashes, since it
-reads every input row exactly once. Such a task's per-element state (DARE's packed masks) is
+reads every input row exactly once, in row order. Where the method's statistics find the same in
+any block order (Cost.any_order) the passes alternate direction and share the block at each
+turn (pass_steps): one block fewer read per statistics pass. Such a task's per-element state (DARE's packed masks) is
 kept too when it fits in a reserve set aside from the chunk budget (budget.hold_reserve), so
 the apply pass sees the statistics passes' very sub-chunks and need not draw them again.
 
@@ -96,6 +98,29 @@ def spans(start: int, stop: int, step: int) -> list[tuple[int, int]]:
     return [(r, min(stop, r + step)) for r in range(start, stop, step)]
 
 
+def pass_steps(blocks: list[tuple[int, int]], passes: int,
+               any_order: bool) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
+    """Each block read and the passes (statistics passes, then the apply pass `passes`) run over it
+    before the next is read. One block: read once, every pass over it. Several: each pass takes
+    them all, the apply pass in row order (its reads feed the input hashes and the output's rows);
+    with `any_order` (Cost.any_order) the passes before it alternate direction, backwards first,
+    so each pass's last block is the next pass's first and is read once for both.
+
+        >>> pass_steps([(0, 2), (2, 4), (4, 5)], 1, True)
+        [((4, 5), (0,)), ((2, 4), (0,)), ((0, 2), (0, 1)), ((2, 4), (1,)), ((4, 5), (1,))]
+    """
+    if len(blocks) == 1:
+        return [(blocks[0], tuple(range(passes + 1)))]
+    steps: list[tuple[tuple[int, int], tuple[int, ...]]] = []
+    for p in range(passes + 1):
+        order = blocks[::-1] if any_order and (passes - p) % 2 else blocks
+        if steps and steps[-1][0] == order[0]:  # the block the pass before ended with: still held
+            steps[-1] = (order[0], steps[-1][1] + (p,))
+            order = order[1:]
+        steps.extend((b, (p,)) for b in order)
+    return steps
+
+
 def task_schedule(plan: Plan, ti: int, block: int, sub: int, threads: int = 1, staged: bool = False,
                   reserve: int = 0) -> TaskSchedule:
     """Task `ti` read in blocks of `block` rows, computed in sub-chunks of `sub` rows on `threads`
@@ -109,11 +134,8 @@ def task_schedule(plan: Plan, ti: int, block: int, sub: int, threads: int = 1, s
     def read(r0: int, r1: int, hash_: bool) -> Read:
         return Read(ti, r0, r1, hash_, block_bytes(task, r1 - r0, min(sub, r1 - r0), threads))
 
-    steps: tuple[Step, ...]
-    if len(blocks) == 1:
-        steps = (Step(read(0, task.rows, True), tuple(range(passes + 1))),)
-    else:
-        steps = tuple(Step(read(r0, r1, p == passes), (p,)) for p in range(passes + 1) for r0, r1 in blocks)
+    steps = tuple(Step(read(r0, r1, passes in ps), ps)
+                  for (r0, r1), ps in pass_steps(blocks, passes, task.cost.any_order))
     block = min(block, task.rows)
     inputs = input_bytes(task, block)
     if staged:  # the raw bytes, each input 64-byte aligned (wider than the block's dtype when the config casts)

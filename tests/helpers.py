@@ -32,14 +32,17 @@ def run_chunked(method: str, ctx: TaskContext, x: torch.Tensor, chunk_rows: int,
     with `remember`, the op keeps state between passes as the executor allows for one block; with
     `tally`, the op counts every other row of each chunk into it (as the runner picks rows). x of
     bfloat16 goes to the op as it is in the passes whose op takes it so (MergeOp.takes_raw: those
-    passes are appended to `raw`, given), widened to float32 in the others, as the runner does."""
+    passes are appended to `raw`, given), widened to float32 in the others, as the runner does. A
+    method whose statistics passes may see the rows in any order (Cost.any_order) is given them
+    alternately backwards and forwards, the apply pass forwards, in the schedule's directions."""
     op = METHODS[method].make(ctx)
     op.tally = tally
     if remember:
         op.hold_state()
     rows = x.shape[1]
     spans = [(r, min(rows, r + chunk_rows)) for r in range(0, rows, chunk_rows)]
-    passes = METHODS[method].cost(ctx).stat_passes
+    cost = METHODS[method].cost(ctx)
+    passes = cost.stat_passes
 
     def given(p: int) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
@@ -51,7 +54,7 @@ def run_chunked(method: str, ctx: TaskContext, x: torch.Tensor, chunk_rows: int,
 
     for p in range(passes):
         xp = given(p)
-        for r0, r1 in spans:
+        for r0, r1 in spans[::-1] if cost.any_order and (passes - p) % 2 else spans:
             chunk = xp[:, r0:r1].clone()
             op.observe(p, chunk, r0)
             # bytes, not values: a NaN is not equal to itself

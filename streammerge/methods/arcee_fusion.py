@@ -112,7 +112,7 @@ class ArceeFusion(MergeOp):
 
 def fusion_cost(ctx: TaskContext) -> Cost:
     """One statistics pass; each vector's KL (at most 8 bytes: float64 compute) held for the apply pass."""
-    return Cost(1, 6.0, held_per_element=8.0 / (ctx.shape[-1] if ctx.shape else 1))
+    return Cost(1, 6.0, held_per_element=8.0 / (ctx.shape[-1] if ctx.shape else 1), any_order=True)
 
 
 ARCEE_FUSION = MethodDef(

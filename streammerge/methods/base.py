@@ -72,11 +72,16 @@ class Cost:
     raw_passes: int = 0
     # temp_rows where the compiled loops compute every pass of a float32 merge (None: as temp_rows)
     loop_temp_rows: float | None = None
+    # the statistics passes find the same whatever order the blocks come in (exact sums, counts,
+    # state kept by position; no InOrder section): a tensor read in several blocks then runs every
+    # other pass backwards, so each pass begins with the block the pass before it ended with and
+    # that block is read once for both (schedule.pass_steps)
+    any_order: bool = False
 
 
-def fixed_cost(stat_passes: int, temp_rows: float) -> Callable[[TaskContext], Cost]:
+def fixed_cost(stat_passes: int, temp_rows: float, any_order: bool = False) -> Callable[[TaskContext], Cost]:
     """A method whose cost does not depend on its parameters."""
-    cost = Cost(stat_passes, temp_rows)
+    cost = Cost(stat_passes, temp_rows, any_order=any_order)
     return lambda ctx: cost
 
 

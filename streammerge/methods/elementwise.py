@@ -105,6 +105,7 @@ RAMPLUS_TL = MethodDef(
     name="ramplus_tl",
     params=(ParamSpec("r", "float", "shared", default=0.1), ParamSpec("alpha", "float", "shared", default=0.2),
             ParamSpec("epsilon", "float", "shared", default=1e-5)),
-    base="required", min_inputs=1, max_inputs=None, make=lambda ctx: Ram(ctx, plus=True), cost=fixed_cost(1, 5.0),
+    base="required", min_inputs=1, max_inputs=None, make=lambda ctx: Ram(ctx, plus=True),
+    cost=fixed_cost(1, 5.0, any_order=True),
     pretty="RAM+ (TL)", url="https://arxiv.org/abs/2510.23048",
 )

@@ -71,6 +71,6 @@ class ModelStock(MergeOp):
 MODEL_STOCK = MethodDef(
     name="model_stock", params=(ParamSpec("filter_wise", "bool", "shared", default=False),),
     base="required", min_inputs=3, max_inputs=None, make=ModelStock, min_others=2,
-    cost=lambda ctx: Cost(0 if ctx.shared["filter_wise"] else 1, 4.0),
+    cost=lambda ctx: Cost(0 if ctx.shared["filter_wise"] else 1, 4.0, any_order=True),
     pretty="Model Stock", url="https://arxiv.org/abs/2403.19522",
 )

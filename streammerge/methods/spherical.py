@@ -231,14 +231,14 @@ MULTISLERP = MethodDef(
             ParamSpec("normalize_weights", "bool", "shared", default=True),
             ParamSpec("eps", "float", "shared", default=1e-8)),
     base="optional", min_inputs=1, max_inputs=None, make=MultiSlerp, min_others=1,
-    cost=lambda ctx: Cost(0 if len(ctx.others) == 1 else 1, 4.0),
+    cost=lambda ctx: Cost(0 if len(ctx.others) == 1 else 1, 4.0, any_order=True),
     pretty="Multi-SLERP", url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
 )
 KARCHER = MethodDef(
     name="karcher",
     params=(ParamSpec("max_iter", "int", "shared", default=10), ParamSpec("tol", "float", "shared", default=1e-5)),
     base="ignored", min_inputs=1, max_inputs=None, make=Karcher,
-    cost=lambda ctx: Cost(0 if ctx.n_inputs == 1 else 1, 4.0),
+    cost=lambda ctx: Cost(0 if ctx.n_inputs == 1 else 1, 4.0, any_order=True),
     pretty="Karcher Mean", url="https://en.wikipedia.org/wiki/Karcher_mean",
 )
 NUSLERP = MethodDef(

@@ -76,7 +76,10 @@ def family_cost(ctx: TaskContext, sparsify: str) -> Cost:
         raw = (0 if bool(ctx.shared["rescale"]) else min(2, stat)) + 1
     else:  # DELLA: its loop ranks whole rows as read (della_keep), in every pass; torch ranks the others
         raw = stat + 1 if _whole_rows(ctx) else 0
-    return Cost(stat, temp, held, raw, _LOOP_TEMP_ROWS.get(sparsify))
+    # the radix passes' counts and the L1 sums come out the same in any block order; the rescale pass
+    # of a ranked mask counts threshold ties in row order (TopK.mask's InOrder)
+    any_order = sparsify in ("random", "della") or (ranked and not bool(ctx.shared["rescale"]))
+    return Cost(stat, temp, held, raw, _LOOP_TEMP_ROWS.get(sparsify), any_order)
 
 
 def della_check(ctx: TaskContext) -> list[str]:
