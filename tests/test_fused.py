@@ -46,6 +46,8 @@ def test_streammerge_jit_is_asked_at_each_call(monkeypatch) -> None:
 FAMILY = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs",
           "breadcrumbs_ties"]
 KEY = st.integers(-2**63, 2**63 - 1)
+# a factor as SLERP's apply pass takes one (|c| < 32 for t in [0, 1]), rounded to float32 there
+COEFFICIENT = st.one_of(st.floats(-32, 32), st.sampled_from([0.0, -0.0, 1.0, 1 / 3, 1e-30, 1e-45]))
 
 
 @settings(max_examples=200, deadline=None)
@@ -312,14 +314,15 @@ def test_bfloat16_rows_as_read_merge_as_widened_ones(case, patterns) -> None:
 @given(rows=st.integers(1, 5), cols=st.integers(1, 700), chunk_rows=st.integers(1, 5), t=st.floats(0, 1),
        patterns=st.lists(BF16_PATTERN, max_size=300), seed=st.integers(0, 2**31))
 def test_slerp_sums_of_bfloat16_rows_as_read(rows, cols, chunk_rows, t, patterns, seed) -> None:
-    """SLERP's statistics pass takes bfloat16 rows as read (its apply pass widens them): the norms and
-    dot product, and so the output, are those of the torch form on rows widened first."""
+    """SLERP's statistics pass and its apply pass take bfloat16 rows as read (the sums' loop, then
+    weighted_pair): the norms, the dot product and the output are those of the torch form on rows
+    widened first."""
     g = torch.Generator().manual_seed(seed)
     xb = _bfloat16(torch.randn(2, rows, cols, generator=g) * 3, patterns)
     ctx = context("slerp", [{}, {}], {"t": t}, base=0, shape=(rows, cols))
     taken: list[int] = []
     got = run_chunked("slerp", ctx, xb, min(chunk_rows, rows), raw=taken)
-    assert taken == [0] and METHODS["slerp"].cost(ctx).raw_passes == 1
+    assert taken == [0, 1] and METHODS["slerp"].cost(ctx).raw_passes == 2
     jit = fused._state["jit"]
     fused._state["jit"] = None  # as without numba
     try:
@@ -327,6 +330,21 @@ def test_slerp_sums_of_bfloat16_rows_as_read(rows, cols, chunk_rows, t, patterns
     finally:
         fused._state["jit"] = jit
     assert torch.equal(bits(quiet(got)), bits(quiet(plain)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=rows_of_values(), y=rows_of_values(), c=st.tuples(COEFFICIENT, COEFFICIENT), narrow=st.booleans(),
+       patterns=st.lists(BF16_PATTERN, max_size=40))
+def test_weighted_pair_is_torchs_two_products_and_their_sum(x, y, c, narrow, patterns) -> None:
+    """SLERP's apply loop gives, bit for bit, torch's (a·c0).add_(b·c1) on float32 rows (bfloat16's
+    widened first), whatever the values (infinities, subnormals, ±0; NaN as NaN) and coefficients."""
+    a, b = x[:, :y.shape[1]], y[:x.shape[0], :x.shape[1]]
+    if narrow:
+        a, b = _bfloat16(torch.stack([a, b]), patterns)
+    want = (a.float() * c[0]).add_(b.float() * c[1])
+    got = fused.weighted_pair(a.contiguous(), b.contiguous(), *c)
+    assert got is not None and got.dtype == torch.float32
+    assert torch.equal(bits(quiet(got)), bits(quiet(want)))
 
 
 @settings(max_examples=8, deadline=None)

@@ -602,3 +602,13 @@ def product_sums(x: np.ndarray, y: np.ndarray, base: int, out: np.ndarray) -> No
             v = widen(yr[j])
             s[j] = np.float64(v * v)
         out[xy + n, r] = _halve(s, cols, w)
+
+
+@numba.njit(nogil=True, cache=True)
+def weighted_pair(a: np.ndarray, b: np.ndarray, c0: np.float32, c1: np.float32, out: np.ndarray) -> None:
+    """out ← a·c0 + b·c1 elementwise over flat runs a, b (float32, or bfloat16's bits widened), each
+    product rounded to float32, then their sum: Slerp.apply's torch form, (a·c0).add_(b·c1) with the
+    coefficients as float32, in one pass (that form widens both inputs, and makes and reads back
+    two products)."""
+    for i in range(out.size):
+        out[i] = widen(a[i]) * c0 + widen(b[i]) * c1

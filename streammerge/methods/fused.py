@@ -94,6 +94,7 @@ def warm() -> None:
         radix_count(x[1], x[0], -1)
         ranked_keep(x[1], 0, 1 << 32, x[0])
         slerp_sums(x[1], x[2])  # _jit.product_sums, as the report's statistics call it too
+        weighted_pair(x[1], x[2], 0.5, 0.5)
         della_keep(x[1], 1, 0, 8, np.zeros(8), x[0], sums=True)
     x = torch.zeros(3, 1, 8)
     radix_count(x[1], None, -1)
@@ -335,6 +336,19 @@ def slerp_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     sums = product_sums(a[None], b, None)
     assert sums is not None
     return torch.from_numpy(sums[[0, 2, 1]])
+
+
+def weighted_pair(a: torch.Tensor, b: torch.Tensor, c0: float, c1: float) -> torch.Tensor | None:
+    """a·c0 + b·c1 (rows, cols) in float32 for rows a and b of float32, or both bfloat16 as read,
+    each contiguous, c0 and c1 rounded to float32 as torch rounds a scalar factor of a float32
+    tensor: the bits of torch's (a·c0).add_(b·c1) on a and b widened, in one compiled loop. None
+    where the kernels are not loaded."""
+    jit = kernels()
+    if jit is None or a.dtype not in LOADED or b.dtype != a.dtype:
+        return None
+    out = torch.empty(a.shape, dtype=torch.float32)
+    jit.weighted_pair(_flat(a), _flat(b), np.float32(c0), np.float32(c1), out.view(-1).numpy())
+    return out
 
 
 def product_sums(x: torch.Tensor, y: torch.Tensor, base: int | None) -> np.ndarray | None:

@@ -2,7 +2,7 @@
 
 SEMANTICS §2.3. One statistics pass (‖v0‖², ‖v1‖², v0·v1 as chunk-independent float64 sums:
 row_sums' per-row tree sums, all three in one compiled loop where numba is loaded), then the apply
-pass: out = c0·v0 + c1·v1 with scalar coefficients.
+pass: out = c0·v0 + c1·v1 with scalar coefficients (one compiled loop too, from the rows as read).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from . import fused
 from .base import Cost, MergeOp, MethodDef, RowSums, TaskContext, row_sums
 
 EPS = 1e-8
-# temporaries: products, scaled inputs, the output (measured 3.1); the sums' loop takes blocks as read
-SLERP_COST = Cost(1, 4.0, raw_passes=1, any_order=True)
+# temporaries: products, scaled inputs, the output (measured 3.1); the loops take blocks as read in
+# both passes (the sums', and the apply pass's weighted_pair)
+SLERP_COST = Cost(1, 4.0, raw_passes=2, any_order=True)
 DOT_THRESHOLD = 0.9995
 
 
@@ -54,13 +55,17 @@ class Slerp(MergeOp):
         self._sums[2].add(row_sums(v0 * v1))
 
     def takes_raw(self, pass_idx: int, x: torch.Tensor) -> bool:
-        return pass_idx == 0 and fused.usable(x)  # the sums' loop; the apply pass is torch's
+        return fused.usable(x)  # the sums' loop, and the apply pass's
 
     def end_pass(self, pass_idx: int) -> None:
         nn0, nn1, dot = (s.total() for s in self._sums)
         self.c0, self.c1 = slerp_coefficients(self.t, nn0, nn1, dot)
 
     def apply(self, x: torch.Tensor, row0: int) -> torch.Tensor:
+        if fused.usable(x):  # one loop from the rows as read to the sum: the same bits
+            got = fused.weighted_pair(x[self.i0], x[self.i1], self.c0, self.c1)
+            assert got is not None  # usable: the kernels are loaded
+            return got
         # the other input scaled in place (the apply pass's x is ours to overwrite): one temporary fewer
         return (x[self.i0] * self.c0).add_(x[self.i1].mul_(self.c1))
 
