@@ -160,12 +160,13 @@ class ReadAhead(Generic[S, T]):
                 self._ready.put((spec, None, e))
                 return
 
-    def take(self) -> tuple[S, T]:
-        """The next spec and its loaded block."""
+    def take(self, skip: bool = False) -> tuple[S, T | None]:
+        """The next spec and its loaded block; with `skip` (the consumer will not use it) None in
+        place of a block not loaded yet: loading in turn, on the caller's thread, loads nothing."""
         if self._thread is None:
             spec = self._specs[self._next]
             self._next += 1
-            return spec, self._load(spec)
+            return spec, None if skip else self._load(spec)
         while True:
             try:
                 spec, block, err = self._ready.get(timeout=0.5)

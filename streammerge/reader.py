@@ -12,6 +12,7 @@ of the output folder; it may run on a helper thread (ReadAhead) or in another pr
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -336,20 +337,28 @@ class ReadBlocks:
         share per sub-chunk and pass), so progress moves inside a large block too."""
         self.reader = reader
         self.on_read = on_read
-        following = iter(reads[1:])
+        self._reads = reads
 
-        def load(read: Read) -> Block:  # reads are loaded one at a time, in order
-            block = reader.load(read)
-            after = next(following, None)
-            if after is not None:
-                reader.prefetch(after)
+        def load(at: tuple[int, Read]) -> Block:  # reads are loaded one at a time, in order
+            block = reader.load(at[1])
+            if at[0] + 1 < len(reads):
+                reader.prefetch(reads[at[0] + 1])
             return block
 
-        self._ahead: ReadAhead[Read, Block] = ReadAhead(reads, load, lambda r: r.cost, capacity, threaded)
+        self._ahead: ReadAhead[tuple[int, Read], Block] = ReadAhead(
+            list(enumerate(reads)), load, lambda at: at[1].cost, capacity, threaded)
         self._counted: dict[Read, float] = {}  # bytes of a block reported so far, as a float share
+        self._taken: deque[bool] = deque()  # of each block taken and not yet done: it was loaded
 
-    def take(self) -> tuple[Read, Block]:
-        return self._ahead.take()
+    def take(self, skip: bool = False) -> tuple[Read, Block | None]:
+        """The next block; with `skip` (the runner will not use it: every pass over it is one the op
+        does not need, MergeOp.needs_pass) None where it is not read yet, as when blocks are read
+        in turn: it is then not read at all."""
+        (at, read), block = self._ahead.take(skip)
+        self._taken.append(block is not None)
+        if block is None and at + 1 < len(self._reads):
+            self.reader.prefetch(self._reads[at + 1])
+        return read, block
 
     def advanced(self, read: Read, share: float) -> None:
         if self.on_read is None:
@@ -366,8 +375,9 @@ class ReadBlocks:
         total = raw_bytes(self.reader.plan.tasks[read.task], read)
         if self.on_read is not None and int(counted) < total:
             self.on_read(total - int(counted))  # rounding: a block counts its bytes exactly once in all
-        self._ahead.done(read)
-        self.reader.release(read)
+        self._ahead.done((0, read))  # (its cost is the read's)
+        if self._taken.popleft():  # blocks are done in the order they are taken
+            self.reader.release(read)
 
     def close(self) -> None:
         """Stop reading ahead; a read waiting for arena room gives up."""

@@ -126,7 +126,7 @@ class BlockSource(Protocol):
     """Blocks in the order of the schedule's reads; each handed back with `done` once used, and
     `advanced(read, share)` told as each share of its work (a sub-chunk of one pass) is computed."""
 
-    def take(self) -> tuple[Read, torch.Tensor | list[torch.Tensor]]: ...
+    def take(self, skip: bool = False) -> tuple[Read, torch.Tensor | list[torch.Tensor] | None]: ...
 
     def done(self, read: Read) -> None: ...
 
@@ -156,23 +156,38 @@ def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodD
         workers = INLINE  # in row order
     last = {p: i for i, step in enumerate(sched.steps) for p in step.passes}  # the step each pass ends with
     for i, step in enumerate(sched.steps):
-        read, x = blocks.take()
+        # a block only passes the op does not need run over (asked once the pass before ended) is not read
+        skip = all(p < sched.stat_passes and (p > 0 and last[p - 1] < i) and not op.needs_pass(p)
+                   for p in step.passes)
+        read, x = blocks.take(skip)
         _check(read, step.read, task)
-        assert isinstance(x, torch.Tensor)
+        assert isinstance(x, torch.Tensor) or (skip and x is None)
         for p in step.passes:
             yield from _pass(task, sched, op, p, len(step.passes), read, x, blocks, stats, workers, last[p] == i)
         del x
         blocks.done(read)
 
 
-def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, read: Read, x: torch.Tensor,
-          blocks: BlockSource, stats: TensorStats | None, workers: Workers,
+def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, read: Read,
+          x: torch.Tensor | None, blocks: BlockSource, stats: TensorStats | None, workers: Workers,
           ends: bool) -> Iterator[tuple[int, torch.Tensor]]:
     """Pass `p` over the block `x` (rows read.r0..read.r1), its sub-chunks on the workers: a
     statistics pass observes them (and `ends` with this block: the pass's last, in whichever
-    direction the schedule runs it), the apply pass yields their merged rows in order."""
+    direction the schedule runs it), the apply pass yields their merged rows in order. x is None
+    where the block was not read: a statistics pass the op does not need."""
     rows = read.r1 - read.r0
     pieces = spans(0, rows, sched.sub)
+
+    def advanced(ab: tuple[int, int]) -> None:
+        blocks.advanced(read, (ab[1] - ab[0]) / rows / n_passes)
+
+    if p < sched.stat_passes and not op.needs_pass(p):  # the op knows what this pass would find
+        for ab in pieces:
+            advanced(ab)
+        if ends:
+            op.end_pass(p)
+        return
+    assert x is not None  # (a block is left unread only for passes the op does not need)
     compute = compute_dtype(task.compute)
     raw = x.dtype == torch.bfloat16 and compute == torch.float32 and op.takes_raw(p, x)
 
@@ -186,18 +201,11 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
     if len(pieces) == 1 or x.numel() < PARALLEL_MIN_ELEMENTS:
         workers = INLINE  # too little work to hand out: a thread's wake-up costs more
 
-    def advanced(ab: tuple[int, int]) -> None:
-        blocks.advanced(read, (ab[1] - ab[0]) / rows / n_passes)
-
     if p < sched.stat_passes:
         def observe(ab: tuple[int, int]) -> None:
             op.observe(p, inputs(ab), read.r0 + ab[0])
 
-        if op.needs_pass(p):
-            workers.each(observe, pieces, advanced, op.abort, sched.threads)
-        else:  # the op knows what this pass would find
-            for ab in pieces:
-                advanced(ab)
+        workers.each(observe, pieces, advanced, op.abort, sched.threads)
         if ends:
             op.end_pass(p)
         return
