@@ -341,24 +341,29 @@ class ReadBlocks:
 
         def load(at: tuple[int, Read]) -> Block:  # reads are loaded one at a time, in order
             block = reader.load(at[1])
-            if at[0] + 1 < len(reads):
-                reader.prefetch(reads[at[0] + 1])
+            self._prefetch_after(at[0])
             return block
 
         self._ahead: ReadAhead[tuple[int, Read], Block] = ReadAhead(
             list(enumerate(reads)), load, lambda at: at[1].cost, capacity, threaded)
         self._counted: dict[Read, float] = {}  # bytes of a block reported so far, as a float share
-        self._taken: deque[bool] = deque()  # of each block taken and not yet done: it was loaded
+        # each block taken and not yet done (in the order taken): its place in the reads, and whether it was read
+        self._taken: deque[tuple[tuple[int, Read], bool]] = deque()
+
+    def _prefetch_after(self, at: int) -> None:
+        """The kernel starts reading the read after the `at`-th while that one computes."""
+        if at + 1 < len(self._reads):
+            self.reader.prefetch(self._reads[at + 1])
 
     def take(self, skip: bool = False) -> tuple[Read, Block | None]:
         """The next block; with `skip` (the runner will not use it: every pass over it is one the op
         does not need, MergeOp.needs_pass) None where it is not read yet, as when blocks are read
         in turn: it is then not read at all."""
-        (at, read), block = self._ahead.take(skip)
-        self._taken.append(block is not None)
-        if block is None and at + 1 < len(self._reads):
-            self.reader.prefetch(self._reads[at + 1])
-        return read, block
+        spec, block = self._ahead.take(skip)
+        self._taken.append((spec, block is not None))
+        if block is None:  # (a loaded one prefetched the next as it was loaded)
+            self._prefetch_after(spec[0])
+        return spec[1], block
 
     def advanced(self, read: Read, share: float) -> None:
         if self.on_read is None:
@@ -375,8 +380,9 @@ class ReadBlocks:
         total = raw_bytes(self.reader.plan.tasks[read.task], read)
         if self.on_read is not None and int(counted) < total:
             self.on_read(total - int(counted))  # rounding: a block counts its bytes exactly once in all
-        self._ahead.done((0, read))  # (its cost is the read's)
-        if self._taken.popleft():  # blocks are done in the order they are taken
+        spec, loaded = self._taken.popleft()  # blocks are done in the order they are taken
+        self._ahead.done(spec)
+        if loaded:
             self.reader.release(read)
 
     def close(self) -> None:

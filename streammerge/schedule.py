@@ -8,9 +8,10 @@ per-element state between its passes). Otherwise each statistics pass reads the 
 in blocks, then the apply pass does; the apply pass's reads feed the input hashes, since it
 reads every input row exactly once, in row order. Where the method's statistics find the same in
 any block order (Cost.any_order) the passes alternate direction and share the block at each
-turn (pass_steps): one block fewer read per statistics pass. Such a task's per-element state (DARE's packed masks) is
-kept too when it fits in a reserve set aside from the chunk budget (budget.hold_reserve), so
-the apply pass sees the statistics passes' very sub-chunks and need not draw them again.
+turn (pass_steps): one block fewer read per statistics pass. Such a task's per-element state
+(DARE's packed masks) is kept too when it fits in a reserve set aside from the chunk budget
+(budget.hold_reserve), so the apply pass sees the statistics passes' very sub-chunks and need not
+draw them again.
 
 `--max-memory` reaches the chunk sizes here and only here: `make_schedule` takes the whole
 process's budget and asks budget.py what the chunk buffers get.

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from streammerge.methods import METHODS, Tally, TaskContext
+from streammerge.schedule import pass_steps
 
 
 def context(method: str, input_params: list[dict], shared: dict | None = None, base: int | None = None,
@@ -54,7 +55,7 @@ def run_chunked(method: str, ctx: TaskContext, x: torch.Tensor, chunk_rows: int,
 
     for p in range(passes):
         xp = given(p)
-        for r0, r1 in spans[::-1] if cost.any_order and (passes - p) % 2 else spans:
+        for r0, r1 in [b for b, ps in pass_steps(spans, passes, cost.any_order) if p in ps]:
             chunk = xp[:, r0:r1].clone()
             op.observe(p, chunk, r0)
             # bytes, not values: a NaN is not equal to itself
