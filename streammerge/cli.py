@@ -198,7 +198,8 @@ def _mergekit_options(fn: Callable[..., None]) -> Callable[..., None]:
                      help="GPU memory the merge may use, e.g. 8GiB [default: 80% of what is free]."),
         click.option("--overlap/--no-overlap", default=None,
                      help="Read ahead and write behind on helper threads while kernels run "
-                          "[default: with 4 or more cores]."),
+                          "[default: with 4 or more cores; with 2 or more for linear, slerp, task_arithmetic "
+                          "and passthrough, which compute less than they read]."),
         click.option("--gpu-rich/--no-gpu-rich", default=False, help="mergekit's all-GPU switch: here, --device cuda."),
         click.option("-j", "--num-threads", type=click.IntRange(0, MAX_THREADS), default=None,
                      help=f"CPU threads for the kernels, at most {MAX_THREADS} (default, or 0: every core this "

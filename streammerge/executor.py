@@ -38,13 +38,16 @@ from .stats import TensorStats
 
 __all__ = ["Executor", "Progress", "RunStats", "peak_rss", "resolve_device", "start_cuda"]
 
-# Fewer cores than this: no helper threads by default. Measured on 2 cores (14-model DARE-TIES):
-# kernels on 2 threads beside a reading thread ran 27% slower than everything in turn, since a
-# kernel's threads wait at every barrier for the one the reader displaced. Measured again with the
-# runner's workers (medium set, 512 MiB, 2 cores, interleaved): helper threads beside one compute
-# thread made the quiet gradient SLERP faster (3.9 s of merge against 4.35 s, 8 runs each) but the
-# same SLERP beside 4 busy processes slower (9.9-12.0 s against 8.1-9.8 s) and the quiet 3-model TIES
-# 10% slower (11.2-11.9 s against 10.1-10.9 s); linear and DARE-TIES even. A laptop is seldom idle.
+# Fewer cores than this: no helper threads by default, but for methods that read more than they
+# compute (MethodDef.io_bound). Measured on 2 cores (14-model DARE-TIES): kernels on 2 threads beside
+# a reading thread ran 27% slower than everything in turn, since a kernel's threads wait at every
+# barrier for the one the reader displaced. Measured again with the runner's workers (medium set,
+# 512 MiB, 2 cores, interleaved, merge-time medians of 5-6 runs): a read-ahead and a writer beside
+# one compute thread made the 3-model DELLA 39% slower (7.9 s against 5.7), TIES and DARE-TIES even
+# (2.8 against 2.7 s, 10.9 against 10.9), and the light methods faster, quiet and beside 4 busy
+# processes: the gradient SLERP 1.60 against 1.80 s quiet, 3.85 against 4.20 busy; linear 1.60
+# against 1.70 and 3.75 against 4.15; task arithmetic 1.60 against 2.00 and 4.00 against 4.10;
+# passthrough even (0.8 s).
 OVERLAP_MIN_CORES = 4
 # With a read-ahead, one thread reading every block was the merge's limit past a few cores. Measured
 # on 2 cores (medium set, 512 MiB, warm page cache, per-thread CPU time), the 15-model DARE-TIES with
@@ -86,6 +89,15 @@ def cores() -> int:
         n = os.cpu_count() or 1
     quota = cgroup_cpus()
     return max(1, min(n, quota)) if quota is not None else n
+
+
+def default_overlap(plan: Plan, available: int) -> bool:
+    """Whether a run reads ahead and writes behind on helper threads when not told (--overlap):
+    with OVERLAP_MIN_CORES or more, or on a CPU with 2 or more for a method that reads more than it
+    computes (its one compute thread then keeps up with the reading)."""
+    if available >= OVERLAP_MIN_CORES:
+        return True
+    return available > 1 and plan.device == "cpu" and plan.method.io_bound
 
 
 def read_threads(available: int) -> int:
@@ -214,7 +226,7 @@ class Executor:
         self.options = (options or RunOptions()).resolved()
         self.progress = progress or Progress()
         self.stage = stage
-        self.overlap = self.options.overlap if self.options.overlap is not None else cores() >= OVERLAP_MIN_CORES
+        self.overlap = self.options.overlap if self.options.overlap is not None else default_overlap(plan, cores())
         self.device = torch.device(plan.device)  # the plan was made for it: fingerprints say where
         self.max_memory = 0  # the whole process's budget, fixed when the run starts
         self.threads = 1  # compute threads (runner.Workers), fixed when the run starts

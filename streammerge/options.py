@@ -36,7 +36,7 @@ class RunOptions:
     max_gpu_memory: int | str | None = None  # GPU bytes blocks may use; None: 80% of what is free
     overwrite: bool = False  # replace a finished output in OUT
     restart: bool = False  # discard an unfinished run in OUT instead of resuming it
-    overlap: bool | None = None  # helper threads read ahead and write behind; None: with 4+ cores
+    overlap: bool | None = None  # helper threads read ahead and write behind; None: executor.default_overlap
     truncate_vocab: bool = False  # --unsafe-truncate-embeddings
     copy_tokenizer: bool = True
     write_card: bool = True  # README.md and mergekit_config.yml

@@ -110,3 +110,22 @@ def test_a_quarter_of_the_cores_read_ahead() -> None:
     from streammerge.executor import OVERLAP_MIN_CORES, read_threads
 
     assert [read_threads(c) for c in (1, 2, OVERLAP_MIN_CORES, 7, 8, 16, 32, 64, 256)] == [1, 1, 1, 1, 2, 4, 8, 8, 8]
+
+
+def test_helper_threads_by_default_with_4_cores_or_for_methods_that_read_more_than_they_compute() -> None:
+    """A read-ahead beside one compute thread on 2-3 cores only for methods declared io_bound
+    (measured faster so, quiet and loaded); on 4 or more for every method; never on one core
+    nor, below 4, on a GPU."""
+    from types import SimpleNamespace
+
+    from streammerge.executor import OVERLAP_MIN_CORES, default_overlap
+    from streammerge.methods import METHODS
+
+    light = {n for n, m in METHODS.items() if m.io_bound}
+    assert {"linear", "slerp", "task_arithmetic", "passthrough"} == light
+    for name, method in METHODS.items():
+        for device in ("cpu", "cuda"):
+            plan = SimpleNamespace(method=method, device=device)
+            got = [default_overlap(plan, c) for c in (1, 2, 3, OVERLAP_MIN_CORES, 16)]  # type: ignore[arg-type]
+            few = name in light and device == "cpu"
+            assert got == [False, few, few, True, True], (name, device)

@@ -277,6 +277,11 @@ class MethodDef:
     # statistics loop, task arithmetic's plain sum), measured per method. Same bytes either way.
     jit_min_work: int = fused.MIN_WORK
     max_others: int | None = None
+    # its kernels cost less per element than reading the inputs: on fewer cores than
+    # executor.OVERLAP_MIN_CORES (but more than one) a run reads ahead on a thread of its own
+    # beside one compute thread (executor.default_overlap), measured faster quiet and beside busy
+    # processes (linear, slerp, task_arithmetic, passthrough); a method that computes more is slower so
+    io_bound: bool = False
     pretty: str = ""
     url: str = ""
 

@@ -89,7 +89,8 @@ class Ram(MergeOp):
 
 PASSTHROUGH = MethodDef(
     name="passthrough", params=(ParamSpec("scale", "float", "input", default=None, nullable=True),),
-    base="ignored", min_inputs=1, max_inputs=1, make=Passthrough, cost=fixed_cost(0, 1.0), pretty="Passthrough", url="",
+    base="ignored", min_inputs=1, max_inputs=1, make=Passthrough, cost=fixed_cost(0, 1.0), io_bound=True,
+    pretty="Passthrough", url="",
 )
 NEARSWAP = MethodDef(
     name="nearswap", params=(ParamSpec("t", "float", "shared", required=True),),

@@ -330,7 +330,7 @@ def _family(name: str, sparsify: str, consensus: bool, normalize: bool, rescale:
                      make=partial(TaskArithmetic, sparsify=sparsify, consensus=consensus),
                      cost=partial(family_cost, sparsify=sparsify),
                      check=della_check if sparsify == "della" else no_problems,
-                     pretty=pretty, url=url, jit=True,
+                     pretty=pretty, url=url, jit=True, io_bound=sparsify == "none" and not consensus,
                      jit_min_work=fused.SUM_WORK if sparsify == "none" and not consensus else fused.MIN_WORK)
 
 
