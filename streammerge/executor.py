@@ -330,7 +330,7 @@ class Executor:
         each = (lambda fn, items, abort: readers.each(fn, items, _nothing, abort)) if readers.n > 1 else None
         reader = InputReader(plan, self.device, RingArena(sched.arena, pin=self.device.type == "cuda"), each,
                              readers.n)
-        source = ReadBlocks(reader, reads, sched.capacity, self.overlap, self.progress.read)
+        source = ReadBlocks(reader, reads, sched.capacity, self.overlap, self.progress.read, sched.statistics_only())
         writes = WriteBehind(WRITE_BEHIND_BYTES, self.overlap)
         committer = Committer(self.out_dir, plan, journal, self.progress)
         try:

@@ -162,7 +162,8 @@ class ReadAhead(Generic[S, T]):
 
     def take(self, skip: bool = False) -> tuple[S, T | None]:
         """The next spec and its loaded block; with `skip` (the consumer will not use it) None in
-        place of a block not loaded yet: loading in turn, on the caller's thread, loads nothing."""
+        place of a block not loaded yet: loading in turn, on the caller's thread, loads nothing
+        (a thread loading ahead hands over what `load` gave, which may know to load nothing)."""
         if self._thread is None:
             spec = self._specs[self._next]
             self._next += 1
@@ -176,7 +177,6 @@ class ReadAhead(Generic[S, T]):
                     raise RuntimeError("internal error: the read-ahead thread ended early") from None
         if err is not None:
             raise err
-        assert block is not None
         return spec, block
 
     def done(self, spec: S) -> None:

@@ -332,19 +332,27 @@ class ReadBlocks:
     """
 
     def __init__(self, reader: InputReader, reads: list[Read], capacity: int, threaded: bool,
-                 on_read: Callable[[int], None] | None = None) -> None:
+                 on_read: Callable[[int], None] | None = None,
+                 statistics_only: list[tuple[int, ...]] | None = None) -> None:
         """`on_read(nbytes)` hears of each block's input bytes as the runner works through them (a
-        share per sub-chunk and pass), so progress moves inside a large block too."""
+        share per sub-chunk and pass), so progress moves inside a large block too.
+        `statistics_only` (Schedule.statistics_only) names, beside each read, the statistics passes
+        that alone run over its block: once the runner said none of them is needed (`unneeded`),
+        a thread reading ahead does not read it."""
         self.reader = reader
         self.on_read = on_read
         self._reads = reads
+        self._threaded = threaded
+        self._stat_only = statistics_only or [()] * len(reads)
+        self._unneeded: set[tuple[int, int]] = set()  # (task, statistics pass) the runner will not run
 
-        def load(at: tuple[int, Read]) -> Block:  # reads are loaded one at a time, in order
-            block = reader.load(at[1])
+        def load(at: tuple[int, Read]) -> Block | None:  # reads are loaded one at a time, in order
+            passes = self._stat_only[at[0]]
+            block = None if passes and all((at[1].task, p) in self._unneeded for p in passes) else reader.load(at[1])
             self._prefetch_after(at[0])
             return block
 
-        self._ahead: ReadAhead[tuple[int, Read], Block] = ReadAhead(
+        self._ahead: ReadAhead[tuple[int, Read], Block | None] = ReadAhead(
             list(enumerate(reads)), load, lambda at: at[1].cost, capacity, threaded)
         self._counted: dict[Read, float] = {}  # bytes of a block reported so far, as a float share
         # each block taken and not yet done (in the order taken): its place in the reads, and whether it was read
@@ -358,12 +366,18 @@ class ReadBlocks:
     def take(self, skip: bool = False) -> tuple[Read, Block | None]:
         """The next block; with `skip` (the runner will not use it: every pass over it is one the op
         does not need, MergeOp.needs_pass) None where it is not read yet, as when blocks are read
-        in turn: it is then not read at all."""
+        in turn, or read ahead after the runner said so (`unneeded`): it is then not read at all."""
         spec, block = self._ahead.take(skip)
         self._taken.append((spec, block is not None))
-        if block is None:  # (a loaded one prefetched the next as it was loaded)
+        if block is None and not self._threaded:  # (a loaded one prefetched the next as it was loaded)
             self._prefetch_after(spec[0])
         return spec[1], block
+
+    def unneeded(self, task: int, p: int) -> None:
+        """Statistics pass `p` of task `task` (its index in plan.tasks) will not run: a block read
+        ahead only for such passes is not read. Said before the runner is done with the block it
+        learnt it from, so the read-ahead, held back by its capacity, mostly learns it in time."""
+        self._unneeded.add((task, p))
 
     def advanced(self, read: Read, share: float) -> None:
         if self.on_read is None:

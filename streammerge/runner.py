@@ -123,14 +123,17 @@ def _settle(futures: Iterable[Future[T]], abort: Callable[[], None]) -> None:
 
 
 class BlockSource(Protocol):
-    """Blocks in the order of the schedule's reads; each handed back with `done` once used, and
-    `advanced(read, share)` told as each share of its work (a sub-chunk of one pass) is computed."""
+    """Blocks in the order of the schedule's reads; each handed back with `done` once used,
+    `advanced(read, share)` told as each share of its work (a sub-chunk of one pass) is computed,
+    and `unneeded(task, p)` once statistics pass p of the task is known not to run."""
 
     def take(self, skip: bool = False) -> tuple[Read, torch.Tensor | list[torch.Tensor] | None]: ...
 
     def done(self, read: Read) -> None: ...
 
     def advanced(self, read: Read, share: float) -> None: ...
+
+    def unneeded(self, task: int, p: int) -> None: ...
 
 
 def run_task(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodDef,
@@ -181,11 +184,17 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
     def advanced(ab: tuple[int, int]) -> None:
         blocks.advanced(read, (ab[1] - ab[0]) / rows / n_passes)
 
+    def end() -> None:
+        """Pass p has seen every block: the op tells whether it needs the next statistics pass."""
+        op.end_pass(p)
+        if p + 1 < sched.stat_passes and not op.needs_pass(p + 1):
+            blocks.unneeded(read.task, p + 1)  # blocks read ahead only for it are not read
+
     if p < sched.stat_passes and not op.needs_pass(p):  # the op knows what this pass would find
         for ab in pieces:
             advanced(ab)
         if ends:
-            op.end_pass(p)
+            end()
         return
     assert x is not None  # (a block is left unread only for passes the op does not need)
     compute = compute_dtype(task.compute)
@@ -207,7 +216,7 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
 
         workers.each(observe, pieces, advanced, op.abort, sched.threads)
         if ends:
-            op.end_pass(p)
+            end()
         return
 
     out = torch_dtype(task.out_dtype)

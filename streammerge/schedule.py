@@ -78,6 +78,11 @@ class Schedule:
     def reads(self) -> list[Read]:
         return [s.read for t in self.tasks for s in t.steps]
 
+    def statistics_only(self) -> list[tuple[int, ...]]:
+        """Beside reads(): the passes each block is read for where all are statistics passes (ops
+        may turn out not to need them, MergeOp.needs_pass: the block is then not read), else ()."""
+        return [s.passes if s.passes[-1] < t.stat_passes else () for t in self.tasks for s in t.steps]
+
     def only(self, todo: list[int]) -> Schedule:
         """The schedule of tasks `todo` (indices into plan.tasks), in that order."""
         by_task = {t.task: t for t in self.tasks}

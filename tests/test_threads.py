@@ -93,6 +93,9 @@ class Blocks:
     def advanced(self, read: Read, share: float) -> None:
         self.shares += share
 
+    def unneeded(self, task: int, p: int) -> None:
+        pass
+
 
 def merged(method: MethodDef, ctx: TaskContext, x: torch.Tensor, sub: int, threads: int,
            pool: int | None = None) -> tuple[torch.Tensor, dict]:
