@@ -5,7 +5,8 @@ floor and, when given, mergekit 0.1.5 (installed in a separate environment).
 For each of linear (3 models), the seed's gradient slerp, ties and della (3 models each) and the 14-model
 dare_ties it prints wall time, the merge's own time (less Python's start-up and torch's import) and
 peak RSS, and the I/O floor measured in the same run: reading every input byte once from a warm page
-cache (--cold: from the disk) plus writing and syncing the output's size; both times also as multiples of the floor.
+cache (--cold: from the disk) plus writing and syncing the output's size, the median of three
+tries; both times also as multiples of the floor.
 
   python tools/bench_speed.py --dir /work/bench/medium [--set medium|7b] [--max-memory 1GiB] [--cap 512M]
                                [--mergekit /venv/bin/mergekit-yaml] [--variants cpu,j1,no-overlap,cuda] [--busy N]
@@ -18,7 +19,8 @@ embeddings; 2 layers, ~1.4 GB each) instead of the medium set (hidden 1024, ~560
 read too (a laptop whose RAM cannot hold the inputs: every byte comes from the disk).
 
 Variants (each a streammerge run of every config): cpu (the defaults: compute threads on every
-core this process may use; read-ahead and write-behind threads with 4 or more cores), j1 (-j 1:
+core this process may use; read-ahead and write-behind threads with 4 or more cores, or 2 for
+linear, slerp, task_arithmetic and passthrough), j1 (-j 1:
 one compute thread), j2, j4, j8 (-j N), no-overlap (--no-overlap: one thread does the I/O in
 order), overlap (--overlap: the helper threads whatever the cores), cuda (--device cuda),
 cuda-no-overlap, nojit (STREAMMERGE_JIT=0: the torch forms instead of the compiled loops), jit
@@ -33,8 +35,10 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MEMCAP = os.path.join(HERE, "memcap")
@@ -84,6 +88,23 @@ def configs(folders: list[str]) -> dict[str, tuple[str, list[str]]]:
     return {"linear (3 models)": (linear, folders[:3]), "slerp (gradient)": (slerp, folders[:2]),
             "ties (3 models)": (ties, folders[:3]), "della (3 models)": (della, folders[:3]),
             "dare_ties (15 models)": (dare, folders[:15])}
+
+
+# The floor is measured this many times and its median taken: on this project's 2-core machine the
+# same 567 MB write and fsync took 0.1 s in one try and 1.2 s in the next, so one try could make a
+# merge look twice as far from its floor, or half as far, as it is.
+FLOOR_TRIES = 3
+
+
+def io_floors(files: list[str], start: Callable[[list[str]], object], path: str, out_bytes: int) -> list[float]:
+    """FLOOR_TRIES measurements of the I/O floor: `files` read once as every run finds them (`start`
+    first: warm, filled; cold, dropped), then `out_bytes` written and synced to a new file at `path`."""
+    tries = []
+    for _ in range(FLOOR_TRIES):
+        start(files)
+        read_s = warm(files)
+        tries.append(read_s + write_floor(path, out_bytes))
+    return tries
 
 
 def merge_seconds(stderr: str) -> float:
@@ -141,10 +162,9 @@ def main() -> None:
             f.write(yaml_text)
         files = [p for d in inputs for p in shard_files(d)]
         start = evict if a.cold else warm  # how every run finds the inputs
-        start(files)  # cold: a read from the disk; warm: fill the cache, then measure a warm read
-        read_s = warm(files)
         out = os.path.join(root, "out-" + name.split()[0])
         floor = None
+        floors: list[float] = []
         runs = {}
         for v in variants:
             shutil.rmtree(out, ignore_errors=True)
@@ -164,10 +184,11 @@ def main() -> None:
             runs[v] = (sm, tensor_hashes(out))
             if floor is None:
                 out_bytes = sum(os.path.getsize(p) for p in shard_files(out))
-                floor = read_s + write_floor(os.path.join(root, "floor.tmp"), out_bytes)
+                floors = io_floors(files, start, os.path.join(root, "floor.tmp"), out_bytes)
+                floor = statistics.median(floors)
         if floor is None:
             continue
-        row = {"name": name, "runs": runs, "floor": floor, "read": read_s}
+        row = {"name": name, "runs": runs, "floor": floor}
         if a.mergekit:
             mk_out = os.path.join(root, "mk-" + name.split()[0])
             shutil.rmtree(mk_out, ignore_errors=True)
@@ -175,7 +196,9 @@ def main() -> None:
             with busy(a.busy):
                 row["mk"] = measure([a.mergekit, cfg, mk_out], RUN_ENV)
         rows.append(row)
-        print(f"{name}: " + ", ".join(f"{v} {r[0].wall_s:.1f} s" for v, r in runs.items()) + f", floor {floor:.1f} s"
+        tries = ", ".join(f"{f:.2f}" for f in floors)
+        print(f"{name}: " + ", ".join(f"{v} {r[0].wall_s:.1f} s" for v, r in runs.items())
+              + f", floor {floor:.1f} s (median of {tries})"
               + (f", mergekit {row['mk'].wall_s:.1f} s" if "mk" in row else ""), flush=True)
     load = f", beside {a.busy} busy processes" if a.busy else ", quiet"
     cap = f" under a {a.cap} memory cgroup" if a.cap else ""
