@@ -615,7 +615,7 @@ def _merge_group(job: Job, plan: Plan, schedule: Schedule, tasks: list[int],
     sched = schedule.only(tasks)
     device = torch.device(plan.device)
     reader = InputReader(plan, device, RingArena(sched.arena, pin=device.type == "cuda"))
-    source = ReadBlocks(reader, sched.reads(), sched.capacity, threaded=False)
+    source = ReadBlocks(reader, sched.reads(), sched.capacity, threaded=False, statistics_only=sched.statistics_only())
     steps = {t.task: t for t in sched.tasks}
     files: dict[int, tuple[int, str]] = {}  # shard index -> (fd, path), when writing in place
     waiting: list[tuple[Any, ...]] = []  # done records whose bytes are not yet synced

@@ -141,7 +141,7 @@ class ReadAhead(Generic[S, T]):
         self._next = 0  # the next spec to take (inline mode)
         self._gate = ByteGate(capacity)
         self._stop = threading.Event()
-        self._ready: queue.Queue[tuple[S, T | None, BaseException | None]] = queue.Queue()
+        self._ready: queue.Queue[tuple[S, T] | BaseException] = queue.Queue()  # a load, or its error
         self._thread: threading.Thread | None = None
         if threaded and specs:
             self._thread = threading.Thread(target=self._run, name="streammerge-read", daemon=True)
@@ -155,29 +155,27 @@ class ReadAhead(Generic[S, T]):
             if self._stop.is_set():
                 return
             try:
-                self._ready.put((spec, self._load(spec), None))
+                self._ready.put((spec, self._load(spec)))
             except BaseException as e:  # handed to the consumer, raised there
-                self._ready.put((spec, None, e))
+                self._ready.put(e)
                 return
 
-    def take(self, skip: bool = False) -> tuple[S, T | None]:
-        """The next spec and its loaded block; with `skip` (the consumer will not use it) None in
-        place of a block not loaded yet: loading in turn, on the caller's thread, loads nothing
-        (a thread loading ahead hands over what `load` gave, which may know to load nothing)."""
+    def take(self) -> tuple[S, T]:
+        """The next spec and what `load` gave for it."""
         if self._thread is None:
             spec = self._specs[self._next]
             self._next += 1
-            return spec, None if skip else self._load(spec)
+            return spec, self._load(spec)
         while True:
             try:
-                spec, block, err = self._ready.get(timeout=0.5)
+                item = self._ready.get(timeout=0.5)
                 break
             except queue.Empty:
                 if not self._thread.is_alive() and self._ready.empty():
                     raise RuntimeError("internal error: the read-ahead thread ended early") from None
-        if err is not None:
-            raise err
-        return spec, block
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def done(self, spec: S) -> None:
         """The consumer no longer holds `spec`'s block."""

@@ -338,11 +338,10 @@ class ReadBlocks:
         share per sub-chunk and pass), so progress moves inside a large block too.
         `statistics_only` (Schedule.statistics_only) names, beside each read, the statistics passes
         that alone run over its block: once the runner said none of them is needed (`unneeded`),
-        a thread reading ahead does not read it."""
+        it is not read (None in its place), whether read in turn or ahead."""
         self.reader = reader
         self.on_read = on_read
         self._reads = reads
-        self._threaded = threaded
         self._stat_only = statistics_only or [()] * len(reads)
         self._unneeded: set[tuple[int, int]] = set()  # (task, statistics pass) the runner will not run
 
@@ -363,20 +362,18 @@ class ReadBlocks:
         if at + 1 < len(self._reads):
             self.reader.prefetch(self._reads[at + 1])
 
-    def take(self, skip: bool = False) -> tuple[Read, Block | None]:
-        """The next block; with `skip` (the runner will not use it: every pass over it is one the op
-        does not need, MergeOp.needs_pass) None where it is not read yet, as when blocks are read
-        in turn, or read ahead after the runner said so (`unneeded`): it is then not read at all."""
-        spec, block = self._ahead.take(skip)
+    def take(self) -> tuple[Read, Block | None]:
+        """The next block; None where only statistics passes the runner said it will not run
+        (`unneeded`) run over it: it was not read."""
+        spec, block = self._ahead.take()
         self._taken.append((spec, block is not None))
-        if block is None and not self._threaded:  # (a loaded one prefetched the next as it was loaded)
-            self._prefetch_after(spec[0])
         return spec[1], block
 
     def unneeded(self, task: int, p: int) -> None:
-        """Statistics pass `p` of task `task` (its index in plan.tasks) will not run: a block read
-        ahead only for such passes is not read. Said before the runner is done with the block it
-        learnt it from, so the read-ahead, held back by its capacity, mostly learns it in time."""
+        """Statistics pass `p` of task `task` (its index in plan.tasks) will not run: a block only
+        such passes run over is not read. Said before the runner is done with the block it learnt
+        it from: blocks read in turn are all skipped, and a read-ahead, held back by its capacity,
+        mostly learns it in time."""
         self._unneeded.add((task, p))
 
     def advanced(self, read: Read, share: float) -> None:

@@ -125,9 +125,10 @@ def _settle(futures: Iterable[Future[T]], abort: Callable[[], None]) -> None:
 class BlockSource(Protocol):
     """Blocks in the order of the schedule's reads; each handed back with `done` once used,
     `advanced(read, share)` told as each share of its work (a sub-chunk of one pass) is computed,
-    and `unneeded(task, p)` once statistics pass p of the task is known not to run."""
+    and `unneeded(task, p)` once statistics pass p of the task is known not to run (a block only
+    such passes run over may then come as None: it was not read)."""
 
-    def take(self, skip: bool = False) -> tuple[Read, torch.Tensor | list[torch.Tensor] | None]: ...
+    def take(self) -> tuple[Read, torch.Tensor | list[torch.Tensor] | None]: ...
 
     def done(self, read: Read) -> None: ...
 
@@ -158,26 +159,28 @@ def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodD
     if not op.parallel:
         workers = INLINE  # in row order
     last = {p: i for i, step in enumerate(sched.steps) for p in step.passes}  # the step each pass ends with
+    # statistics passes the op said, once the pass before ended, it does not need (the first: asked at the
+    # start, its blocks read all the same)
+    unneeded: set[int] = {0} if sched.stat_passes and not op.needs_pass(0) else set()
     for i, step in enumerate(sched.steps):
-        # a block only passes the op does not need run over (asked once the pass before ended) is not read
-        skip = all(p < sched.stat_passes and (p > 0 and last[p - 1] < i) and not op.needs_pass(p)
-                   for p in step.passes)
-        read, x = blocks.take(skip)
+        read, x = blocks.take()
         _check(read, step.read, task)
-        assert isinstance(x, torch.Tensor) or (skip and x is None)
+        assert isinstance(x, torch.Tensor) or (x is None and unneeded.issuperset(step.passes))
         for p in step.passes:
-            yield from _pass(task, sched, op, p, len(step.passes), read, x, blocks, stats, workers, last[p] == i)
+            yield from _pass(task, sched, op, p, len(step.passes), read, x, blocks, stats, workers, last[p] == i,
+                             unneeded)
         del x
         blocks.done(read)
 
 
 def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, read: Read,
           x: torch.Tensor | None, blocks: BlockSource, stats: TensorStats | None, workers: Workers,
-          ends: bool) -> Iterator[tuple[int, torch.Tensor]]:
+          ends: bool, unneeded: set[int]) -> Iterator[tuple[int, torch.Tensor]]:
     """Pass `p` over the block `x` (rows read.r0..read.r1), its sub-chunks on the workers: a
     statistics pass observes them (and `ends` with this block: the pass's last, in whichever
-    direction the schedule runs it), the apply pass yields their merged rows in order. x is None
-    where the block was not read: a statistics pass the op does not need."""
+    direction the schedule runs it), the apply pass yields their merged rows in order. A pass in
+    `unneeded` only counts its share (x is None where no other pass needed the block); where a
+    statistics pass ends, the op is asked, once, whether it needs the next."""
     rows = read.r1 - read.r0
     pieces = spans(0, rows, sched.sub)
 
@@ -188,9 +191,10 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
         """Pass p has seen every block: the op tells whether it needs the next statistics pass."""
         op.end_pass(p)
         if p + 1 < sched.stat_passes and not op.needs_pass(p + 1):
-            blocks.unneeded(read.task, p + 1)  # blocks read ahead only for it are not read
+            unneeded.add(p + 1)
+            blocks.unneeded(read.task, p + 1)  # blocks only it runs over are not read
 
-    if p < sched.stat_passes and not op.needs_pass(p):  # the op knows what this pass would find
+    if p in unneeded:  # the op knows what this pass would find
         for ab in pieces:
             advanced(ab)
         if ends:

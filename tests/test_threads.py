@@ -84,7 +84,7 @@ class Blocks:
         self.x, self.read = x, read
         self.shares = 0.0
 
-    def take(self, skip: bool = False) -> tuple[Read, torch.Tensor]:
+    def take(self) -> tuple[Read, torch.Tensor]:
         return self.read, self.x.clone()
 
     def done(self, read: Read) -> None:
