@@ -123,11 +123,12 @@ class ModelIndex:
         except OSError:
             return  # the header read that follows names the problem
         try:
-            bits = pagecache.resident(fd, os.fstat(fd).st_size)
+            size = os.fstat(fd).st_size
+            bits = pagecache.resident(fd, size)
         finally:
             os.close(fd)
         if bits is not None:
-            self._cached[path] = pagecache.Residency(bits)
+            self._cached[path] = pagecache.Residency(bits, -(-size // pagecache.PAGE))
 
     def _find_shards(self) -> tuple[str, dict[str, str] | None, list[str]]:
         """(index file, weight map or None, shard files): safetensors first, then PyTorch .bin

@@ -104,6 +104,32 @@ def test_finished_ranges_and_what_finish_gives_back(ranges: list[tuple[int, int]
         pagecache.drop = real  # type: ignore[assignment]
 
 
+@settings(max_examples=300, deadline=None)
+@given(cached=st.lists(st.booleans(), max_size=40), pages=st.integers(0, 45), ops=st.lists(
+    st.tuples(st.sampled_from(["prefetch", "release", "finish"]), st.integers(0, 45 * PAGE), st.integers(0, 6 * PAGE)),
+    max_size=8))
+def test_a_file_cached_whole_asks_nothing_of_the_kernel(cached: list[bool], pages: int,
+                                                         ops: list[tuple[str, int, int]]) -> None:
+    """A file of `pages` pages whose every page was cached (Residency.warm) has nothing to give
+    back or prefetch; one that misses any page of its own (pages past the bits count as missing)
+    is not warm. Bits past the file's pages (packbits' padding, a longer list) do not count."""
+    bits = np.packbits(np.array(cached, dtype=np.uint8)) if cached else np.zeros(0, dtype=np.uint8)
+    res = pagecache.Residency(bits, pages)
+    assert res.warm == (len(cached) >= pages and all(cached[:pages]))
+    asked: list[tuple[int, int]] = []
+    real = pagecache.prefetch, pagecache.drop
+    pagecache.prefetch = lambda fd, a, b: asked.append((a, b))  # type: ignore[assignment]
+    pagecache.drop = lambda fd, runs: asked.extend(runs)  # type: ignore[assignment]
+    try:
+        for op, begin, length in ops:
+            getattr(res, op)(-1, begin, begin + length)
+        res.sweep(-1)
+    finally:
+        pagecache.prefetch, pagecache.drop = real  # type: ignore[assignment]
+    if res.warm:
+        assert asked == []
+
+
 def _cold(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
