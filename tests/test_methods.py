@@ -158,6 +158,36 @@ def test_linear_vs_reference(shape, normalize) -> None:
     np.testing.assert_allclose(out.numpy().reshape(shape), want, rtol=2e-5, atol=2e-6)
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from([[1.0], [0.5, 0.5], [0.5, 0.3, 0.2], [0.25, 0.25, 0.5], [0.7, 0.3], [0.7, 0.2, 0.1], [0.3] * 3,
+                        [2.0, -1.0]]),
+       st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32)
+                | st.sampled_from([0.0, -0.0, 1e-40, -1e-40, 3.4e38, -3.4e38]), min_size=1, max_size=30),
+       st.randoms(use_true_random=False), st.sampled_from([torch.float32, torch.float64]))
+def test_linear_weights_summing_to_one_divide_by_nothing(ws, atoms, rnd, dtype) -> None:
+    """Weights whose sum is 1 in the work dtype skip the normalising division (Linear.divisor); the
+    bits are those of the division SEMANTICS §2.2 states — signed zeros, subnormals, infinities and
+    NaN (as its quiet NaN) included. [0.7, 0.2, 0.1] sums to 0.9999999999999999 in float64: there it
+    divides (in float32 the sum rounds to 1 and it does not)."""
+    from streammerge.methods.linear import Linear
+
+    cols = len(atoms)
+    x = torch.tensor([[[rnd.choice(atoms) for _ in range(cols)]] for _ in ws], dtype=dtype)
+    ctx = context("linear", [{"weight": w} for w in ws], {}, shape=(1, cols))
+    op = Linear(ctx)
+    got = op.apply(x, 0)
+    want = torch.zeros(1, cols, dtype=dtype)
+    for w, xi in zip(ws, x):
+        want.add_(xi, alpha=w)
+    want /= torch.tensor(ws, dtype=torch.float64).sum().to(dtype)  # the division, always
+    total = float(torch.tensor(ws, dtype=torch.float64).sum().to(dtype))
+    assert (op.divisor(dtype) is None) == (total == 1.0)
+    int_view = torch.int32 if dtype == torch.float32 else torch.int64
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(int_view), want[~nan].view(int_view))  # same bits, the sign of zero too
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 1.4])
 def test_slerp_vs_reference(shape, t) -> None:
