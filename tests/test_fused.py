@@ -528,6 +528,26 @@ def test_each_method_loads_the_loops_from_its_own_least_work(tiny_set, monkeypat
     assert loops_for(plan) is (work >= least)
 
 
+@settings(max_examples=60, deadline=None)
+@given(cols=st.one_of(st.integers(1, 40), st.integers(41, 2100)), rows=st.integers(1, 4), seed=st.integers(0, 2**31),
+       spread=st.integers(0, 30))
+def test_tree_sums_add_in_the_trees_order(cols, rows, seed, spread) -> None:
+    """The compiled tree sums (tree_rows, and product_sums' and slerp_sums' sums of products) add in
+    tree_row_sums' order bit for bit on values whose sums depend on the order: many distinct
+    values, magnitudes up to 2^spread apart — where the few repeated values of rows_of_values
+    often sum the same in any order. Fails for a loop that adds the right values in another tree."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp2(torch.randint(0, spread + 1, (rows, cols), generator=g).float())
+    x = torch.randn(rows, cols, generator=g) * scale
+    y = torch.randn(rows, cols, generator=g)
+    got = fused.tree_sums(x)
+    assert got is not None and torch.equal(got, tree_row_sums(x))
+    assert torch.equal(fused.tree_sums(x.double()), tree_row_sums(x.double()))
+    sums = fused.slerp_sums(x, y)
+    for k, (p, q) in enumerate(((x, x), (y, y), (x, y))):
+        assert torch.equal(sums[k], tree_row_sums(p * q))
+
+
 @settings(max_examples=50, deadline=None)
 @given(a=rows_of_values(), b=rows_of_values(), rows=st.integers(1, 3))
 def test_slerp_sums_are_the_torch_statistics_pass(a, b, rows) -> None:
