@@ -24,6 +24,9 @@ import torch
 
 S = TypeVar("S")
 T = TypeVar("T")
+# How often a waiting helper or caller looks again at a stop or an error no one signalled (a
+# thread that died); the normal hand-offs (room freed, work queued, close) notify at once.
+POLL_S = 0.05
 
 
 def _one_thread() -> None:
@@ -66,7 +69,7 @@ class RingArena:
             while (start := self._place(size)) is None:
                 if self._closed:
                     raise ArenaClosed
-                self._cv.wait(0.05)
+                self._cv.wait(POLL_S)
             if self._buf is None:
                 self._buf = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pin)
             self._live.append((start, start + size))
@@ -113,13 +116,18 @@ class ByteGate:
             while self.used and self.used + n > self.capacity:
                 if stop.is_set():
                     return False
-                self._cv.wait(0.05)
+                self._cv.wait(POLL_S)
             self.used += n
             return True
 
     def release(self, n: int) -> None:
         with self._cv:
             self.used -= n
+            self._cv.notify_all()
+
+    def wake(self) -> None:
+        """Waiting acquires look at their `stop` now, not at their next poll."""
+        with self._cv:
             self._cv.notify_all()
 
 
@@ -188,6 +196,7 @@ class ReadAhead(Generic[S, T]):
         The thread stops at its next gate wait or block; a block waiting for arena room is
         ended by closing the arena first."""
         self._stop.set()
+        self._gate.wake()
         if self._thread is not None:
             self._thread.join()
 
@@ -235,7 +244,7 @@ class WriteBehind:
         if self._thread is not None:
             with self._cv:
                 while (self._pending or self._busy) and self._error is None:
-                    self._cv.wait(0.05)
+                    self._cv.wait(POLL_S)
         self._raise()
 
     def _raise(self) -> None:
@@ -248,7 +257,7 @@ class WriteBehind:
         while True:
             with self._cv:
                 while not self._pending and not self._stop.is_set():
-                    self._cv.wait(0.05)
+                    self._cv.wait(POLL_S)
                 if self._stop.is_set():
                     return
                 fn, nbytes = self._pending.popleft()
@@ -269,7 +278,11 @@ class WriteBehind:
                 self._cv.notify_all()
 
     def close(self) -> None:
-        """Stop (calls not yet started are dropped) and wait for the thread."""
+        """Stop (calls not yet started are dropped) and wait for the thread, woken at once (it
+        waited out its POLL_S before: 4% of a 1.2 s linear merge's time)."""
         self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        self._gate.wake()
         if self._thread is not None:
             self._thread.join()

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import pairwise_sum
 
+from streammerge import overlap
 from streammerge.methods import fused
 from streammerge.methods.base import row_sums, tree_row_sums
 from streammerge.overlap import ArenaClosed, ReadAhead, RingArena, WriteBehind
@@ -85,6 +86,24 @@ def test_write_behind_runs_in_order_and_reports_errors(threaded: bool) -> None:
         behind.drain()
     behind.close()
     assert -1 not in seen
+
+
+def test_closing_wakes_waiting_helpers_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() wakes a helper waiting for work (the write-behind) or for room (the read-ahead)
+    instead of leaving it to notice at its next poll: with the poll made a minute long, both
+    close well within it (before, every run's end waited out the write-behind's poll)."""
+    monkeypatch.setattr(overlap, "POLL_S", 60.0)
+    behind = WriteBehind(capacity=10, threaded=True)
+    behind.submit(lambda: None, nbytes=3)
+    behind.drain()
+    time.sleep(0.05)  # the thread is waiting for work again
+    ahead = ReadAhead([1, 2, 3], lambda i: i, lambda i: 1, capacity=1, threaded=True)
+    assert ahead.take() == (1, 1)  # not given back: the thread waits for room for 2
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    behind.close()
+    ahead.close()
+    assert time.monotonic() - t0 < 20.0
 
 
 def test_ring_arena_blocks_never_overlap_and_wrap() -> None:
