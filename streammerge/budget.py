@@ -222,22 +222,22 @@ def widest_row(plan: Plan) -> tuple[int, Task | None]:
     return cost, plan.tasks[i]
 
 
-_jit_file_bytes: int | None = None  # file pages fused.warm mapped in (None: not loaded)
+_jit_file_bytes: dict[str, int] = {}  # file pages fused.warm mapped in, by the group of kernels it loaded
 
 
 def baseline_bytes(plan: Plan | None = None) -> int:
     """What the process holds before merging (interpreter, libraries); with a plan whose method runs
-    compiled kernels on a CPU, after loading them (fused.warm: numba, ~35 MiB of its own memory).
+    compiled kernels on a CPU, after loading them (fused.warm of its group: numba, ~35 MiB of its
+    own memory; a later merge in this process of another method loads its group then).
 
     The ~70 MiB of LLVM's code that loading them maps from llvmlite's library are not counted:
     clean file pages, used to link the kernels and never touched again, which the kernel drops
     under a cap (tests/test_memory.py runs DARE-TIES so under a cgroup)."""
-    global _jit_file_bytes
-    if plan is not None and loops_for(plan) and _jit_file_bytes is None:
+    if plan is not None and loops_for(plan) and plan.method.jit_loops not in _jit_file_bytes:
         before = _file_pages()
-        fused.warm()
-        _jit_file_bytes = max(0, _file_pages() - before)
-    return int(psutil.Process().memory_info().rss) - (_jit_file_bytes or 0)
+        fused.warm(plan.method.jit_loops)
+        _jit_file_bytes[plan.method.jit_loops] = max(0, _file_pages() - before)
+    return int(psutil.Process().memory_info().rss) - sum(_jit_file_bytes.values())
 
 
 def loops_for(plan: Plan) -> bool:

@@ -594,3 +594,66 @@ def test_report_sums_are_the_products_summed_in_the_tree(data, n, rows, with_bas
         assert want.shape == got.shape
         assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[~np.isnan(want)],
                                                                                   want[~np.isnan(want)])
+
+
+# run in a fresh process (numba's loaded forms are the process's): merges of each case's methods on a
+# bfloat16 and a float32 tiny set with the loops on; prints the kernels' forms after the run's
+# fused.warm and after every merge
+_FORMS_SCRIPT = r"""
+import json, os, sys
+sys.path[:0] = sys.argv[1:3]
+import torch, make_models, streammerge
+from test_all_methods import config_text
+from streammerge.methods import fused
+
+def forms():
+    jit = fused._state.get("jit")
+    return {n: sorted(map(str, d.signatures)) for n, d in vars(jit).items() if hasattr(d, "signatures")}
+
+warmed = {}
+real = fused.warm
+def warm(group):
+    real(group)
+    warmed[group] = forms()
+fused.warm = warm
+root = sys.argv[3]
+for dt in (torch.bfloat16, torch.float32):
+    folders = [os.path.join(root, f"{dt}".split(".")[1], n) for n in ("base", "ft1", "ft2", "ft3")]
+    make_models.write_set(folders, make_models.PRESETS["tiny"], seed=3, dtype=dt)
+    for method in sys.argv[4].split(","):
+        config = os.path.join(root, f"{method}.yml")
+        with open(config, "w") as f:
+            f.write(config_text(method, folders))
+        streammerge.merge(config, os.path.join(root, f"out-{method}-{dt}"), max_memory=1 << 30)
+print(json.dumps({"warmed": warmed, "after": forms()}))
+"""
+
+
+@pytest.mark.parametrize("group, methods", [
+    ("slerp", "slerp"),
+    ("family", "task_arithmetic,ties,dare_ties,dare_linear,della,breadcrumbs_ties"),
+])
+def test_warm_loads_every_kernel_form_a_merge_calls_and_no_other_group(group, methods, tmp_path) -> None:
+    """A merge's fused.warm (its method's group of kernels) loads every compiled form the merges
+    then call, for bfloat16 and float32 models (so the memory they hold is in the baseline the
+    budget is measured from), and no kernel of the other method group (loading each costs time)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(__file__)
+    tools = os.path.join(here, "..", "tools")
+    env = dict(os.environ, STREAMMERGE_JIT="1")
+    got = subprocess.run([sys.executable, "-c", _FORMS_SCRIPT, here, tools, str(tmp_path), methods], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stderr[-3000:]
+    seen = json.loads(got.stdout.strip().splitlines()[-1])
+    assert list(seen["warmed"]) == [group]  # once, for the first merge: the others found it loaded
+    warmed, after = seen["warmed"][group], seen["after"]
+    assert after == warmed  # nothing loaded during the merges
+    loaded = {name for name, sigs in warmed.items() if sigs}
+    assert {"tree_rows", "product_sums"} <= loaded
+    assert ("weighted_pair" in loaded) is (group == "slerp")
+    assert ({"task_apply", "dare_sums", "bernoulli"} <= loaded) is (group == "family")
+    assert all(len(warmed[k]) >= 2 for k in ("tree_rows", "product_sums"))  # float32 and float64 / bfloat16

@@ -271,6 +271,8 @@ class MethodDef:
     # its float32 CPU kernels run as compiled loops (fused.py) where numba is installed: whoever
     # measures the memory a run starts from loads them first (budget.baseline_bytes, fused.warm)
     jit: bool = False
+    # the group of compiled kernels its merges call (fused.GROUPS), the ones fused.warm loads for it
+    jit_loops: str = "family"
     # the element-inputs (elements x inputs over the tensors it computes) from which its loops repay
     # loading numba and the kernels (about 0.6-0.9 s here, and a smaller block budget under a cap):
     # fused.MIN_WORK where they save 3-14 ns per element-input; more where they save less (SLERP's one

@@ -81,28 +81,43 @@ def kernels() -> ModuleType | None:
     return _state["jit"]
 
 
-def warm() -> None:
-    """Load numba and every kernel as the merge will call them (compiled once, then from numba's
-    cache), so that the memory they hold is there before a run measures what it starts from."""
+# The kernels' groups, by who calls them: warm loads a merge's own. "sums": the per-row tree sums
+# every method's statistics and report take (row_sums, product_sums); "slerp": SLERP's two loops;
+# "family": the task-arithmetic family's draws, ranks, masks and apply. Loading a form once numba is
+# up costs a few ms; numba's own start (its import, then its registries with the first kernel) is
+# paid whichever. The gradient SLERP's budget.baseline_bytes (that start and the warm), alternated
+# in fresh processes on 2 cores: 0.36-0.41 s with its own group against 0.40-0.45 with every one.
+GROUPS = ("sums", "slerp", "family")
+
+
+def warm(group: str) -> None:
+    """Load numba and the kernels of `group` (GROUPS; "sums" with any) as the merge will call them
+    (compiled once, then from numba's cache, in the forms its blocks take: float32, and bfloat16
+    as read), so that the memory they hold is there before a run measures what it starts from."""
     if kernels() is None:
         return
-    bernoulli(1, 0, 8, 1 << 31)
-    for x in (torch.zeros(3, 1, 8), torch.zeros(3, 1, 8, dtype=torch.bfloat16)):  # and blocks as read
-        dare_sums(x[1], x[0], 1, 0, 1 << 31, True)
-        task_apply(x, 0, [1, 2], [torch.ones(1, 8, dtype=torch.bool), None], [1.0, 1.0], [1.0, 1.0], False,
-                   True, True, 1.0, 1.0)
-        radix_count(x[1], x[0], -1)
-        ranked_keep(x[1], 0, 1 << 32, x[0])
-        slerp_sums(x[1], x[2])  # _jit.product_sums, as the report's statistics call it too
-        weighted_pair(x[1], x[2], 0.5, 0.5)
-        della_keep(x[1], 1, 0, 8, np.zeros(8), x[0], sums=True)
+    if group not in GROUPS:
+        raise ValueError(f"unknown group of kernels {group!r}; one of {GROUPS}")
     x = torch.zeros(3, 1, 8)
-    radix_count(x[1], None, -1)
-    ranked_keep(x[1], 0, 1 << 32)
-    codes, ties = ranked_codes(x[1], 0)  # every zero a tie: quota 1 takes the compiled walk
-    settle_ties(codes, ties, 1)
     for dt in (torch.float32, torch.float64):
         tree_sums(x[1].to(dt))
+    for xs in (x, x.bfloat16()):  # and blocks as read
+        product_sums(xs, xs[0], 0)  # the report's (slerp_sums' loop too)
+        if group == "slerp":
+            weighted_pair(xs[1], xs[2], 0.5, 0.5)
+        if group == "family":
+            dare_sums(xs[1], xs[0], 1, 0, 1 << 31, True)
+            task_apply(xs, 0, [1, 2], [torch.ones(1, 8, dtype=torch.bool), None], [1.0, 1.0], [1.0, 1.0], False,
+                       True, True, 1.0, 1.0)
+            radix_count(xs[1], xs[0], -1)
+            ranked_keep(xs[1], 0, 1 << 32, xs[0])
+            della_keep(xs[1], 1, 0, 8, np.zeros(8), xs[0], sums=True)
+    if group == "family":
+        bernoulli(1, 0, 8, 1 << 31)
+        radix_count(x[1], None, -1)
+        ranked_keep(x[1], 0, 1 << 32)
+        codes, ties = ranked_codes(x[1], 0)  # every zero a tie: quota 1 takes the compiled walk
+        settle_ties(codes, ties, 1)
 
 
 # the dtypes the loops load: float32, and bfloat16 widened as each element is loaded (_jit.widen)

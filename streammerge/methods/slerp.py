@@ -75,6 +75,6 @@ SLERP = MethodDef(
     params=(ParamSpec("t", "float", "shared", required=True, bounds=(0.0, 1.0)),),
     base="required", min_inputs=2, max_inputs=2, make=Slerp,
     cost=lambda ctx: SLERP_COST,
-    min_others=1, jit=True, jit_min_work=fused.SLIM_WORK, io_bound=True,
+    min_others=1, jit=True, jit_loops="slerp", jit_min_work=fused.SLIM_WORK, io_bound=True,
     pretty="SLERP", url="https://en.wikipedia.org/wiki/Slerp",
 )
