@@ -387,6 +387,11 @@ def test_thread_cpu_tool_names_each_roles_cpu_time(tmp_path) -> None:
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
     assert {"MainThread", "streammerge-kernel", "streammerge-read", "streammerge-reader"} <= set(rows), r.stdout
     assert rows["streammerge-kernel"][1] == "2" and rows["streammerge-reader"][1] == "2", r.stdout
+    import threading
+
+    if os.path.exists(f"/proc/self/task/{threading.get_native_id()}/schedstat"):  # the scheduler's own times
+        for row in rows.values():  # ... waited for a core S s
+            assert row[-6:-2] == ["waited", "for", "a", "core"] and float(row[-2]) >= 0, r.stdout
     assert os.path.exists(tmp_path / "out" / "streammerge.manifest.json")
     bad = subprocess.run([sys.executable, tool, "--", "run"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Missing argument 'CONFIG'" in bad.stderr and "Traceback" not in bad.stderr
