@@ -657,3 +657,46 @@ def test_warm_loads_every_kernel_form_a_merge_calls_and_no_other_group(group, me
     assert ("weighted_pair" in loaded) is (group == "slerp")
     assert ({"task_apply", "dare_sums", "bernoulli"} <= loaded) is (group == "family")
     assert all(len(warmed[k]) >= 2 for k in ("tree_rows", "product_sums"))  # float32 and float64 / bfloat16
+
+
+_COLLECTOR_SCRIPT = r"""
+import gc, json
+from streammerge.methods.fused import collector_off
+
+seen = []
+gc.callbacks.append(lambda phase, info: seen.append(info["generation"]) if phase == "start" else None)
+out = {}
+assert gc.isenabled()
+with collector_off():
+    out["inside_enabled"] = gc.isenabled()
+    made = [[i] for i in range(100_000)]  # far past the young generation's threshold
+    out["collections_inside"] = len(seen)
+out["after_enabled"] = gc.isenabled()
+out["frozen_unfrozen_process"] = gc.get_freeze_count()
+gc.freeze()  # a process that freezes what lives as long as it, as the CLI does
+before = gc.get_freeze_count()
+with collector_off():
+    made2 = [[i] for i in range(1000)]
+out["frozen_grew"] = gc.get_freeze_count() - before
+gc.disable()
+with collector_off():
+    pass
+out["disabled_stays"] = not gc.isenabled()
+print(json.dumps(out))
+"""
+
+
+def test_the_collector_is_held_off_while_numba_loads_and_left_as_it_was() -> None:
+    """fused.collector_off (around numba's import and the kernels' warm): no collection inside,
+    the collector as it was after (off stays off); what was made inside is frozen only in a
+    process that freezes (the CLI), never in one that does not (a program calling the API)."""
+    import json
+    import subprocess
+    import sys
+
+    got = subprocess.run([sys.executable, "-c", _COLLECTOR_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    out = json.loads(got.stdout.strip().splitlines()[-1])
+    assert out == {"inside_enabled": False, "collections_inside": 0, "after_enabled": True,
+                   "frozen_unfrozen_process": 0, "frozen_grew": out["frozen_grew"], "disabled_stays": True}
+    assert out["frozen_grew"] >= 1000  # the lists made inside, at least
