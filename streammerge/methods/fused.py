@@ -88,11 +88,13 @@ def kernels() -> ModuleType | None:
 @contextlib.contextmanager
 def collector_off() -> Iterator[None]:
     """The cyclic garbage collector held off, then left as it was; in a process that freezes what
-    lives as long as it (the CLI freezes its imports: cli._loaded), what was made meanwhile frozen
-    too. Importing numba and loading its kernels make objects that live as long as the process,
-    and the collector walked them as they came: 153 young, 13 middle and one full collection,
-    30-32 ms of the 0.28-0.32 s they took in a SLERP run (3 runs); held off but not frozen, the
-    first two collections after walked them all (22-31 ms)."""
+    lives as long as it (the CLI freezes its imports: cli._loaded), everything the collector tracks
+    is frozen then too: what numba made, and what the run made since the CLI's freeze (its plan,
+    which lives as long as the run; garbage among it would stay until the process ends, as with
+    the CLI's own freeze). Importing numba and loading its kernels make objects that live as long
+    as the process, and the collector walked them as they came: 153 young, 13 middle and one full
+    collection, 30-32 ms of the 0.28-0.32 s they took in a SLERP run (3 runs); held off but not
+    frozen, the first two collections after walked them all (22-31 ms)."""
     was = gc.isenabled()
     gc.disable()
     try:
