@@ -5,7 +5,7 @@ floor and, when given, mergekit 0.1.5 (installed in a separate environment).
 For each of linear (3 models), the seed's gradient slerp, ties and della (3 models each) and the 14-model
 dare_ties it prints wall time, the merge's own time (less Python's start-up and torch's import) and
 peak RSS, and the I/O floor measured in the same run: reading every input byte once from a warm page
-cache (--cold: from the disk) plus writing and syncing the output's size, the median of three
+cache (--cold: from the disk) plus writing and syncing the output's size, the fastest of five
 tries; both times also as multiples of the floor.
 
   python tools/bench_speed.py --dir /work/bench/medium [--set medium|7b] [--max-memory 1GiB] [--cap 512M]
@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -90,17 +89,20 @@ def configs(folders: list[str]) -> dict[str, tuple[str, list[str]]]:
             "dare_ties (15 models)": (dare, folders[:15])}
 
 
-# The floor is measured this many times and its median taken: on this project's 2-core machine the
-# same 567 MB write and fsync took 0.1 s in one try and 1.2 s in the next, so one try could make a
-# merge look twice as far from its floor, or half as far, as it is. What decides it is the disk
+# The floor is measured this many times and the fastest try taken: on this project's 2-core machine
+# the same 567 MB write and fsync took 0.1 s in one try and 1.2 s in the next, so one try could make
+# a merge look twice as far from its floor, or half as far, as it is. What decides it is the disk
 # (ext4 mounted with discard on a virtual disk): the write took 0.33-0.41 s right after a file was
 # deleted (its blocks reused) and 1.2-1.8 s four seconds after (freed blocks discarded, allocated
 # again by the host), whether or not 2 GiB of memory was touched just before (1.6-1.8 s). The first
-# try follows a merge and writes fresh blocks, as a merge's own writes mostly do; the next two reuse
-# the blocks the try before freed, so the median is the fast state: a merge measured against it
-# looks as far from its floor as it can (its writes overlap its reads and kernels: in the slow
-# state the 3-model linear merge took 1.3 s against a 2.0 s floor).
-FLOOR_TRIES = 3
+# try follows a merge and writes fresh blocks, as a merge's own writes mostly do; the next two
+# mostly reuse the blocks the try before freed. The fastest is the fast state, the strictest floor:
+# a merge measured against it looks as far from its floor as it can (its writes overlap its reads
+# and kernels: in the slow state the 3-model linear merge took 1.3 s against a 2.0 s floor). The
+# median of three was taken before, and was not always the fast state: one SLERP row's tries were
+# 1.74, 1.49 and 0.56 s, its median 1.49, and the merge read 1.2x a floor it was 3.2x of; and in
+# one linear row all three tries were 1.3 s or more (the merge 1.3 s: "1.00x"), so five are made.
+FLOOR_TRIES = 5
 
 
 def io_floors(files: list[str], start: Callable[[list[str]], object], path: str, out_bytes: int) -> list[float]:
@@ -192,7 +194,7 @@ def main() -> None:
             if floor is None:
                 out_bytes = sum(os.path.getsize(p) for p in shard_files(out))
                 floors = io_floors(files, start, os.path.join(root, "floor.tmp"), out_bytes)
-                floor = statistics.median(floors)
+                floor = min(floors)
         if floor is None:
             continue
         row = {"name": name, "runs": runs, "floor": floor}
@@ -205,7 +207,7 @@ def main() -> None:
         rows.append(row)
         tries = ", ".join(f"{f:.2f}" for f in floors)
         print(f"{name}: " + ", ".join(f"{v} {r[0].wall_s:.1f} s" for v, r in runs.items())
-              + f", floor {floor:.1f} s (median of {tries})"
+              + f", floor {floor:.1f} s (fastest of {tries})"
               + (f", mergekit {row['mk'].wall_s:.1f} s" if "mk" in row else ""), flush=True)
     load = f", beside {a.busy} busy processes" if a.busy else ", quiet"
     cap = f" under a {a.cap} memory cgroup" if a.cap else ""
