@@ -678,6 +678,19 @@ before = gc.get_freeze_count()
 with collector_off():
     made2 = [[i] for i in range(1000)]
 out["frozen_grew"] = gc.get_freeze_count() - before
+import weakref
+
+class Node:
+    pass
+
+a, b = Node(), Node()
+a.other, b.other = b, a  # a cycle, as an earlier pipeline stage's reader and its thread make
+gc.collect()  # it survives a full collection: oldest generation, which only a full one looks at
+alive = weakref.ref(a)
+del a, b
+with collector_off():
+    pass
+out["old_cycle_freed"] = alive() is None  # collected before the freeze, not frozen for good
 gc.disable()
 with collector_off():
     pass
@@ -689,7 +702,8 @@ print(json.dumps(out))
 def test_the_collector_is_held_off_while_numba_loads_and_left_as_it_was() -> None:
     """fused.collector_off (around numba's import and the kernels' warm): no collection inside,
     the collector as it was after (off stays off); what was made inside is frozen only in a
-    process that freezes (the CLI), never in one that does not (a program calling the API)."""
+    process that freezes (the CLI), never in one that does not (a program calling the API); and
+    before it freezes, garbage is collected, so no dead cycle is frozen for good."""
     import json
     import subprocess
     import sys
@@ -698,5 +712,6 @@ def test_the_collector_is_held_off_while_numba_loads_and_left_as_it_was() -> Non
     assert got.returncode == 0, got.stderr[-2000:]
     out = json.loads(got.stdout.strip().splitlines()[-1])
     assert out == {"inside_enabled": False, "collections_inside": 0, "after_enabled": True,
-                   "frozen_unfrozen_process": 0, "frozen_grew": out["frozen_grew"], "disabled_stays": True}
+                   "frozen_unfrozen_process": 0, "frozen_grew": out["frozen_grew"], "old_cycle_freed": True,
+                   "disabled_stays": True}
     assert out["frozen_grew"] >= 1000  # the lists made inside, at least
