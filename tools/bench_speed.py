@@ -95,7 +95,7 @@ def configs(folders: list[str]) -> dict[str, tuple[str, list[str]]]:
 # (ext4 mounted with discard on a virtual disk): the write took 0.33-0.41 s right after a file was
 # deleted (its blocks reused) and 1.2-1.8 s four seconds after (freed blocks discarded, allocated
 # again by the host), whether or not 2 GiB of memory was touched just before (1.6-1.8 s). The first
-# try follows a merge and writes fresh blocks, as a merge's own writes mostly do; the next two
+# try follows a merge and writes fresh blocks, as a merge's own writes mostly do; the later ones
 # mostly reuse the blocks the try before freed. The fastest is the fast state, the strictest floor:
 # a merge measured against it looks as far from its floor as it can (its writes overlap its reads
 # and kernels: in the slow state the 3-model linear merge took 1.3 s against a 2.0 s floor). The
