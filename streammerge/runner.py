@@ -233,7 +233,14 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
             stats.after(before, y)
         # cast here, on the thread that computed it: on 2 cores the committer's thread, casting every
         # piece, was the slowest stage of a linear merge
-        return y.to(out)
+        y = y.to(out)
+        if y.device.type == "cpu" and y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            # rows of the block itself (passthrough's, in the inputs' dtype): the arena gives the
+            # block's room to the next read once this pass is done, maybe before the writer has
+            # written them, so they leave as a copy. (A passthrough at a tight budget with the
+            # helper threads wrote other tensors' bytes into up to 195 of 291 tensors before.)
+            y = y.clone()
+        return y
 
     # at most sched.threads' sub-chunks at once: the budget may hold them for fewer threads than there are
     for y, ab in zip(workers.ordered(apply, pieces, op.abort, sched.threads), pieces):

@@ -202,3 +202,31 @@ def test_pread_rows_are_the_mapped_rows(tiny_set) -> None:
         assert torch.equal(out, idx.read_rows(name, r0, r1, hasher=h2))
         assert h1.hexdigest() == h2.hexdigest()
     idx.close()
+
+
+def test_rows_that_are_the_block_itself_are_written_before_its_room_is_reused(tmp_path) -> None:
+    """A passthrough of float32 models in float32 yields rows of the input block itself (no cast,
+    no arithmetic). With the helper threads, the writer may write them after the runner is done
+    with the block, whose arena room the next read then takes: at tight budgets every tensor must
+    still be its input's bytes (they held other tensors' bytes, verified as written)."""
+    import json
+
+    import make_models
+    import numpy as np
+    from helpers import load_folder
+    from launch import streammerge
+
+    folder = str(tmp_path / "a")
+    make_models.write_set([folder], make_models.Shape(256, 768, 6, 4, 2, 4096), seed=3, dtype=torch.float32)
+    cfg = tmp_path / "pt.yml"
+    cfg.write_text(f"merge_method: passthrough\nmodels:\n  - model: {folder}\ndtype: float32\n")
+    smallest = json.loads(streammerge("plan", str(cfg), "--json").stdout)["smallest_max_memory_bytes"] >> 20
+    want = load_folder(folder)
+    for extra in (4, 8, 16):
+        out = str(tmp_path / f"out{extra}")
+        r = streammerge("run", str(cfg), out, "-q", "--overlap", "--max-memory", f"{smallest + extra}MiB")
+        assert r.returncode == 0, r.stderr
+        got = load_folder(out)
+        assert got.keys() == want.keys()
+        wrong = [k for k in want if not np.array_equal(got[k], want[k])]
+        assert not wrong, f"--max-memory {smallest + extra}MiB: {len(wrong)} tensors differ, {wrong[:3]}"
