@@ -52,6 +52,21 @@ WHOLE_SUB_ELEMENTS = 32 * 1024
 # Sub-chunks each compute thread may have begun or finished ahead of the one the runner yields
 # next (runner.Workers): room to go on while one thread is held up.
 PIECES_AHEAD = 2
+# Blocks the read-ahead holds at most, the one computing included, in bytes of the run's largest
+# block (Schedule.capacity; expected_peak counts the same): the next block read while one computes
+# is all the overlap there is, and a read-ahead allowed the whole budget ran through fresh memory.
+# Measured on the 7B-shaped set (2 cores, warm page cache), the 3-model linear merge at the default
+# budget (half the available memory, 11 GiB here): 11.3-12.7 s of merge at 4.3 GiB peak RSS, with
+# 12 s of system time touching new pages, against 3.4-4.2 s at 1.7 GiB with two blocks (and
+# 3.1-4.3 s inside --max-memory 512MiB): a larger budget had made the merge three times slower.
+AHEAD_BLOCKS = 2
+# Block inputs' bytes at most for a task without statistics passes (linear, task arithmetic,
+# passthrough, ...): it reads each input row once whatever its blocks' size, so a whole tensor in
+# one block only holds more memory and starts its kernels later. Measured with two blocks ahead
+# (above), the same 7B-shaped linear merge at the default budget: blocks of about 8 MiB 5.4-6.8 s
+# (each block's handling), 32 MiB 3.4-3.6 s at 330 MiB peak RSS, 64 MiB 3.3-3.5 s at 475 MiB,
+# whole tensors (786 MiB embeddings) 3.4-4.2 s at 1.7 GiB.
+STREAM_BLOCK_BYTES = 32 << 20
 # Per-element state a method keeps between passes (DARE's packed keep-masks) may take up to this
 # share of the chunk budget for a tensor that does not fit whole: the apply pass then need not
 # draw every mask again (1.7 of the 10 ns per element a 14-model DARE-TIES spent in its kernels).
@@ -319,8 +334,10 @@ def chunk_rows(task: Task, budget_bytes: int, overlap: bool = False,
     live_pieces(threads) of them at once; when the tensor does not fit whole, they take at most
     half the budget (fewer threads when a row for each would take more) and are never larger
     than a block. With `overlap`, a tensor that does not fit whole is read in blocks of
-    half the budget, so the next block can be read while one computes. `whole_blocks` computes a block
-    at once (a GPU's kernels want large tensors, not cache-sized ones).
+    half the budget, so the next block can be read while one computes. A task without statistics
+    passes reads each row once whatever its blocks, so its blocks hold STREAM_BLOCK_BYTES of inputs
+    at most. `whole_blocks` computes a block at once (a GPU's kernels want large tensors, not
+    cache-sized ones).
     """
     compute = compute_row_bytes(task, narrow)
     per_row = input_row_bytes(task, narrow)
@@ -331,6 +348,16 @@ def chunk_rows(task: Task, budget_bytes: int, overlap: bool = False,
             block = (budget_bytes // 2 - piece) // (per_row + compute)
         block = max(1, min(task.rows, block))
         return block, block, 1
+    if task.cost.stat_passes == 0:  # one pass: blocks of STREAM_BLOCK_BYTES at most, whatever the budget
+        block, sub, threads = _chunk_rows(task, budget_bytes, overlap, threads, compute, per_row, piece)
+        block = max(1, min(block, STREAM_BLOCK_BYTES // max(1, per_row)))
+        return block, min(sub, block), threads
+    return _chunk_rows(task, budget_bytes, overlap, threads, compute, per_row, piece)
+
+
+def _chunk_rows(task: Task, budget_bytes: int, overlap: bool, threads: int, compute: int, per_row: int,
+                piece: int) -> tuple[int, int, int]:
+    """chunk_rows of CPU blocks, whatever the task's passes."""
     sub = sub_rows(task, threads)
     whole_sub = (budget_bytes - task.rows * per_row - live_pieces(threads) * piece) // (live_pieces(threads) * compute)
     if whole_sub >= min(sub, max(1, WHOLE_SUB_ELEMENTS // max(1, task.cols))):
@@ -390,5 +417,5 @@ def expected_peak(plan: Plan, budget_bytes: int, baseline: int | None = None, ov
     base = baseline_bytes(plan) if baseline is None else baseline
     chunks = max((chunk_bytes_used(t, budget_bytes, overlap, threads) for t in plan.tasks), default=0)
     if overlap:
-        chunks = min(budget_bytes, 2 * chunks)
+        chunks = min(budget_bytes, AHEAD_BLOCKS * chunks)
     return base + HELD_BYTES + int(chunks / CHUNK_SHARE)

@@ -23,7 +23,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import block_bytes, block_dtype, chunk_budget, chunk_rows, held_bytes, hold_reserve, loops_for, widest_row
+from .budget import (
+    AHEAD_BLOCKS,
+    block_bytes,
+    block_dtype,
+    chunk_budget,
+    chunk_rows,
+    held_bytes,
+    hold_reserve,
+    loops_for,
+    widest_row,
+)
 from .dtypes import itemsize
 from .errors import PlanError
 from .planner import Plan, Task
@@ -173,7 +183,9 @@ def make_schedule(plan: Plan, max_memory: int, overlap: bool, chunk_bytes: int |
         blocks = budget - reserve
         sched = tuple(task_schedule(plan, ti, *chunk_rows(t, blocks, overlap, threads=threads), reserve=reserve)
                       for ti, t in enumerate(plan.tasks))
-        return Schedule(sched, blocks, "cpu")
+        # the reader holds AHEAD_BLOCKS of the largest block at most, not the whole budget
+        largest = max((s.read.cost for t in sched for s in t.steps), default=0)
+        return Schedule(sched, min(blocks, max(1, AHEAD_BLOCKS * largest)), "cpu")
     gpu = _gpu_budget(plan, max_gpu_memory)
     tasks = []
     for ti, t in enumerate(plan.tasks):  # a block is staged whole in host memory, computed whole on the GPU

@@ -11,15 +11,15 @@ import pytest
 from helpers import assert_golden
 from hypothesis import given
 from hypothesis import strategies as st
-from test_all_methods import config_text
+from test_all_methods import RECIPES, config_text
 
-from streammerge.budget import widest_row
+from streammerge.budget import AHEAD_BLOCKS, widest_row
 from streammerge.config import parse_config
 from streammerge.executor import Executor
 from streammerge.options import RunOptions
 from streammerge.planner import make_plan
 from streammerge.reader import InputReader
-from streammerge.schedule import Read, pass_steps
+from streammerge.schedule import Read, make_schedule, pass_steps
 
 
 @st.composite
@@ -84,3 +84,17 @@ def test_a_pass_the_op_does_not_need_is_not_read(tiny_set, tmp_path, monkeypatch
         assert got in (every, needed), t.task
         skipped += got != every
     assert skipped > 0
+
+
+@pytest.mark.parametrize("method", sorted(RECIPES))
+def test_the_read_ahead_holds_the_block_computing_and_the_next_not_the_budget(tiny_set, method) -> None:
+    """However large the budget, the reader may hold AHEAD_BLOCKS of the run's largest block at most
+    (a read-ahead allowed the whole budget read a 7B-shaped linear merge's every input into fresh
+    memory), and always room for the largest; the arena it reads into holds every block."""
+    plan = make_plan(parse_config(config_text(method, tiny_set)))
+    widest = widest_row(plan)[0]
+    for chunk in (widest, 7 * widest, 1 << 20, 1 << 34):
+        sched = make_schedule(plan, 1 << 40, overlap=True, chunk_bytes=chunk)
+        largest = max(r.cost for r in sched.reads())
+        assert largest <= sched.capacity <= min(max(chunk, widest), AHEAD_BLOCKS * largest), (method, chunk)
+        assert sched.arena >= max(t.block_inputs for t in sched.tasks)

@@ -352,8 +352,10 @@ def test_a_tensor_that_fits_with_smaller_sub_chunks_is_read_whole(tiny_set, meth
     """A tensor is read once, whole, whenever it fits with sub-chunks of WHOLE_SUB_ELEMENTS elements
     per input (a 3-model TIES's MLP tensors at 512 MiB were read three times, once per pass, for
     want of room for four 512-row sub-chunks); the sub-chunks are then as large as the room left
-    allows, never larger than sub_rows, and the whole block keeps the budget."""
-    from streammerge.budget import WHOLE_SUB_ELEMENTS, block_bytes, row_cost
+    allows, never larger than sub_rows, and the whole block keeps the budget. A tensor without
+    statistics passes reads each row once whatever its blocks: its blocks hold STREAM_BLOCK_BYTES
+    of inputs at most (one row where a row is more)."""
+    from streammerge.budget import STREAM_BLOCK_BYTES, WHOLE_SUB_ELEMENTS, block_bytes, input_row_bytes, row_cost
 
     task = dataclasses.replace(tallest_task(method, tiny_set), shape=(rows, cols))
     most = sub_rows(task, threads)
@@ -361,7 +363,13 @@ def test_a_tensor_that_fits_with_smaller_sub_chunks_is_read_whole(tiny_set, meth
     whole = block_bytes(task, rows, smallest, threads)
     budget = int(share * whole) + row_cost(task)
     block, sub, used = chunk_rows(task, budget, threads=threads)
-    if whole <= budget:
+    assert 1 <= sub <= block <= rows
+    streamed = max(1, STREAM_BLOCK_BYTES // input_row_bytes(task))
+    if task.cost.stat_passes == 0:
+        assert block <= streamed
+    if whole <= budget and task.cost.stat_passes == 0 and streamed < rows:
+        assert block == streamed and used == threads
+    elif whole <= budget:
         assert block == rows and used == threads and smallest <= sub <= most
         assert sub == most or block_bytes(task, rows, sub + 1, threads) > budget
     assert block_bytes(task, block, sub, used) <= budget
