@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Scalar = bool | int | float | str
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 Kind = Literal["float", "int", "bool", "str"]
 Scope = Literal["shared", "input", "nonbase"]
 
@@ -79,6 +80,9 @@ def coerce(value: object, kind: Kind) -> Scalar:
         if float(num) != int(num):
             raise ParamTypeError(f"expected a whole number, got {_short(value)}")
         return int(num)
+    if abs(num) > FLOAT32_MAX:  # the merge's arithmetic is float32: torch refused it mid-run, after a traceback
+        raise ParamTypeError(f"expected a number of float32's range (at most {FLOAT32_MAX:.7g} in magnitude), "
+                             f"got {_short(value)}")
     return float(num)
 
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from streammerge.cli import main
 from streammerge.methods import METHODS
+from streammerge.params import FLOAT32_MAX
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.integers(10**300, 10**400),
                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
@@ -162,3 +163,36 @@ def test_brackets_nested_deep_are_refused_at_once(tiny_set, tmp_path, depth) -> 
         assert r.exit_code == 3 and f"nests brackets more than {MAX_FLOW_DEPTH} deep" in r.output, r.output
     else:
         assert r.exit_code == 0 and "deep: unknown key, ignored" in r.output, r.output
+
+
+def _with_param(method: str, folders: list[str], name: str, scope: str, value: float) -> tuple[str, str]:
+    """The method's end-to-end recipe (test_all_methods) with parameter `name` set to `value`; and
+    the config path an error about it names."""
+    from test_all_methods import config_text
+
+    doc = yaml.safe_load(config_text(method, folders))
+    if scope == "shared":
+        doc.setdefault("parameters", {})[name] = value
+        return yaml.safe_dump(doc), f"parameters.{name}"
+    i = next(i for i, m in enumerate(doc["models"]) if scope == "input" or m["model"] != doc.get("base_model"))
+    doc["models"][i].setdefault("parameters", {})[name] = value
+    return yaml.safe_dump(doc), f"models[{i}].parameters.{name}"
+
+
+FLOAT_PARAMS = sorted((m, s.name, s.scope) for m, d in METHODS.items() for s in d.params if s.kind == "float")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(FLOAT_PARAMS), size=st.floats(min_value=FLOAT32_MAX, max_value=1.7e308, exclude_min=True),
+       negative=st.booleans())
+def test_numbers_past_float32s_range_are_refused_by_path(tiny_set, tmp_path_factory, case, size, negative) -> None:
+    """The merge computes in float32: a weight of 1e39 made torch raise mid-run (a traceback, and the
+    run left unfinished) for linear, the TIES family and ramplus_tl's alpha."""
+    method, name, scope = case
+    text, where = _with_param(method, tiny_set, name, scope, -size if negative else size)
+    cfg = tmp_path_factory.mktemp("cfg") / "m.yml"
+    cfg.write_text(text)
+    r = CliRunner().invoke(main, ["run", str(cfg), str(cfg.parent / "out"), "-q"])
+    assert r.exit_code == 3, r.output
+    assert f"{where}: expected a number of float32's range" in r.output and str(cfg) in r.output, r.output
+    assert not (cfg.parent / "out").exists()
