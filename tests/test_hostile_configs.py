@@ -196,3 +196,43 @@ def test_numbers_past_float32s_range_are_refused_by_path(tiny_set, tmp_path_fact
     assert r.exit_code == 3, r.output
     assert f"{where}: expected a number of float32's range" in r.output and str(cfg) in r.output, r.output
     assert not (cfg.parent / "out").exists()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(FLOAT_PARAMS), value=st.one_of(
+    st.floats(min_value=1e30, max_value=FLOAT32_MAX), st.floats(min_value=-FLOAT32_MAX, max_value=-1e30),
+    st.sampled_from([0.0, -0.0, 5e-324, -1.0, 2.0])))
+def test_extreme_numbers_within_range_merge_or_are_refused_by_path(tiny_set, tmp_path_factory, case, value) -> None:
+    """Numbers float32 holds, at its edges and at zero, run every method to a finished, verified
+    output (NaN or Inf reported where the arithmetic gives them) or are refused naming the
+    parameter, before any output is made; never with a traceback (multislerp's `eps: 0` raised
+    ZeroDivisionError)."""
+    method, name, scope = case
+    text, where = _with_param(method, tiny_set, name, scope, value)
+    cfg = tmp_path_factory.mktemp("cfg") / "m.yml"
+    cfg.write_text(text)
+    out = cfg.parent / "out"
+    r = CliRunner().invoke(main, ["run", str(cfg), str(out), "-q"])
+    assert r.exit_code in (0, 3, 5), (r.output, r.exception)  # 3: the config, 5: its plan
+    assert "Traceback" not in r.output
+    if r.exit_code:
+        assert (where if r.exit_code == 3 else name) in r.output, r.output
+        assert not out.exists()
+    else:
+        assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+def test_multislerp_eps_zero_takes_the_exponential_maps_limit(tiny_set, tmp_path) -> None:
+    """The tangent sum multislerp maps back is 0 but for rounding, so with `eps: 0` its norm s is
+    often exactly 0: sin(s)/s is then its limit 1, the value every s below 1e-8 rounds it to, so
+    the output is the bytes of an eps too small to change any sum (1e-30), not NaN or an error."""
+    hashes = []
+    for eps in (0.0, 1e-30):
+        text, _ = _with_param("multislerp", tiny_set, "eps", "shared", eps)
+        cfg = tmp_path / f"m{eps}.yml"
+        cfg.write_text(text)
+        r = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / f"o{eps}"), "-q"])
+        assert r.exit_code == 0 and "NaN" not in r.output, (r.output, r.exception)
+        manifest = json.loads((tmp_path / f"o{eps}" / "streammerge.manifest.json").read_text())
+        hashes.append({k: v["xxh3_128"] for k, v in manifest["tensors"].items()})
+    assert hashes[0] == hashes[1]

@@ -78,7 +78,10 @@ class MultiSlerp(GramOp):
         u_dot_m = (g @ m_hat) / (r + eps)  # u_i · m̂
         g_coef = a - (w * u_dot_m).sum() * m_hat  # Σ w_i (u_i − (u_i·m̂) m̂)
         s = _norm(g_coef, g) + eps
-        p = m_hat * math.cos(s) + g_coef * (math.sin(s) / s)
+        # sin(s)/s at s = 0 is its limit, 1 (as every s under 1e-8 rounds it): the tangent sum is 0
+        # but for rounding (Σ w_i u_i − ‖m‖ m̂), so with `eps: 0` s is often exactly 0, where
+        # mergekit's 0/0 made the tensor NaN and Python's a ZeroDivisionError (README: differences)
+        p = m_hat * math.cos(s) + g_coef * (math.sin(s) / s if s else 1.0)
         self.coef = p * float((w * r).sum())
 
     def apply(self, x: torch.Tensor, row0: int) -> torch.Tensor:
