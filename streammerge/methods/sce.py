@@ -16,7 +16,7 @@ import torch
 
 from ..params import ParamSpec
 from .base import Cost, MergeOp, MethodDef, RowSums, TaskContext, majority_sign, row_sums
-from .sparsify import TopK
+from .sparsify import TopK, magnitude_bits
 
 
 def sce_cost(ctx: TaskContext) -> Cost:
@@ -43,10 +43,13 @@ class Sce(MergeOp):
         return [x[i] - x[self.base] for i in self.others]  # each (rows, cols)
 
     def _var_bits(self, taus: list[torch.Tensor]) -> torch.Tensor:
-        """Population variance across models, element-wise (torch.var over the model axis is ~10x slower)."""
+        """Population variance across models, element-wise (torch.var over the model axis is ~10x
+        slower), as magnitude_bits: a NaN variance (an infinite or NaN delta) ranks as QUIET_NAN,
+        above every number, as torch.topk ranks NaN. (Its own bits, x86's default NaN with the sign
+        set, were a negative int32 the histogram refused: a traceback.)"""
         mean = sum(taus[1:], taus[0].clone()) / len(taus)
         var = sum(((t - mean) ** 2 for t in taus[1:]), (taus[0] - mean) ** 2) / len(taus)
-        return var.to(torch.float32).view(torch.int32)
+        return magnitude_bits(var)
 
     def _selected(self, taus: list[torch.Tensor], flat0: int) -> list[torch.Tensor]:
         if not self.select:

@@ -43,8 +43,12 @@ class GramOp(MergeOp):
 
 
 def _norm(c: torch.Tensor, g: torch.Tensor) -> float:
-    """‖Σ c_i v_i‖ from coefficients and the Gram matrix."""
-    return math.sqrt(max(0.0, float(c @ g @ c)))
+    """‖Σ c_i v_i‖ from coefficients and the Gram matrix; NaN where an input's infinities or NaN
+    made the Gram matrix NaN (max(0.0, nan) is 0.0: multislerp then called the weighted sum zero
+    and refused the tensor, where mergekit's arithmetic, as ours now, gives a NaN tensor that is
+    reported)."""
+    q = float(c @ g @ c)
+    return q if math.isnan(q) else math.sqrt(max(0.0, q))
 
 
 class MultiSlerp(GramOp):
