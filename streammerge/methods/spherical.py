@@ -75,7 +75,8 @@ class MultiSlerp(GramOp):
         if m_norm < eps:
             if len(self.others) != 2:
                 raise PlanError(f"tensor {self.tensor!r}: multislerp: the weighted sum of the input tensors is "
-                                "zero; change the weights")
+                                f"zero (their directions' sum has norm {m_norm:.3g}, under eps {eps:g}); change "
+                                "the weights, or lower eps")
             self.coef = w.clone()
             return
         m_hat = a / m_norm
