@@ -12,6 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
+from .budget import baseline_bytes, chunk_budget, default_max_memory, smallest_budget
 from .config import MergeConfig
 from .distributed import RayExecutor
 from .errors import StreamMergeError
@@ -67,6 +68,31 @@ def check_pipeline(configs: list[MergeConfig], out: str, options: RunOptions | N
     return plans
 
 
+def check_budgets(plans: list[Plan], names: list[str], options: RunOptions) -> None:
+    """A budget that cannot hold one row of some stage's widest tensor is refused before the first
+    stage runs, with the figure the widest stage needs: checked only as each stage started, a later
+    stage whose rows are wider than the first's was refused after the stages before it had run (on
+    real models, hours). The process is measured now, before any stage loaded anything: a stage
+    finds it holding as much or more (the seed pipeline's second stage, 13-18 MiB more), so this
+    refuses only budgets the stage would refuse; its own check, when it starts, stays the final one.
+
+    Raises:
+        PlanError: as budget.chunk_budget, the message naming the stage.
+    """
+    opts = options.resolved()
+    if len(plans) < 2 or opts.chunk_bytes is not None or opts.ray is not None:
+        return  # (fixed chunk buffers; Ray's workers measure their own processes)
+    max_memory = opts.memory_bytes or default_max_memory()
+    base = baseline_bytes()
+    need, i = max((smallest_budget(p, base), i) for i, p in enumerate(plans))
+    if max_memory < need:
+        try:
+            chunk_budget(plans[i], max_memory, base)
+        except StreamMergeError as e:
+            e.args = (f"stage {i + 1}/{len(plans)} {names[i]} (checked before any stage runs): {e}",)
+            raise
+
+
 def plan_stage(cfg: MergeConfig, options: RunOptions, aliases: dict[str, str | Plan] | None = None) -> Plan:
     """make_plan with the options that shape a plan (shard size, seed, vocabulary truncation, device)."""
     opts = options.resolved()
@@ -78,11 +104,11 @@ def run_pipeline(configs: list[MergeConfig], out: str, options: RunOptions | Non
     """Run every stage in order (one config is a pipeline of one); returns each stage's RunStats."""
     opts = (options or RunOptions()).resolved()
     progress = progress or Progress()
+    plan_stages = stages(configs, out, opts.intermediate_dir)
     if len(configs) > 1:
-        check_pipeline(configs, out, opts)
+        check_budgets(check_pipeline(configs, out, opts), [st.name for st in plan_stages], opts)
     aliases: dict[str, str | Plan] = {}
     results = []
-    plan_stages = stages(configs, out, opts.intermediate_dir)
     for i, st in enumerate(plan_stages):
         last = i == len(plan_stages) - 1
         if len(plan_stages) > 1:

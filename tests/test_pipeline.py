@@ -93,3 +93,54 @@ def test_changed_first_stage_redoes_both(tiny_set, tmp_path) -> None:
         '{"config": "something else", "plan_fingerprint": "0123"}')  # a finished merge of another recipe
     r = run(pipeline(tmp_path, tiny_set, 0.7), str(tmp_path / "mine"))
     assert r.returncode == 6 and "--overwrite" in r.stderr  # an output of another recipe is not replaced
+
+
+def _wide_pipeline(tmp_path, first: int, second: int) -> tuple[list, list]:  # type: ignore[type-arg]
+    """Nine models whose down_proj rows are 262,144 wide; a pipeline whose stage 1 ("one") merges
+    the first `first` of them, and stage 2 ("two") its result with the next `second` - 1; its plans."""
+    import dataclasses
+
+    import make_models
+
+    from streammerge.pipeline import check_pipeline
+    from streammerge.planner import parse
+
+    shape = dataclasses.replace(make_models.PRESETS["tiny"], hidden=8, intermediate=262144, layers=1, heads=2,
+                                kv_heads=1, vocab=16)
+    folders = [str(tmp_path / f"m{k}") for k in range(9)]
+    make_models.write_set(folders, shape, seed=6)
+
+    def models(names: list[str]) -> str:
+        return "".join(f"  - {{model: {n}, parameters: {{weight: 1}}}}\n" for n in names)
+
+    configs = parse(f"name: one\nmerge_method: linear\nmodels:\n{models(folders[:first])}---\n"
+                    f"name: two\nmerge_method: linear\nmodels:\n{models(['one', *folders[first:first + second - 1]])}",
+                    "wide.yml")
+    return configs, check_pipeline(configs, str(tmp_path / "out"))
+
+
+def test_a_later_stage_too_wide_for_the_budget_is_refused_before_the_first_runs(tmp_path) -> None:
+    """Stage 2 merges nine models whose down_proj rows are 262,144 wide, stage 1 two: a budget
+    between what they need ran stage 1 to the end and refused stage 2 only then. Now nothing runs,
+    and the figure asked for is stage 2's. (The margins are tens of MiB: a process's RSS drifts by
+    that much between measurements, here a test worker's.)"""
+    import pytest
+
+    import streammerge
+    from streammerge.budget import baseline_bytes, smallest_budget
+    from streammerge.errors import PlanError
+
+    configs, plans = _wide_pipeline(tmp_path, 2, 8)
+    out = str(tmp_path / "out")
+    base = baseline_bytes()
+    first, second = (smallest_budget(p, base) for p in plans)
+    assert second - first > 150 << 20  # the fixture
+    budget = first + (48 << 20)  # what stage 1 needs and more, far less than stage 2 does
+    with pytest.raises(PlanError) as e:
+        streammerge.merge(configs, out, max_memory=budget)
+    assert str(e.value).startswith("stage 2/2 two (checked before any stage runs): --max-memory")
+    assert "tensor 'model.layers.0.mlp.down_proj.weight'" in str(e.value)
+    asked = int(str(e.value).rsplit("--max-memory ", 1)[1].removesuffix("MiB")) << 20
+    assert asked - budget > 64 << 20  # stage 2's figure, not stage 1's
+    assert not os.path.exists(out + ".stages") and not os.path.exists(out)
+
