@@ -8,6 +8,7 @@ config or inputs changed (an earlier stage was redone) is redone. The last stage
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from .errors import StreamMergeError
 from .executor import Executor, Progress, RunStats
 from .options import RunOptions
 from .output import manifest_field
+from .pagecache import trim_heap
 from .planner import Plan, make_plan
 
 
@@ -130,4 +132,8 @@ def run_pipeline(configs: list[MergeConfig], out: str, options: RunOptions | Non
             executor = RayExecutor(plan, st.out, stage_opts, progress, own, label, done)
         results.append(executor.run())
         aliases[st.name] = os.path.abspath(st.out)
+        if not last:
+            del executor
+            gc.collect()  # (a stage's reader leaves cycles holding its buffers)
+            trim_heap()  # what the stage freed goes back, so the next measures only what is held
     return results

@@ -144,3 +144,29 @@ def test_a_later_stage_too_wide_for_the_budget_is_refused_before_the_first_runs(
     assert asked - budget > 64 << 20  # stage 2's figure, not stage 1's
     assert not os.path.exists(out + ".stages") and not os.path.exists(out)
 
+
+def test_a_later_stage_measures_only_what_the_process_still_holds(tmp_path, monkeypatch) -> None:
+    """Two stages of nine 262,144-column inputs each: stage 1's freed blocks stayed in glibc's heap,
+    and stage 2 counted them as memory the process held, refusing the budget stage 1 had run in
+    (50 MiB and more above its figure). Freed memory now goes back between stages: a budget with
+    room for either stage runs both."""
+    import psutil
+
+    import streammerge
+    from streammerge.budget import baseline_bytes, smallest_budget
+    from streammerge.executor import Executor
+
+    configs, plans = _wide_pipeline(tmp_path, 5, 5)
+    need = max(smallest_budget(p, baseline_bytes()) for p in plans)
+    held = []
+    run = Executor.run
+
+    def measured(self):  # type: ignore[no-untyped-def]
+        held.append(psutil.Process().memory_info().rss)
+        return run(self)
+
+    monkeypatch.setattr(Executor, "run", measured)
+    out = tmp_path / "out"
+    stats = streammerge.merge(configs, str(out), max_memory=need + (24 << 20))
+    assert len(stats) == 2 and (out / "streammerge.manifest.json").exists()
+    assert held[1] - held[0] < 16 << 20  # (a stage's blocks kept in the heap: 26-50 MiB)
