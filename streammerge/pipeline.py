@@ -85,6 +85,8 @@ def check_budgets(plans: list[Plan], names: list[str], options: RunOptions) -> N
     if len(plans) < 2 or opts.chunk_bytes is not None or opts.ray is not None:
         return  # (fixed chunk buffers; Ray's workers measure their own processes)
     max_memory = opts.memory_bytes or default_max_memory()
+    gc.collect()
+    trim_heap()  # memory freed before the pipeline (an API caller's) is not held, as between stages
     base = baseline_bytes()
     need, i = max((smallest_budget(p, base), i) for i, p in enumerate(plans))
     if max_memory < need:

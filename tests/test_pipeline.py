@@ -129,9 +129,11 @@ def test_a_later_stage_too_wide_for_the_budget_is_refused_before_the_first_runs(
     import streammerge
     from streammerge.budget import baseline_bytes, smallest_budget
     from streammerge.errors import PlanError
+    from streammerge.pagecache import trim_heap
 
     configs, plans = _wide_pipeline(tmp_path, 2, 8)
     out = str(tmp_path / "out")
+    trim_heap()  # (as the pipeline does before it measures: making the models left freed memory)
     base = baseline_bytes()
     first, second = (smallest_budget(p, base) for p in plans)
     assert second - first > 150 << 20  # the fixture
@@ -155,8 +157,10 @@ def test_a_later_stage_measures_only_what_the_process_still_holds(tmp_path, monk
     import streammerge
     from streammerge.budget import baseline_bytes, smallest_budget
     from streammerge.executor import Executor
+    from streammerge.pagecache import trim_heap
 
     configs, plans = _wide_pipeline(tmp_path, 5, 5)
+    trim_heap()
     need = max(smallest_budget(p, baseline_bytes()) for p in plans)
     held = []
     run = Executor.run
