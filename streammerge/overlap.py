@@ -50,9 +50,14 @@ class RingArena:
     """
 
     ALIGN = 64
+    # Each block's room is rounded up to ALIGN bytes; the buffer has room for that rounding of this
+    # many blocks beyond the capacity asked (the read-ahead's two, a GPU's staging): a block of
+    # exactly the capacity asked, not a multiple of 64 bytes, was refused as larger than the arena,
+    # a traceback (a pipeline stage of 262,144-column inputs at a tight budget).
+    ROUNDED_BLOCKS = 4
 
     def __init__(self, capacity: int, pin: bool = False) -> None:
-        self.capacity = capacity
+        self.capacity = -(-capacity // self.ALIGN) * self.ALIGN + self.ROUNDED_BLOCKS * self.ALIGN
         self.pin = pin
         self._buf: torch.Tensor | None = None  # made on first use: untouched pages cost nothing
         self._live: collections.deque[tuple[int, int]] = collections.deque()  # (start, end), oldest first

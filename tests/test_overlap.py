@@ -7,6 +7,7 @@ import queue
 import random
 import threading
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -131,13 +132,13 @@ def test_ring_arena_blocks_never_overlap_and_wrap() -> None:
 
 
 def test_ring_arena_waits_for_room_and_closes() -> None:
-    arena = RingArena(256)
-    first = arena.take(200, torch.uint8, (200,))
+    arena = RingArena(4096)
+    first = arena.take(3000, torch.uint8, (3000,))
     got: list[object] = []
 
     def second() -> None:
         try:
-            got.append(arena.take(200, torch.uint8, (200,)))
+            got.append(arena.take(3000, torch.uint8, (3000,)))
         except ArenaClosed:
             got.append("closed")
 
@@ -237,3 +238,22 @@ def test_rows_that_are_the_block_itself_are_written_before_its_room_is_reused(tm
         assert got.keys() == want.keys()
         wrong = [k for k in want if not np.array_equal(got[k], want[k])]
         assert not wrong, f"--max-memory {budget}MiB: {len(wrong)} tensors differ, {wrong[:3]}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(capacity=st.integers(1, 1 << 16), blocks=st.lists(st.integers(1, 1 << 16), min_size=1, max_size=6))
+def test_ring_arena_holds_blocks_that_add_up_to_its_capacity(capacity, blocks) -> None:
+    """Blocks whose bytes add up to the capacity asked fit at once, whatever their sizes (each is
+    rounded up to 64 bytes): a block of exactly the capacity, not a multiple of 64, was refused as
+    larger than the arena."""
+    arena = RingArena(capacity)
+    held = []
+    total = 0
+    for n in blocks[:RingArena.ROUNDED_BLOCKS]:
+        n = min(n, capacity - total)
+        if n <= 0:
+            break
+        with mock.patch.object(arena._cv, "wait", side_effect=AssertionError("waited for room")):
+            held.append(arena.take(n, torch.uint8, (n,)))
+        total += n
+    assert held
