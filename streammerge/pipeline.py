@@ -85,8 +85,7 @@ def check_budgets(plans: list[Plan], names: list[str], options: RunOptions) -> N
     if len(plans) < 2 or opts.chunk_bytes is not None or opts.ray is not None:
         return  # (fixed chunk buffers; Ray's workers measure their own processes)
     max_memory = opts.memory_bytes or default_max_memory()
-    gc.collect()
-    trim_heap()  # memory freed before the pipeline (an API caller's) is not held, as between stages
+    _give_back_freed()  # memory freed before the pipeline (an API caller's) is not held, as between stages
     base = baseline_bytes()
     need, i = max((smallest_budget(p, base), i) for i, p in enumerate(plans))
     if max_memory < need:
@@ -136,6 +135,12 @@ def run_pipeline(configs: list[MergeConfig], out: str, options: RunOptions | Non
         aliases[st.name] = os.path.abspath(st.out)
         if not last:
             del executor
-            gc.collect()  # (a stage's reader leaves cycles holding its buffers)
-            trim_heap()  # what the stage freed goes back, so the next measures only what is held
+            _give_back_freed()  # so the next stage measures only what the process still holds
     return results
+
+
+def _give_back_freed() -> None:
+    """What the process freed goes back to the kernel before a budget is measured against it: the
+    garbage collector first (a stage's reader leaves cycles holding its buffers), then the heap."""
+    gc.collect()
+    trim_heap()
