@@ -105,7 +105,7 @@ def _read_every_block(plan, folders: list[str], chunk: int, ways: int, order: st
                 sched = schedule.only([ti])
                 # (raw: a GPU's host staging holds the raw bytes, wider than the block where the config narrows)
                 staged = task.rows * task.cols * 4 * len(task.inputs) if raw else 0
-                reader = InputReader(plan, torch.device("cpu"), RingArena(sched.arena + staged + 64 * len(task.inputs)),
+                reader = InputReader(plan, torch.device("cpu"), RingArena(sched.arena + staged),
                                      each, ways)
                 for read in sched.reads():
                     if raw:  # (the GPU's own upload and conversion are tests/test_gpu.py's)
