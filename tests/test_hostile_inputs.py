@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_all_methods import RECIPES, config_text
 
 from streammerge.cli import main
 
@@ -315,13 +316,11 @@ def special_set(tmp_path_factory) -> tuple[list[str], str]:
     raise AssertionError(f"{name} not in {folders[2]}")
 
 
-@pytest.mark.parametrize("method", sorted(__import__("test_all_methods").RECIPES))
+@pytest.mark.parametrize("method", sorted(RECIPES))
 def test_every_method_merges_infinities_and_nan_with_a_warning(special_set, tmp_path, method) -> None:
     """Each method's recipe (test_all_methods) over an input holding ±inf and NaN ends in a verified
     output with the warning naming the tensor when the recipe reads that input, never a traceback
     (SCE's variance of an infinite delta is NaN, whose bits, sign set, its histogram refused)."""
-    from test_all_methods import RECIPES, config_text
-
     folders, name = special_set
     cfg = tmp_path / "m.yml"
     cfg.write_text(config_text(method, folders))

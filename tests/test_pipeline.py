@@ -120,7 +120,7 @@ def _wide_pipeline(tmp_path, first: int, second: int) -> tuple[list, list]:  # t
 
 
 def test_a_later_stage_too_wide_for_the_budget_is_refused_before_the_first_runs(tmp_path) -> None:
-    """Stage 2 merges nine models whose down_proj rows are 262,144 wide, stage 1 two: a budget
+    """Stage 2 merges eight inputs whose down_proj rows are 262,144 wide, stage 1 two: a budget
     between what they need ran stage 1 to the end and refused stage 2 only then. Now nothing runs,
     and the figure asked for is stage 2's. (The margins are tens of MiB: a process's RSS drifts by
     that much between measurements, here a test worker's.)"""
@@ -148,7 +148,7 @@ def test_a_later_stage_too_wide_for_the_budget_is_refused_before_the_first_runs(
 
 
 def test_a_later_stage_measures_only_what_the_process_still_holds(tmp_path, monkeypatch) -> None:
-    """Two stages of nine 262,144-column inputs each: stage 1's freed blocks stayed in glibc's heap,
+    """Two stages of five 262,144-column inputs each: stage 1's freed blocks stayed in glibc's heap,
     and stage 2 counted them as memory the process held, refusing the budget stage 1 had run in
     (50 MiB and more above its figure). Freed memory now goes back between stages: a budget with
     room for either stage runs both."""
