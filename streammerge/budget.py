@@ -258,11 +258,13 @@ def baseline_bytes(plan: Plan | None = None) -> int:
 def loops_for(plan: Plan) -> bool:
     """Decide whether this process merges `plan` with the compiled loops (fused.use_for); every
     schedule is made after this is asked, so no merge follows the choice made for another (nor
-    sizes a block by it: block_dtype). A merge on a GPU uses none."""
-    if plan.device != "cpu":
+    sizes a block by it: block_dtype). A merge on a GPU uses none, nor one of a method without loops
+    (which kept the choice of the merge before it: a linear merge after a DARE-TIES in one process
+    sized its 262,144-column rows at 14 MiB as if it had loops, 54 MiB in a fresh process)."""
+    if plan.device != "cpu" or not plan.method.jit:
         fused.use_none()
         return False
-    return plan.method.jit and fused.use_for(jit_work(plan), plan.method.jit_min_work)
+    return fused.use_for(jit_work(plan), plan.method.jit_min_work)
 
 
 def kernel_forms(plan: Plan) -> tuple[bool, str]:

@@ -98,3 +98,19 @@ def test_the_read_ahead_holds_the_block_computing_and_the_next_not_the_budget(ti
         largest = max(r.cost for r in sched.reads())
         assert largest <= sched.capacity <= min(max(chunk, widest), AHEAD_BLOCKS * largest), (method, chunk)
         assert sched.arena >= max(t.block_inputs for t in sched.tasks)
+
+
+@pytest.mark.parametrize("method", ["linear", "passthrough", "model_stock"])
+def test_a_method_without_loops_is_sized_alike_after_a_merge_with_them(tiny_set, monkeypatch, method) -> None:
+    """Loops are chosen per merge (budget.loops_for): a method without compiled loops, planned in a
+    process whose merge before it loaded them, kept that choice, and its rows were costed as if it
+    computed with them (narrow blocks, the loops' temporaries): a linear merge's 262,144-column rows
+    at 14 MiB against 54 MiB in a fresh process."""
+    from streammerge.budget import loops_for
+
+    plan = make_plan(parse_config(config_text(method, tiny_set)))
+    fresh = widest_row(plan)[0], make_schedule(plan, 1 << 34, False).tasks
+    monkeypatch.setenv("STREAMMERGE_JIT", "1")
+    assert loops_for(make_plan(parse_config(config_text("dare_ties", tiny_set))))  # the merge before: loops
+    monkeypatch.delenv("STREAMMERGE_JIT")
+    assert (widest_row(plan)[0], make_schedule(plan, 1 << 34, False).tasks) == fresh

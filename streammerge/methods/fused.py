@@ -57,7 +57,7 @@ def use_for(work: int, least: int = MIN_WORK) -> bool:
 
 
 def use_none() -> None:
-    """The merge this process runs uses no compiled loops (it runs on a GPU)."""
+    """The merge this process runs uses no compiled loops (it runs on a GPU, or its method has none)."""
     _use["on"] = False
 
 
