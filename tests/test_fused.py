@@ -715,3 +715,70 @@ def test_the_collector_is_held_off_while_numba_loads_and_left_as_it_was() -> Non
                    "frozen_unfrozen_process": 0, "frozen_grew": out["frozen_grew"], "old_cycle_freed": True,
                    "disabled_stays": True}
     assert out["frozen_grew"] >= 1000  # the lists made inside, at least
+
+
+# A merge's warm in a fresh process whose numba cache is the folder argv[1]: reports whether it ran
+# a helper process, and what this process itself compiled (cache misses) and loaded (cache hits).
+# argv[2]: "fail" makes the helper fail, "none" makes running one an error.
+_AHEAD_SCRIPT = r"""
+import json, subprocess, sys, warnings
+from streammerge.methods import fused
+
+real, helpers = subprocess.run, []
+def run(cmd, *a, **k):
+    helpers.append(cmd[-1])
+    if sys.argv[2] == "none":
+        raise AssertionError("a helper ran where the cache was marked")
+    if sys.argv[2] == "fail":
+        cmd = [cmd[0], "-c", "import sys; sys.exit('no room')"]
+    return real(cmd, *a, **k)
+subprocess.run = run
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fused.warm("slerp")
+jit = fused._state["jit"]
+disp = [] if jit is None else [d for d in vars(jit).values() if hasattr(d, "stats")]
+print(json.dumps({
+    "helpers": helpers,
+    "misses": sum(sum(d.stats.cache_misses.values()) for d in disp),
+    "hits": sum(sum(d.stats.cache_hits.values()) for d in disp),
+    "loops": fused.kernels() is not None and fused.use_for(0, 0),
+    "warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
+}))
+"""
+
+
+def _warm_in_fresh_process(cache: str, helper: str) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, STREAMMERGE_JIT="1", NUMBA_CACHE_DIR=cache)
+    got = subprocess.run([sys.executable, "-c", _AHEAD_SCRIPT, cache, helper], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert got.returncode == 0, got.stderr[-3000:]
+    return json.loads(got.stdout.strip().splitlines()[-1])
+
+
+def test_a_merge_never_compiles_the_loops_itself_a_helper_fills_the_cache_once(tmp_path) -> None:
+    """With numba's cache empty (a first merge after an install), the kernels are compiled in a helper
+    process and the merge's own process only loads them from the cache: compiling holds LLVM's memory
+    for good (272 MiB more than loading them, in a merge), which the budget then counted as the
+    process's and refused the 512 MiB every later run merged in. The next merge finds the cache
+    marked and runs no helper."""
+    cache = str(tmp_path / "numba-cache")
+    first = _warm_in_fresh_process(cache, "compile")
+    assert first["helpers"] == ["slerp"] and first["loops"] and not first["warnings"]
+    assert first["misses"] == 0 and first["hits"] > 0  # every kernel this process runs came from the cache
+    second = _warm_in_fresh_process(cache, "none")
+    assert second["helpers"] == [] and second["misses"] == 0 and second["hits"] == first["hits"]
+
+
+def test_a_helper_that_fails_leaves_the_merge_on_torchs_forms_with_a_warning(tmp_path) -> None:
+    """Where the helper cannot compile (killed by a memory cap that holds the merge but not both, or
+    numba failing), the merge goes on without the loops, saying so, and compiles nothing itself."""
+    got = _warm_in_fresh_process(str(tmp_path / "numba-cache"), "fail")
+    assert got["helpers"] == ["slerp"] and not got["loops"] and got["misses"] == 0
+    assert len(got["warnings"]) == 1 and got["warnings"][0].startswith("KernelWarning: ")
+    assert "no room" in got["warnings"][0] and "torch's forms" in got["warnings"][0]
