@@ -782,3 +782,45 @@ def test_a_helper_that_fails_leaves_the_merge_on_torchs_forms_with_a_warning(tmp
     assert got["helpers"] == ["slerp"] and not got["loops"] and got["misses"] == 0
     assert len(got["warnings"]) == 1 and got["warnings"][0].startswith("KernelWarning: ")
     assert "no room" in got["warnings"][0] and "torch's forms" in got["warnings"][0]
+
+
+def test_no_folder_to_cache_the_loops_in_runs_torchs_forms_with_a_warning(tiny_set, tmp_path) -> None:
+    """An install numba finds no writable folder for (the package's folder read-only, HOME not
+    writable, no NUMBA_CACHE_DIR: a container run as a user without a home) raised numba's
+    RuntimeError out of the merge, a traceback; it now merges with torch's forms, the same bytes,
+    and says how to give numba a folder."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from test_all_methods import config_text
+
+    import streammerge
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(streammerge.__file__)))
+    pkg = tmp_path / "pkg"
+    shutil.copytree(os.path.join(here, "streammerge"), pkg / "streammerge",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "streammerge" / "methods" / "__pycache__").write_text("")  # a file: no folder can be made there
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")  # nor under it: the home and the user cache folder
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(pkg), HOME=str(blocked / "home"), XDG_CACHE_HOME=str(blocked / "cache"),
+               PYTHONDONTWRITEBYTECODE="1", STREAMMERGE_JIT="1")
+    config = tmp_path / "ties.yml"
+    config.write_text(config_text("ties", tiny_set))
+    got = subprocess.run([sys.executable, "-m", "streammerge", "run", str(config), str(tmp_path / "out"), "-q",
+                          "--max-memory", "1GiB"], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=str(tmp_path))
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert "Traceback" not in got.stderr
+    assert "warning: numba cannot load streammerge's loops here" in got.stderr
+    assert "NUMBA_CACHE_DIR" in got.stderr
+    env.update(STREAMMERGE_JIT="0")
+    ref = subprocess.run([sys.executable, "-m", "streammerge", "run", str(config), str(tmp_path / "ref"), "-q",
+                          "--max-memory", "1GiB"], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=str(tmp_path))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "warning" not in ref.stderr
+    assert output_digest(str(tmp_path / "out"))["shards"] == output_digest(str(tmp_path / "ref"))["shards"]

@@ -85,8 +85,18 @@ def kernels() -> ModuleType | None:
                         from . import _jit as jit
                 except ImportError:  # numba missing or broken here: the torch forms do the work
                     jit = None
+                except RuntimeError as e:  # numba found no folder to cache the loops in
+                    warnings.warn(f"numba cannot load streammerge's loops here ({e}); this merge runs torch's "
+                                  "forms instead (the same bytes, slower). Where no folder beside the package "
+                                  "or in your home is writable, set NUMBA_CACHE_DIR to one", KernelWarning,
+                                  stacklevel=3)
+                    jit = None
                 _state["jit"] = jit
     return _state["jit"]
+
+
+class KernelWarning(UserWarning):
+    """The compiled loops could not be made ready; the merge runs torch's forms (the same bytes)."""
 
 
 @contextlib.contextmanager
@@ -136,10 +146,6 @@ def warm(group: str) -> None:
         return
     with collector_off():
         _warm(group)
-
-
-class KernelWarning(UserWarning):
-    """The compiled loops could not be made ready; the merge runs torch's forms (the same bytes)."""
 
 
 # Compiling a group is numba's first-run work (on this project's 2-core machine ~12 s for "family"),
