@@ -21,11 +21,12 @@ from typing import Protocol
 import psutil
 import torch
 
-from .budget import WRITE_BEHIND_BYTES, default_max_memory
+from .budget import WRITE_BEHIND_BYTES, default_max_memory, loops_for
 from .committer import Committer
 from .errors import PlanError
 from .folder import OutputFolder
 from .journal import Entry, Journal, crash_point
+from .methods import fused
 from .options import RunOptions
 from .output import content_hash, finalize, manifest_field
 from .overlap import RingArena, WriteBehind
@@ -243,6 +244,9 @@ class Executor:
             start_cuda(self.device)  # its context and libraries count in the baseline the budget is left from
         self.max_memory = opts.memory_bytes or default_max_memory()
         self.threads = self._threads()
+        if loops_for(plan) and not fused.ready(plan.method.jit_loops):
+            self.progress.note("compiling the merge's loops with numba, once for this install (10-60 s; later runs "
+                               "load them from numba's cache)")
         schedule = self._schedule()  # a budget too small fails before OUT is touched
         if self.folder.up_to_date(self.progress.note):
             return RunStats(time.monotonic() - start, len(plan.tasks), 0, 0, peak_rss(), "", True, plan.total_bytes,

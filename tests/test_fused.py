@@ -824,3 +824,23 @@ def test_no_folder_to_cache_the_loops_in_runs_torchs_forms_with_a_warning(tiny_s
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert "warning" not in ref.stderr
     assert output_digest(str(tmp_path / "out"))["shards"] == output_digest(str(tmp_path / "ref"))["shards"]
+
+
+def test_the_first_merge_says_it_compiles_the_loops_and_the_next_does_not(tiny_set, tmp_path) -> None:
+    """The helper's compiling takes 10-60 s before the first tensor: the run says why it waits, once."""
+    import os
+    import subprocess
+    import sys
+
+    from test_all_methods import config_text
+
+    config = tmp_path / "slerp.yml"
+    config.write_text(config_text("slerp", tiny_set))
+    env = dict(os.environ, STREAMMERGE_JIT="1", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    said = []
+    for run in ("first", "second"):
+        got = subprocess.run([sys.executable, "-m", "streammerge", "run", str(config), str(tmp_path / run),
+                              "--max-memory", "1GiB"], env=env, capture_output=True, text=True, timeout=600)
+        assert got.returncode == 0, got.stderr[-3000:]
+        said.append("compiling the merge's loops with numba" in got.stderr)
+    assert said == [True, False]

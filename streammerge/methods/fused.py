@@ -205,14 +205,24 @@ def _mark(group: str) -> str | None:
     return os.path.join(where, f"streammerge-{group}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.ready")
 
 
+def ready(group: str) -> bool:
+    """Whether warm(group) loads the loops without compiling them first: numba's cache is marked as
+    holding them, or nothing would be compiled (no numba, the loops off, no cache to mark)."""
+    if kernels() is None:
+        return True
+    mark = _mark(group)
+    return mark is None or os.path.exists(mark)
+
+
 def _compiled_ahead(group: str) -> bool:
     """Whether numba's cache holds `group`'s kernels, compiling them in a helper process first where it
     has no mark of them (the first merge after an install, or after numba, Python or streammerge
     changed). Where the helper fails, this process turns the loops off: torch's forms merge the same
     bytes, slower; a KernelWarning says why."""
-    mark = _mark(group)
-    if mark is None or os.path.exists(mark) or not sys.executable:
+    if ready(group) or not sys.executable:
         return True
+    mark = _mark(group)
+    assert mark is not None
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, STREAMMERGE_JIT="1")
     try:
@@ -226,11 +236,11 @@ def _compiled_ahead(group: str) -> bool:
         if done.returncode == 0 and os.path.exists(mark):
             return True
         tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-        why = ("it was killed (out of memory?)" if done.returncode in (-9, 137)
-               else f"it failed: {tail[0]}")
-    warnings.warn(f"numba could not compile streammerge's loops ({group}) in a helper process: {why}; "
-                  "this merge runs torch's forms instead (the same bytes, slower). A run with more "
-                  "memory free compiles them once, for every later run", KernelWarning, stacklevel=3)
+        why = ("it was killed, out of memory most likely: a run with more memory free compiles them once, "
+               "for every later run" if done.returncode in (-9, 137) else f"it failed: {tail[0]}")
+    warnings.warn(f"numba could not compile streammerge's loops ({group}) in a helper process ({why}); "
+                  "this merge runs torch's forms instead, the same bytes, slower (STREAMMERGE_JIT=0: "
+                  "without trying)", KernelWarning, stacklevel=3)
     with _lock:
         _state["jit"] = None  # for the rest of this process: no merge compiles them in it
     return False
