@@ -21,6 +21,7 @@ from typing import Protocol
 import psutil
 import torch
 
+from . import pagecache
 from .budget import WRITE_BEHIND_BYTES, default_max_memory, loops_for
 from .committer import Committer
 from .errors import PlanError
@@ -120,13 +121,9 @@ def default_threads(available: int, torch_threads: int) -> int:
     return max(1, min(torch_threads, available))
 
 
-def cgroup_cpus(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
-    """CPUs the process's cgroups let it use: the smallest quota over its period (rounded up) of its
-    own cgroup and every one above it, or None when none has a quota. cgroup v2's cpu.max, else
-    v1's cpu.cfs_quota_us and cpu.cfs_period_us in the cpu controller's hierarchy; a cgroup whose
-    folder this mount does not show (a container sees its own cgroup as the root) is skipped.
-    (Reading only the root's files missed a quota set below it: a v1 job cgroup of half a CPU
-    on this 2-core machine still counted 2.)"""
+def _own_cgroups(proc_cgroup: str, controller: str) -> tuple[str, str]:
+    """This process's cgroup path in the unified (v2) hierarchy and in v1's `controller` hierarchy
+    ("" where it has none)."""
     unified, v1 = "", ""
     try:
         with open(proc_cgroup) as f:
@@ -136,10 +133,21 @@ def cgroup_cpus(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgr
                     continue
                 if parts[0] == "0" and parts[1] == "":
                     unified = parts[2]
-                elif "cpu" in parts[1].split(","):
+                elif controller in parts[1].split(","):
                     v1 = parts[2]
     except OSError:
         pass
+    return unified, v1
+
+
+def cgroup_cpus(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """CPUs the process's cgroups let it use: the smallest quota over its period (rounded up) of its
+    own cgroup and every one above it, or None when none has a quota. cgroup v2's cpu.max, else
+    v1's cpu.cfs_quota_us and cpu.cfs_period_us in the cpu controller's hierarchy; a cgroup whose
+    folder this mount does not show (a container sees its own cgroup as the root) is skipped.
+    (Reading only the root's files missed a quota set below it: a v1 job cgroup of half a CPU
+    on this 2-core machine still counted 2.)"""
+    unified, v1 = _own_cgroups(proc_cgroup, "cpu")
     seen, limits = False, []
     for folder in _up(root, unified):
         try:
@@ -162,6 +170,55 @@ def cgroup_cpus(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgr
             if quota_us > 0 and period_us > 0:
                 limits.append(quota_us / period_us)
     return max(1, math.ceil(min(limits))) if limits else None
+
+
+# cgroup v1 writes "no limit" as the largest page-aligned count; anything this large is none
+_V1_UNLIMITED = 1 << 62
+
+
+def cgroup_memory(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """Bytes of memory the process's cgroups let it use, page cache included: the smallest limit of
+    its own cgroup and every one above it (v2's memory.max, else v1's memory.limit_in_bytes in the
+    memory controller's hierarchy), or None where none sets one."""
+    unified, v1 = _own_cgroups(proc_cgroup, "memory")
+    limits = []
+    for folder in _up(root, unified):
+        try:
+            with open(os.path.join(folder, "memory.max")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    if not limits:
+        for folder in _up(os.path.join(root, "memory"), v1):
+            try:
+                with open(os.path.join(folder, "memory.limit_in_bytes")) as f:
+                    limit = int(f.read())
+            except (OSError, ValueError):
+                continue
+            if 0 < limit < _V1_UNLIMITED:
+                limits.append(limit)
+    return min(limits) if limits else None
+
+
+# The kernel's read-ahead keeps up to two windows of each file it reads in order (the one being
+# read and the one started ahead of it), charged to the merge's memory cgroup before it reads them.
+READAHEAD_WINDOWS = 2
+
+
+def readahead_fits(plan: Plan, max_memory: int, limit: int | None = None) -> bool:
+    """Whether the memory the process may use (`limit`; default its memory cgroup's, else the
+    machine's) leaves room beside `max_memory` for the kernel's read-ahead of every input model:
+    READAHEAD_WINDOWS windows of its device's (pagecache.kernel_readahead says why it matters)."""
+    if limit is None:
+        limit = cgroup_memory() or int(psutil.virtual_memory().total)
+    room = 0
+    for m in plan.models:
+        shard = next((ref.shard for ref in getattr(m.index, "tensors", {}).values()), None)
+        if shard is not None:
+            room += READAHEAD_WINDOWS * pagecache.readahead_bytes(shard)
+    return limit - max_memory >= room
 
 
 def _up(base: str, path: str) -> list[str]:
@@ -243,6 +300,7 @@ class Executor:
         if self.device.type == "cuda":
             start_cuda(self.device)  # its context and libraries count in the baseline the budget is left from
         self.max_memory = opts.memory_bytes or default_max_memory()
+        pagecache.kernel_readahead(readahead_fits(plan, self.max_memory))
         self.threads = self._threads()
         if loops_for(plan) and not fused.ready(plan.method.jit_loops):
             self.progress.note("compiling the merge's loops with numba, once for this install (10-60 s; later runs "

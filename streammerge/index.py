@@ -243,8 +243,8 @@ class ModelIndex:
             fd = self._fds.get(ref.shard)
             if fd is None:
                 fd = self._fds[ref.shard] = os.open(ref.shard, os.O_RDONLY)
-                if ref.shard in self._cached:  # pages read are given back: read no others
-                    pagecache.no_readahead(fd)
+                if ref.shard in self._cached and not pagecache.kernel_readahead():
+                    pagecache.no_readahead(fd)  # pages read are given back: read no others
         view = memoryview(out.view(torch.uint8).numpy()) if nbytes else memoryview(b"")  # type: ignore[arg-type]
         done = 0
         while done < nbytes:

@@ -13,10 +13,13 @@ So, for a merge's inputs (`ModelIndex(give_back=True)`):
 - once the merge has read a byte range for the last time, the pages inside it that were *not*
   cached before are dropped (posix_fadvise DONTNEED). What a user had cached stays cached: a merge
   of warm inputs drops nothing;
-- the kernel's read-ahead is off for these files (it reads megabytes past each read, into tensors
+- where the memory cgroup leaves no room beside the budget for the kernel's read-ahead
+  (kernel_readahead), it is off for these files (it reads megabytes past each read, into tensors
   already finished, and charges them before they are needed), and the reader asks instead for
   the pages of exactly the rows it reads next that were not cached (WILLNEED), while a block
   computes. (A page cached at the start and evicted since is read when the merge reaches it.)
+  Elsewhere the kernel reads ahead as usual, and at the end every page of a shard that was not
+  cached before is given back, finished or read ahead.
 Only clean pages of input files are dropped; nothing is written.
 
 Linux only; elsewhere, or where the kernel would not report another user's file honestly (mincore
@@ -111,6 +114,44 @@ def resident(fd: int, size: int) -> np.ndarray | None:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
 
 
+# Where the merge's memory cgroup (or the machine) leaves room beside the budget for the kernel's
+# read-ahead, the kernel reads ahead as usual and the reader asks for nothing: measured on the
+# medium set with a cold cache (2 cores, --max-memory 512MiB, merge-loop seconds, 2 runs each), the
+# 14-model DARE-TIES took 5.6-5.7 s so against 6.5-6.6 with read-ahead off and WILLNEED asked (no
+# cgroup), 5.5 against 6.5-6.6 in a 2 GiB cgroup, 6.1-6.2 against 6.5-6.6 in 1 GiB, 6.1-6.3 against
+# 7.0 in 768 MiB, and the 3-model linear 0.80 against 1.02-1.06 s (WILLNEED's page-cache work
+# itself cost the reading thread 0.6 s of the DARE-TIES); only in a cgroup as tight as the budget
+# (512 MiB) did the kernel's read-ahead lose, 8.2-8.3 s against 6.8: the pages it read ahead were
+# reclaimed before they were used. Pages the merge brought in are given back either way.
+_kernel_readahead = {"on": False}
+
+
+def kernel_readahead(on: bool | None = None) -> bool:
+    """Whether the kernel reads ahead for the inputs whose pages are given back (set per run by the
+    executor: `on`); off, reads bring in only their pages and the reader asks for the next rows'."""
+    if on is not None:
+        _kernel_readahead["on"] = on
+    return _kernel_readahead["on"]
+
+
+def readahead_bytes(path: str, default: int = 8 << 20) -> int:
+    """The kernel's read-ahead window for the file at `path`: its device's read_ahead_kb (the
+    partition's disk, a network file system's own); `default` where Linux's /sys does not say."""
+    try:
+        dev = os.stat(path).st_dev
+    except OSError:
+        return default
+    node = f"{os.major(dev)}:{os.minor(dev)}"
+    for where in (f"/sys/class/bdi/{node}/read_ahead_kb", f"/sys/dev/block/{node}/queue/read_ahead_kb",
+                  f"/sys/dev/block/{node}/../queue/read_ahead_kb"):
+        try:
+            with open(where) as f:
+                return int(f.read()) << 10
+        except (OSError, ValueError):
+            continue
+    return default
+
+
 def no_readahead(fd: int) -> None:
     """Reads through `fd` bring in only the pages they ask for: the kernel reads ahead no further
     for this open file, and leaves no read-ahead mark either (a later read through another file
@@ -173,6 +214,7 @@ class Residency:
         """bits: from `resident`; pages: the file's page count, when known (every page cached: the
         usual warm merge, where nothing is asked of the kernel and no page looked up again)."""
         self.bits = bits
+        self.pages = pages
         # a finished range's pages looked up, for nothing, took 0.07 of the reading thread's 0.57 CPU
         # seconds in a warm 3-model linear merge, and 0.03 of the computing thread's 0.95
         self.warm = pages is not None and _all_set(bits, pages)
@@ -209,15 +251,24 @@ class Residency:
 
     def prefetch(self, fd: int, begin: int, end: int) -> None:
         """Bytes [begin, end) are read next: ask the kernel to start reading the pages among them that
-        were not cached (prefetch). Asking for cached ones too cost the reading thread a page-cache
-        walk per call: 17% of its samples in a warm 15-model merge (py-spy), for pages already there."""
-        if self.warm:
+        were not cached (prefetch), where its own read-ahead is off (kernel_readahead). Asking for
+        cached ones too cost the reading thread a page-cache walk per call: 17% of its samples in a
+        warm 15-model merge (py-spy), for pages already there."""
+        if self.warm or kernel_readahead():
             return
         for a, b in absent_runs(self.bits, *outer_pages(begin, end)):
             prefetch(fd, a * PAGE, b * PAGE)
 
     def sweep(self, fd: int) -> None:
-        """Give back every finished range's pages that were not cached (the merge is over)."""
+        """The merge is over: give back every page of the file that was not cached before it (the
+        kernel's read-ahead may have brought in pages of no finished range: the file's last ones,
+        read ahead from another tensor's rows after their own were given back); where the file's
+        length is not known, every finished range's."""
+        if self.warm:
+            return
+        if self.pages is not None:
+            drop(fd, absent_runs(self.bits, 0, self.pages))
+            return
         with self._lock:
             done = list(self._done)
         for a, b in done:

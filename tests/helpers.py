@@ -151,3 +151,41 @@ def assert_golden(key: str, out: str) -> None:
     want = golden.get(f"{key}@{cpu_capability()}", golden[key])
     for part in want:
         assert got[part] == want[part], f"{key}: {part} differ from the recorded output"
+
+
+def in_child_cgroup(controller: str, v1_files: dict[str, str], v2_files: dict[str, str], code: str) -> str:
+    """What `code` prints, run by a Python that moved itself into a new child cgroup of this
+    process's own, with `v1_files` written in v1's `controller` hierarchy (else `v2_files` in the
+    unified one); skips where none can be made (not root, no controller)."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    if not os.access("/sys/fs/cgroup", os.W_OK):
+        pytest.skip(f"THIS MACHINE CANNOT MAKE A {controller.upper()} CGROUP (not root): the real limit is untested")
+    with open("/proc/self/cgroup") as f:
+        lines = [line.strip().split(":", 2) for line in f if line.count(":") >= 2]
+    v1 = f"/sys/fs/cgroup/{controller}"
+    if os.path.isdir(v1):
+        own = next((path for _, controllers, path in lines if controller in controllers.split(",")), "/")
+        cg, files = os.path.join(v1, own.strip("/"), f"sm-test-{os.getpid()}"), v1_files
+    else:
+        own = next((path for n, _, path in lines if n == "0"), "/")
+        cg, files = os.path.join("/sys/fs/cgroup", own.strip("/"), f"sm-test-{os.getpid()}"), v2_files
+    try:
+        os.mkdir(cg)
+        for name, value in files.items():
+            with open(os.path.join(cg, name), "w") as f:
+                f.write(value)
+    except OSError as e:
+        if os.path.isdir(cg):
+            os.rmdir(cg)
+        pytest.skip(f"THIS MACHINE CANNOT MAKE A {controller.upper()} CGROUP ({e}): the real limit is untested")
+    try:
+        enter = f"import os; open({os.path.join(cg, 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+        out = subprocess.run([sys.executable, "-c", enter + code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+    finally:
+        os.rmdir(cg)

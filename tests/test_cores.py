@@ -4,11 +4,8 @@ process's own cgroup's and every one above it."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
-import pytest
+from helpers import in_child_cgroup
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,36 +41,9 @@ def test_the_smallest_quota_on_the_way_up_counts(tmp_path_factory, levels, v2, c
 
 def test_a_real_cgroup_quota_caps_the_cores() -> None:
     """Half a CPU given to a child cgroup of this process's own: the run counts one core."""
-    if not os.access("/sys/fs/cgroup", os.W_OK):
-        pytest.skip("THIS MACHINE CANNOT MAKE A CPU CGROUP (not root): the real quota is untested")
-    with open("/proc/self/cgroup") as f:
-        lines = [line.strip().split(":", 2) for line in f if line.count(":") >= 2]
-    v1 = "/sys/fs/cgroup/cpu"
-    if os.path.isdir(v1):
-        own = next((path for _, controllers, path in lines if "cpu" in controllers.split(",")), "/")
-        cg = os.path.join(v1, own.strip("/"), f"sm-test-{os.getpid()}")
-        files = {"cpu.cfs_quota_us": "50000", "cpu.cfs_period_us": "100000"}
-    else:
-        own = next((path for n, _, path in lines if n == "0"), "/")
-        cg = os.path.join("/sys/fs/cgroup", own.strip("/"), f"sm-test-{os.getpid()}")
-        files = {"cpu.max": "50000 100000"}
-    try:
-        os.mkdir(cg)
-        for name, value in files.items():
-            with open(os.path.join(cg, name), "w") as f:
-                f.write(value)
-    except OSError as e:
-        if os.path.isdir(cg):
-            os.rmdir(cg)
-        pytest.skip(f"THIS MACHINE CANNOT MAKE A CPU CGROUP ({e}): the real quota is untested")
-    try:
-        code = (f"import os; open({os.path.join(cg, 'cgroup.procs')!r}, 'w').write(str(os.getpid())); "
-                "from streammerge.executor import cores; print(cores())")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.split() == ["1"]
-    finally:
-        os.rmdir(cg)
+    out = in_child_cgroup("cpu", {"cpu.cfs_quota_us": "50000", "cpu.cfs_period_us": "100000"},
+                          {"cpu.max": "50000 100000"}, "from streammerge.executor import cores; print(cores())")
+    assert out.split() == ["1"]
 
 
 def test_cgroup_quota_v2_v1_and_none(tmp_path) -> None:

@@ -17,7 +17,7 @@ from helpers import ROOMY
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streammerge import pagecache
+from streammerge import executor, pagecache
 from streammerge.config import parse_config
 from streammerge.executor import Executor
 from streammerge.format import read_header
@@ -57,15 +57,18 @@ def test_inner_pages_are_exactly_the_pages_inside_the_range(begin: int, length: 
 @given(cached=st.lists(st.booleans(), max_size=40), begin=st.integers(0, 45 * PAGE), length=st.integers(0, 6 * PAGE))
 def test_prefetch_asks_for_exactly_the_uncached_pages_of_the_range(cached: list[bool], begin: int,
                                                                     length: int) -> None:
-    """Every page holding a byte of the range and not cached is asked for once; no cached page is."""
+    """Every page holding a byte of the range and not cached is asked for once; no cached page is
+    (where the kernel's read-ahead is off; a merge run before in this process may have set it on)."""
     bits = np.packbits(np.array(cached, dtype=np.uint8)) if cached else np.zeros(0, dtype=np.uint8)
     asked: list[tuple[int, int]] = []
-    real = pagecache.prefetch
+    real, was = pagecache.prefetch, pagecache.kernel_readahead()
     pagecache.prefetch = lambda fd, a, b: asked.append((a, b))  # type: ignore[assignment]
+    pagecache.kernel_readahead(False)
     try:
         pagecache.Residency(bits).prefetch(-1, begin, begin + length)
     finally:
         pagecache.prefetch = real  # type: ignore[assignment]
+        pagecache.kernel_readahead(was)
     pages = [p for a, b in asked for p in range(a // PAGE, b // PAGE)]
     assert all(a % PAGE == 0 and b % PAGE == 0 and a < b for a, b in asked)
     held = {(begin + i) // PAGE for i in range(0, length, 64)} | ({(begin + length - 1) // PAGE} if length else set())
@@ -117,15 +120,17 @@ def test_a_file_cached_whole_asks_nothing_of_the_kernel(cached: list[bool], page
     res = pagecache.Residency(bits, pages)
     assert res.warm == (len(cached) >= pages and all(cached[:pages]))
     asked: list[tuple[int, int]] = []
-    real = pagecache.prefetch, pagecache.drop
+    real, was = (pagecache.prefetch, pagecache.drop), pagecache.kernel_readahead()
     pagecache.prefetch = lambda fd, a, b: asked.append((a, b))  # type: ignore[assignment]
     pagecache.drop = lambda fd, runs: asked.extend(runs)  # type: ignore[assignment]
+    pagecache.kernel_readahead(False)  # the reader asking for pages: the case that asks most
     try:
         for op, begin, length in ops:
             getattr(res, op)(-1, begin, begin + length)
         res.sweep(-1)
     finally:
         pagecache.prefetch, pagecache.drop = real  # type: ignore[assignment]
+        pagecache.kernel_readahead(was)
     if res.warm:
         assert asked == []
 
@@ -176,7 +181,15 @@ def _shards(folders: list[str]) -> list[str]:
     return sorted(p for f in folders for p in glob.glob(os.path.join(f, "*.safetensors")))
 
 
-def test_a_cold_merge_gives_its_inputs_pages_back(mb_set: list[str], tmp_path) -> None:
+@pytest.fixture(params=[False, True], ids=["reader-asks", "kernel-reads-ahead"])
+def readahead(request, monkeypatch) -> bool:
+    """Both ways of reading inputs the merge gives back: the kernel's read-ahead off and the reader
+    asking for the next rows (a memory cgroup as tight as the budget), or the kernel's own."""
+    monkeypatch.setattr(executor, "readahead_fits", lambda plan, max_memory: request.param)
+    return request.param
+
+
+def test_a_cold_merge_gives_its_inputs_pages_back(mb_set: list[str], tmp_path, readahead: bool) -> None:
     shards = _shards(mb_set)
     for p in shards:
         _cold(p)
@@ -187,7 +200,8 @@ def test_a_cold_merge_gives_its_inputs_pages_back(mb_set: list[str], tmp_path) -
         assert left.sum() <= header, f"{p}: {left.sum()} of {len(left)} pages still cached"
 
 
-def test_pages_cached_before_the_merge_are_never_given_back(mb_set: list[str], tmp_path, monkeypatch) -> None:
+def test_pages_cached_before_the_merge_are_never_given_back(mb_set: list[str], tmp_path, monkeypatch,
+                                                           readahead: bool) -> None:
     shards = _shards(mb_set)
     for k, p in enumerate(shards):  # every other shard cold; the rest cached in alternate 64 KiB stripes
         _cold(p)
@@ -210,3 +224,29 @@ def test_pages_cached_before_the_merge_are_never_given_back(mb_set: list[str], t
     assert given_back, "the merge gave nothing back"
     for path, a, b in given_back:
         assert not before[path][a:b].any(), f"{path}: pages {a}..{b} were cached before the merge"
+
+
+def test_the_reader_asks_for_the_next_rows_only_where_the_kernel_does_not_read_ahead(
+        mb_set: list[str], tmp_path, monkeypatch, readahead: bool) -> None:
+    """A cold merge: with the kernel's read-ahead, no shard is set to random reads and nothing is
+    asked for ahead; without it, the shards read are and the next rows are asked for."""
+    shards = _shards(mb_set)
+    for p in shards:
+        _cold(p)
+    plan = _ties(mb_set)  # (its header reads are the plan's, not the run's)
+    import sys
+
+    said: list[str] = []
+    for name in ("no_readahead", "prefetch", "drop"):
+        real = getattr(pagecache, name)
+
+        def call(*a, _n=name, _f=real):  # (reads of headers alone set random reads too: not counted)
+            if _n != "no_readahead" or sys._getframe(1).f_code.co_name == "pread_rows":
+                said.append(_n)
+            return _f(*a)
+
+        monkeypatch.setattr(pagecache, name, call)
+    Executor(plan, str(tmp_path / "out"), RunOptions(max_memory=ROOMY, chunk_bytes=1 << 18)).run()
+    assert "drop" in said  # pages brought in are given back either way
+    assert ("no_readahead" in said) is not readahead
+    assert ("prefetch" in said) is not readahead
