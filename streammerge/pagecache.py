@@ -115,12 +115,12 @@ def resident(fd: int, size: int) -> np.ndarray | None:
 
 
 # Where the merge's memory cgroup (or the machine) leaves room beside the budget for the kernel's
-# read-ahead, the kernel reads ahead as usual and the reader asks for nothing: measured on the
-# medium set with a cold cache (2 cores, --max-memory 512MiB, merge-loop seconds, 2 runs each), the
-# 14-model DARE-TIES took 5.6-5.7 s so against 6.5-6.6 with read-ahead off and WILLNEED asked (no
-# cgroup), 5.5 against 6.5-6.6 in a 2 GiB cgroup, 6.1-6.2 against 6.5-6.6 in 1 GiB, 6.1-6.3 against
-# 7.0 in 768 MiB, and the 3-model linear 0.80 against 1.02-1.06 s (WILLNEED's page-cache work
-# itself cost the reading thread 0.6 s of the DARE-TIES); only in a cgroup as tight as the budget
+# read-ahead, the kernel reads ahead as usual and the reader asks for nothing. Measured on the medium
+# set with the inputs not cached (2 cores, --max-memory 512MiB, merge-loop seconds, 2 runs each),
+# against read-ahead off and WILLNEED asked: the 14-model DARE-TIES 5.4-5.5 s against 6.0-6.3
+# without a cgroup, 5.5 against 6.5-6.6 in a 2 GiB cgroup, 5.7-6.1 against 6.5 in 1 GiB, 6.1-6.3
+# against 7.0 in 768 MiB; the 3-model linear 0.80 against 1.02-1.06 s (WILLNEED's page-cache work
+# alone cost the reading thread 0.6 s of the DARE-TIES). Only in a cgroup as tight as the budget
 # (512 MiB) did the kernel's read-ahead lose, 8.2-8.3 s against 6.8: the pages it read ahead were
 # reclaimed before they were used. Pages the merge brought in are given back either way.
 _kernel_readahead = {"on": False}
