@@ -162,15 +162,17 @@ def test_a_later_stage_measures_only_what_the_process_still_holds(tmp_path, monk
     configs, plans = _wide_pipeline(tmp_path, 5, 5)
     trim_heap()
     need = max(smallest_budget(p, baseline_bytes()) for p in plans)
-    held = []
+    held, kinds = [], []
     run = Executor.run
 
     def measured(self):  # type: ignore[no-untyped-def]
         held.append(psutil.Process().memory_info().rss)
+        with open("/proc/self/status") as f:
+            kinds.append({k: int(v.split()[0]) >> 10 for k, v in (ln.split(":", 1) for ln in f) if k.startswith("Rss")})
         return run(self)
 
     monkeypatch.setattr(Executor, "run", measured)
     out = tmp_path / "out"
     stats = streammerge.merge(configs, str(out), max_memory=need + (24 << 20))
     assert len(stats) == 2 and (out / "streammerge.manifest.json").exists()
-    assert held[1] - held[0] < 16 << 20  # (a stage's blocks kept in the heap: 26-50 MiB)
+    assert held[1] - held[0] < 16 << 20, kinds  # (a stage's blocks kept in the heap: 26-50 MiB)
