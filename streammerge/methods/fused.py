@@ -208,10 +208,13 @@ def _mark(group: str) -> str | None:
 def ready(group: str) -> bool:
     """Whether warm(group) loads the loops without compiling them first: numba's cache is marked as
     holding them, or nothing would be compiled (no numba, the loops off, no cache to mark)."""
-    if kernels() is None:
-        return True
+    return kernels() is None or _missing_mark(group) is None
+
+
+def _missing_mark(group: str) -> str | None:
+    """_mark(group) where that file is not there yet (the loaded kernels' cache lacks the group), else None."""
     mark = _mark(group)
-    return mark is None or os.path.exists(mark)
+    return mark if mark is not None and not os.path.exists(mark) else None
 
 
 def _compiled_ahead(group: str) -> bool:
@@ -219,10 +222,9 @@ def _compiled_ahead(group: str) -> bool:
     has no mark of them (the first merge after an install, or after numba, Python or streammerge
     changed). Where the helper fails, this process turns the loops off: torch's forms merge the same
     bytes, slower; a KernelWarning says why."""
-    if ready(group) or not sys.executable:
+    mark = _missing_mark(group)  # (warm loaded the kernels)
+    if mark is None or not sys.executable:
         return True
-    mark = _mark(group)
-    assert mark is not None
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, STREAMMERGE_JIT="1")
     try:
