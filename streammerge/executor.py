@@ -215,7 +215,7 @@ def readahead_fits(plan: Plan, max_memory: int, limit: int | None = None) -> boo
         limit = cgroup_memory() or int(psutil.virtual_memory().total)
     room = 0
     for m in plan.models:
-        shard = next((ref.shard for ref in getattr(m.index, "tensors", {}).values()), None)
+        shard = next((ref.shard for ref in m.index.tensors.values()), None)
         if shard is not None:
             room += READAHEAD_WINDOWS * pagecache.readahead_bytes(shard)
     return limit - max_memory >= room
