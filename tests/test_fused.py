@@ -844,3 +844,28 @@ def test_the_first_merge_says_it_compiles_the_loops_and_the_next_does_not(tiny_s
         assert got.returncode == 0, got.stderr[-3000:]
         said.append("compiling the merge's loops with numba" in got.stderr)
     assert said == [True, False]
+
+
+def test_the_helper_never_writes_through_a_link_planted_at_its_mark(tmp_path) -> None:
+    """The mark is an empty file made beside numba's cache: a symbolic link found in its place (to a
+    file the user has) is not followed, and the file behind it keeps its bytes; the helper fails,
+    which the merge survives on torch's forms (test above)."""
+    import os
+    import subprocess
+    import sys
+
+    victim = tmp_path / "yours.txt"
+    victim.write_text("user data")
+    code = (
+        "import os, sys\n"
+        "from streammerge.methods import fused\n"
+        "fused.use_for(0, 0); fused.kernels()\n"
+        "for g in ('slerp', 'sums'):\n"
+        "    os.symlink(sys.argv[1], fused._mark(g))\n"
+        "fused.compile_group('slerp')\n"
+    )
+    env = dict(os.environ, STREAMMERGE_JIT="1", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    got = subprocess.run([sys.executable, "-c", code, str(victim)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert got.returncode != 0 and "OSError" in got.stderr
+    assert victim.read_text() == "user data"

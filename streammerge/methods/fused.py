@@ -180,9 +180,8 @@ def compile_group(group: str) -> None:
     _warm(group)  # with the collector on: compiling with it off held 463 MiB where this holds 279
     for g in {group, "sums"}:
         mark = _mark(g)
-        if mark is not None:
-            with open(mark, "w"):
-                pass
+        if mark is not None:  # an empty file, made or left as it is: never truncated, nor a link followed
+            os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644))
 
 
 def _mark(group: str) -> str | None:
@@ -229,7 +228,7 @@ def _compiled_ahead(group: str) -> bool:
     env = dict(os.environ, STREAMMERGE_JIT="1")
     try:
         done = subprocess.run([sys.executable, "-c", _COMPILE, root, group], env=env, capture_output=True,
-                              text=True, timeout=COMPILE_TIMEOUT_S)
+                              text=True, errors="replace", timeout=COMPILE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         why = f"it did not finish in {COMPILE_TIMEOUT_S} s"
     except OSError as e:
