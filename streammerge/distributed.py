@@ -41,13 +41,13 @@ import numpy as np
 import torch
 import xxhash
 
-from . import errors
+from . import errors, pagecache
 from ._version import __version__
 from .budget import default_max_memory
 from .committer import GROUP_COMMIT_BYTES, Committer, bytes_of, output_rows, warn_non_finite
 from .config import MergeConfig
 from .errors import ClusterError, InputError, IntegrityError, StreamMergeError
-from .executor import Committed, Executor, peak_rss, start_cuda
+from .executor import Committed, Executor, memory_limit, peak_rss, readahead_fits, start_cuda
 from .format import blocks, preader
 from .journal import WORK_DIR, Entry, Journal, crash_point
 from .methods import ARITHMETIC
@@ -541,7 +541,12 @@ def _worker_plan(job: Job) -> tuple[Plan, Schedule]:
     torch.set_num_threads(job.threads)
     if plan.device != "cpu":
         start_cuda(torch.device(plan.device))  # its host memory counts in the baseline the budget is left from
-    budget = job.max_memory or _node_share(job.cpus)
+    tasks = _node_tasks(job.cpus)
+    budget = job.max_memory or int(default_max_memory() // tasks)
+    # this worker reads its inputs as a local run does (Executor.run): the kernel reads ahead where
+    # its share of the node's memory holds the read-ahead windows beside its budget (cold inputs
+    # were read with read-ahead off and each next block asked for, as only a tight cgroup needs)
+    pagecache.kernel_readahead(readahead_fits(plan, budget, memory_limit() // tasks))
     if not job.write:  # pieces on their way to the driver: being filled, copied, and in the object store
         budget -= (3 + AHEAD) * PIECE_BYTES
     schedule = make_schedule(plan, budget, overlap=False, chunk_bytes=job.chunk_bytes,
@@ -551,13 +556,14 @@ def _worker_plan(job: Job) -> tuple[Plan, Schedule]:
     return plan, schedule
 
 
-def _node_share(cpus: float) -> int:
-    """Without --max-memory: the default budget shared by the tasks this node can run at once."""
+def _node_tasks(cpus: float) -> int:
+    """Tasks of `cpus` CPUs each this worker's node runs at once (at least one): they share its
+    memory (without --max-memory, the default budget; and the read-ahead's room beside each)."""
     import ray
 
     me = ray.get_runtime_context().get_node_id()
     node_cpus = next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == me), 1)
-    return int(default_max_memory() // max(1, int(node_cpus // cpus)))
+    return max(1, int(node_cpus // cpus))
 
 
 def _confirm(job: Job) -> dict[str, Any]:

@@ -207,12 +207,17 @@ def cgroup_memory(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/c
 READAHEAD_WINDOWS = 2
 
 
+def memory_limit() -> int:
+    """Bytes of memory this process may use: its memory cgroup's limit, else the machine's memory."""
+    return cgroup_memory() or int(psutil.virtual_memory().total)
+
+
 def readahead_fits(plan: Plan, max_memory: int, limit: int | None = None) -> bool:
-    """Whether the memory the process may use (`limit`; default its memory cgroup's, else the
-    machine's) leaves room beside `max_memory` for the kernel's read-ahead of every input model:
-    READAHEAD_WINDOWS windows of its device's (pagecache.kernel_readahead says why it matters)."""
+    """Whether the memory the process may use (`limit`; default memory_limit()) leaves room beside
+    `max_memory` for the kernel's read-ahead of every input model: READAHEAD_WINDOWS windows of
+    its device's (pagecache.kernel_readahead says why it matters)."""
     if limit is None:
-        limit = cgroup_memory() or int(psutil.virtual_memory().total)
+        limit = memory_limit()
     room = 0
     for m in plan.models:
         shard = next((ref.shard for ref in m.index.tensors.values()), None)

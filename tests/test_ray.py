@@ -3,7 +3,8 @@ seed's stage 1 byte for byte what a local run writes, whether workers write OUT 
 rows travel to the driver; a worker SIGKILLed mid-run (Ray reruns its tasks); the driver
 SIGKILLed and the same command resumed, with or without Ray; a node whose copy of an input
 differs refused before any work, naming the node and the file; a worker's error reported with
-its node and tensor and the exit code a local run gives; --ray without Ray says how to install it."""
+its node and tensor and the exit code a local run gives; --ray without Ray says how to install it;
+a worker chooses the kernel's read-ahead for its inputs as a local run does."""
 
 from __future__ import annotations
 
@@ -232,3 +233,39 @@ def test_read_back_hashes_the_whole_shard_and_names_tensors_that_differ(tiny_set
     assert digest == xxhash.xxh3_128_hexdigest(whole) and wrong == []
     _, wrong = read_shard(str(tmp_path), plan, 0, {first.name: zeros, second.name: zeros})
     assert wrong == [first.name]
+
+
+def test_workers_choose_the_kernels_read_ahead_as_a_local_run_does(cluster, tiny_set, tmp_path) -> None:
+    """A Ray worker reads its inputs under the policy Executor.run sets for a local run: the kernel's
+    read-ahead where the node's memory holds its windows beside the worker's budget, not where the
+    budget takes it all (before, every worker read with read-ahead off, as only a tight cgroup needs)."""
+    import dataclasses
+
+    from streammerge.config import parse_config
+    from streammerge.distributed import RayExecutor
+    from streammerge.options import RunOptions
+    from streammerge.planner import make_plan
+
+    config = tmp_path / "linear.yml"
+    config.write_text("merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {m}\n    parameters: {{weight: 1}}\n" for m in tiny_set[:3]))
+    def reads_ahead(job):  # type: ignore[no-untyped-def]  # (defined here: Ray sends it by value)
+        """On a worker: its plan made for `job`, then whether the kernel reads ahead for it and what
+        readahead_fits says of the budget beside the node's memory (one one-CPU task per node)."""
+        from streammerge import distributed, pagecache
+        from streammerge.executor import readahead_fits
+
+        worker_plan, _ = distributed._worker_plan(job)
+        return pagecache.kernel_readahead(), readahead_fits(worker_plan, job.max_memory)
+
+    plan = make_plan(parse_config(config.read_text()))
+    job = RayExecutor(plan, str(tmp_path / "out"), RunOptions(ray=cluster.address))._job("probe")
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        remote = ray.remote(reads_ahead).options(num_cpus=1)
+        roomy = ray.get(remote.remote(dataclasses.replace(job, run_id="roomy", max_memory=1 << 30)))
+        whole = ray.get(remote.remote(dataclasses.replace(job, run_id="whole", max_memory=1 << 50)))
+    finally:
+        ray.shutdown()
+    assert roomy == (True, True)  # 1 GiB leaves the windows room on any machine that runs the suite
+    assert whole == (False, False)  # a budget of the whole memory leaves none
