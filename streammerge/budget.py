@@ -309,6 +309,23 @@ def smallest_budget(plan: Plan, baseline: int | None = None) -> int:
     return base + HELD_BYTES + int(widest_row(plan)[0] / CHUNK_SHARE) + 1
 
 
+# What a run's process may hold beyond the baseline a refusal measured, which the figure it asks for
+# ("use at least") adds, in whole 8 MiB: the smallest budget alone, followed, was refused again by
+# the next run. Measured on the seed pipeline's tiny stand-ins, refused at 100MiB with "use at least
+# 322MiB": at 322MiB three runs were refused again, asking for 325 and 324 MiB (a fresh process
+# holds a few MiB more by its stage's check) and 336 MiB (its stage 2, once stage 1 had touched
+# the library code it runs: 13 MiB more); a test worker's history moved the figure by up to 20 MiB.
+GROWTH_BYTES = 24 << 20
+SUGGEST_STEP = 8 << 20
+
+
+def suggested_budget(plan: Plan, baseline: int | None = None) -> int:
+    """The --max-memory to ask for where a budget is too small: smallest_budget with GROWTH_BYTES
+    of room beside it, rounded up to SUGGEST_STEP."""
+    need = smallest_budget(plan, baseline) + GROWTH_BYTES
+    return -(-need // SUGGEST_STEP) * SUGGEST_STEP
+
+
 def chunk_budget(plan: Plan, max_memory: int, baseline: int | None = None) -> int:
     """Bytes chunk buffers may use under `max_memory`.
 
@@ -322,7 +339,7 @@ def chunk_budget(plan: Plan, max_memory: int, baseline: int | None = None) -> in
         held = base + HELD_BYTES
         raise PlanError(f"--max-memory {mib_str(max_memory)} is too small: tensor {task.name!r} needs "
                         f"{size_str(need)} for one row on top of {size_str(held)} the process holds; use at least "
-                        f"--max-memory {mib_str(smallest_budget(plan, base), up=True)}")
+                        f"--max-memory {mib_str(suggested_budget(plan, base), up=True)}")
     return budget
 
 

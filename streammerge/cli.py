@@ -568,6 +568,7 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
         expected_peak,
         kernel_forms,
         smallest_budget,
+        suggested_budget,
         widest_row,
     )
     from .planner import PlannedIndex
@@ -576,11 +577,13 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
     budget = max_memory or default_max_memory()
     base = baseline_bytes(p)
     smallest = smallest_budget(p, base)
+    suggested = suggested_budget(p, base)
     peak = expected_peak(p, chunk_budget(p, budget, base), base)
     free = _free_space(out or ".")
     compiled, forms = kernel_forms(p)
     if as_json:
-        return {**_plan_json(p, budget, peak, smallest, free), "kernels": {"compiled": compiled, "why": forms}}
+        return {**_plan_json(p, budget, peak, smallest, free), "suggested_max_memory_bytes": suggested,
+                "kernels": {"compiled": compiled, "why": forms}}
     counts: dict[int, int] = {}
     for t in p.tasks:
         counts[len(t.inputs)] = counts.get(len(t.inputs), 0) + 1
@@ -596,7 +599,7 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
                f" ({enough})")
     default = "" if max_memory else " (default: half the available RAM)"
     click.echo(f"memory: --max-memory {budget / 2**20:.0f} MiB{default}"
-               f", expected peak {peak / 2**20:.0f} MiB; smallest that works {-(-smallest // 2**20)} MiB "
+               f", expected peak {peak / 2**20:.0f} MiB; use at least {suggested // 2**20} MiB "
                f"(one row of {worst.name if worst else '-'} needs {need / 2**20:.2f} MiB)")
     click.echo(f"kernels: {forms}")
     click.echo("tensors:")

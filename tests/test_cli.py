@@ -26,7 +26,7 @@ def test_plan_shows_tensors_shards_and_memory(tiny_set, tmp_path) -> None:
     r = CliRunner().invoke(main, ["plan", config(tmp_path, tiny_set), "--max-memory", "16GiB"])
     assert r.exit_code == 0, r.output
     assert "method: ties    models: 4    tensors: 39" in r.output
-    assert "--max-memory 16384 MiB, expected peak" in r.output and "smallest that works" in r.output
+    assert "--max-memory 16384 MiB, expected peak" in r.output and "use at least" in r.output
     assert "model.layers.3.mlp.up_proj.weight  [160, 64] BF16" in r.output
 
 
@@ -37,6 +37,9 @@ def test_plan_json(tiny_set, tmp_path, monkeypatch) -> None:
     p = json.loads(r.output)
     assert p["method"] == "ties" and len(p["tensors"]) == 39 and len(p["shards"]) > 1
     assert p["smallest_max_memory_bytes"] <= p["expected_peak_bytes"]
+    # the figure to ask a user for: the smallest with room for what a run's process holds more
+    assert p["suggested_max_memory_bytes"] - p["smallest_max_memory_bytes"] >= 24 << 20
+    assert p["suggested_max_memory_bytes"] % (8 << 20) == 0
     assert p["tensors"][0]["per_input"][1] == {"weight": 0.5, "density": 0.5}
     # a merge this small runs torch's forms, and says why
     assert p["kernels"]["compiled"] is False and "element-inputs, under the 67M" in p["kernels"]["why"]
