@@ -319,11 +319,10 @@ GROWTH_BYTES = 24 << 20
 SUGGEST_STEP = 8 << 20
 
 
-def suggested_budget(plan: Plan, baseline: int | None = None) -> int:
-    """The --max-memory to ask for where a budget is too small: smallest_budget with GROWTH_BYTES
-    of room beside it, rounded up to SUGGEST_STEP."""
-    need = smallest_budget(plan, baseline) + GROWTH_BYTES
-    return -(-need // SUGGEST_STEP) * SUGGEST_STEP
+def suggested_budget(smallest: int) -> int:
+    """The --max-memory to ask for where a budget is too small: `smallest` (smallest_budget's figure)
+    with GROWTH_BYTES of room beside it, rounded up to SUGGEST_STEP."""
+    return -(-(smallest + GROWTH_BYTES) // SUGGEST_STEP) * SUGGEST_STEP
 
 
 def chunk_budget(plan: Plan, max_memory: int, baseline: int | None = None) -> int:
@@ -339,7 +338,7 @@ def chunk_budget(plan: Plan, max_memory: int, baseline: int | None = None) -> in
         held = base + HELD_BYTES
         raise PlanError(f"--max-memory {mib_str(max_memory)} is too small: tensor {task.name!r} needs "
                         f"{size_str(need)} for one row on top of {size_str(held)} the process holds; use at least "
-                        f"--max-memory {mib_str(suggested_budget(plan, base), up=True)}")
+                        f"--max-memory {mib_str(suggested_budget(smallest_budget(plan, base)))}")
     return budget
 
 
