@@ -156,6 +156,7 @@ def _merge(task: Task, sched: TaskSchedule, blocks: BlockSource, method: MethodD
         op.hold_state()  # the apply pass sees the very sub-chunks the statistics passes saw
     if stats is not None:
         op.tally = stats.tally
+    op.out = torch_dtype(task.out_dtype)
     if not op.parallel:
         workers = INLINE  # in row order
     last = {p: i for i, step in enumerate(sched.steps) for p in step.passes}  # the step each pass ends with
@@ -228,12 +229,11 @@ def _pass(task: Task, sched: TaskSchedule, op: MergeOp, p: int, n_passes: int, r
     def apply(ab: tuple[int, int]) -> torch.Tensor:
         xs, r0 = inputs(ab), read.r0 + ab[0]
         before = stats.before(xs, r0) if stats is not None else None
-        y = op.apply(xs, r0)
+        # cast here, on the thread that computed it (on 2 cores the committer's thread, casting every
+        # piece, was the slowest stage of a linear merge), where the op's loop did not (MergeOp.out)
+        y = op.apply(xs, r0).to(out)
         if stats is not None and before is not None:
-            stats.after(before, y)
-        # cast here, on the thread that computed it: on 2 cores the committer's thread, casting every
-        # piece, was the slowest stage of a linear merge
-        y = y.to(out)
+            stats.after(before, y)  # the rows as written
         if y.device.type == "cpu" and y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             # rows of the block itself (passthrough's, in the inputs' dtype): the arena gives the
             # block's room to the next read once this pass is done, maybe before the writer has

@@ -1,12 +1,13 @@
 """What a merge did to each tensor, recorded as it runs, for `streammerge report`.
 
 Imports methods (and torch, numpy). Per output tensor and input: the input's norm, its delta's
-norm against the base, the output's cosine similarity to it; from sparsifying methods the share
-of each delta's elements kept, and from TIES-style consensus the share of each input's nonzero
-delta that agrees with the elected sign. Sums are per-row float64 values kept by row and added
-once at the end in a fixed order, so the record is the same whatever the chunking (as output bytes
-are); counts are integers. Everything looks at every stride-th row (stride_for). The per-row values cost at
-most 24 bytes per row and input (budget.py counts them), the statistics a copy of the sampled rows.
+norm against the base, the output's cosine similarity to it (the output as written, in its
+dtype); from sparsifying methods the share of each delta's elements kept, and from TIES-style
+consensus the share of each input's nonzero delta that agrees with the elected sign. Sums are
+per-row float64 values kept by row and added once at the end in a fixed order, so the record is
+the same whatever the chunking (as output bytes are); counts are integers. Everything looks at
+every stride-th row (stride_for). The per-row values cost at most 24 bytes per row and input
+(budget.py counts them), the statistics a copy of the sampled rows.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class TensorStats:
         return rows, picks.float() if picks.dtype == torch.bfloat16 else picks.clone(), picked.start
 
     def after(self, before: tuple[slice, torch.Tensor, int], y: torch.Tensor) -> None:
-        """The apply pass gave rows y for the chunk `before` was taken of."""
+        """The apply pass gave rows y for the chunk `before` was taken of, as they are written (in
+        the output dtype: the output's figures are the written model's)."""
         rows, x, row0 = before
         self.add(x, y[rows], row0)
 

@@ -345,6 +345,34 @@ def test_weighted_pair_is_torchs_two_products_and_their_sum(x, y, c, narrow, pat
     got = fused.weighted_pair(a.contiguous(), b.contiguous(), *c)
     assert got is not None and got.dtype == torch.float32
     assert torch.equal(bits(quiet(got)), bits(quiet(want)))
+    # and cast to bfloat16 in the same loop, as the output is written: torch's cast's bits
+    narrowed = fused.weighted_pair(a.contiguous(), b.contiguous(), *c, torch.bfloat16)
+    assert narrowed is not None and narrowed.dtype == torch.bfloat16
+    assert torch.equal(quiet(narrowed).view(torch.int16), quiet(want.bfloat16()).view(torch.int16))
+
+
+# float32 patterns at bfloat16's rounding edges: ties to even both ways, the largest finite rounding
+# up to Inf, subnormals, and NaNs whose payload is in the low half only (which the plain rounding
+# carries into Inf, or into -0 from 0x7FFFFFFF)
+ROUNDING_EDGES = [0x3F808000, 0x3F818000, 0xBF808000, 0x3F808001, 0x3F807FFF, 0x7F7FFFFF, 0x7F7F8000,
+                  0x7F7F7FFF, 0x00008000, 0x00018000, 0x80007FFF, 0x00000001, 0x7F800001, 0x7FFFFFFF,
+                  0xFF800001, 0xFFFFFFFF, 0x7F800000, 0xFF800000, 0x80000000, 0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(patterns=st.lists(st.one_of(st.sampled_from(ROUNDING_EDGES), st.integers(0, 2**32 - 1)), min_size=1,
+                         max_size=200))
+def test_weighted_pair_rounds_to_bfloat16_as_torch_casts(patterns) -> None:
+    """The loop's bfloat16 output is torch's cast of the float32 sum: to nearest, ties to even,
+    overflow to Inf, subnormals kept; every NaN a NaN (the committer writes one quiet NaN for all)."""
+    a = torch.tensor(np.array(patterns, dtype=np.uint32).view(np.int32)).view(torch.float32)[None]
+    zero = torch.zeros_like(a)
+    for c in ((1.0, 0.0), (0.5, 0.0), (1.0, 1.0)):
+        want = (a * c[0]).add_(zero * c[1]).bfloat16()
+        got = fused.weighted_pair(a, zero, *c, torch.bfloat16)
+        assert got is not None
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(quiet(got).view(torch.int16), quiet(want).view(torch.int16))
 
 
 @settings(max_examples=8, deadline=None)

@@ -12,6 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 import reference as ref
+import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
@@ -120,8 +121,14 @@ def test_recorded_figures_match_an_independent_computation(merged, seed_cache, n
         d, sg = rows(d), rows(sign)
         want = ((d * sg) > 0).sum() / max(1, (d != 0).sum())
         assert s["agree"][k] == pytest.approx(want, abs=2e-3)
+    # the output's figures are the output's as written: rounded to the config's bfloat16
     out = ref.task_arithmetic(xs[0], xs[1:], [0.08] * 14, keeps, consensus=True, normalize=False, rescale=True)
+    out = torch.from_numpy(out.astype(np.float32)).bfloat16().double().numpy()
+    written = tensor(stage1, name)
     for k, x in enumerate(xs):
-        o, v = rows(out), rows(x)
-        want = float((o * v).sum() / np.sqrt((o * o).sum() * (v * v).sum()))
-        assert s["cosine"][k] == pytest.approx(want, abs=1e-5)
+        v = rows(x)
+        for o, tol in ((rows(out), 1e-5), (rows(written), 1e-7)):
+            want = float((o * v).sum() / np.sqrt((o * o).sum() * (v * v).sum()))
+            assert s["cosine"][k] == pytest.approx(want, abs=tol)
+    o = rows(written)
+    assert s["out_norm"] == pytest.approx(float(np.sqrt((o * o).sum())), rel=1e-6)

@@ -24,6 +24,7 @@ _L2 = np.uint32(0x735A2D97)
 _S15 = np.uint32(15)
 _S16 = np.uint32(16)
 _ZERO = np.float32(0.0)
+_BF16_NAN = np.uint16(0x7FC0)
 
 
 @intrinsic
@@ -37,6 +38,39 @@ def _bfloat16_bits(typingctx, u):  # type: ignore[no-untyped-def]
         return builder.bitcast(wide, ir.FloatType())
 
     return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _bfloat16_rounded(typingctx, v):  # type: ignore[no-untyped-def]
+    """The bits of float32 v rounded to bfloat16, to nearest, ties to even: torch's cast (c10's
+    round_to_nearest_even, and its vectorized forms) for every value but NaN, which the caller
+    gives its own bits (this rounding would carry a NaN with a low payload into Inf or -0)."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        i32 = ir.IntType(32)
+        u = builder.bitcast(args[0], i32)
+        odd = builder.and_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        up = builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), odd)
+        return builder.trunc(builder.lshr(up, ir.Constant(i32, 16)), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+def narrow(v, out):  # type: ignore[no-untyped-def]
+    """float32 v as an element of the array `out` holds: float32 as it is, bfloat16's bits (uint16)
+    rounded as torch casts (a NaN as bfloat16's quiet NaN, 0x7FC0)."""
+    raise NotImplementedError("compiled loops only")
+
+
+@overload(narrow, inline="always")
+def _narrow(v, out):  # type: ignore[no-untyped-def]
+    if out.dtype == types.float32:
+        return lambda v, out: v
+    if out.dtype == types.uint16:
+        return lambda v, out: _BF16_NAN if v != v else _bfloat16_rounded(v)  # type: ignore[call-arg]
+    return None
 
 
 def widen(v):  # type: ignore[no-untyped-def]
@@ -620,6 +654,7 @@ def weighted_pair(a: np.ndarray, b: np.ndarray, c0: np.float32, c1: np.float32, 
     """out ← a·c0 + b·c1 elementwise over flat runs a, b (float32, or bfloat16's bits widened), each
     product rounded to float32, then their sum: Slerp.apply's torch form, (a·c0).add_(b·c1) with the
     coefficients as float32, in one pass (that form widens both inputs, and makes and reads back
-    two products)."""
+    two products); out float32, or bfloat16's bits (uint16): the sum cast as torch casts it, where
+    the cast was another pass over the float32 sum."""
     for i in range(out.size):
-        out[i] = widen(a[i]) * c0 + widen(b[i]) * c1
+        out[i] = narrow(widen(a[i]) * c0 + widen(b[i]) * c1, out)

@@ -220,6 +220,9 @@ class MergeOp:
     that needs row order takes its turn (InOrder; `abort` wakes its waiters)."""
 
     tally: Tally | None = None
+    # the dtype the output is written in (the runner says): apply may give its rows in it already,
+    # cast as torch's .to casts, where its loop does that in the same pass; else the runner casts
+    out: torch.dtype = torch.float32
     parallel = True  # False: sub-chunks are given one at a time, in row order
 
     def abort(self) -> None:
@@ -250,7 +253,8 @@ class MergeOp:
         """Statistics pass `pass_idx` has seen every row."""
 
     def apply(self, x: torch.Tensor, row0: int) -> torch.Tensor:
-        """The merged rows (rows, cols) for input rows x (n, rows, cols); may overwrite x."""
+        """The merged rows (rows, cols) for input rows x (n, rows, cols), in the compute dtype or in
+        `out`; may overwrite x."""
         raise NotImplementedError
 
 

@@ -254,7 +254,8 @@ def _warm(group: str) -> None:
     for xs in (x, x.bfloat16()):  # and blocks as read
         product_sums(xs, xs[0], 0)  # the report's (slerp_sums' loop too)
         if group == "slerp":
-            weighted_pair(xs[1], xs[2], 0.5, 0.5)
+            for dt in LOADED:
+                weighted_pair(xs[1], xs[2], 0.5, 0.5, dt)
         if group == "family":
             dare_sums(xs[1], xs[0], 1, 0, 1 << 31, True)
             task_apply(xs, 0, [1, 2], [torch.ones(1, 8, dtype=torch.bool), None], [1.0, 1.0], [1.0, 1.0], False,
@@ -503,16 +504,18 @@ def slerp_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(sums[[0, 2, 1]])
 
 
-def weighted_pair(a: torch.Tensor, b: torch.Tensor, c0: float, c1: float) -> torch.Tensor | None:
-    """a·c0 + b·c1 (rows, cols) in float32 for rows a and b of float32, or both bfloat16 as read,
-    each contiguous, c0 and c1 rounded to float32 as torch rounds a scalar factor of a float32
-    tensor: the bits of torch's (a·c0).add_(b·c1) on a and b widened, in one compiled loop. None
-    where the kernels are not loaded."""
+def weighted_pair(a: torch.Tensor, b: torch.Tensor, c0: float, c1: float,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """a·c0 + b·c1 (rows, cols) in `dtype` (float32, or bfloat16: the float32 sum cast, as torch's
+    .to casts it, in the same loop) for rows a and b of float32, or both bfloat16 as read, each
+    contiguous, c0 and c1 rounded to float32 as torch rounds a scalar factor of a float32 tensor:
+    the bits of torch's (a·c0).add_(b·c1) on a and b widened, in one compiled loop. None where the
+    kernels are not loaded, or for another dtype."""
     jit = kernels()
-    if jit is None or a.dtype not in LOADED or b.dtype != a.dtype:
+    if jit is None or a.dtype not in LOADED or b.dtype != a.dtype or dtype not in LOADED:
         return None
-    out = torch.empty(a.shape, dtype=torch.float32)
-    jit.weighted_pair(_flat(a), _flat(b), np.float32(c0), np.float32(c1), out.view(-1).numpy())
+    out = torch.empty(a.shape, dtype=dtype)
+    jit.weighted_pair(_flat(a), _flat(b), np.float32(c0), np.float32(c1), _flat(out))
     return out
 
 

@@ -2,7 +2,8 @@
 
 SEMANTICS §2.3. One statistics pass (‖v0‖², ‖v1‖², v0·v1 as chunk-independent float64 sums:
 row_sums' per-row tree sums, all three in one compiled loop where numba is loaded), then the apply
-pass: out = c0·v0 + c1·v1 with scalar coefficients (one compiled loop too, from the rows as read).
+pass: out = c0·v0 + c1·v1 with scalar coefficients (one compiled loop too, from the rows as read
+to the output's dtype).
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ class Slerp(MergeOp):
         self.c0, self.c1 = slerp_coefficients(self.t, nn0, nn1, dot)
 
     def apply(self, x: torch.Tensor, row0: int) -> torch.Tensor:
-        if fused.usable(x):  # one loop from the rows as read to the sum: the same bits
-            got = fused.weighted_pair(x[self.i0], x[self.i1], self.c0, self.c1)
+        if fused.usable(x):  # one loop from the rows as read to the sum, cast as written: the same bits
+            got = fused.weighted_pair(x[self.i0], x[self.i1], self.c0, self.c1,
+                                      self.out if self.out in fused.LOADED else torch.float32)
             assert got is not None  # usable: the kernels are loaded
             return got
         # the other input scaled in place (the apply pass's x is ours to overwrite): one temporary fewer
