@@ -508,12 +508,18 @@ def run(config_path: str, out: str, max_memory: int | None, out_shard_size: int,
         _summary(st, f"stage {i + 1}: " if len(results) > 1 else "")
 
 
+def seconds_str(s: float) -> str:
+    """A run's time: to the hundredth of a second under 10 s (a short merge's 0.55 and 0.64 s are
+    not both "0.6 s"), to the tenth above."""
+    return f"{s:.2f} s" if s < 10 else f"{s:.1f} s"
+
+
 def _summary(stats: RunStats, prefix: str) -> None:
     if stats.up_to_date:
         click.echo(f"{prefix}up to date: {stats.tensors} tensors, nothing to do", err=True)
         return
     size = f", {size_str(stats.output_bytes)} in {stats.shards} shard(s)"
-    click.echo(f"{prefix}done: {stats.tensors} tensors ({stats.resumed} resumed){size}, {stats.seconds:.1f} s, "
+    click.echo(f"{prefix}done: {stats.tensors} tensors ({stats.resumed} resumed){size}, {seconds_str(stats.seconds)}, "
                f"peak RSS {stats.peak_rss / 2**20:.0f} MiB, content xxh3-128 {stats.content_hash}", err=True)
 
 

@@ -207,7 +207,7 @@ def main() -> None:
         rows.append(row)
         tries = ", ".join(f"{f:.2f}" for f in floors)
         print(f"{name}: " + ", ".join(f"{v} {r[0].wall_s:.1f} s" for v, r in runs.items())
-              + f", floor {floor:.1f} s (fastest of {tries})"
+              + f", floor {floor:.2f} s (fastest of {tries})"
               + (f", mergekit {row['mk'].wall_s:.1f} s" if "mk" in row else ""), flush=True)
     load = f", beside {a.busy} busy processes" if a.busy else ", quiet"
     cap = f" under a {a.cap} memory cgroup" if a.cap else ""
@@ -225,8 +225,8 @@ def main() -> None:
         first = next(iter(r["runs"].values()))[1]
         for v, (sm, hashes) in r["runs"].items():
             merge_s = merge_seconds(sm.stderr)
-            line = (f"{r['name']:<22} {v:<16} {sm.wall_s:>7.1f} {merge_s:>7.1f} {sm.peak_rss_mib:>12} "
-                    f"{r['floor']:>11.1f} {sm.wall_s / r['floor']:>8.2f} {merge_s / r['floor']:>13.2f}")
+            line = (f"{r['name']:<22} {v:<16} {sm.wall_s:>7.2f} {merge_s:>7.2f} {sm.peak_rss_mib:>12} "
+                    f"{r['floor']:>11.2f} {sm.wall_s / r['floor']:>8.2f} {merge_s / r['floor']:>13.2f}")
             if "mk" in r:
                 mk = r["mk"]
                 ok = "" if mk.rc == 0 else " (failed)"
