@@ -315,6 +315,9 @@ def smallest_budget(plan: Plan, baseline: int | None = None) -> int:
 # 322MiB": at 322MiB three runs were refused again, asking for 325 and 324 MiB (a fresh process
 # holds a few MiB more by its stage's check) and 336 MiB (its stage 2, once stage 1 had touched
 # the library code it runs: 13 MiB more); a test worker's history moved the figure by up to 20 MiB.
+# A pipeline's later stages are checked before the first runs with this much room (pipeline.
+# check_budgets): a budget less than that above a later stage's smallest passed that check, and
+# the stage refused it once the stages before it had run.
 GROWTH_BYTES = 24 << 20
 SUGGEST_STEP = 8 << 20
 
@@ -325,20 +328,23 @@ def suggested_budget(smallest: int) -> int:
     return -(-(smallest + GROWTH_BYTES) // SUGGEST_STEP) * SUGGEST_STEP
 
 
-def chunk_budget(plan: Plan, max_memory: int, baseline: int | None = None) -> int:
-    """Bytes chunk buffers may use under `max_memory`.
+def chunk_budget(plan: Plan, max_memory: int, baseline: int | None = None, room: int = 0) -> int:
+    """Bytes chunk buffers may use under `max_memory`; with `room` bytes more held than `baseline`
+    (a pipeline's later stage checked before the stages before it run: GROWTH_BYTES).
 
     Raises:
-        PlanError: not even one row of the widest task fits; names it and the smallest budget.
+        PlanError: not even one row of the widest task fits; names it and the budget to use.
     """
     base = baseline_bytes(plan) if baseline is None else baseline
-    budget = int((max_memory - base - HELD_BYTES) * CHUNK_SHARE)
+    budget = int((max_memory - base - room - HELD_BYTES) * CHUNK_SHARE)
     need, task = widest_row(plan)
     if budget < need and task is not None:
         held = base + HELD_BYTES
+        later = (f", and room for the {size_str(room)} more a stage's process may hold once the stages "
+                 "before it ran" if room else "")
         raise PlanError(f"--max-memory {mib_str(max_memory)} is too small: tensor {task.name!r} needs "
-                        f"{size_str(need)} for one row on top of {size_str(held)} the process holds; use at least "
-                        f"--max-memory {mib_str(suggested_budget(smallest_budget(plan, base)))}")
+                        f"{size_str(need)} for one row on top of {size_str(held)} the process holds{later}; use at "
+                        f"least --max-memory {mib_str(suggested_budget(smallest_budget(plan, base)))}")
     return budget
 
 

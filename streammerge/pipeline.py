@@ -13,7 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from .budget import baseline_bytes, chunk_budget, default_max_memory, smallest_budget
+from .budget import GROWTH_BYTES, baseline_bytes, chunk_budget, default_max_memory, smallest_budget
 from .config import MergeConfig
 from .distributed import RayExecutor
 from .errors import StreamMergeError
@@ -75,8 +75,10 @@ def check_budgets(plans: list[Plan], names: list[str], options: RunOptions) -> N
     stage runs, with the figure the widest stage needs: checked only as each stage started, a later
     stage whose rows are wider than the first's was refused after the stages before it had run (on
     real models, hours). The process is measured now, before any stage loaded anything: a stage
-    finds it holding as much or more (the seed pipeline's second stage, 13-18 MiB more), so this
-    refuses only budgets the stage would refuse; its own check, when it starts, stays the final one.
+    finds it holding as much or more (the seed pipeline's second stage, 13-18 MiB more), so stages
+    after the first are checked with budget.GROWTH_BYTES of room for that (a budget that passed
+    here within 13 MiB of stage 2's smallest was refused by stage 2, once stage 1 had run); each
+    stage's own check, when it starts, stays the final one.
 
     Raises:
         PlanError: as budget.chunk_budget, the message naming the stage.
@@ -87,10 +89,14 @@ def check_budgets(plans: list[Plan], names: list[str], options: RunOptions) -> N
     max_memory = opts.memory_bytes or default_max_memory()
     _give_back_freed()  # memory freed before the pipeline (an API caller's) is not held, as between stages
     base = baseline_bytes()
-    need, i = max((smallest_budget(p, base), i) for i, p in enumerate(plans))
+    # a later stage with GROWTH_BYTES of room for what its process holds more once the stages before
+    # it ran: its own check, at its start, refused a budget less than that above its smallest, after
+    # the stages before it had run; a refusal now asks for a budget with that room (suggested_budget)
+    rooms = [0] + [GROWTH_BYTES] * (len(plans) - 1)
+    need, i = max((smallest_budget(p, base) + rooms[i], i) for i, p in enumerate(plans))
     if max_memory < need:
         try:
-            chunk_budget(plans[i], max_memory, base)
+            chunk_budget(plans[i], max_memory, base, rooms[i])
         except StreamMergeError as e:
             e.args = (f"stage {i + 1}/{len(plans)} {names[i]} (checked before any stage runs): {e}",)
             raise

@@ -147,6 +147,31 @@ def test_a_later_stage_too_wide_for_the_budget_is_refused_before_the_first_runs(
     assert not os.path.exists(out + ".stages") and not os.path.exists(out)
 
 
+def test_a_budget_at_a_later_stages_edge_is_refused_before_the_first_runs(tmp_path) -> None:
+    """A budget just above what stage 2 needs as measured before any stage runs: stage 2, once
+    stage 1 has run in the process, holds more (13-18 MiB on the seed pipeline) and refused it then,
+    after stage 1's work. Now nothing runs, and the budget asked for leaves stage 2 the room."""
+    import pytest
+
+    import streammerge
+    from streammerge.budget import GROWTH_BYTES, baseline_bytes, smallest_budget
+    from streammerge.errors import PlanError
+    from streammerge.pagecache import trim_heap
+
+    configs, plans = _wide_pipeline(tmp_path, 2, 8)
+    out = str(tmp_path / "out")
+    trim_heap()
+    second = smallest_budget(plans[1], baseline_bytes())
+    budget = second + (2 << 20)
+    with pytest.raises(PlanError) as e:
+        streammerge.merge(configs, out, max_memory=budget)
+    assert str(e.value).startswith("stage 2/2 two (checked before any stage runs): --max-memory")
+    assert "more a stage's process may hold once the stages before it ran" in str(e.value)
+    asked = int(str(e.value).rsplit("--max-memory ", 1)[1].removesuffix("MiB")) << 20
+    assert asked >= second + GROWTH_BYTES - (4 << 20)  # (the worker's memory drifts by a few MiB)
+    assert not os.path.exists(out + ".stages") and not os.path.exists(out)
+
+
 # The two-stage merge of test_a_later_stage_measures_only_what_the_process_still_holds in a fresh
 # process (argv: the tests' and tools' folders, a folder to work in): prints the process's memory as
 # each stage starts, and whether both ran.
@@ -175,7 +200,9 @@ def measured(self):
     return run(self)
 
 Executor.run = measured
-stats = streammerge.merge(configs, str(tmp / "out"), max_memory=need + (24 << 20))
+# (room for either stage, and the GROWTH_BYTES stage 2 is checked with before stage 1 runs, which this
+# process's later measurement finds a few MiB above this one)
+stats = streammerge.merge(configs, str(tmp / "out"), max_memory=need + (40 << 20))
 print(json.dumps({"stages": len(stats), "held": held, "kinds": kinds}))
 """
 
