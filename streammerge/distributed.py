@@ -47,9 +47,10 @@ from .budget import default_max_memory
 from .committer import GROUP_COMMIT_BYTES, Committer, bytes_of, output_rows, warn_non_finite
 from .config import MergeConfig
 from .errors import ClusterError, InputError, IntegrityError, StreamMergeError
-from .executor import Committed, Executor, memory_limit, peak_rss, readahead_fits, start_cuda
+from .executor import Committed, Executor, peak_rss, readahead_fits, start_cuda
 from .format import blocks, preader
 from .journal import WORK_DIR, Entry, Journal, crash_point
+from .limits import memory_limit
 from .methods import ARITHMETIC
 from .options import RunOptions
 from .overlap import RingArena

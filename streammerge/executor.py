@@ -1,6 +1,6 @@
 """Run a Plan into an output folder: the folder's policy, then reader → runner → committer.
 
-Imports folder, schedule, reader, runner, committer, output, journal, overlap, budget, options
+Imports folder, schedule, reader, runner, committer, output, journal, overlap, budget, options, limits
 (and torch, psutil). The schedule is made first (a budget too small fails before OUT is
 touched); the folder decides whether to start, resume, skip or refuse; tensors an earlier run
 journaled are kept. Then, in output-file order, the reader loads each task's blocks (on a
@@ -11,7 +11,6 @@ disk and the inputs are unchanged, output.finalize writes the manifest and the l
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from .committer import Committer
 from .errors import PlanError
 from .folder import OutputFolder
 from .journal import Entry, Journal, crash_point
+from .limits import cgroup_cpus, memory_limit
 from .methods import fused
 from .options import RunOptions
 from .output import content_hash, finalize, manifest_field
@@ -121,95 +121,9 @@ def default_threads(available: int, torch_threads: int) -> int:
     return max(1, min(torch_threads, available))
 
 
-def _own_cgroups(proc_cgroup: str, controller: str) -> tuple[str, str]:
-    """This process's cgroup path in the unified (v2) hierarchy and in v1's `controller` hierarchy
-    ("" where it has none)."""
-    unified, v1 = "", ""
-    try:
-        with open(proc_cgroup) as f:
-            for line in f:
-                parts = line.strip().split(":", 2)
-                if len(parts) != 3:
-                    continue
-                if parts[0] == "0" and parts[1] == "":
-                    unified = parts[2]
-                elif controller in parts[1].split(","):
-                    v1 = parts[2]
-    except OSError:
-        pass
-    return unified, v1
-
-
-def cgroup_cpus(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
-    """CPUs the process's cgroups let it use: the smallest quota over its period (rounded up) of its
-    own cgroup and every one above it, or None when none has a quota. cgroup v2's cpu.max, else
-    v1's cpu.cfs_quota_us and cpu.cfs_period_us in the cpu controller's hierarchy; a cgroup whose
-    folder this mount does not show (a container sees its own cgroup as the root) is skipped.
-    (Reading only the root's files missed a quota set below it: a v1 job cgroup of half a CPU
-    on this 2-core machine still counted 2.)"""
-    unified, v1 = _own_cgroups(proc_cgroup, "cpu")
-    seen, limits = False, []
-    for folder in _up(root, unified):
-        try:
-            with open(os.path.join(folder, "cpu.max")) as f:
-                quota, period = f.read().split()[:2]
-            seen = True
-            if quota != "max" and int(period) > 0:
-                limits.append(int(quota) / int(period))
-        except (OSError, ValueError):
-            continue
-    for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu") if not seen else ():
-        for folder in _up(os.path.join(root, mount), v1):
-            try:
-                with open(os.path.join(folder, "cpu.cfs_quota_us")) as f:
-                    quota_us = int(f.read())
-                with open(os.path.join(folder, "cpu.cfs_period_us")) as f:
-                    period_us = int(f.read())
-            except (OSError, ValueError):
-                continue
-            if quota_us > 0 and period_us > 0:
-                limits.append(quota_us / period_us)
-    return max(1, math.ceil(min(limits))) if limits else None
-
-
-# cgroup v1 writes "no limit" as the largest page-aligned count; anything this large is none
-_V1_UNLIMITED = 1 << 62
-
-
-def cgroup_memory(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
-    """Bytes of memory the process's cgroups let it use, page cache included: the smallest limit of
-    its own cgroup and every one above it (v2's memory.max, else v1's memory.limit_in_bytes in the
-    memory controller's hierarchy), or None where none sets one."""
-    unified, v1 = _own_cgroups(proc_cgroup, "memory")
-    limits = []
-    for folder in _up(root, unified):
-        try:
-            with open(os.path.join(folder, "memory.max")) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            limits.append(int(text))
-    if not limits:
-        for folder in _up(os.path.join(root, "memory"), v1):
-            try:
-                with open(os.path.join(folder, "memory.limit_in_bytes")) as f:
-                    limit = int(f.read())
-            except (OSError, ValueError):
-                continue
-            if 0 < limit < _V1_UNLIMITED:
-                limits.append(limit)
-    return min(limits) if limits else None
-
-
 # The kernel's read-ahead keeps up to two windows of each file it reads in order (the one being
 # read and the one started ahead of it), charged to the merge's memory cgroup before it reads them.
 READAHEAD_WINDOWS = 2
-
-
-def memory_limit() -> int:
-    """Bytes of memory this process may use: its memory cgroup's limit, else the machine's memory."""
-    return cgroup_memory() or int(psutil.virtual_memory().total)
 
 
 def readahead_fits(plan: Plan, max_memory: int, limit: int | None = None) -> bool:
@@ -224,12 +138,6 @@ def readahead_fits(plan: Plan, max_memory: int, limit: int | None = None) -> boo
         if shard is not None:
             room += READAHEAD_WINDOWS * pagecache.readahead_bytes(shard)
     return limit - max_memory >= room
-
-
-def _up(base: str, path: str) -> list[str]:
-    """The folder of cgroup `path` under `base`, then each folder above it, up to `base` itself."""
-    parts = [p for p in path.split("/") if p and p != ".."]
-    return [os.path.join(base, *parts[:k]) for k in range(len(parts), -1, -1)]
 
 
 def resolve_device(name: str) -> str:

@@ -9,7 +9,7 @@ from helpers import in_child_cgroup
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streammerge.executor import cgroup_cpus
+from streammerge.limits import cgroup_cpus
 
 QUOTA = st.one_of(st.none(), st.tuples(st.integers(1_000, 1_600_000), st.sampled_from([50_000, 100_000, 250_000])))
 

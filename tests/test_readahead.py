@@ -11,8 +11,9 @@ from helpers import in_child_cgroup
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streammerge import executor, pagecache
-from streammerge.executor import READAHEAD_WINDOWS, cgroup_memory, readahead_fits
+from streammerge import limits, pagecache
+from streammerge.executor import READAHEAD_WINDOWS, readahead_fits
+from streammerge.limits import cgroup_memory
 
 V1_UNLIMITED = 9223372036854771712  # what cgroup v1 writes for no limit (4 KiB pages)
 LIMIT = st.one_of(st.none(), st.integers(1 << 20, 1 << 40))
@@ -45,7 +46,7 @@ def test_a_real_memory_cgroup_is_read() -> None:
     """A child cgroup of this process's own with a 700 MiB limit: a process inside reads that limit."""
     limit = str(700 << 20)
     out = in_child_cgroup("memory", {"memory.limit_in_bytes": limit}, {"memory.max": limit},
-                          "from streammerge.executor import cgroup_memory; print(cgroup_memory())")
+                          "from streammerge.limits import cgroup_memory; print(cgroup_memory())")
     assert out.split() == [limit]
 
 
@@ -85,13 +86,13 @@ def test_the_kernel_reads_ahead_where_two_windows_per_input_fit_beside_the_budge
 def test_without_a_cgroup_limit_the_machines_memory_counts(monkeypatch) -> None:
     import psutil
 
-    monkeypatch.setattr(executor, "cgroup_memory", lambda: None)
+    monkeypatch.setattr(limits, "cgroup_memory", lambda: None)
     total = psutil.virtual_memory().total
     plan = _Plan([__file__])
     need = READAHEAD_WINDOWS * pagecache.readahead_bytes(__file__)
     assert readahead_fits(plan, total - need) is True  # type: ignore[arg-type]
     assert readahead_fits(plan, total - need + 1) is False  # type: ignore[arg-type]
-    monkeypatch.setattr(executor, "cgroup_memory", lambda: 1 << 30)
+    monkeypatch.setattr(limits, "cgroup_memory", lambda: 1 << 30)
     assert readahead_fits(plan, (1 << 30) - need) is True  # type: ignore[arg-type]
     assert readahead_fits(plan, (1 << 30) - need + 1) is False  # type: ignore[arg-type]
 
