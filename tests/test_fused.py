@@ -747,9 +747,12 @@ def test_the_collector_is_held_off_while_numba_loads_and_left_as_it_was() -> Non
 
 # A merge's warm in a fresh process whose numba cache is the folder argv[1]: reports whether it ran
 # a helper process, and what this process itself compiled (cache misses) and loaded (cache hits).
-# argv[2]: "fail" makes the helper fail, "none" makes running one an error.
+# argv[2]: "fail" makes the helper fail, "oom" makes it die of SIGKILL (as the OOM killer kills),
+# "none" makes running one an error; argv[3], where given, is the memory cgroup's limit in bytes
+# ("" for none), in place of this machine's.
 _AHEAD_SCRIPT = r"""
 import json, subprocess, sys, warnings
+from streammerge import limits
 from streammerge.methods import fused
 
 real, helpers = subprocess.run, []
@@ -759,8 +762,12 @@ def run(cmd, *a, **k):
         raise AssertionError("a helper ran where the cache was marked")
     if sys.argv[2] == "fail":
         cmd = [cmd[0], "-c", "import sys; sys.exit('no room')"]
+    if sys.argv[2] == "oom":
+        cmd = [cmd[0], "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
     return real(cmd, *a, **k)
 subprocess.run = run
+if len(sys.argv) > 3:
+    limits.cgroup_memory = lambda: int(sys.argv[3]) if sys.argv[3] else None
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     fused.warm("slerp")
@@ -776,14 +783,14 @@ print(json.dumps({
 """
 
 
-def _warm_in_fresh_process(cache: str, helper: str) -> dict:
+def _warm_in_fresh_process(cache: str, helper: str, *limit: str) -> dict:
     import json
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, STREAMMERGE_JIT="1", NUMBA_CACHE_DIR=cache)
-    got = subprocess.run([sys.executable, "-c", _AHEAD_SCRIPT, cache, helper], env=env, capture_output=True,
+    got = subprocess.run([sys.executable, "-c", _AHEAD_SCRIPT, cache, helper, *limit], env=env, capture_output=True,
                          text=True, timeout=600)
     assert got.returncode == 0, got.stderr[-3000:]
     return json.loads(got.stdout.strip().splitlines()[-1])
@@ -810,6 +817,27 @@ def test_a_helper_that_fails_leaves_the_merge_on_torchs_forms_with_a_warning(tmp
     assert got["helpers"] == ["slerp"] and not got["loops"] and got["misses"] == 0
     assert len(got["warnings"]) == 1 and got["warnings"][0].startswith("KernelWarning: ")
     assert "no room" in got["warnings"][0] and "torch's forms" in got["warnings"][0]
+
+
+def test_a_helper_killed_under_a_memory_limit_is_not_started_again_under_it(tmp_path) -> None:
+    """A helper killed for memory under a cgroup's limit would be killed again under that limit: it
+    cost every later run its time (under a 400 MiB cap, 7 s of a 13 s 3-model TIES merge) before
+    the torch forms ran. Under the same limit or a smaller one, no helper starts and the warning says
+    what to do; a larger limit, or none, tries again."""
+    cache = str(tmp_path / "numba-cache")
+    mib = 1 << 20
+    first = _warm_in_fresh_process(cache, "oom", str(400 * mib))
+    assert first["helpers"] == ["slerp"] and not first["loops"]
+    assert len(first["warnings"]) == 1 and "killed, out of memory most likely" in first["warnings"][0]
+    for smaller in (400 * mib, 300 * mib):
+        again = _warm_in_fresh_process(cache, "none", str(smaller))
+        assert again["helpers"] == [] and not again["loops"] and again["misses"] == 0
+        assert len(again["warnings"]) == 1 and "under a memory limit of 400.00 MiB" in again["warnings"][0]
+        assert "torch's forms" in again["warnings"][0] and "a run with more memory" in again["warnings"][0]
+    assert _warm_in_fresh_process(cache, "oom", "")["helpers"] == ["slerp"]  # no limit: tried again
+    larger = _warm_in_fresh_process(cache, "compile", str(600 * mib))
+    assert larger["helpers"] == ["slerp"] and larger["loops"] and not larger["warnings"]
+    assert _warm_in_fresh_process(cache, "none", str(400 * mib))["loops"]  # compiled: the note is moot
 
 
 def test_no_folder_to_cache_the_loops_in_runs_torchs_forms_with_a_warning(tiny_set, tmp_path) -> None:

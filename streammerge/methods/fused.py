@@ -27,6 +27,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .. import limits
+from ..units import size_str
 from .rng import _blocks, block_key
 
 _lock = threading.Lock()
@@ -220,10 +222,19 @@ def _compiled_ahead(group: str) -> bool:
     """Whether numba's cache holds `group`'s kernels, compiling them in a helper process first where it
     has no mark of them (the first merge after an install, or after numba, Python or streammerge
     changed). Where the helper fails, this process turns the loops off: torch's forms merge the same
-    bytes, slower; a KernelWarning says why."""
+    bytes, slower; a KernelWarning says why. A helper killed under a memory cgroup's limit is not
+    started again under that limit or a smaller one (it would be killed again: under 400 MiB, 7 s
+    of a 13 s merge of 3-model TIES, every run); a larger limit, or none, tries again."""
     mark = _missing_mark(group)  # (warm loaded the kernels)
     if mark is None or not sys.executable:
         return True
+    limit = limits.cgroup_memory()
+    killed_under = _killed_under(mark)
+    if limit is not None and killed_under is not None and limit <= killed_under:
+        why = (f"a helper compiling them was killed before, out of memory most likely, under a memory limit of "
+               f"{size_str(killed_under)}, and this process's limit is {size_str(limit)}: a run with more memory "
+               "(a larger limit, or none) compiles them once, for every later run")
+        return _loops_off(group, why)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, STREAMMERGE_JIT="1")
     try:
@@ -235,16 +246,53 @@ def _compiled_ahead(group: str) -> bool:
         why = f"it could not start ({e.strerror or e})"
     else:
         if done.returncode == 0 and os.path.exists(mark):
+            with contextlib.suppress(OSError):
+                os.unlink(_killed_note(mark))
             return True
         tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        killed = done.returncode in (-9, 137)
+        if killed and limit is not None:
+            _note_killed(mark, limit)
         why = ("it was killed, out of memory most likely: a run with more memory free compiles them once, "
-               "for every later run" if done.returncode in (-9, 137) else f"it failed: {tail[0]}")
+               "for every later run" if killed else f"it failed: {tail[0]}")
+    return _loops_off(group, why)
+
+
+def _loops_off(group: str, why: str) -> bool:
+    """Say why `group`'s loops are not compiled, and turn the loops off for the rest of this process
+    (no merge compiles them in it): False."""
     warnings.warn(f"numba could not compile streammerge's loops ({group}) in a helper process ({why}); "
                   "this merge runs torch's forms instead, the same bytes, slower (STREAMMERGE_JIT=0: "
-                  "without trying)", KernelWarning, stacklevel=3)
+                  "without trying)", KernelWarning, stacklevel=4)
     with _lock:
-        _state["jit"] = None  # for the rest of this process: no merge compiles them in it
+        _state["jit"] = None
     return False
+
+
+def _killed_note(mark: str) -> str:
+    """The file beside `mark` that holds the memory limit (bytes) a helper was killed under."""
+    return mark.removesuffix(".ready") + ".killed"
+
+
+def _killed_under(mark: str) -> int | None:
+    """The memory limit a helper compiling `mark`'s group was killed under, or None (never, or the
+    note unreadable)."""
+    try:
+        with open(_killed_note(mark)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _note_killed(mark: str, limit: int) -> None:
+    """Remember that a helper was killed under the memory limit `limit` (a file of ours beside the
+    mark, in numba's cache: never a link followed)."""
+    try:
+        fd = os.open(_killed_note(mark), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(str(limit))
 
 
 def _warm(group: str) -> None:
