@@ -10,6 +10,7 @@ temporaries, calibrated per method, and the output cast for writing).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -242,7 +243,7 @@ _jit_file_bytes: dict[str, int] = {}  # file pages fused.warm mapped in, by the 
 
 def baseline_bytes(plan: Plan | None = None) -> int:
     """What the process holds before merging (interpreter, libraries); with a plan whose method runs
-    compiled kernels on a CPU, after loading them (fused.warm of its group: numba, ~35 MiB of its
+    compiled kernels on a CPU, after loading them (fused.warm of its group: numba, 78-87 MiB of its
     own memory; a later merge in this process of another method loads its group then).
 
     The ~70 MiB of LLVM's code that loading them maps from llvmlite's library are not counted:
@@ -255,13 +256,49 @@ def baseline_bytes(plan: Plan | None = None) -> int:
     return int(psutil.Process().memory_info().rss) - sum(_jit_file_bytes.values())
 
 
+# What loading a group of compiled loops adds to the memory a run starts from (baseline_bytes, file
+# pages not counted), measured in fresh processes (numba 0.6x, llvmlite's LLVM): SLERP's 77.8 MiB,
+# the DARE/TIES family's 86.8 MiB; rounded up. choose_loops leaves them out of a budget they do not
+# fit in beside the merge's smallest.
+LOOPS_BYTES = {"slerp": 80 << 20, "family": 88 << 20, "sums": 80 << 20}
+
+
+def choose_loops(plan: Plan, max_memory: int) -> Plan:
+    """`plan` as a run of it under `max_memory` merges it: with the compiled loops where its size
+    wants them (fused.use_for's rule) and they fit, loading them (LOOPS_BYTES) beside the smallest
+    budget torch's forms merge in; else marked to merge with torch's forms (Plan.loops_declined),
+    the same bytes, slower. A 400 MiB budget was refused for the medium set's 3-model TIES ("use at
+    least 432MiB": 87 MiB of it numba's), which torch's forms merge in 344 MiB. Decided before
+    numba is imported (importing it is what takes the memory); where this process loaded a group
+    already (numba's own share held either way), or STREAMMERGE_JIT=1 asks for the loops, they stay."""
+    group = plan.method.jit_loops
+    mode = os.environ.get("STREAMMERGE_JIT", "")
+    if (plan.device != "cpu" or not plan.method.jit or mode in ("0", "1") or _jit_file_bytes
+            or jit_work(plan) < plan.method.jit_min_work or not fused.importable()):
+        return plan
+    was = fused.using()
+    fused.use_none()  # the rows' costs as torch's forms take them, without importing numba
+    try:
+        rows = max((row_cost(t) for t in plan.tasks), default=0)
+    finally:
+        fused.use(was)
+    torch_forms = baseline_bytes() + HELD_BYTES + int(rows / CHUNK_SHARE) + 1
+    loops = LOOPS_BYTES.get(group, max(LOOPS_BYTES.values()))
+    if max_memory >= torch_forms + loops:
+        return plan
+    why = (f"torch's forms: the compiled loops (numba, about {mib_str(loops)} more) do not fit in --max-memory "
+           f"{mib_str(max_memory)}; from --max-memory {mib_str(suggested_budget(torch_forms + loops))} they "
+           "run (the same bytes, faster)")
+    return dataclasses.replace(plan, loops_declined=why)
+
+
 def loops_for(plan: Plan) -> bool:
     """Decide whether this process merges `plan` with the compiled loops (fused.use_for); every
     schedule is made after this is asked, so no merge follows the choice made for another (nor
     sizes a block by it: block_dtype). A merge on a GPU uses none, nor one of a method without loops
     (which kept the choice of the merge before it: a linear merge after a DARE-TIES in one process
     sized its 262,144-column rows at 14 MiB as if it had loops, 54 MiB in a fresh process)."""
-    if plan.device != "cpu" or not plan.method.jit:
+    if plan.device != "cpu" or not plan.method.jit or plan.loops_declined:
         fused.use_none()
         return False
     return fused.use_for(jit_work(plan), plan.method.jit_min_work)
@@ -272,6 +309,8 @@ def kernel_forms(plan: Plan) -> tuple[bool, str]:
     `streammerge plan`): the bytes are the same either way, only the speed tells them apart."""
     if plan.device != "cpu":
         return False, f"torch's kernels on {plan.device}"
+    if plan.loops_declined:
+        return False, plan.loops_declined
     if not plan.method.jit:
         return False, f"torch's kernels ({plan.method.name} has no compiled loops)"
     mode = os.environ.get("STREAMMERGE_JIT", "")

@@ -569,6 +569,7 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
     """Print one plan (or return it as JSON)."""
     from .budget import (
         baseline_bytes,
+        choose_loops,
         chunk_budget,
         default_max_memory,
         expected_peak,
@@ -579,8 +580,9 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
     )
     from .planner import PlannedIndex
 
-    need, worst = widest_row(p)
     budget = max_memory or default_max_memory()
+    p = choose_loops(p, budget)
+    need, worst = widest_row(p)
     base = baseline_bytes(p)
     smallest = smallest_budget(p, base)
     suggested = suggested_budget(smallest)

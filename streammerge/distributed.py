@@ -43,7 +43,7 @@ import xxhash
 
 from . import errors, pagecache
 from ._version import __version__
-from .budget import default_max_memory
+from .budget import choose_loops, default_max_memory
 from .committer import GROUP_COMMIT_BYTES, Committer, bytes_of, output_rows, warn_non_finite
 from .config import MergeConfig
 from .errors import ClusterError, InputError, IntegrityError, StreamMergeError
@@ -550,6 +550,7 @@ def _worker_plan(job: Job) -> tuple[Plan, Schedule]:
     pagecache.kernel_readahead(readahead_fits(plan, budget, memory_limit() // tasks))
     if not job.write:  # pieces on their way to the driver: being filled, copied, and in the object store
         budget -= (3 + AHEAD) * PIECE_BYTES
+    plan = choose_loops(plan, budget)  # (as a local run does: Executor.run)
     schedule = make_schedule(plan, budget, overlap=False, chunk_bytes=job.chunk_bytes,
                              threads=job.threads if plan.device == "cpu" else 1)
     _check_same(job, plan)  # before the plan is kept: a node that differs never merges

@@ -21,7 +21,7 @@ import psutil
 import torch
 
 from . import pagecache
-from .budget import WRITE_BEHIND_BYTES, default_max_memory, loops_for
+from .budget import WRITE_BEHIND_BYTES, choose_loops, default_max_memory, loops_for
 from .committer import Committer
 from .errors import PlanError
 from .folder import OutputFolder
@@ -213,6 +213,9 @@ class Executor:
         if self.device.type == "cuda":
             start_cuda(self.device)  # its context and libraries count in the baseline the budget is left from
         self.max_memory = opts.memory_bytes or default_max_memory()
+        self.plan = plan = choose_loops(plan, self.max_memory)
+        if plan.loops_declined:
+            self.progress.note(f"kernels: {plan.loops_declined}")
         pagecache.kernel_readahead(readahead_fits(plan, self.max_memory))
         self.threads = self._threads()
         if loops_for(plan) and not fused.ready(plan.method.jit_loops):

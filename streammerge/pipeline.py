@@ -13,7 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from .budget import GROWTH_BYTES, baseline_bytes, chunk_budget, default_max_memory, smallest_budget
+from .budget import GROWTH_BYTES, baseline_bytes, choose_loops, chunk_budget, default_max_memory, smallest_budget
 from .config import MergeConfig
 from .distributed import RayExecutor
 from .errors import StreamMergeError
@@ -89,6 +89,7 @@ def check_budgets(plans: list[Plan], names: list[str], options: RunOptions) -> N
     max_memory = opts.memory_bytes or default_max_memory()
     _give_back_freed()  # memory freed before the pipeline (an API caller's) is not held, as between stages
     base = baseline_bytes()
+    plans = [choose_loops(p, max_memory) for p in plans]  # the kernel forms each stage's run will take
     # a later stage with GROWTH_BYTES of room for what its process holds more once the stages before
     # it ran: its own check, at its start, refused a budget less than that above its smallest, after
     # the stages before it had run; a refusal now asks for a budget with that room (suggested_budget)

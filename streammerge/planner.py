@@ -123,6 +123,8 @@ class Plan:
     tokenizer_json: str | None = None  # the output tokenizer.json, when rebuilt
     device: str = "cpu"  # where the kernels run: "cpu", "cuda" or "cuda:N"
     chat_template: str | None = None  # the template text the output's tokenizer carries, when set
+    # why the run's budget leaves the compiled loops out (budget.choose_loops), "" where it does not
+    loops_declined: str = field(default="", compare=False)
 
     @property
     def total_bytes(self) -> int:

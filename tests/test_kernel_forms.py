@@ -262,3 +262,62 @@ def test_masks_kept_between_passes_of_a_tensor_read_in_blocks(tiny_set, tmp_path
     Executor(plan, str(tmp_path / "drawn"), RunOptions(max_memory=1 << 34, chunk_bytes=widest)).run()
     assert drawn.n == once + more
     assert output_digest(str(tmp_path / "held")) == output_digest(str(tmp_path / "drawn"))
+
+
+# The CLI in a fresh process whose every merge counts as large enough for the compiled loops
+# (budget.jit_work patched: the tiny models are far below the 67M element-inputs that load numba),
+# then a line of JSON: whether numba was imported.
+_LARGE_SCRIPT = r"""
+import json, sys
+from streammerge import budget, cli
+budget.jit_work = lambda plan: 1 << 40
+sys.argv = ["streammerge", *sys.argv[1:]]
+try:
+    cli.main()
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"numba": "numba" in sys.modules, "code": code}))
+"""
+
+
+def test_a_budget_too_small_for_the_loops_merges_with_torchs_forms(tiny_set, tmp_path) -> None:
+    """The compiled loops add ~80-90 MiB to what a run starts from (numba, its kernels): a budget
+    above what torch's forms need but below that was refused (3-model TIES on the medium set at
+    400 MiB: "use at least 432MiB", where torch's forms merge in 344 MiB). Now such a run merges
+    with torch's forms, never importing numba, and says so; with room, the loops run; the same
+    bytes either way."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from streammerge.budget import LOOPS_BYTES
+
+    cfg = tmp_path / "ties.yml"
+    cfg.write_text(config_text("ties", tiny_set))
+    env = {k: v for k, v in os.environ.items() if k != "STREAMMERGE_JIT"}
+
+    def cli(*args: str) -> tuple[dict, str]:
+        """(the script's line, what the CLI printed: stdout, then stderr)"""
+        got = subprocess.run([sys.executable, "-c", _LARGE_SCRIPT, *args], env=env, capture_output=True, text=True,
+                             timeout=600)
+        *printed, last = got.stdout.strip().splitlines()
+        return json.loads(last), "\n".join(printed) + "\n" + got.stderr
+
+    seen, text = cli("run", str(cfg), str(tmp_path / "refused"), "--max-memory", "64MiB")
+    asked = re.search(r"use at least --max-memory (\d+)MiB", text)
+    assert seen == {"numba": False, "code": 5} and asked, text  # refused before numba was imported
+    tight = int(asked.group(1))  # torch's forms' figure: their smallest and 24 MiB, less than the loops add
+    seen, plan_text = cli("plan", str(cfg), "--json", "--max-memory", f"{tight}MiB")
+    plan = json.loads(plan_text[:plan_text.rindex("}") + 1])
+    assert not seen["numba"] and not plan["kernels"]["compiled"]
+    assert plan["kernels"]["why"].startswith("torch's forms: the compiled loops (numba, about")
+    seen, text = cli("run", str(cfg), str(tmp_path / "tight"), "--max-memory", f"{tight}MiB")
+    assert seen == {"numba": False, "code": 0}, text
+    assert f"do not fit in --max-memory {tight}MiB" in text
+    roomy = tight + (2 * LOOPS_BYTES["family"] >> 20)
+    seen, loops_text = cli("run", str(cfg), str(tmp_path / "roomy"), "--max-memory", f"{roomy}MiB")
+    assert seen == {"numba": True, "code": 0}, loops_text
+    digest = re.compile(r"content xxh3-128 ([0-9a-f]+)")
+    assert digest.search(text).group(1) == digest.search(loops_text).group(1)  # type: ignore[union-attr]

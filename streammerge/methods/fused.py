@@ -62,6 +62,23 @@ def use_for(work: int, least: int = MIN_WORK) -> bool:
     return kernels() is not None
 
 
+def using() -> bool:
+    """Whether the merge this process runs is set to use the loops (use_for, use_none)."""
+    return _use["on"]
+
+
+def use(on: bool) -> None:
+    """Set it back (as `using` gave it)."""
+    _use["on"] = on
+
+
+def importable() -> bool:
+    """Whether numba is installed here (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
+
+
 def use_none() -> None:
     """The merge this process runs uses no compiled loops (it runs on a GPU, or its method has none)."""
     _use["on"] = False
