@@ -271,11 +271,23 @@ def choose_loops(plan: Plan, max_memory: int) -> Plan:
     least 432MiB": 87 MiB of it numba's), which torch's forms merge in 344 MiB. Decided before
     numba is imported (importing it is what takes the memory); where this process loaded a group
     already (numba's own share held either way), or STREAMMERGE_JIT=1 asks for the loops, they stay."""
-    group = plan.method.jit_loops
+    both = forms_budgets(plan)
+    if both is None or max_memory >= both[1]:
+        return plan
+    why = (f"torch's forms: the compiled loops (numba, about {mib_str(both[1] - both[0])} more) do not fit in "
+           f"--max-memory {mib_str(max_memory)}; from --max-memory {mib_str(suggested_budget(both[1]))} they "
+           "run (the same bytes, faster)")
+    return dataclasses.replace(plan, loops_declined=why)
+
+
+def forms_budgets(plan: Plan) -> tuple[int, int] | None:
+    """(the smallest budget torch's forms merge `plan` in, the same with the compiled loops loaded
+    beside it: LOOPS_BYTES more), measured now, where the budget decides which a run takes
+    (choose_loops); None where it does not (no loops for this plan, or they are loaded already)."""
     mode = os.environ.get("STREAMMERGE_JIT", "")
     if (plan.device != "cpu" or not plan.method.jit or mode in ("0", "1") or _jit_file_bytes
-            or jit_work(plan) < plan.method.jit_min_work or not fused.importable()):
-        return plan
+            or plan.loops_declined or jit_work(plan) < plan.method.jit_min_work or not fused.importable()):
+        return None
     was = fused.using()
     fused.use_none()  # the rows' costs as torch's forms take them, without importing numba
     try:
@@ -283,13 +295,7 @@ def choose_loops(plan: Plan, max_memory: int) -> Plan:
     finally:
         fused.use(was)
     torch_forms = baseline_bytes() + HELD_BYTES + int(rows / CHUNK_SHARE) + 1
-    loops = LOOPS_BYTES.get(group, max(LOOPS_BYTES.values()))
-    if max_memory >= torch_forms + loops:
-        return plan
-    why = (f"torch's forms: the compiled loops (numba, about {mib_str(loops)} more) do not fit in --max-memory "
-           f"{mib_str(max_memory)}; from --max-memory {mib_str(suggested_budget(torch_forms + loops))} they "
-           "run (the same bytes, faster)")
-    return dataclasses.replace(plan, loops_declined=why)
+    return torch_forms, torch_forms + LOOPS_BYTES.get(plan.method.jit_loops, max(LOOPS_BYTES.values()))
 
 
 def loops_for(plan: Plan) -> bool:

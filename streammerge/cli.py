@@ -573,6 +573,7 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
         chunk_budget,
         default_max_memory,
         expected_peak,
+        forms_budgets,
         kernel_forms,
         smallest_budget,
         suggested_budget,
@@ -581,6 +582,7 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
     from .planner import PlannedIndex
 
     budget = max_memory or default_max_memory()
+    both = forms_budgets(p)  # (before numba is loaded, for the loops' figure: measured without them)
     p = choose_loops(p, budget)
     need, worst = widest_row(p)
     base = baseline_bytes(p)
@@ -608,7 +610,9 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
     default = "" if max_memory else " (default: half the available RAM)"
     click.echo(f"memory: --max-memory {budget / 2**20:.0f} MiB{default}"
                f", expected peak {peak / 2**20:.0f} MiB; use at least {suggested // 2**20} MiB "
-               f"(one row of {worst.name if worst else '-'} needs {need / 2**20:.2f} MiB)")
+               f"(one row of {worst.name if worst else '-'} needs {need / 2**20:.2f} MiB)"
+               + (f"; {suggested_budget(both[0]) // 2**20} MiB with torch's forms, slower"
+                  if compiled and both else ""))
     click.echo(f"kernels: {forms}")
     click.echo("tensors:")
     for t in p.tasks:

@@ -319,5 +319,9 @@ def test_a_budget_too_small_for_the_loops_merges_with_torchs_forms(tiny_set, tmp
     roomy = tight + (2 * LOOPS_BYTES["family"] >> 20)
     seen, loops_text = cli("run", str(cfg), str(tmp_path / "roomy"), "--max-memory", f"{roomy}MiB")
     assert seen == {"numba": True, "code": 0}, loops_text
+    seen, plan_text = cli("plan", str(cfg), "--max-memory", f"{roomy}MiB")
+    torch_figure = re.search(r"; (\d+) MiB with torch's forms, slower", plan_text)  # beside the loops' figure
+    assert seen["numba"] and torch_figure and "kernels: compiled loops" in plan_text, plan_text
+    assert abs(int(torch_figure.group(1)) - tight) <= 8  # (each process measures itself)
     digest = re.compile(r"content xxh3-128 ([0-9a-f]+)")
     assert digest.search(text).group(1) == digest.search(loops_text).group(1)  # type: ignore[union-attr]
