@@ -2,7 +2,8 @@
 tensor of every input in float32, need 393 MB on top of the interpreter (~230-450 MB, by
 machine) survives a memory cgroup (tools/memcap) 40 MiB above its --max-memory, itself 48 MiB
 above the smallest feasible budget, and writes the same bytes as an unbounded run; the same
-merge given a budget the cap cannot hold is killed — the cap is real. The same 12 models saved
+merge given a budget the cap cannot hold is killed — the cap is real; at the budget torch's forms need,
+under what numba's loops add, it merges under the cap with them. The same 12 models saved
 as PyTorch `.bin` checkpoints merge under the cap set from their own plan, to the same bytes."""
 
 from __future__ import annotations
@@ -72,6 +73,33 @@ def test_merge_survives_a_cap_below_one_tensor_per_input(wide_set, unbounded, tm
         pytest.skip(f"THIS MACHINE CANNOT MAKE A MEMORY CGROUP, the memory bound is untested: {capped.stderr}")
     assert capped.returncode == 0, capped.stderr
     assert "oom_killed=no" in capped.stderr
+    assert tensor_hashes(str(tmp_path / "capped")) == unbounded
+
+
+def test_a_budget_that_holds_torchs_forms_but_not_the_loops_merges_under_the_cap(wide_set, unbounded,
+                                                                                  tmp_path) -> None:
+    """This merge is large enough for numba's loops, which add ~88 MiB to what the process starts
+    from: the budget a refusal names (torch's forms' smallest and 24 MiB) was refused again, the loops
+    loaded. Now it merges with torch's forms inside a cgroup 40 MiB above it, to the same bytes."""
+    import re
+
+    cfg, _ = wide_set
+    refused = subprocess.run([sys.executable, "-m", "streammerge", "run", cfg, str(tmp_path / "no"),
+                              "--max-memory", "64MiB"], capture_output=True, text=True, timeout=600)
+    asked = re.search(r"use at least --max-memory (\d+)MiB", refused.stderr)
+    assert refused.returncode == 5 and asked, refused.stderr
+    budget = int(asked.group(1))
+    plan = subprocess.run([sys.executable, "-m", "streammerge", "plan", cfg, "--json", "--max-memory", "4GiB"],
+                          capture_output=True, text=True, timeout=600)
+    assert json.loads(plan.stdout)["kernels"]["compiled"]  # with room, this merge takes the loops
+    assert budget << 20 < json.loads(plan.stdout)["smallest_max_memory_bytes"]  # which do not fit in `budget`
+    cmd = ["bash", MEMCAP, f"{budget + 40}M", "--", sys.executable, "-m", "streammerge", "run", cfg,
+           str(tmp_path / "capped"), "--max-memory", f"{budget}MiB"]
+    capped = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if capped.returncode == 2 and "cannot create a memory cgroup" in capped.stderr:
+        pytest.skip(f"THIS MACHINE CANNOT MAKE A MEMORY CGROUP, the memory bound is untested: {capped.stderr}")
+    assert capped.returncode == 0 and "oom_killed=no" in capped.stderr, capped.stderr
+    assert "kernels: torch's forms: the compiled loops" in capped.stderr
     assert tensor_hashes(str(tmp_path / "capped")) == unbounded
 
 
