@@ -284,9 +284,7 @@ def forms_budgets(plan: Plan) -> tuple[int, int] | None:
     """(the smallest budget torch's forms merge `plan` in, the same with the compiled loops loaded
     beside it: LOOPS_BYTES more), measured now, where the budget decides which a run takes
     (choose_loops); None where it does not (no loops for this plan, or they are loaded already)."""
-    mode = os.environ.get("STREAMMERGE_JIT", "")
-    if (plan.device != "cpu" or not plan.method.jit or mode in ("0", "1") or _jit_file_bytes
-            or plan.loops_declined or jit_work(plan) < plan.method.jit_min_work or not fused.importable()):
+    if os.environ.get("STREAMMERGE_JIT", "") == "1" or _jit_file_bytes or not _wants_loops(plan):
         return None
     was = fused.using()
     fused.use_none()  # the rows' costs as torch's forms take them, without importing numba
@@ -295,7 +293,25 @@ def forms_budgets(plan: Plan) -> tuple[int, int] | None:
     finally:
         fused.use(was)
     torch_forms = baseline_bytes() + HELD_BYTES + int(rows / CHUNK_SHARE) + 1
-    return torch_forms, torch_forms + LOOPS_BYTES.get(plan.method.jit_loops, max(LOOPS_BYTES.values()))
+    return torch_forms, torch_forms + loops_bytes(plan)
+
+
+def loops_bytes(plan: Plan) -> int:
+    """What loading `plan`'s compiled loops will add to this process, known without importing numba:
+    its group's LOOPS_BYTES where a run of it takes them (fused.use_for's rule, not declined) and no
+    group is loaded here yet; else 0."""
+    if _jit_file_bytes or not _wants_loops(plan):
+        return 0
+    return LOOPS_BYTES.get(plan.method.jit_loops, max(LOOPS_BYTES.values()))
+
+
+def _wants_loops(plan: Plan) -> bool:
+    """Whether a run of `plan` takes the compiled loops (loops_for's and fused.use_for's rule), known
+    without importing numba: on a CPU, a method with loops, not declined by the budget, numba
+    installed, and STREAMMERGE_JIT=1 or (unset) at least the method's jit_min_work."""
+    mode = os.environ.get("STREAMMERGE_JIT", "")
+    return (plan.device == "cpu" and plan.method.jit and not plan.loops_declined and mode != "0"
+            and (mode == "1" or jit_work(plan) >= plan.method.jit_min_work) and fused.importable())
 
 
 def loops_for(plan: Plan) -> bool:

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import os
 import warnings
 from dataclasses import dataclass
 
-from .budget import GROWTH_BYTES, baseline_bytes, choose_loops, chunk_budget, default_max_memory, smallest_budget
+from .budget import (
+    GROWTH_BYTES,
+    baseline_bytes,
+    choose_loops,
+    chunk_budget,
+    default_max_memory,
+    loops_bytes,
+    smallest_budget,
+)
 from .config import MergeConfig
 from .distributed import RayExecutor
 from .errors import StreamMergeError
@@ -90,14 +99,19 @@ def check_budgets(plans: list[Plan], names: list[str], options: RunOptions) -> N
     _give_back_freed()  # memory freed before the pipeline (an API caller's) is not held, as between stages
     base = baseline_bytes()
     plans = [choose_loops(p, max_memory) for p in plans]  # the kernel forms each stage's run will take
-    # a later stage with GROWTH_BYTES of room for what its process holds more once the stages before
+    # what a stage's process holds besides: the compiled loops, where it or a stage before it takes
+    # them and this process has none loaded (numba's share is loaded once: the largest group's), and
+    # for a later stage GROWTH_BYTES of room for what its process holds more once the stages before
     # it ran: its own check, at its start, refused a budget less than that above its smallest, after
-    # the stages before it had run; a refusal now asks for a budget with that room (suggested_budget)
+    # the stages before it had run; a refusal now asks for a budget with that room (suggested_budget).
+    # (Measured without the loops, a refusal under STREAMMERGE_JIT=1 named 352MiB for the seed
+    # pipeline, which its stage then refused, holding 407 MiB.)
+    loops = list(itertools.accumulate((loops_bytes(p) for p in plans), max))
     rooms = [0] + [GROWTH_BYTES] * (len(plans) - 1)
-    need, i = max((smallest_budget(p, base) + rooms[i], i) for i, p in enumerate(plans))
+    need, i = max((smallest_budget(p, base + loops[i]) + rooms[i], i) for i, p in enumerate(plans))
     if max_memory < need:
         try:
-            chunk_budget(plans[i], max_memory, base, rooms[i])
+            chunk_budget(plans[i], max_memory, base + loops[i], rooms[i])
         except StreamMergeError as e:
             e.args = (f"stage {i + 1}/{len(plans)} {names[i]} (checked before any stage runs): {e}",)
             raise
