@@ -231,6 +231,11 @@ def widest_row(plan: Plan) -> tuple[int, Task | None]:
     """The largest one-row cost of any task, and that task (the plan's kernel forms decided first:
     a block's dtype depends on them, block_dtype)."""
     loops_for(plan)
+    return _widest(plan)
+
+
+def _widest(plan: Plan) -> tuple[int, Task | None]:
+    """widest_row in the kernel forms this process is set to (fused.use_for, loops_off)."""
     costs = [(row_cost(t), i) for i, t in enumerate(plan.tasks)]
     if not costs:
         return 0, None
@@ -286,13 +291,8 @@ def forms_budgets(plan: Plan) -> tuple[int, int] | None:
     (choose_loops); None where it does not (no loops for this plan, or they are loaded already)."""
     if os.environ.get("STREAMMERGE_JIT", "") == "1" or _jit_file_bytes or not _wants_loops(plan):
         return None
-    was = fused.using()
-    fused.use_none()  # the rows' costs as torch's forms take them, without importing numba
-    try:
-        rows = max((row_cost(t) for t in plan.tasks), default=0)
-    finally:
-        fused.use(was)
-    torch_forms = baseline_bytes() + HELD_BYTES + int(rows / CHUNK_SHARE) + 1
+    with fused.loops_off():  # the rows' costs as torch's forms take them, without importing numba
+        torch_forms = _smallest(baseline_bytes(), _widest(plan)[0])
     return torch_forms, torch_forms + loops_bytes(plan)
 
 
@@ -309,9 +309,8 @@ def _wants_loops(plan: Plan) -> bool:
     """Whether a run of `plan` takes the compiled loops (loops_for's and fused.use_for's rule), known
     without importing numba: on a CPU, a method with loops, not declined by the budget, numba
     installed, and STREAMMERGE_JIT=1 or (unset) at least the method's jit_min_work."""
-    mode = os.environ.get("STREAMMERGE_JIT", "")
-    return (plan.device == "cpu" and plan.method.jit and not plan.loops_declined and mode != "0"
-            and (mode == "1" or jit_work(plan) >= plan.method.jit_min_work) and fused.importable())
+    return (plan.device == "cpu" and plan.method.jit and not plan.loops_declined
+            and fused.wanted(jit_work(plan), plan.method.jit_min_work) and fused.importable())
 
 
 def loops_for(plan: Plan) -> bool:
@@ -367,7 +366,12 @@ def default_max_memory() -> int:
 def smallest_budget(plan: Plan, baseline: int | None = None) -> int:
     """The smallest --max-memory that fits one row of every task."""
     base = baseline_bytes(plan) if baseline is None else baseline
-    return base + HELD_BYTES + int(widest_row(plan)[0] / CHUNK_SHARE) + 1
+    return _smallest(base, widest_row(plan)[0])
+
+
+def _smallest(base: int, row: int) -> int:
+    """The smallest --max-memory for a process holding `base` whose widest row costs `row`."""
+    return base + HELD_BYTES + int(row / CHUNK_SHARE) + 1
 
 
 # What a run's process may hold beyond the baseline a refusal measured, which the figure it asks for

@@ -57,19 +57,25 @@ def use_for(work: int, least: int = MIN_WORK) -> bool:
     """Whether the merge about to run, `work` element-inputs of this family, uses the compiled loops:
     STREAMMERGE_JIT=1 always, =0 never, unset when work >= least (its method's jit_min_work; and
     numba is there)."""
-    mode = os.environ.get("STREAMMERGE_JIT", "")
-    _use["on"] = mode == "1" or (mode != "0" and work >= least)
+    _use["on"] = wanted(work, least)
     return kernels() is not None
 
 
-def using() -> bool:
-    """Whether the merge this process runs is set to use the loops (use_for, use_none)."""
-    return _use["on"]
+def wanted(work: int, least: int = MIN_WORK) -> bool:
+    """use_for's rule without loading anything: STREAMMERGE_JIT=1, or unset and work >= least."""
+    mode = os.environ.get("STREAMMERGE_JIT", "")
+    return mode == "1" or (mode != "0" and work >= least)
 
 
-def use(on: bool) -> None:
-    """Set it back (as `using` gave it)."""
-    _use["on"] = on
+@contextlib.contextmanager
+def loops_off() -> Iterator[None]:
+    """The loops off for what runs inside (use_none), then as they were: what torch's forms would cost."""
+    was = _use["on"]
+    _use["on"] = False
+    try:
+        yield
+    finally:
+        _use["on"] = was
 
 
 def importable() -> bool:
