@@ -128,7 +128,8 @@ class ModelIndex:
         finally:
             os.close(fd)
         if bits is not None:
-            self._cached[path] = pagecache.Residency(bits, pagecache.outer_pages(0, size)[1])
+            pages = pagecache.outer_pages(0, size)[1]
+            self._cached[path] = pagecache.Residency(bits, pages, pagecache.willneed_bytes(path))
 
     def _find_shards(self) -> tuple[str, dict[str, str] | None, list[str]]:
         """(index file, weight map or None, shard files): safetensors first, then PyTorch .bin

@@ -137,19 +137,41 @@ def kernel_readahead(on: bool | None = None) -> bool:
 def readahead_bytes(path: str, default: int = 8 << 20) -> int:
     """The kernel's read-ahead window for the file at `path`: its device's read_ahead_kb (the
     partition's disk, a network file system's own); `default` where Linux's /sys does not say."""
+    got = _device_kb(path, ("/sys/class/bdi/{}/read_ahead_kb", "/sys/dev/block/{}/queue/read_ahead_kb",
+                            "/sys/dev/block/{}/../queue/read_ahead_kb"))
+    return default if got is None else got
+
+
+# The least a WILLNEED reads of what it asks, where /sys does not say: the usual read_ahead_kb.
+WILLNEED_DEFAULT = 128 << 10
+
+
+def willneed_bytes(path: str) -> int:
+    """The most one POSIX_FADV_WILLNEED reads for the file at `path`: Linux reads at most the larger
+    of its device's read-ahead window and largest request (max_sectors_kb) of the range it is
+    asked for, and drops the rest (mm/readahead.c, force_page_cache_ra: 8 MiB of every range here,
+    whatever its length; 1.25 MiB on a disk with the usual 128 KiB window and 1280 KiB requests).
+    WILLNEED_DEFAULT where /sys says neither."""
+    window = readahead_bytes(path, 0)
+    request = _device_kb(path, ("/sys/dev/block/{}/queue/max_sectors_kb", "/sys/dev/block/{}/../queue/max_sectors_kb"))
+    return max(window, request or 0) or WILLNEED_DEFAULT
+
+
+def _device_kb(path: str, places: tuple[str, ...]) -> int | None:
+    """Bytes from the first of `places` (sysfs files giving KiB, "{}" the device of `path`'s file
+    system as major:minor) that can be read; None where none can."""
     try:
         dev = os.stat(path).st_dev
     except OSError:
-        return default
+        return None
     node = f"{os.major(dev)}:{os.minor(dev)}"
-    for where in (f"/sys/class/bdi/{node}/read_ahead_kb", f"/sys/dev/block/{node}/queue/read_ahead_kb",
-                  f"/sys/dev/block/{node}/../queue/read_ahead_kb"):
+    for where in places:
         try:
-            with open(where) as f:
+            with open(where.format(node)) as f:
                 return int(f.read()) << 10
         except (OSError, ValueError):
             continue
-    return default
+    return None
 
 
 def no_readahead(fd: int) -> None:
@@ -210,11 +232,13 @@ class Residency:
         >>> res.finish(fd, begin, end)    # a whole tensor done
     """
 
-    def __init__(self, bits: np.ndarray, pages: int | None = None) -> None:
+    def __init__(self, bits: np.ndarray, pages: int | None = None, asked: int = WILLNEED_DEFAULT) -> None:
         """bits: from `resident`; pages: the file's page count, when known (every page cached: the
-        usual warm merge, where nothing is asked of the kernel and no page looked up again)."""
+        usual warm merge, where nothing is asked of the kernel and no page looked up again); asked:
+        the most one request to read ahead reads (willneed_bytes)."""
         self.bits = bits
         self.pages = pages
+        self.asked = asked
         # a finished range's pages looked up, for nothing, took 0.07 of the reading thread's 0.57 CPU
         # seconds in a warm 3-model linear merge, and 0.03 of the computing thread's 0.95
         self.warm = pages is not None and _all_set(bits, pages)
@@ -257,7 +281,7 @@ class Residency:
         if self.warm or kernel_readahead():
             return
         for a, b in absent_runs(self.bits, *outer_pages(begin, end)):
-            prefetch(fd, a * PAGE, b * PAGE)
+            prefetch(fd, a * PAGE, b * PAGE, self.asked)
 
     def sweep(self, fd: int) -> None:
         """The merge is over: give back every page of the file that was not cached before it (the
@@ -275,11 +299,13 @@ class Residency:
             self.release(fd, a, b)
 
 
-def prefetch(fd: int, begin: int, end: int) -> None:
+def prefetch(fd: int, begin: int, end: int, piece: int = WILLNEED_DEFAULT) -> None:
     """Ask the kernel to start reading bytes [begin, end) now, in the background: the read-ahead
-    that no_readahead turned off, for exactly the rows the merge reads next."""
-    if end > begin:
-        _advise(fd, begin, end - begin, "POSIX_FADV_WILLNEED")
+    that no_readahead turned off, for exactly the rows the merge reads next; asked in pieces of at
+    most `piece` bytes (willneed_bytes: one request for the whole range reads only its first)."""
+    piece = max(PAGE, piece)
+    for at in range(begin, end, piece):
+        _advise(fd, at, min(end, at + piece) - at, "POSIX_FADV_WILLNEED")
 
 
 def drop(fd: int, runs: list[tuple[int, int]]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 
 import make_models
 import numpy as np
@@ -62,7 +63,7 @@ def test_prefetch_asks_for_exactly_the_uncached_pages_of_the_range(cached: list[
     bits = np.packbits(np.array(cached, dtype=np.uint8)) if cached else np.zeros(0, dtype=np.uint8)
     asked: list[tuple[int, int]] = []
     real, was = pagecache.prefetch, pagecache.kernel_readahead()
-    pagecache.prefetch = lambda fd, a, b: asked.append((a, b))  # type: ignore[assignment]
+    pagecache.prefetch = lambda fd, a, b, piece=0: asked.append((a, b))  # type: ignore[assignment]
     pagecache.kernel_readahead(False)
     try:
         pagecache.Residency(bits).prefetch(-1, begin, begin + length)
@@ -74,6 +75,23 @@ def test_prefetch_asks_for_exactly_the_uncached_pages_of_the_range(cached: list[
     held = {(begin + i) // PAGE for i in range(0, length, 64)} | ({(begin + length - 1) // PAGE} if length else set())
     want = sorted(p for p in held if not (p < len(cached) and cached[p]))
     assert pages == want
+
+
+@given(begin=st.integers(0, 1 << 40), length=st.integers(-PAGE, 64 << 20), piece=st.integers(0, 16 << 20))
+def test_a_prefetch_is_asked_in_pieces_the_kernel_reads_whole(begin: int, length: int, piece: int) -> None:
+    """Linux reads at most willneed_bytes of what one WILLNEED asks for: a range is asked for in
+    consecutive pieces of at most `piece` bytes (a page at least) that cover it exactly."""
+    asked: list[tuple[int, int, str]] = []
+    real = pagecache._advise
+    pagecache._advise = lambda fd, offset, n, advice: asked.append((offset, n, advice))  # type: ignore[assignment]
+    try:
+        pagecache.prefetch(-1, begin, begin + length, piece)
+    finally:
+        pagecache._advise = real  # type: ignore[assignment]
+    assert all(advice == "POSIX_FADV_WILLNEED" and 0 < n <= max(PAGE, piece) for _, n, advice in asked)
+    ends = [begin] + [offset + n for offset, n, _ in asked]
+    assert [offset for offset, _, _ in asked] == ends[:-1]
+    assert ends[-1] == max(begin, begin + length)
 
 
 @given(ranges=st.lists(st.tuples(st.integers(0, 60), st.integers(1, 12)), min_size=1, max_size=12))
@@ -121,7 +139,7 @@ def test_a_file_cached_whole_asks_nothing_of_the_kernel(cached: list[bool], page
     assert res.warm == (len(cached) >= pages and all(cached[:pages]))
     asked: list[tuple[int, int]] = []
     real, was = (pagecache.prefetch, pagecache.drop), pagecache.kernel_readahead()
-    pagecache.prefetch = lambda fd, a, b: asked.append((a, b))  # type: ignore[assignment]
+    pagecache.prefetch = lambda fd, a, b, piece=0: asked.append((a, b))  # type: ignore[assignment]
     pagecache.drop = lambda fd, runs: asked.extend(runs)  # type: ignore[assignment]
     pagecache.kernel_readahead(False)  # the reader asking for pages: the case that asks most
     try:
@@ -168,6 +186,37 @@ def mb_set(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     folders = [str(root / n) for n in ("base", "ft1", "ft2")]
     make_models.write_set(folders, make_models.Shape(256, 896, 4, 4, 2, 2048), seed=3, shard_bytes=4_000_000)
     return folders
+
+
+def test_the_kernel_reads_every_page_a_prefetch_asks_for(tmp_path) -> None:
+    """Three of the device's WILLNEED reads and a bit of a file, not cached, asked for at once: every
+    page is then in the page cache (in one request, only the first willneed_bytes were)."""
+    if not pagecache.honest(str(tmp_path)) or not hasattr(os, "posix_fadvise"):
+        pytest.skip("mincore and posix_fadvise: Linux only")
+    path = str(tmp_path / "shard")
+    piece = pagecache.willneed_bytes(str(tmp_path))
+    size = 3 * piece + 5 * PAGE + 7
+    with open(path, "wb") as f:
+        f.write(b"\1" * size)
+    _cold(path)
+    if _resident(path).any():
+        pytest.skip(f"{tmp_path}'s file system keeps its pages (tmpfs?): nothing to ask for")
+    assert pagecache.willneed_bytes(path) == piece
+    fd = os.open(path, os.O_RDONLY)
+    was = pagecache.kernel_readahead()
+    pagecache.kernel_readahead(False)
+    try:
+        bits = pagecache.resident(fd, size)
+        assert bits is not None
+        pagecache.Residency(bits, -(-size // PAGE), piece).prefetch(fd, 0, size)
+        deadline = time.monotonic() + 10  # pages being read show in mincore once their read is done
+        while not _resident(path).all() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _resident(path).all()
+    finally:
+        pagecache.kernel_readahead(was)
+        os.close(fd)
+        _cold(path)
 
 
 def _ties(folders: list[str]):
