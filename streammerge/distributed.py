@@ -47,7 +47,7 @@ from .budget import choose_loops, default_max_memory
 from .committer import GROUP_COMMIT_BYTES, Committer, bytes_of, output_rows, warn_non_finite
 from .config import MergeConfig
 from .errors import ClusterError, InputError, IntegrityError, StreamMergeError
-from .executor import Committed, Executor, peak_rss, readahead_fits, start_cuda
+from .executor import Committed, Executor, expected_hold, peak_rss, readahead_fits, start_cuda
 from .format import blocks, preader
 from .journal import WORK_DIR, Entry, Journal, crash_point
 from .limits import memory_limit
@@ -543,16 +543,18 @@ def _worker_plan(job: Job) -> tuple[Plan, Schedule]:
     if plan.device != "cpu":
         start_cuda(torch.device(plan.device))  # its host memory counts in the baseline the budget is left from
     tasks = _node_tasks(job.cpus)
-    budget = job.max_memory or int(default_max_memory() // tasks)
-    # this worker reads its inputs as a local run does (Executor.run): the kernel reads ahead where
-    # its share of the node's memory holds the read-ahead windows beside its budget (cold inputs
-    # were read with read-ahead off and each next block asked for, as only a tight cgroup needs)
-    pagecache.kernel_readahead(readahead_fits(plan, budget, memory_limit() // tasks))
+    whole = budget = job.max_memory or int(default_max_memory() // tasks)
     if not job.write:  # pieces on their way to the driver: being filled, copied, and in the object store
         budget -= (3 + AHEAD) * PIECE_BYTES
     plan = choose_loops(plan, budget)  # (as a local run does: Executor.run)
-    schedule = make_schedule(plan, budget, overlap=False, chunk_bytes=job.chunk_bytes,
-                             threads=job.threads if plan.device == "cpu" else 1)
+    threads = job.threads if plan.device == "cpu" else 1
+    schedule = make_schedule(plan, budget, overlap=False, chunk_bytes=job.chunk_bytes, threads=threads)
+    # this worker reads its inputs as a local run does (Executor.run): the kernel reads ahead where
+    # its share of the node's memory holds the read-ahead windows beside what the worker is expected
+    # to hold (cold inputs were read with read-ahead off and each next block asked for, as only a
+    # tight cgroup needs)
+    held = expected_hold(plan, budget, job.chunk_bytes, False, threads) + whole - budget
+    pagecache.kernel_readahead(readahead_fits(plan, held, memory_limit() // tasks))
     _check_same(job, plan)  # before the plan is kept: a node that differs never merges
     _PLANS[job.run_id] = (plan, schedule)
     return plan, schedule

@@ -114,15 +114,18 @@ def resident(fd: int, size: int) -> np.ndarray | None:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
 
 
-# Where the merge's memory cgroup (or the machine) leaves room beside the budget for the kernel's
-# read-ahead, the kernel reads ahead as usual and the reader asks for nothing. Measured on the medium
-# set with the inputs not cached (2 cores, --max-memory 512MiB, merge-loop seconds, 2 runs each),
-# against read-ahead off and WILLNEED asked: the 14-model DARE-TIES 5.4-5.5 s against 6.0-6.3
-# without a cgroup, 5.5 against 6.5-6.6 in a 2 GiB cgroup, 5.7-6.1 against 6.5 in 1 GiB, 6.1-6.3
-# against 7.0 in 768 MiB; the 3-model linear 0.80 against 1.02-1.06 s (WILLNEED's page-cache work
-# alone cost the reading thread 0.6 s of the DARE-TIES). Only in a cgroup as tight as the budget
-# (512 MiB) did the kernel's read-ahead lose, 8.2-8.3 s against 6.8: the pages it read ahead were
-# reclaimed before they were used. Pages the merge brought in are given back either way.
+# Where the merge's memory cgroup (or the machine) leaves room beside what the merge is expected to
+# hold (at most its budget) for the kernel's read-ahead, the kernel reads ahead as usual and the
+# reader asks for nothing. Measured on the medium set with the inputs not cached (2 cores,
+# --max-memory 512MiB, merge-loop seconds, 2 runs each), against read-ahead off and WILLNEED asked:
+# the 14-model DARE-TIES 5.4-5.5 s against 6.0-6.3 without a cgroup, 5.5 against 6.5-6.6 in a 2 GiB
+# cgroup, 5.7-6.1 against 6.5 in 1 GiB, 6.1-6.3 against 7.0 in 768 MiB; the 3-model linear 0.80
+# against 1.02-1.06 s (WILLNEED's page-cache work alone cost the reading thread 0.6 s of the
+# DARE-TIES). In a cgroup as tight as the budget (512 MiB) the kernel's read-ahead lost where its
+# windows did not fit beside the merge, 8.2-8.3 s against 6.8 (15 inputs, 240 MiB of windows): the
+# pages it read ahead were reclaimed before they were used; and won where they did, the 3-model
+# linear merge (48 MiB of windows beside an expected 428 MiB) 0.74-0.83 s against 0.94-1.06. Pages
+# the merge brought in are given back either way.
 _kernel_readahead = {"on": False}
 
 

@@ -237,8 +237,9 @@ def test_read_back_hashes_the_whole_shard_and_names_tensors_that_differ(tiny_set
 
 def test_workers_choose_the_kernels_read_ahead_as_a_local_run_does(cluster, tiny_set, tmp_path) -> None:
     """A Ray worker reads its inputs under the policy Executor.run sets for a local run: the kernel's
-    read-ahead where the node's memory holds its windows beside the worker's budget, not where the
-    budget takes it all (before, every worker read with read-ahead off, as only a tight cgroup needs)."""
+    read-ahead where the node's memory holds its windows beside what the worker is expected to hold
+    (expected_hold), not only where it holds them beside the budget, and not where they fit nowhere
+    (before, every worker read with read-ahead off, as only a tight cgroup needs)."""
     import dataclasses
 
     from streammerge.config import parse_config
@@ -249,23 +250,30 @@ def test_workers_choose_the_kernels_read_ahead_as_a_local_run_does(cluster, tiny
     config = tmp_path / "linear.yml"
     config.write_text("merge_method: linear\nmodels:\n" + "".join(
         f"  - model: {m}\n    parameters: {{weight: 1}}\n" for m in tiny_set[:3]))
-    def reads_ahead(job):  # type: ignore[no-untyped-def]  # (defined here: Ray sends it by value)
-        """On a worker: its plan made for `job`, then whether the kernel reads ahead for it and what
-        readahead_fits says of the budget beside the node's memory (one one-CPU task per node)."""
+    def reads_ahead(job, window):  # type: ignore[no-untyped-def]  # (defined here: Ray sends it by value)
+        """On a worker: its plan made for `job` (every device's read-ahead window `window` bytes,
+        where given), then whether the kernel reads ahead for it."""
         from streammerge import distributed, pagecache
-        from streammerge.executor import readahead_fits
 
-        worker_plan, _ = distributed._worker_plan(job)
-        return pagecache.kernel_readahead(), readahead_fits(worker_plan, job.max_memory)
+        real = pagecache.readahead_bytes
+        if window is not None:
+            pagecache.readahead_bytes = lambda path, default=0: window
+        try:
+            distributed._worker_plan(job)
+        finally:
+            pagecache.readahead_bytes = real
+        return pagecache.kernel_readahead()
 
     plan = make_plan(parse_config(config.read_text()))
     job = RayExecutor(plan, str(tmp_path / "out"), RunOptions(ray=cluster.address))._job("probe")
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         remote = ray.remote(reads_ahead).options(num_cpus=1)
-        roomy = ray.get(remote.remote(dataclasses.replace(job, run_id="roomy", max_memory=1 << 30)))
-        whole = ray.get(remote.remote(dataclasses.replace(job, run_id="whole", max_memory=1 << 50)))
+        roomy = ray.get(remote.remote(dataclasses.replace(job, run_id="roomy", max_memory=1 << 30), None))
+        whole = ray.get(remote.remote(dataclasses.replace(job, run_id="whole", max_memory=1 << 50), None))
+        wide = ray.get(remote.remote(dataclasses.replace(job, run_id="wide", max_memory=1 << 30), 1 << 40))
     finally:
         ray.shutdown()
-    assert roomy == (True, True)  # 1 GiB leaves the windows room on any machine that runs the suite
-    assert whole == (False, False)  # a budget of the whole memory leaves none
+    assert roomy is True  # 1 GiB leaves the windows room on any machine that runs the suite
+    assert whole is True  # a budget of all the memory there is: the tiny merge holds a sliver of it
+    assert wide is False  # windows of a TiB fit beside nothing

@@ -7,13 +7,17 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 from helpers import in_child_cgroup
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streammerge import limits, pagecache
-from streammerge.executor import READAHEAD_WINDOWS, readahead_fits
+from streammerge import executor, limits, pagecache
+from streammerge.config import parse_config
+from streammerge.executor import READAHEAD_WINDOWS, Executor, readahead_fits
 from streammerge.limits import cgroup_memory
+from streammerge.options import RunOptions
+from streammerge.planner import make_plan
 
 V1_UNLIMITED = 9223372036854771712  # what cgroup v1 writes for no limit (4 KiB pages)
 LIMIT = st.one_of(st.none(), st.integers(1 << 20, 1 << 40))
@@ -128,3 +132,24 @@ def test_the_sweep_gives_back_every_page_of_the_file_not_cached_before(cached, p
         assert given == []  # a file cached whole: nothing asked of the kernel
     else:
         assert given == [p for p in range(pages) if not (p < len(cached) and cached[p])]
+
+
+@pytest.mark.parametrize("window", [None, 1 << 40], ids=["device-window", "window-of-a-TiB"])
+def test_a_run_fits_the_windows_beside_what_it_expects_to_hold_not_beside_its_budget(
+        tiny_set, tmp_path, monkeypatch, window) -> None:
+    """Inside a memory cgroup exactly as large as the budget (a container run with --max-memory its
+    size) a small merge, expected to hold far less than its budget, leaves the kernel's read-ahead
+    windows room beside it: the kernel reads ahead. Windows too large for any room: it does not."""
+    budget = 2 << 30
+    monkeypatch.setattr(executor, "memory_limit", lambda: budget)
+    if window is not None:
+        monkeypatch.setattr(pagecache, "readahead_bytes", lambda path, default=0: window)
+    text = ("merge_method: linear\nmodels:\n"
+            + "".join(f"  - model: {f}\n    parameters: {{weight: 0.5}}\n" for f in tiny_set[:3])
+            + "dtype: bfloat16\n")
+    was = pagecache.kernel_readahead()
+    try:
+        Executor(make_plan(parse_config(text), budget), str(tmp_path / "out"), RunOptions(max_memory=budget)).run()
+        assert pagecache.kernel_readahead() is (window is None)
+    finally:
+        pagecache.kernel_readahead(was)
