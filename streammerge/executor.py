@@ -134,11 +134,10 @@ def default_threads(available: int, torch_threads: int) -> int:
 READAHEAD_WINDOWS = 2
 
 
-def readahead_fits(plan: Plan, max_memory: int, limit: int | None = None) -> bool:
+def readahead_fits(plan: Plan, held: int, limit: int | None = None) -> bool:
     """Whether the memory the process may use (`limit`; default memory_limit()) leaves room beside
-    `max_memory` (what the merge holds: expected_hold) for the kernel's read-ahead of
-    every input model: READAHEAD_WINDOWS windows of its device's (pagecache.kernel_readahead says
-    why it matters)."""
+    `held` (what the merge holds: expected_hold) for the kernel's read-ahead of every input model:
+    READAHEAD_WINDOWS windows of its device's (pagecache.kernel_readahead says why it matters)."""
     if limit is None:
         limit = memory_limit()
     room = 0
@@ -146,7 +145,7 @@ def readahead_fits(plan: Plan, max_memory: int, limit: int | None = None) -> boo
         shard = next((ref.shard for ref in m.index.tensors.values()), None)
         if shard is not None:
             room += READAHEAD_WINDOWS * pagecache.readahead_bytes(shard)
-    return limit - max_memory >= room
+    return limit - held >= room
 
 
 def expected_hold(plan: Plan, max_memory: int, chunk_bytes: int | None = None, overlap: bool = True,

@@ -1,6 +1,6 @@
 """Whether the kernel reads ahead for a merge's inputs: the memory the process may use (its memory
 cgroup's limit, v2 memory.max or v1 memory.limit_in_bytes, the smallest on the way up; else the
-machine's) against the budget and two read-ahead windows per input model."""
+machine's) against what the merge is expected to hold and two read-ahead windows per input model."""
 
 from __future__ import annotations
 
@@ -72,10 +72,11 @@ class _Plan:
 @settings(max_examples=200, deadline=None)
 @given(models=st.integers(0, 20), empty=st.integers(0, 3), window=st.integers(4 << 10, 64 << 20),
        budget=st.integers(1 << 20, 1 << 36), spare=st.integers(-(1 << 30), 1 << 30))
-def test_the_kernel_reads_ahead_where_two_windows_per_input_fit_beside_the_budget(
+def test_the_kernel_reads_ahead_where_two_windows_per_input_fit_beside_what_the_merge_holds(
         models, empty, window, budget, spare) -> None:
     """Room for READAHEAD_WINDOWS windows of every model with a shard (a model with none counts
-    nothing) beside the budget, under the limit: the kernel's read-ahead; any less: the reader's."""
+    nothing) beside what the merge holds, under the limit: the kernel's read-ahead; any less: the
+    reader's."""
     plan = _Plan(["/x/shard"] * models + [None] * empty)
     room = READAHEAD_WINDOWS * window * models
     real = pagecache.readahead_bytes
