@@ -25,7 +25,6 @@ from .budget import (
     WRITE_BEHIND_BYTES,
     baseline_bytes,
     choose_loops,
-    chunk_budget,
     default_max_memory,
     expected_peak,
     loops_for,
@@ -43,7 +42,7 @@ from .planner import Plan
 from .progress import Progress, Totals
 from .reader import InputReader, ReadBlocks, check_inputs_unchanged, raw_bytes
 from .runner import Workers, run_task
-from .schedule import Read, Schedule, make_schedule
+from .schedule import Read, Schedule, make_schedule, run_chunk_budget
 from .stats import TensorStats
 
 __all__ = ["Executor", "Progress", "RunStats", "peak_rss", "resolve_device", "start_cuda"]
@@ -151,14 +150,14 @@ def readahead_fits(plan: Plan, held: int, limit: int | None = None) -> bool:
 def expected_hold(plan: Plan, max_memory: int, chunk_bytes: int | None = None, overlap: bool = True,
                   threads: int = 1) -> int:
     """The memory a run of `plan` is expected to hold at most (budget.expected_peak, within
-    `max_memory`; chunk buffers of `chunk_bytes` where given, as make_schedule gives them): what
+    `max_memory`, its chunk buffers as make_schedule sizes them: run_chunk_budget): what
     the kernel's read-ahead windows must fit beside (readahead_fits), not the budget. A merge that
     keeps well under its budget leaves them room in a cgroup as tight as the budget: the 3-model
     linear merge at 512 MiB (peak RSS 330-350 MiB, expected 428) read its cold inputs in
     0.74-0.83 s with the kernel's read-ahead, against 0.94-1.06 s without."""
     base = baseline_bytes(plan)
-    budget = chunk_budget(plan, max_memory, base) if chunk_bytes is None else chunk_bytes
-    return min(max_memory, expected_peak(plan, budget, base, overlap, threads))
+    chunks = run_chunk_budget(plan, max_memory, chunk_bytes, base)
+    return min(max_memory, expected_peak(plan, chunks, base, overlap, threads))
 
 
 def resolve_device(name: str) -> str:

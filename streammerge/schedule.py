@@ -162,6 +162,21 @@ def task_schedule(plan: Plan, ti: int, block: int, sub: int, threads: int = 1, s
                         block_bytes(task, block, sub, threads) - input_bytes(task, block))
 
 
+def run_chunk_budget(plan: Plan, max_memory: int, chunk_bytes: int | None = None,
+                     baseline: int | None = None) -> int:
+    """The bytes a run's chunk buffers get (make_schedule's budget): `chunk_bytes` where given (at
+    least one row of the widest task), else budget.chunk_budget's share of `max_memory` beside
+    `baseline` (default: measured now).
+
+    Raises:
+        PlanError: as budget.chunk_budget.
+    """
+    if chunk_bytes is not None:
+        loops_for(plan)  # (chunk_budget asks it through baseline_bytes)
+        return max(chunk_bytes, widest_row(plan)[0])
+    return chunk_budget(plan, max_memory, baseline)
+
+
 def make_schedule(plan: Plan, max_memory: int, overlap: bool, chunk_bytes: int | None = None,
                   max_gpu_memory: int | None = None, threads: int = 1) -> Schedule:
     """The schedule of every task within `max_memory` bytes for the whole process (or chunk
@@ -172,11 +187,7 @@ def make_schedule(plan: Plan, max_memory: int, overlap: bool, chunk_bytes: int |
         PlanError: the budget does not fit one row of the widest task (named, with the smallest
             budget that does); on a GPU, the GPU's budget does not.
     """
-    if chunk_bytes is not None:
-        loops_for(plan)  # (chunk_budget asks it through baseline_bytes)
-        budget = max(chunk_bytes, widest_row(plan)[0])
-    else:
-        budget = chunk_budget(plan, max_memory)
+    budget = run_chunk_budget(plan, max_memory, chunk_bytes)
     if plan.device == "cpu":
         # what tasks read in several blocks keep between passes is set aside first, beside the blocks
         reserve = hold_reserve(plan.tasks, budget, threads)
