@@ -263,9 +263,10 @@ def baseline_bytes(plan: Plan | None = None) -> int:
 
 # What loading a group of compiled loops adds to the memory a run starts from (baseline_bytes, file
 # pages not counted), measured in fresh processes (numba 0.6x, llvmlite's LLVM): SLERP's 77.8 MiB,
-# the DARE/TIES family's 86.8 MiB; rounded up. choose_loops leaves them out of a budget they do not
-# fit in beside the merge's smallest.
-LOOPS_BYTES = {"slerp": 80 << 20, "family": 88 << 20, "sums": 80 << 20}
+# the DARE/TIES family's 86.8 MiB; rounded up. Linear's as SLERP's (loading each group alone in a
+# fresh process, numba 0.68: 38.2 and 37.3 MiB of anonymous memory). choose_loops leaves them out of
+# a budget they do not fit in beside the merge's smallest.
+LOOPS_BYTES = {"slerp": 80 << 20, "linear": 80 << 20, "family": 88 << 20, "sums": 80 << 20}
 
 
 def choose_loops(plan: Plan, max_memory: int) -> Plan:
@@ -310,7 +311,8 @@ def _wants_loops(plan: Plan) -> bool:
     without importing numba: on a CPU, a method with loops, not declined by the budget, numba
     installed, and STREAMMERGE_JIT=1 or (unset) at least the method's jit_min_work."""
     return (plan.device == "cpu" and plan.method.jit and not plan.loops_declined
-            and fused.wanted(jit_work(plan), plan.method.jit_min_work) and fused.importable())
+            and fused.wanted(jit_work(plan), plan.method.jit_min_work) and fused.importable()
+            and not plan.method.jit_mismatch())
 
 
 def loops_for(plan: Plan) -> bool:
@@ -319,7 +321,7 @@ def loops_for(plan: Plan) -> bool:
     sizes a block by it: block_dtype). A merge on a GPU uses none, nor one of a method without loops
     (which kept the choice of the merge before it: a linear merge after a DARE-TIES in one process
     sized its 262,144-column rows at 14 MiB as if it had loops, 54 MiB in a fresh process)."""
-    if plan.device != "cpu" or not plan.method.jit or plan.loops_declined:
+    if plan.device != "cpu" or not plan.method.jit or plan.loops_declined or plan.method.jit_mismatch():
         fused.use_none()
         return False
     return fused.use_for(jit_work(plan), plan.method.jit_min_work)
@@ -334,6 +336,9 @@ def kernel_forms(plan: Plan) -> tuple[bool, str]:
         return False, plan.loops_declined
     if not plan.method.jit:
         return False, f"torch's kernels ({plan.method.name} has no compiled loops)"
+    mismatch = plan.method.jit_mismatch()
+    if mismatch:
+        return False, f"torch's forms: {mismatch}"
     mode = os.environ.get("STREAMMERGE_JIT", "")
     work = jit_work(plan)
     size, least = f"{work / 1e6:,.0f}M element-inputs", f"{plan.method.jit_min_work / 1e6:,.0f}M"

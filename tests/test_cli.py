@@ -58,11 +58,10 @@ def test_plan_says_which_kernels_a_run_takes(tiny_set, tmp_path, monkeypatch, mo
     text = CliRunner().invoke(main, ["plan", cfg]).output
     assert f"kernels: {p['kernels']['why']}\n" in text
     assert ("STREAMMERGE_JIT=" + mode) in text or not have_numba
-    lin = tmp_path / "linear.yml"
-    lin.write_text("merge_method: linear\nmodels:\n" + "".join(f"  - {{model: {f}, parameters: {{weight: 0.5}}}}\n"
-                                                              for f in tiny_set[:2]))
-    linear = CliRunner().invoke(main, ["plan", str(lin)]).output
-    assert "kernels: torch's kernels (linear has no compiled loops)" in linear
+    plain = tmp_path / "karcher.yml"
+    plain.write_text("merge_method: karcher\nmodels:\n" + "".join(f"  - {{model: {f}}}\n" for f in tiny_set[:2]))
+    karcher = CliRunner().invoke(main, ["plan", str(plain)]).output
+    assert "kernels: torch's kernels (karcher has no compiled loops)" in karcher, karcher
 
 
 @pytest.mark.parametrize("value", ["-1", "1025", "100000"])

@@ -6,6 +6,10 @@ forms against the plain formulas)."""
 
 from __future__ import annotations
 
+import contextlib
+import platform
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +34,17 @@ def loops_on(monkeypatch):
 
 pytestmark = pytest.mark.skipif(fused.kernels() is None, reason="numba is not installed")
 
+
+
+@contextlib.contextmanager
+def without_loops() -> Iterator[None]:
+    """The torch forms inside, as on a machine without numba: the loaded kernels set aside, then back."""
+    jit = fused._state["jit"]
+    fused._state["jit"] = None
+    try:
+        yield
+    finally:
+        fused._state["jit"] = jit
 
 
 def test_streammerge_jit_is_asked_at_each_call(monkeypatch) -> None:
@@ -323,12 +338,8 @@ def test_slerp_sums_of_bfloat16_rows_as_read(rows, cols, chunk_rows, t, patterns
     taken: list[int] = []
     got = run_chunked("slerp", ctx, xb, min(chunk_rows, rows), raw=taken)
     assert taken == [0, 1] and METHODS["slerp"].cost(ctx).raw_passes == 2
-    jit = fused._state["jit"]
-    fused._state["jit"] = None  # as without numba
-    try:
+    with without_loops():
         plain = run_chunked("slerp", ctx, xb.float(), min(chunk_rows, rows))
-    finally:
-        fused._state["jit"] = jit
     assert torch.equal(bits(quiet(got)), bits(quiet(plain)))
 
 
@@ -349,6 +360,108 @@ def test_weighted_pair_is_torchs_two_products_and_their_sum(x, y, c, narrow, pat
     narrowed = fused.weighted_pair(a.contiguous(), b.contiguous(), *c, torch.bfloat16)
     assert narrowed is not None and narrowed.dtype == torch.bfloat16
     assert torch.equal(quiet(narrowed).view(torch.int16), quiet(want.bfloat16()).view(torch.int16))
+
+
+needs_fused_add = pytest.mark.skipif(bool(fused.add_unfused()), reason="this machine's torch rounds a product "
+                                     "before adding it; linear's loop is not used here (test_linear_loop_only_"
+                                     "where_torch_fuses)")
+
+
+@needs_fused_add
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 5), rows=st.integers(1, 4), cols=st.one_of(st.integers(1, 40), st.integers(1000, 2100)),
+       chunk_rows=st.integers(1, 4), weights=st.lists(WEIGHT, min_size=5, max_size=5), normalize=st.booleans(),
+       narrow=st.booleans(), patterns=st.lists(BF16_PATTERN, max_size=300), seed=st.integers(0, 2**31))
+def test_linear_loop_is_torchs_form(n, rows, cols, chunk_rows, weights, normalize, narrow, patterns, seed) -> None:
+    """Linear's apply pass takes bfloat16 rows as read and sums them in one loop (fused.linear_sum):
+    the bits of its torch form, a sum of zeros and one add_(x_i, alpha=w_i) per input (the rows
+    widened first), divided by the weight sum where `normalize` asks and it is not 1, whatever the
+    values, weights and chunking; tiles of the loop's 1024 elements are crossed."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, rows, cols, generator=g) * 3
+    x = _bfloat16(x, patterns) if narrow else x
+    ctx = context("linear", [{"weight": w} for w in weights[:n]], {"normalize": normalize}, shape=(rows, cols))
+    taken: list[int] = []
+    got = run_chunked("linear", ctx, x, min(chunk_rows, rows), raw=taken)
+    assert taken == ([0] if narrow else []) and METHODS["linear"].cost(ctx).raw_passes == 1
+    with without_loops():
+        plain = run_chunked("linear", ctx, x.float(), min(chunk_rows, rows))
+    assert torch.equal(bits(quiet(got)), bits(quiet(plain)))
+
+
+@needs_fused_add
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), n=st.integers(1, 4), rows=st.integers(1, 3), extra=st.integers(0, 3),
+       weights=st.lists(WEIGHT, min_size=4, max_size=4), divisor=st.one_of(st.none(), WEIGHT),
+       narrow=st.booleans(), patterns=st.lists(BF16_PATTERN, max_size=60))
+def test_linear_sum_of_a_blocks_rows_is_torchs_fused_adds(data, n, rows, extra, weights, divisor, narrow,
+                                                         patterns) -> None:
+    """fused.linear_sum on a sub-chunk of a block (each input's rows one run, the inputs a block's rows
+    apart) gives torch's form's bits in float32 and cast to bfloat16 in the same loop, on values of
+    every kind (infinities, subnormals, ±0; NaN as NaN), any weights and divisor."""
+    cols = data.draw(st.integers(1, 1300))
+    block = torch.stack([torch.cat([data.draw(rows_of_values()).repeat(1, cols)[:, :cols]
+                                    for _ in range(rows + extra)]) for _ in range(n)])
+    block = _bfloat16(block, patterns) if narrow else block
+    first = data.draw(st.integers(0, extra))
+    x = block[:, first:first + rows]
+    assert n == 1 or not x.is_contiguous() or extra == 0
+    w = np.array(weights[:n], dtype=np.float32)
+    acc = torch.zeros(rows, cols)
+    for i in range(n):
+        acc.add_(x[i].float(), alpha=float(w[i]))
+    if divisor is not None:
+        acc /= torch.tensor(divisor, dtype=torch.float32)
+    for dtype in fused.LOADED:
+        got = fused.linear_sum(x, w, divisor, dtype)
+        assert got is not None and got.dtype == dtype and got.shape == (rows, cols)
+        want = acc.to(dtype)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(quiet(got).view(torch.int16), quiet(want).view(torch.int16))
+
+
+_UNFUSED_SCRIPT = r"""
+import json, sys
+sys.path[:0] = sys.argv[1:2]
+from test_all_methods import config_text
+from streammerge.budget import kernel_forms, loops_for
+from streammerge.config import parse_config
+from streammerge.methods import fused
+from streammerge.planner import make_plan
+plan = make_plan(parse_config(open(sys.argv[2]).read()))
+print(json.dumps({"why": fused.add_unfused(), "loops": loops_for(plan), "forms": kernel_forms(plan)}))
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="torch's baseline kernels are asked for by ATEN_CPU_CAPABILITY on x86 only")
+def test_linear_loop_only_where_torch_fuses(tiny_set, tmp_path) -> None:
+    """Where torch's kernels round each product before adding it (x86 without AVX2, here asked for by
+    ATEN_CPU_CAPABILITY=default), linear's loop would write other bytes than torch's forms, and so
+    other bytes at a budget too small for the loops: the loops are not chosen, even when
+    STREAMMERGE_JIT=1 asks for them, and `streammerge plan` says why. Where torch fuses (this
+    machine's own kernels), the same merge takes them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_all_methods import config_text
+
+    config = tmp_path / "linear.yml"
+    config.write_text(config_text("linear", tiny_set))
+    seen = {}
+    for capability in ("default", ""):
+        env = dict(os.environ, STREAMMERGE_JIT="1", ATEN_CPU_CAPABILITY=capability)
+        got = subprocess.run([sys.executable, "-c", _UNFUSED_SCRIPT, os.path.dirname(__file__), str(config)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert got.returncode == 0, got.stderr[-3000:]
+        seen[capability] = json.loads(got.stdout.strip().splitlines()[-1])
+    unfused = seen["default"]
+    assert "rounds a product before adding it" in unfused["why"] and "DEFAULT" in unfused["why"]
+    assert unfused["loops"] is False and unfused["forms"] == [False, "torch's forms: " + unfused["why"]]
+    native = seen[""]
+    assert native["why"] == "" and native["loops"] is True and native["forms"][0] is True
 
 
 # float32 patterns at bfloat16's rounding edges: ties to even both ways, the largest finite rounding
@@ -393,12 +506,8 @@ def _assert_torch_form_agrees(method: str, ctx, x: torch.Tensor, chunk_rows: int
                               fused_merge: tuple[torch.Tensor, Tally]) -> None:
     """The merge without numba (the torch forms) gives fused_merge's output and report counts."""
     fast, fast_tally = fused_merge
-    jit = fused._state["jit"]
-    fused._state["jit"] = None  # as without numba
-    try:
+    with without_loops():
         plain, plain_tally = _merge(method, ctx, x, chunk_rows, remember)
-    finally:
-        fused._state["jit"] = jit
     # the output's NaNs are written as one quiet NaN (committer.output_rows): their sign and payload
     # follow the order of an addition's operands, which the compiler may choose
     assert torch.equal(bits(quiet(fast)), bits(quiet(plain))), method
@@ -455,13 +564,9 @@ def test_masks_drawn_in_the_apply_loop_are_bernoullis(n, rows, cols, start, key,
     others = list(range(1, n))
     keys = [key + 7919 * j for j in others]
     thresholds = [keep_threshold(densities[j - 1]) for j in others]
-    jit = fused._state["jit"]
-    fused._state["jit"] = None  # rng.bernoulli_mask's numpy form: the reference draws
-    try:
+    with without_loops():  # rng.bernoulli_mask's numpy form: the reference draws
         bools = [bernoulli_mask(k, start, rows * cols, densities[j - 1]).view(rows, cols)
                  for j, k in zip(others, keys)]
-    finally:
-        fused._state["jit"] = jit
     picked = slice(min(pick[0], rows - 1), rows, pick[1])
     scales, weights = [0.7, -1.3, 2.0][:n - 1], [0.5, 0.25, 1.0][:n - 1]
     args = (scales, weights, False, consensus, True, 1.0, 1.0, picked)
@@ -502,9 +607,11 @@ def test_the_base_alone_merges_to_itself_in_both_forms(method) -> None:
             fused._state["jit"] = jit
 
 
-def test_a_small_merge_runs_the_torch_forms_to_the_same_bytes(tiny_set, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("method", ["dare_ties", "linear"])
+def test_a_small_merge_runs_the_torch_forms_to_the_same_bytes(tiny_set, tmp_path, monkeypatch, method) -> None:
     """Loading numba and the kernels costs about a second: a merge too small to repay it runs the
-    torch forms unless STREAMMERGE_JIT=1 asks for the loops; the bytes are the same."""
+    torch forms unless STREAMMERGE_JIT=1 asks for the loops; the bytes are the same (linear's loop
+    only where this machine's torch fuses as it does: fused.add_unfused)."""
     from test_all_methods import config_text
 
     import streammerge
@@ -512,20 +619,21 @@ def test_a_small_merge_runs_the_torch_forms_to_the_same_bytes(tiny_set, tmp_path
     from streammerge.config import parse_config
     from streammerge.planner import make_plan
 
-    config = tmp_path / "dare.yml"
-    config.write_text(config_text("dare_ties", tiny_set))
-    assert jit_work(make_plan(parse_config(config.read_text()))) < fused.MIN_WORK
+    least = METHODS[method].jit_min_work
+    config = tmp_path / f"{method}.yml"
+    config.write_text(config_text(method, tiny_set))
+    assert jit_work(make_plan(parse_config(config.read_text()))) < least
     digests, used = {}, {}
     for mode in ("", "1", "0"):
         monkeypatch.setenv("STREAMMERGE_JIT", mode)
         out = str(tmp_path / f"out{mode}")
         streammerge.merge(str(config), out, max_memory=ROOMY)
-        used[mode] = fused.kernels() is not None
+        used[mode] = fused.loaded() is not None
         digests[mode] = output_digest(out)["shards"]
-    assert used == {"": False, "1": True, "0": False}
+    assert used == {"": False, "1": not METHODS[method].jit_mismatch(), "0": False}
     assert digests[""] == digests["1"] == digests["0"]
     monkeypatch.setenv("STREAMMERGE_JIT", "")
-    assert fused.use_for(fused.MIN_WORK) and not fused.use_for(fused.MIN_WORK - 1)
+    assert fused.use_for(least, least) and not fused.use_for(least - 1, least)
 
 
 @pytest.mark.parametrize("method", ["slerp", "task_arithmetic", "ties", "dare_ties"])
@@ -659,6 +767,7 @@ print(json.dumps({"warmed": warmed, "after": forms()}))
 
 @pytest.mark.parametrize("group, methods", [
     ("slerp", "slerp"),
+    ("linear", "linear"),
     ("family", "task_arithmetic,ties,dare_ties,dare_linear,della,breadcrumbs_ties"),
 ])
 def test_warm_loads_every_kernel_form_a_merge_calls_and_no_other_group(group, methods, tmp_path) -> None:
@@ -683,6 +792,7 @@ def test_warm_loads_every_kernel_form_a_merge_calls_and_no_other_group(group, me
     loaded = {name for name, sigs in warmed.items() if sigs}
     assert {"tree_rows", "product_sums"} <= loaded
     assert ("weighted_pair" in loaded) is (group == "slerp")
+    assert ("linear_sum" in loaded) is (group == "linear")
     assert ({"task_apply", "dare_sums", "bernoulli"} <= loaded) is (group == "family")
     assert all(len(warmed[k]) >= 2 for k in ("tree_rows", "product_sums"))  # float32 and float64 / bfloat16
 

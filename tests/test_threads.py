@@ -258,10 +258,15 @@ def test_threads_never_starve_the_blocks(tiny_set, method, threads, overlap, sha
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, 24), compute=st.sampled_from(["F32", "F64", "BF16"]), cols=st.integers(1, 20_000))
-def test_sub_chunks_hold_about_the_same_bytes_whatever_the_input_count(tiny_set, n, compute, cols) -> None:
+def test_sub_chunks_hold_about_the_same_bytes_whatever_the_input_count(tiny_set, monkeypatch, n, compute,
+                                                                       cols) -> None:
     """Few inputs get more elements per input (a 3-model linear merge's 128K-element sub-chunks
     spent more time handed around than computed), never more than COMPUTE_BYTES of inputs unless
-    the floor for many inputs says so; more inputs never get more elements each."""
+    the floor for many inputs says so; more inputs never get more elements each (torch's forms: the
+    compiled loops take their largest sub-chunks, the test below)."""
+    from streammerge.methods import fused
+
+    monkeypatch.setattr(fused, "loaded", lambda: None)
     base = tallest_task("linear", tiny_set)
 
     def task(k: int) -> Task:
@@ -278,8 +283,9 @@ def test_sub_chunks_hold_about_the_same_bytes_whatever_the_input_count(tiny_set,
 
 def test_the_compiled_loops_take_the_largest_sub_chunks_whatever_the_input_count(tiny_set, monkeypatch) -> None:
     """Where the compiled loops take a task's blocks as read (DARE-TIES: Cost.raw_passes), its
-    sub-chunks hold COMPUTE_ELEMENTS_MAX elements per input even for 15 inputs; with torch's forms,
-    or for a method without such loops (linear), the COMPUTE_BYTES share still rules."""
+    sub-chunks hold COMPUTE_ELEMENTS_MAX elements per input even for 15 inputs (linear's loop too);
+    with torch's forms, or for a method without such loops (karcher), the COMPUTE_BYTES share still
+    rules."""
     from streammerge.methods import fused
 
     def task(method: str, n: int) -> Task:
@@ -287,15 +293,16 @@ def test_the_compiled_loops_take_the_largest_sub_chunks_whatever_the_input_count
         return dataclasses.replace(base, inputs=tuple(base.inputs[i % len(base.inputs)] for i in range(n)),
                                    shape=(10**6, 1024))
 
-    dare, linear = task("dare_ties", 15), task("linear", 15)
-    assert dare.cost.raw_passes and not linear.cost.raw_passes
+    dare, linear, karcher = task("dare_ties", 15), task("linear", 15), task("karcher", 15)
+    assert dare.cost.raw_passes and linear.cost.raw_passes and not karcher.cost.raw_passes
     share = max(COMPUTE_ELEMENTS, COMPUTE_BYTES // (15 * itemsize(dare.compute)))
     assert share < COMPUTE_ELEMENTS_MAX
     monkeypatch.setattr(fused, "loaded", lambda: fused)  # this process merges with the loops
     assert sub_elements(dare) == COMPUTE_ELEMENTS_MAX and sub_rows(dare) == COMPUTE_ELEMENTS_MAX // 1024
-    assert sub_elements(linear) == share
+    assert sub_elements(linear) == COMPUTE_ELEMENTS_MAX
+    assert sub_elements(karcher) == share
     monkeypatch.setattr(fused, "loaded", lambda: None)  # torch's forms
-    assert sub_elements(dare) == share
+    assert sub_elements(dare) == sub_elements(linear) == share
 
 
 @pytest.mark.parametrize("compute", ["F32", "F64"])

@@ -89,6 +89,11 @@ def no_problems(ctx: TaskContext) -> list[str]:
     return []
 
 
+def loops_match_everywhere() -> str:
+    """MethodDef.jit_mismatch for loops that give torch's bits on every CPU: no reason."""
+    return ""
+
+
 class Tally:
     """Counts a method keeps for the report, per input, over the rows `pick` selects in the chunk
     it is given (the runner sets it: a fixed sample of rows, see stats.py): elements of its delta
@@ -277,6 +282,9 @@ class MethodDef:
     jit: bool = False
     # the group of compiled kernels its merges call (fused.GROUPS), the ones fused.warm loads for it
     jit_loops: str = "family"
+    # why its loops would not give the bits of this machine's torch forms, in words ("" where they do):
+    # asked before they are chosen (budget.loops_for), which they then are not
+    jit_mismatch: Callable[[], str] = field(compare=False, default=loops_match_everywhere)
     # the element-inputs (elements x inputs over the tensors it computes) from which its loops repay
     # loading numba and the kernels (about 0.6-0.9 s here, and a smaller block budget under a cap):
     # fused.MIN_WORK where they save 3-14 ns per element-input; more where they save less (SLERP's one

@@ -34,6 +34,7 @@ from .rng import _blocks, block_key
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 _scratch = threading.local()  # each thread's radix histogram (radix_count), all zeros between calls
+_torch_facts: dict[str, str] = {}  # what was asked of this machine's torch once (add_unfused)
 _use = {"on": True}  # the merge this process runs uses the loops (use_for); tests call kernels directly
 
 # A merge with fewer float32 element-inputs than this (elements x inputs, over its family tensors)
@@ -50,7 +51,13 @@ MIN_WORK = 1 << 26
 # (850M) merged in 1.6-2.6 s with the loops against 1.7-2.2; a 14-model one (8.1G) in 9.3-10.5 s
 # with them against 10.5-12.5.
 SLIM_WORK = 1 << 28  # SLERP
-SUM_WORK = 1 << 31  # task_arithmetic: its 2-input 1.4G at 7B shapes was still 0.3-1.0 s slower with the loops
+# task_arithmetic: its 2-input 1.4G at 7B shapes was still 0.3-1.0 s slower with the loops. linear's
+# one loop (merge seconds, loops against torch's forms, alternated, 512 MiB cap, 2 cores; quiet, and
+# beside 4 busy processes): 3-model medium (851M) 0.75-0.77 against 0.69-0.70, busy 1.73 against
+# 1.39; 5-model medium (1.42G) 0.78-0.90 against 0.78-0.80, busy 1.74-2.18 against 1.83-2.26;
+# 3-model 7B shapes (2.10G) 1.17-1.28 against 1.24-1.28, busy 2.68-2.91 against 3.00-3.09;
+# 14-model medium (3.97G) 1.46-1.51 against 1.72-1.76, busy 3.66-3.94 against 4.38-4.49.
+SUM_WORK = 1 << 31
 
 
 def use_for(work: int, least: int = MIN_WORK) -> bool:
@@ -156,7 +163,7 @@ def collector_off() -> Iterator[None]:
 # up costs a few ms; numba's own start (its import, then its registries with the first kernel) is
 # paid whichever. The gradient SLERP's budget.baseline_bytes (that start and the warm), alternated
 # in fresh processes on 2 cores: 0.36-0.41 s with its own group against 0.40-0.45 with every one.
-GROUPS = ("sums", "slerp", "family")
+GROUPS = ("sums", "slerp", "linear", "family")
 
 
 def warm(group: str) -> None:
@@ -327,6 +334,10 @@ def _warm(group: str) -> None:
         if group == "slerp":
             for dt in LOADED:
                 weighted_pair(xs[1], xs[2], 0.5, 0.5, dt)
+        if group == "linear":
+            for dt in LOADED:
+                for d in (None, 2.0):
+                    linear_sum(xs, np.ones(3, dtype=np.float32), d, dt)
         if group == "family":
             dare_sums(xs[1], xs[0], 1, 0, 1 << 31, True)
             task_apply(xs, 0, [1, 2], [torch.ones(1, 8, dtype=torch.bool), None], [1.0, 1.0], [1.0, 1.0], False,
@@ -588,6 +599,41 @@ def weighted_pair(a: torch.Tensor, b: torch.Tensor, c0: float, c1: float,
     out = torch.empty(a.shape, dtype=dtype)
     jit.weighted_pair(_flat(a), _flat(b), np.float32(c0), np.float32(c1), _flat(out))
     return out
+
+
+def linear_sum(x: torch.Tensor, weights: np.ndarray, divisor: float | None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """Linear.apply's rows (rows, cols) in `dtype` (float32, or bfloat16: cast as torch's .to casts,
+    in the same loop) for a chunk x usable here (float32, or bfloat16 as read): Σ x_i·weights[i]
+    (float32 weights, torch's fused multiply-adds in input order from a sum of zeros), divided by
+    `divisor` (a float32 value) unless it is None, in one compiled loop (_jit.linear_sum). None where
+    the kernels are not loaded, or for another dtype."""
+    jit = kernels()
+    if jit is None or not usable(x) or dtype not in LOADED:
+        return None
+    n, m, step = x.shape[0], x[0].numel(), x.stride(0)
+    span = x.as_strided(((n - 1) * step + m,), (1,))  # each input's rows one run (usable), at `step` apart
+    out = torch.empty(x.shape[1:], dtype=dtype)
+    jit.linear_sum(_np(span), step, n, weights, np.float32(1.0 if divisor is None else divisor),
+                   divisor is not None, _flat(out))
+    return out
+
+
+def add_unfused() -> str:
+    """Why linear_sum's loop would not give the bits of this machine's torch, in words, or "" where it
+    does: it rounds each x·w + sum once (a fused multiply-add), as torch's float32 add_(x, alpha=w)
+    does in its AVX2 and AVX-512 kernels, body and tail; its baseline x86 kernels (a CPU without AVX2,
+    or ATEN_CPU_CAPABILITY=default) round the product first. Asked of torch itself, once: a sum whose
+    product is rounded away (1 + 2^-11 + 2^-24, exact, less 1 + 2^-11) at lengths that take its
+    vector body and its tail."""
+    if "add_unfused" not in _torch_facts:
+        a, b = 1 + 2.0 ** -11, 1 + 2.0 ** -12  # float32 values
+        fuses = all(bool((torch.full((n,), -a).add_(torch.full((n,), b), alpha=b) == 2.0 ** -24).all())
+                    for n in (1, 17, 67, 1031))
+        _torch_facts["add_unfused"] = "" if fuses else (
+            "this CPU's torch rounds a product before adding it (no fused multiply-add: "
+            f"{torch.backends.cpu.get_cpu_capability()} kernels), which linear's compiled loop does not")
+    return _torch_facts["add_unfused"]
 
 
 def product_sums(x: torch.Tensor, y: torch.Tensor, base: int | None) -> np.ndarray | None:
