@@ -3,7 +3,8 @@
 floor and, when given, mergekit 0.1.5 (installed in a separate environment).
 
 For each of linear (3 models), the seed's gradient slerp, ties and della (3 models each) and the 14-model
-dare_ties it prints wall time, the merge's own time (less Python's start-up and torch's import) and
+dare_ties (and with --only soup, a linear average of all 15 models: a model soup, whose many inputs
+take linear's compiled loop) it prints wall time, the merge's own time (less Python's start-up and torch's import) and
 peak RSS, and the I/O floor measured in the same run: reading every input byte once from a warm page
 cache (--cold: from the disk) plus writing and syncing the output's size, the fastest of five
 tries; both times also as multiples of the floor.
@@ -84,9 +85,11 @@ def configs(folders: list[str]) -> dict[str, tuple[str, list[str]]]:
                        for f in ft[:2])
              + "dtype: bfloat16\n")
     dare = dare_ties_14(folders)
+    soup = ("merge_method: linear\nmodels:\n" + "".join(f"  - {{model: {f}, parameters: {{weight: 1.0}}}}\n"
+                                                       for f in folders[:15]) + "dtype: bfloat16\n")
     return {"linear (3 models)": (linear, folders[:3]), "slerp (gradient)": (slerp, folders[:2]),
             "ties (3 models)": (ties, folders[:3]), "della (3 models)": (della, folders[:3]),
-            "dare_ties (15 models)": (dare, folders[:15])}
+            "dare_ties (15 models)": (dare, folders[:15]), "soup (15 models)": (soup, folders[:15])}
 
 
 # The floor is measured this many times and the fastest try taken: on this project's 2-core machine
@@ -122,7 +125,8 @@ def merge_seconds(stderr: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-MERGES = ("linear", "slerp", "ties", "della", "dare_ties")  # the first word of each name configs() gives
+MERGES = ("linear", "slerp", "ties", "della", "dare_ties", "soup")  # the first word of each name configs() gives
+DEFAULT_MERGES = MERGES[:5]  # the five; --only soup adds the 15-model linear
 VARIANTS = {"cpu": [], "j1": ["-j", "1"], "j2": ["-j", "2"], "j4": ["-j", "4"], "j8": ["-j", "8"],
             "j16": ["-j", "16"], "no-overlap": ["--no-overlap"], "overlap": ["--overlap"], "unbounded": [],
             "cuda": ["--device", "cuda"], "cuda-no-overlap": ["--device", "cuda", "--no-overlap"],
@@ -153,7 +157,7 @@ def main() -> None:
     variants = a.variants.split(",")
     if any(v not in VARIANTS for v in variants):
         raise SystemExit(f"--variants: choose from {', '.join(VARIANTS)}")
-    only = a.only.split(",") if a.only else list(MERGES)
+    only = a.only.split(",") if a.only else list(DEFAULT_MERGES)
     if any(m not in MERGES for m in only):
         raise SystemExit(f"--only: choose from {', '.join(MERGES)}")
     root = os.path.abspath(a.dir)
