@@ -277,7 +277,11 @@ def choose_loops(plan: Plan, max_memory: int) -> Plan:
     least 432MiB": 87 MiB of it numba's), which torch's forms merge in 344 MiB. Decided before
     numba is imported (importing it is what takes the memory); where this process loaded a group
     already (numba's own share held either way), or STREAMMERGE_JIT=1 asks for the loops, they stay."""
-    both = forms_budgets(plan)
+    return choose_loops_from(plan, max_memory, forms_budgets(plan))
+
+
+def choose_loops_from(plan: Plan, max_memory: int, both: tuple[int, int] | None) -> Plan:
+    """choose_loops with forms_budgets(plan) already measured (`both`; `streammerge plan` prints it too)."""
     if both is None or max_memory >= both[1]:
         return plan
     why = (f"torch's forms: the compiled loops (numba, about {mib_str(both[1] - both[0])} more) do not fit in "

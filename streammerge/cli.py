@@ -569,7 +569,7 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
     """Print one plan (or return it as JSON)."""
     from .budget import (
         baseline_bytes,
-        choose_loops,
+        choose_loops_from,
         chunk_budget,
         default_max_memory,
         expected_peak,
@@ -583,7 +583,7 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
 
     budget = max_memory or default_max_memory()
     both = forms_budgets(p)  # (before numba is loaded, for the loops' figure: measured without them)
-    p = choose_loops(p, budget)
+    p = choose_loops_from(p, budget, both)
     need, worst = widest_row(p)
     base = baseline_bytes(p)
     smallest = smallest_budget(p, base)

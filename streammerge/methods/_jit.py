@@ -685,9 +685,9 @@ LINEAR_TILE = 1024
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")  # x / 0 is IEEE's inf or NaN, as torch's
-def linear_sum(x: np.ndarray, step: int, n: int, w: np.ndarray, d: np.float32, divide: bool,
-               out: np.ndarray) -> None:
-    """out ← (Σ x_i·w_i) / d elementwise, input i's run being x[i·step:i·step + out.size] (float32,
+def linear_sum(x: np.ndarray, step: int, w: np.ndarray, d: np.float32, divide: bool, out: np.ndarray) -> None:
+    """out ← (Σ x_i·w_i) / d elementwise over the inputs i < w.size, input i's run being
+    x[i·step:i·step + out.size] (float32,
     or bfloat16's bits widened; x one contiguous span from the first input's run to the last's: a
     loop over a strided 2-D view of them does not vectorize, 0.9 against 0.17 ns per element):
     Linear.apply's torch form, a sum of zeros and then sum.add_(x_i, alpha=w_i) for each input in
@@ -703,7 +703,7 @@ def linear_sum(x: np.ndarray, step: int, n: int, w: np.ndarray, d: np.float32, d
         x0, w0 = x[t0:t0 + k], w[0]
         for j in range(k):
             a[j] = _fma(widen(x0[j]), w0, _ZERO)  # type: ignore[call-arg]  # numba passes the typing context
-        for i in range(1, n):
+        for i in range(1, w.size):
             xi, wi = x[i * step + t0:i * step + t0 + k], w[i]
             for j in range(k):
                 a[j] = _fma(widen(xi[j]), wi, a[j])  # type: ignore[call-arg]

@@ -612,9 +612,10 @@ def linear_sum(x: torch.Tensor, weights: np.ndarray, divisor: float | None,
     if jit is None or not usable(x) or dtype not in LOADED:
         return None
     n, m, step = x.shape[0], x[0].numel(), x.stride(0)
+    assert weights.size == n  # (the loop takes one input per weight)
     span = x.as_strided(((n - 1) * step + m,), (1,))  # each input's rows one run (usable), at `step` apart
     out = torch.empty(x.shape[1:], dtype=dtype)
-    jit.linear_sum(_np(span), step, n, weights, np.float32(1.0 if divisor is None else divisor),
+    jit.linear_sum(_np(span), step, weights, np.float32(1.0 if divisor is None else divisor),
                    divisor is not None, _flat(out))
     return out
 
