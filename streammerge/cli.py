@@ -202,8 +202,9 @@ def _mergekit_options(fn: Callable[..., None]) -> Callable[..., None]:
                           "and passthrough, which compute less than they read]."),
         click.option("--gpu-rich/--no-gpu-rich", default=False, help="mergekit's all-GPU switch: here, --device cuda."),
         click.option("-j", "--num-threads", type=click.IntRange(0, MAX_THREADS), default=None,
-                     help=f"CPU threads for the kernels, at most {MAX_THREADS} (default, or 0: every core this "
-                          "process may use)."),
+                     help=f"CPU threads for the kernels, at most {MAX_THREADS} (default, or 0: a thread per core "
+                          "this process may use, at most 4, or 2 for linear, slerp, task_arithmetic and "
+                          "passthrough: past that the merges wait on memory)."),
         click.option("--transformers-cache", type=click.Path(file_okay=False), default=None,
                      help="A Hugging Face cache folder to look in first."),
         click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,

@@ -117,15 +117,41 @@ def read_threads(available: int) -> int:
     return max(1, min(READ_THREADS_MAX, available // READ_PER_CORES))
 
 
+# Compute threads a run takes when -j is not given, at most (THREADS_MAX; IO_BOUND_THREADS_MAX for
+# the methods that read more than they compute, MethodDef.io_bound). Past a few threads the merges
+# wait on the memory, not on the cores: measured on the lent 16-core machine (an H200's host, a VM;
+# medium set, warm page cache, 1 GiB budget, one run each, December 4 2026), merge wall seconds at
+# 1/2/4/8/16 threads: the 14-model DARE-TIES 14.2/9.7/7.6/8.7/11.5 (at 8 GiB: 4/8/16 threads
+# 7.1/7.4/10.8, so not the budget's smaller sub-chunks), the 3-model TIES 5.2/3.8/3.8/4.9/7.5, linear
+# 3.0/2.8/3.1/3.4/3.7, the gradient SLERP 2.7/2.6/2.8/3.2/3.8. The DARE-TIES's compute threads took
+# 13.3 s of CPU at 4 threads and 21.1 s at 16 for the same work; one core there streamed torch's add
+# at 0.59 ns per float32 element and 16 at 0.098, 6x (this 2-core machine's one: 0.17).
+THREADS_MAX = 4
+IO_BOUND_THREADS_MAX = 2
+
+
 def default_threads(available: int, torch_threads: int) -> int:
-    """Compute threads when -j is not given: every core this process may use (affinity and cgroup
-    quota, not os.cpu_count()), at most torch's own count (physical cores). The runner's threads
+    """Compute threads when -j is not given: the cores this process may use (affinity and cgroup
+    quota, not os.cpu_count()), at most torch's own count (physical cores) and THREADS_MAX (a run
+    of a method that reads more than it computes takes fewer: compute_threads). The runner's threads
     each take whole sub-chunks, so a thread the OS takes away delays its own sub-chunk only, and
     on a busy machine more threads get a larger share of the cores. Measured on 2 cores beside 4
     spinning processes, the 14-model DARE-TIES on the medium set: 2 threads 72.8 s, 1 thread
     114.2 s; quiet 29.2 s and 42.3 s. (torch's own threads, which meet after every op, made 2
     threads 14x slower than 1 on a busy machine: 490 s against 35 s for a 3-model TIES.)"""
-    return max(1, min(torch_threads, available))
+    return max(1, min(torch_threads, available, THREADS_MAX))
+
+
+def compute_threads(torch_threads: int, available: int, overlap: bool, io_bound: bool, asked: bool) -> int:
+    """A CPU run's compute threads: torch's thread count (-j when `asked`, else api's default), less
+    a core for the reader when reading ahead on every core, and without -j at most THREADS_MAX, or
+    IO_BOUND_THREADS_MAX for a method that reads more than it computes (`io_bound`)."""
+    threads = torch_threads
+    if overlap and threads >= available > 1:
+        threads = available - 1  # the writer's work is light
+    if not asked:
+        threads = min(threads, IO_BOUND_THREADS_MAX if io_bound else THREADS_MAX)
+    return max(1, threads)
 
 
 # The kernel's read-ahead keeps up to two windows of each file it reads in order (the one being
@@ -278,14 +304,11 @@ class Executor:
                         plan.total_bytes, len(plan.shards), content_hash(plan, committer.shard_hashes))
 
     def _threads(self) -> int:
-        """Compute threads: torch's thread count (-j, or api's default), less a core for the reader
-        when reading ahead on every core; one on a GPU, whose kernels are queued, not computed here."""
+        """Compute threads (compute_threads); one on a GPU, whose kernels are queued, not computed here."""
         if self.device.type != "cpu":
             return 1
-        threads = torch.get_num_threads()
-        if self.overlap and threads >= cores() > 1:
-            threads = cores() - 1  # the writer's work is light
-        return threads
+        return compute_threads(torch.get_num_threads(), cores(), self.overlap, self.plan.method.io_bound,
+                               bool(self.options.num_threads))
 
     def _schedule(self) -> Schedule:
         opts = self.options

@@ -41,7 +41,7 @@ class RunOptions:
     copy_tokenizer: bool = True
     write_card: bool = True  # README.md and mergekit_config.yml
     intermediate_dir: str | None = None  # pipelines: where earlier stages go (default OUT.stages/)
-    num_threads: int | None = None  # CPU threads for the kernels, 1..MAX_THREADS; None or 0: every core it may use
+    num_threads: int | None = None  # kernels' CPU threads, 1..MAX_THREADS; None or 0: executor.compute_threads
     chunk_bytes: int | None = None  # fix the chunk buffers' size instead (tests and benchmarks)
     ray: str | None = None  # run the tasks on Ray: "local" (start one here), "auto", "ray://host:port", ...
     workers: int | None = None  # Ray: tasks running at once; None: as many as the cluster's resources allow

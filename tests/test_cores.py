@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from helpers import in_child_cgroup
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -65,13 +66,60 @@ def test_cgroup_quota_v2_v1_and_none(tmp_path) -> None:
 
 
 
-def test_default_threads_are_the_cores_this_process_may_use() -> None:
-    from streammerge.executor import default_threads
+def test_default_threads_are_the_cores_this_process_may_use_at_most_four() -> None:
+    from streammerge.executor import THREADS_MAX, default_threads
 
+    assert THREADS_MAX == 4
     assert default_threads(2, 2) == 2
-    assert default_threads(16, 8) == 8  # never more than torch's own count (physical cores)
-    assert default_threads(4, 16) == 4  # never more than the cores available (a cgroup quota)
+    assert default_threads(3, 8) == 3  # never more than the cores available (a cgroup quota)
+    assert default_threads(16, 8) == 4  # never more than THREADS_MAX: past it the merges wait on memory
+    assert default_threads(16, 2) == 2  # never more than torch's own count (physical cores)
     assert default_threads(0, 4) == 1  # never none
+
+
+@settings(max_examples=300, deadline=None)
+@given(torch_threads=st.integers(1, 64), available=st.integers(1, 64), overlap=st.booleans(),
+       io_bound=st.booleans(), asked=st.booleans())
+def test_compute_threads(torch_threads, available, overlap, io_bound, asked) -> None:
+    """-j is taken as given, but for the core the reader keeps when reading ahead on every core;
+    without it no more than THREADS_MAX, or IO_BOUND_THREADS_MAX for a method that reads more than
+    it computes; never none."""
+    from streammerge.executor import IO_BOUND_THREADS_MAX, THREADS_MAX, compute_threads
+
+    got = compute_threads(torch_threads, available, overlap, io_bound, asked)
+    reader_core = overlap and available > 1 and torch_threads >= available
+    wanted = available - 1 if reader_core else torch_threads
+    if not asked:
+        wanted = min(wanted, IO_BOUND_THREADS_MAX if io_bound else THREADS_MAX)
+    assert got == wanted >= 1
+    assert IO_BOUND_THREADS_MAX == 2
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "linear"])
+def test_a_run_without_j_takes_the_capped_threads(method, tiny_set, tmp_path) -> None:
+    """What an Executor runs with, torch set to 8 threads as on an 8-core machine: 4 compute
+    threads for DARE-TIES and 2 for linear without -j (this machine's cores do not count there but
+    for the reader's core), and 8 with -j 8 (or one less, for the reader)."""
+    import torch
+
+    from streammerge.config import parse_config
+    from streammerge.executor import Executor, cores
+    from streammerge.options import RunOptions
+    from streammerge.planner import make_plan
+
+    models = "".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for f in tiny_set[1:3])
+    base = f"base_model: {tiny_set[0]}\n" if method != "linear" else ""
+    plan = make_plan(parse_config(f"merge_method: {method}\n{base}models:\n{models}dtype: float32\n"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        for asked, overlap in ((None, False), (None, True), (8, False), (8, True)):
+            ex = Executor(plan, str(tmp_path / "out"), RunOptions(num_threads=asked, overlap=overlap))
+            reader = overlap and cores() > 1 and 8 >= cores()
+            full = cores() - 1 if reader else 8
+            assert ex._threads() == (full if asked else min(full, 2 if method == "linear" else 4)), (asked, overlap)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_quarter_of_the_cores_read_ahead() -> None:

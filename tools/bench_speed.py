@@ -19,10 +19,10 @@ embeddings; 2 layers, ~1.4 GB each) instead of the medium set (hidden 1024, ~560
 --cold drops the inputs' pages from the page cache before every run, mergekit's and the floor's
 read too (a laptop whose RAM cannot hold the inputs: every byte comes from the disk).
 
-Variants (each a streammerge run of every config): cpu (the defaults: compute threads on every
-core this process may use; read-ahead and write-behind threads with 4 or more cores, or 2 for
-linear, slerp, task_arithmetic and passthrough), j1 (-j 1:
-one compute thread), j2, j4, j8 (-j N), no-overlap (--no-overlap: one thread does the I/O in
+Variants (each a streammerge run of every config): cpu (the defaults: a compute thread per
+core this process may use, at most 4, or 2 for linear, slerp, task_arithmetic and passthrough;
+read-ahead and write-behind threads with 4 or more cores, or 2 for those four), j1 (-j 1: one
+compute thread), j2, j4, j8, j16 (-j N), no-overlap (--no-overlap: one thread does the I/O in
 order), overlap (--overlap: the helper threads whatever the cores), cuda (--device cuda),
 cuda-no-overlap, nojit (STREAMMERGE_JIT=0: the torch forms instead of the compiled loops), jit
 (STREAMMERGE_JIT=1: the loops whatever the merge's size). The unbounded variant runs without
