@@ -55,8 +55,21 @@ def thread_times(tid: int) -> tuple[float, float | None] | None:
 
 
 def role(name: str) -> str:
-    """A thread's role from its Python name: 'streammerge-kernel_3' -> 'streammerge-kernel'."""
-    return name if name == "MainThread" else name.rstrip("0123456789").rstrip("_-")
+    """A thread's role from its Python name: 'streammerge-kernel_3' -> 'streammerge-kernel'; a
+    thread Python did not start by its kernel name ('native python3': the interpreter's own name, as
+    OpenMP's workers have; 'native cuda-EvtHandlr')."""
+    if name == "MainThread" or name.startswith("native "):
+        return name
+    return name.rstrip("0123456789").rstrip("_-")
+
+
+def native_name(tid: int) -> str:
+    """'native ' and the kernel's name of thread `tid` (/proc/.../comm)."""
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return "native " + f.read().strip()
+    except OSError:
+        return "native ?"
 
 
 class Sampler:
@@ -111,7 +124,7 @@ class Sampler:
             times = thread_times(tid)
             if times is not None:
                 with self._lock:
-                    name = names.get(tid) or self.seen.get(tid, (f"native-{tid}", 0.0, None))[0]
+                    name = names.get(tid) or (self.seen[tid][0] if tid in self.seen else native_name(tid))
                     if times[0] >= self.seen.get(tid, ("", 0.0, None))[1]:  # (never back past a thread's end)
                         self.seen[tid] = (name, *times)
 
