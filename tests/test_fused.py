@@ -1035,3 +1035,58 @@ def test_the_helper_never_writes_through_a_link_planted_at_its_mark(tmp_path) ->
                          timeout=600)
     assert got.returncode != 0 and "OSError" in got.stderr
     assert victim.read_text() == "user data"
+
+
+# float64 row sums as RowSums sees them, and the values that make an exact sum hard: both zeros,
+# subnormals, exponents far apart (cancellation, ties at half an ulp), and what the loop leaves to fsum
+FSUM_VALUE = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-2.0**899, max_value=2.0**899),
+    st.sampled_from([0.0, -0.0, 5e-324, -5e-324, 1.0, -1.0, 2.0**-53, 2.0**53, 1e16, -1e16, 2.0**899]),
+    st.integers(-2**60, 2**60).map(lambda k: k * 2.0**-30),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(values=st.lists(FSUM_VALUE, max_size=60), cuts=st.lists(st.integers(0, 60), max_size=6),
+       odd=st.sampled_from([None, float("inf"), float("-inf"), float("nan"), 2.0**900, -2.0**1000]))
+@example(values=[-0.0, -0.0], cuts=[1], odd=None)
+@example(values=[1.0, 2.0**-53, -1.0], cuts=[], odd=None)
+@example(values=[2.0**53, 1.0, 2.0**-53 * 1.5], cuts=[1], odd=None)
+def test_exact_partials_sum_as_fsum_does(values, cuts, odd) -> None:
+    """RowSums sums its row sums as fused.exact_partials's few floats: math.fsum over the
+    chunks' partials is math.fsum over the values, bit for bit (zeros' signs too), however the
+    values are cut into chunks; where a chunk holds a value the loop leaves to fsum (not finite,
+    or beyond _jit.PARTIALS_BIG) it says so, and the values themselves are added. Fails for a loop
+    that rounds as it adds (a float64 running sum, Kahan's) or drops a sign."""
+    import math
+
+    from streammerge.methods.base import RowSums
+    if odd is not None:
+        values = values + [odd]
+    bounds = sorted({0, len(values), *(c for c in cuts if c <= len(values))})
+    chunks = [np.array(values[a:b], dtype=np.float64) for a, b in zip(bounds, bounds[1:])]
+    parts: list[float] = []
+    for c in chunks:
+        p = fused.exact_partials(c)
+        bad = any(not math.isfinite(v) or abs(v) >= 2.0**900 for v in c.tolist())
+        assert (p is None) == bad
+        if p is not None:
+            assert len(p) <= max(1, len(c)) and len(p) <= fused.PARTIALS_MAX
+        parts += c.tolist() if p is None else p
+    try:
+        want = math.fsum(values)
+    except ValueError:  # +inf and -inf: exact_total's NaN
+        want = math.nan
+    try:
+        got = math.fsum(parts)
+    except ValueError:
+        got = math.nan
+    assert np.array(got).tobytes() == np.array(want).tobytes() or (math.isnan(got) and math.isnan(want))
+    # and RowSums itself, through torch's float64 tensors, with the loops and without
+    for loops in (True, False):
+        with contextlib.nullcontext() if loops else without_loops():
+            sums = RowSums()
+            for c in chunks:
+                sums.add(torch.from_numpy(c))
+            total = sums.total()
+            assert np.array(total).tobytes() == np.array(want).tobytes() or (math.isnan(total) and math.isnan(want))

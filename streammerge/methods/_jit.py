@@ -632,6 +632,50 @@ def tree_rows(x: np.ndarray, out: np.ndarray) -> None:
         out[r] = _halve(s, cols, w)
 
 
+# Values at least this large (or not finite) leave exact_partials to math.fsum itself: no partial
+# sum of fewer than 2^100 of them can overflow, so its partials are exact where fsum's would be.
+PARTIALS_BIG = 2.0 ** 900
+
+
+@numba.njit(nogil=True, cache=True)
+def exact_partials(values: np.ndarray, out: np.ndarray) -> int:
+    """Shewchuk's partials of the exact sum of float64 `values`, as math.fsum keeps them while it
+    adds (non-overlapping, smallest first; CPython's msum step), into out: their count, and where
+    the exact sum is zero, one zero, negative only where every value is -0.0 (as IEEE's sum). -1
+    where a value is not finite or not below PARTIALS_BIG, or the partials would outgrow out: the
+    caller adds the values themselves then. math.fsum of any values' partials, with others', is
+    math.fsum of the values, with the others: both round the same exact sum."""
+    n = 0
+    negative_zeros = True
+    for k in range(values.size):
+        x = values[k]
+        if not abs(x) < PARTIALS_BIG:  # (NaN too)
+            return -1
+        if x != 0.0 or not np.signbit(x):
+            negative_zeros = False
+        i = 0
+        for j in range(n):
+            y = out[j]
+            if abs(x) < abs(y):
+                x, y = y, x
+            hi = x + y
+            lo = y - (hi - x)
+            if lo != 0.0:
+                out[i] = lo
+                i += 1
+            x = hi
+        n = i
+        if x != 0.0:
+            if n == out.size:
+                return -1
+            out[n] = x
+            n += 1
+    if n == 0 and values.size:
+        out[0] = -0.0 if negative_zeros else 0.0
+        n = 1
+    return n
+
+
 @numba.njit(nogil=True, cache=True)
 def product_sums(x: np.ndarray, y: np.ndarray, base: int, out: np.ndarray) -> None:
     """tree_rows' sums of float32 products (each rounded to float32, as the torch form multiplies,

@@ -327,6 +327,7 @@ def _note_killed(mark: str, limit: int) -> None:
 
 def _warm(group: str) -> None:
     x = torch.zeros(3, 1, 8)
+    exact_partials(np.zeros(2))
     for dt in (torch.float32, torch.float64):
         tree_sums(x[1].to(dt))
     for xs in (x, x.bfloat16()):  # and blocks as read
@@ -564,6 +565,22 @@ def settle_ties(codes: np.ndarray, ties: int, quota: int) -> np.ndarray:
 
 def _flat(t: torch.Tensor) -> np.ndarray:
     return _np(t).reshape(-1)
+
+
+PARTIALS_MAX = 64  # Shewchuk's partials of float64 values: ~40 at most (2,098 bits of exponent / 53)
+
+
+def exact_partials(values: np.ndarray) -> list[float] | None:
+    """A few floats whose math.fsum, with any others, is math.fsum of `values` (float64, one
+    dimension): _jit.exact_partials, in place of a Python float per value (base.RowSums). None
+    where the kernels are not loaded, or for values the loop leaves to math.fsum (not finite, or
+    beyond _jit.PARTIALS_BIG)."""
+    jit = loaded()
+    if jit is None or values.dtype != np.float64 or values.ndim != 1:
+        return None
+    out = np.empty(PARTIALS_MAX, dtype=np.float64)
+    n = jit.exact_partials(np.ascontiguousarray(values), out)
+    return out[:n].tolist() if n >= 0 else None
 
 
 def tree_sums(x: torch.Tensor) -> torch.Tensor | None:
