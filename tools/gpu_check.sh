@@ -12,6 +12,9 @@
 #      defaults against -j 1;
 #   3. the 4- and 16-thread runs' CPU seconds per thread role (tools/thread_cpu.py; threads Python
 #      did not start by their kernel names: on December 4 thirty of them took 3.8 s, unnamed);
+#   3b. where py-spy was carried (.whl/py_spy-*.whl, installed to /tmp/site: the device README's
+#      wheels), Python's lock held during the 4- and 16-thread runs (tools/gil_profile.py): the part
+#      of the merge no number of compute threads shares;
 #   4. tests/test_gpu.py (masks and fixed-order sums equal the CPU's, every method against the CPU,
 #      GPU bytes independent of GPU chunking and read-ahead, the CLI with --device cuda), with a
 #      per-method report of how many output bytes equal the CPU's;
@@ -19,7 +22,8 @@
 #      without, GPU.
 # Runs from the repository root without installing (PYTHONPATH); writes logs to $OUT (default
 # /tmp/gpu-check), seven files. No memory cap is set there: --max-memory alone bounds the runs.
-# The steps' boxes add up to 510 s beside the compiles (37 s on December 4), for one 580 s call.
+# The steps' boxes add up to 570 s beside the compiles (37 s on December 4): 510 without py-spy,
+# for one 580 s call (on December 4, the set made, the 1 GiB table and the GPU tests took ~130 s).
 # Usage: bash tools/gpu_check.sh [MEDIUM_DIR]
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -49,6 +53,17 @@ for j in 4 16; do
     timeout 30 python3 tools/thread_cpu.py -- run "$MEDIUM/bench-dare_ties.yml" /tmp/thread-cpu-out -q \
         --max-memory 1GiB -j $j 2>&1 | tee -a "$OUT/thread_cpu.log"
 done
+SPY=$(command -v py-spy || echo /tmp/site/bin/py-spy)
+if ls .whl/py_spy-*.whl >/dev/null 2>&1 && [ ! -x "$SPY" ]; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/py_spy-*.whl
+fi
+if [ -x "$SPY" ]; then
+    for j in 4 16; do
+        rm -rf /tmp/gil-out
+        timeout 30 python3 tools/gil_profile.py --py-spy "$SPY" --top 15 -- run "$MEDIUM/bench-dare_ties.yml" \
+            /tmp/gil-out -q --max-memory 1GiB -j $j 2>&1 | tee -a "$OUT/thread_cpu.log"
+    done
+fi
 rm -f "$OUT/gpu_report.jsonl"
 STREAMMERGE_GPU_REPORT="$OUT/gpu_report.jsonl" timeout 60 python3 -m pytest -q -p no:cacheprovider \
     tests/test_gpu.py tests/test_overlap.py 2>&1 | tee "$OUT/pytest.log"
