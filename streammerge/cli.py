@@ -130,6 +130,17 @@ def _loaded() -> None:
     gc.enable()
 
 
+def quiet_blas() -> None:
+    """Before numpy is imported: its BLAS (OpenBLAS in pip's wheels) on the calling thread alone,
+    unless OPENBLAS_NUM_THREADS says otherwise. OpenBLAS starts a thread per core but one at
+    numpy's import, each spinning ~0.1 s for work before it sleeps (0.0996 s of CPU on this 2-core
+    machine's one, with no BLAS call made); on the lent 16-core machine threads Python did not
+    start took 3.8 s of CPU in every DARE-TIES run, beside the merge's own 23 s, and on a busy
+    laptop that is CPU taken from everything else. streammerge's numpy products are of n x n
+    matrices (n the models: the spherical methods), which one thread does at once."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def entry() -> None:
     """The console script and `python -m streammerge`: main(), then the process ends at once.
 
@@ -143,6 +154,7 @@ def entry() -> None:
     The garbage collector is off until a command has loaded its modules (_loaded).
     """
     gc.disable()
+    quiet_blas()
     try:
         main()
         code = 0

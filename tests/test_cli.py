@@ -202,3 +202,39 @@ def test_a_command_runs_with_the_collector_on_and_its_imports_frozen(tiny_set, t
     enabled, frozen, torch_loaded = mark.read_text().split()
     assert enabled == "True" and torch_loaded == "True"
     assert int(frozen) > 10_000  # torch's modules, classes and functions among them
+
+
+_BLAS = r"""
+import atexit, os, sys
+mark = sys.argv.pop()
+def threads():
+    import numpy  # noqa: F401  (imported by the command already)
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    open(mark, "w").write(f"{os.environ.get('OPENBLAS_NUM_THREADS')} {len(names)}")
+atexit.register(threads)
+from streammerge.cli import entry
+entry()
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or len(os.sched_getaffinity(0)) < 2,
+                    reason="counts a process's threads in Linux's /proc, with 2 or more cores")
+@pytest.mark.parametrize("asked", [None, "2"])
+def test_the_command_keeps_numpys_blas_on_one_thread_unless_told(tiny_set, tmp_path, asked) -> None:
+    """OpenBLAS, as pip's numpy ships it, starts a thread per core but one at import, each spinning
+    for work ~0.1 s: the command sets OPENBLAS_NUM_THREADS=1 before numpy is imported, so `plan`
+    (numpy and torch imported, no merge's threads) ends with the threads it had without numpy; a
+    user's own setting is kept, and then OpenBLAS starts its thread."""
+    mark = tmp_path / "blas"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if asked:
+        env["OPENBLAS_NUM_THREADS"] = asked
+    r = subprocess.run([sys.executable, "-c", _BLAS, "plan", config(tmp_path, tiny_set), str(mark)],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    setting, count = mark.read_text().split()
+    baseline = subprocess.run([sys.executable, "-c", "import os, torch; print(len(os.listdir('/proc/self/task')))"],
+                              capture_output=True, text=True, env={**env, "OPENBLAS_NUM_THREADS": "1"}, timeout=300)
+    without_blas = int(baseline.stdout)
+    assert setting == (asked or "1")
+    assert int(count) == (without_blas + 1 if asked else without_blas), (count, without_blas)
