@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from streammerge.cli import ByteSize, main
@@ -111,7 +112,20 @@ def test_budget_too_small_fails_at_plan_time_naming_tensor(tiny_set, tmp_path) -
         r = CliRunner().invoke(main, [*cmd, "--max-memory", "10M"])
         assert r.exit_code == 5
         assert "--max-memory 9MiB is too small: tensor" in r.output and "use at least --max-memory" in r.output
+        assert ("CUDA build" in r.output) == bool(torch.version.cuda)
     assert not out.exists()
+
+
+def test_a_budget_refused_under_torchs_cuda_build_says_what_it_costs(tiny_set, tmp_path, monkeypatch) -> None:
+    """A merge on the CPU refused its budget where torch is a CUDA build (torch.version.cuda set, as
+    pip's default wheel on Linux) says that build holds more and how to install the CPU one; a CPU
+    build's refusal does not."""
+    for cuda in ("13.0", None):
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        r = CliRunner().invoke(main, ["plan", config(tmp_path, tiny_set), "--max-memory", "10M"])
+        assert r.exit_code == 5 and "is too small" in r.output
+        hint = "is a CUDA build" in r.output and "download.pytorch.org/whl/cpu" in r.output
+        assert hint == bool(cuda), r.output
 
 
 @pytest.mark.parametrize("text,value", [("512M", 512 * 10**6), ("2GiB", 2 * 2**30), ("5B", 5 * 10**9),
