@@ -572,13 +572,14 @@ def plan(config_path: str, out_arg: str | None, max_memory: int | None, out_shar
             continue
         if len(plans) > 1 and not as_json:
             click.echo(f"\n== stage {i + 1}/{len(plans)} {names[i]}")
-        shown.append(_show_plan(p, max_memory, out, as_json))
+        shown.append(_show_plan(p, max_memory, out, as_json, options))
     if as_json:
         click.echo(json.dumps(shown[0] if len(shown) == 1 else
                               {"stages": [{"name": n, **j} for n, j in zip(names, shown)]}, indent=2))
 
 
-def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) -> dict[str, object]:
+def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool,
+               options: RunOptions) -> dict[str, object]:
     """Print one plan (or return it as JSON)."""
     from .budget import (
         baseline_bytes,
@@ -592,6 +593,7 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
         suggested_budget,
         widest_row,
     )
+    from .executor import THREADS_MAX, planned_threads
     from .planner import PlannedIndex
 
     budget = max_memory or default_max_memory()
@@ -604,9 +606,12 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
     peak = expected_peak(p, chunk_budget(p, budget, base), base)
     free = _free_space(out or ".")
     compiled, forms = kernel_forms(p)
+    th = planned_threads(p, options)
     if as_json:
         return {**_plan_json(p, budget, peak, smallest, free), "suggested_max_memory_bytes": suggested,
-                "kernels": {"compiled": compiled, "why": forms}}
+                "kernels": {"compiled": compiled, "why": forms},
+                "threads": {"compute": th.compute, "cores": th.cores, "read_ahead": th.read_ahead,
+                            "reading": th.reading}}
     counts: dict[int, int] = {}
     for t in p.tasks:
         counts[len(t.inputs)] = counts.get(len(t.inputs), 0) + 1
@@ -627,6 +632,16 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool) 
                + (f"; {suggested_budget(both[0]) // 2**20} MiB with torch's forms, slower"
                   if compiled and both else ""))
     click.echo(f"kernels: {forms}")
+    if p.device != "cpu":
+        how = "1 thread queueing the GPU's kernels"
+    else:
+        cap = f"at most {2 if p.method.io_bound else THREADS_MAX}"
+        why = f"-j {options.num_threads}" if options.num_threads else f"without -j a thread per core, {cap}"
+        left = ", one core left to the reading" if th.reader_core else ""
+        how = f"{th.compute} compute thread(s) of {th.cores} core(s) ({why}{left})"
+    ahead = (f"reading ahead on {th.reading} thread(s), writing behind" if th.read_ahead else
+             "reading and writing in turn (--overlap reads ahead)")
+    click.echo(f"threads: {how}; {ahead}")
     click.echo("tensors:")
     for t in p.tasks:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.ctx.shared.items())

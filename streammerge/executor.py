@@ -154,6 +154,31 @@ def compute_threads(torch_threads: int, available: int, overlap: bool, io_bound:
     return max(1, threads)
 
 
+@dataclass(frozen=True)
+class Threads:
+    """The threads a run takes here (Executor's choice; `streammerge plan` shows it)."""
+
+    compute: int  # compute threads (compute_threads; one on a GPU)
+    cores: int  # the cores this process may use (cores())
+    read_ahead: bool  # a read-ahead and a write-behind thread (default_overlap, or --overlap)
+    reading: int  # threads reading each block with the read-ahead (read_threads), else 0
+    reader_core: bool  # one core left to the read-ahead (compute_threads)
+
+
+def planned_threads(plan: Plan, options: RunOptions) -> Threads:
+    """The threads a run of `plan` with `options` takes on this machine: -j, or torch's count as the
+    API sets it (default_threads), through compute_threads; the read-ahead as --overlap says or
+    default_overlap decides."""
+    available = cores()
+    overlap = options.overlap if options.overlap is not None else default_overlap(plan, available)
+    torch_threads = options.num_threads or default_threads(available, torch.get_num_threads())
+    if plan.device != "cpu":
+        return Threads(1, available, overlap, read_threads(available) if overlap else 0, False)
+    compute = compute_threads(torch_threads, available, overlap, plan.method.io_bound, bool(options.num_threads))
+    return Threads(compute, available, overlap, read_threads(available) if overlap else 0,
+                   overlap and torch_threads >= available > 1)
+
+
 # The kernel's read-ahead keeps up to two windows of each file it reads in order (the one being
 # read and the one started ahead of it), charged to the merge's memory cgroup before it reads them.
 READAHEAD_WINDOWS = 2

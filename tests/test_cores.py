@@ -107,7 +107,8 @@ def test_a_run_without_j_takes_the_capped_threads(method, tiny_set, tmp_path) ->
     from streammerge.options import RunOptions
     from streammerge.planner import make_plan
 
-    models = "".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for f in tiny_set[1:3])
+    density = ", density: 0.5" if method != "linear" else ""
+    models = "".join(f"  - model: {f}\n    parameters: {{weight: 0.5{density}}}\n" for f in tiny_set[1:3])
     base = f"base_model: {tiny_set[0]}\n" if method != "linear" else ""
     plan = make_plan(parse_config(f"merge_method: {method}\n{base}models:\n{models}dtype: float32\n"))
     before = torch.get_num_threads()
@@ -147,3 +148,45 @@ def test_helper_threads_by_default_with_4_cores_or_for_methods_that_read_more_th
             got = [default_overlap(plan, c) for c in (1, 2, 3, OVERLAP_MIN_CORES, 16)]  # type: ignore[arg-type]
             few = name in light and device == "cpu"
             assert got == [False, few, few, True, True], (name, device)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "linear"])
+def test_plan_shows_the_threads_a_run_takes(method, tiny_set, tmp_path) -> None:
+    """`streammerge plan` says the compute threads, cores and read-ahead a run of the same options
+    takes here: its figures (executor.planned_threads, in --json) are the Executor's, with torch's
+    thread count as the API sets it for the run, for -j or none and --overlap or not."""
+    import json
+
+    import torch
+    from click.testing import CliRunner
+
+    from streammerge.cli import main
+    from streammerge.config import parse_config
+    from streammerge.executor import Executor, cores, default_threads
+    from streammerge.options import RunOptions
+    from streammerge.planner import make_plan
+
+    density = ", density: 0.5" if method != "linear" else ""
+    models = "".join(f"  - model: {f}\n    parameters: {{weight: 0.5{density}}}\n" for f in tiny_set[1:3])
+    base = f"base_model: {tiny_set[0]}\n" if method != "linear" else ""
+    text = f"merge_method: {method}\n{base}models:\n{models}dtype: float32\n"
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(text)
+    plan = make_plan(parse_config(text))
+    before = torch.get_num_threads()
+    try:
+        for j in (None, 1, 3):
+            for overlap in (None, True, False):
+                flags = (["-j", str(j)] if j else []) + {True: ["--overlap"], False: ["--no-overlap"]}.get(overlap, [])
+                r = CliRunner().invoke(main, ["plan", str(cfg), "--json", *flags])
+                assert r.exit_code == 0, r.output
+                shown = json.loads(r.output)["threads"]
+                torch.set_num_threads(j or default_threads(cores(), before))  # as api.merge does for the run
+                ex = Executor(plan, str(tmp_path / "out"), RunOptions(num_threads=j, overlap=overlap))
+                assert shown["compute"] == ex._threads() and shown["read_ahead"] == ex.overlap, (j, overlap, shown)
+                assert shown["cores"] == cores() and (shown["reading"] > 0) == ex.overlap
+                torch.set_num_threads(before)
+                text_out = CliRunner().invoke(main, ["plan", str(cfg), *flags]).output
+                assert f"threads: {shown['compute']} compute thread(s) of {cores()} core(s)" in text_out
+    finally:
+        torch.set_num_threads(before)
