@@ -4,10 +4,11 @@ floor and, when given, mergekit 0.1.5 (installed in a separate environment).
 
 For each of linear (3 models), the seed's gradient slerp, ties and della (3 models each) and the 14-model
 dare_ties (and with --only soup, a linear average of all 15 models: a model soup, whose many inputs
-take linear's compiled loop) it prints wall time, the merge's own time (less Python's start-up and torch's import) and
-peak RSS, and the I/O floor measured in the same run: reading every input byte once from a warm page
-cache (--cold: from the disk) plus writing and syncing the output's size, the fastest of five
-tries; both times also as multiples of the floor.
+take linear's compiled loop) it prints the compute threads the run takes here (as `streammerge
+plan` says; +rN: reading ahead on N threads), wall time, the merge's own time (less Python's
+start-up and torch's import) and peak RSS, and the I/O floor measured in the same run: reading
+every input byte once from a warm page cache (--cold: from the disk) plus writing and syncing the
+output's size, the fastest of five tries; both times also as multiples of the floor.
 
   python tools/bench_speed.py --dir /work/bench/medium [--set medium|7b] [--max-memory 1GiB] [--cap 512M]
                                [--mergekit /venv/bin/mergekit-yaml] [--variants cpu,j1,no-overlap,cuda] [--busy N]
@@ -119,6 +120,25 @@ def io_floors(files: list[str], start: Callable[[list[str]], object], path: str,
     return tries
 
 
+def threads_of(cfg: str, variant: str) -> str:
+    """The compute threads a variant's run of `cfg` takes here, as `streammerge plan` says
+    (executor.planned_threads), '+rN' where it reads ahead on N threads; '?' where it cannot plan
+    (a GPU variant without a GPU)."""
+    from streammerge import api
+    from streammerge.executor import planned_threads
+    from streammerge.options import RunOptions
+
+    flags = VARIANTS[variant]
+    opts = RunOptions(num_threads=int(flags[1]) if flags[:1] == ["-j"] else None,
+                      overlap={"--overlap": True, "--no-overlap": False}.get(flags[-1]) if flags else None)
+    try:
+        plan = api.plans(cfg, "unused", opts, device="cuda" if "cuda" in flags else "cpu")[-1]
+    except Exception:  # noqa: BLE001  (the run's own error is printed where it fails)
+        return "?"
+    th = planned_threads(plan, opts)
+    return f"{th.compute}" + (f"+r{th.reading}" if th.read_ahead else "")
+
+
 def merge_seconds(stderr: str) -> float:
     """The merge's own time from its summary line (wall time less interpreter and torch start-up)."""
     m = re.search(r"done: .*?, ([0-9.]+) s, peak RSS", stderr)
@@ -194,7 +214,7 @@ def main() -> None:
             for line in sm.stderr.splitlines():
                 if line.startswith("MEMCAP"):
                     print(f"{name} ({v}): {line.split(' cmd=')[0]}", flush=True)
-            runs[v] = (sm, tensor_hashes(out))
+            runs[v] = (sm, tensor_hashes(out), threads_of(cfg, v))
             if floor is None:
                 out_bytes = sum(os.path.getsize(p) for p in shard_files(out))
                 floors = io_floors(files, start, os.path.join(root, "floor.tmp"), out_bytes)
@@ -218,7 +238,8 @@ def main() -> None:
     cache = "inputs dropped from the page cache before every run" if a.cold else "warm page cache"
     print(f"\n{a.set} set, {os.cpu_count()} cores{load}, {cache}, bytecode cached, "
           f"streammerge --max-memory {a.max_memory}{cap}")
-    head = (f"{'merge':<22} {'variant':<16} {'wall s':>7} {'merge s':>7} {'peak RSS MiB':>12} {'I/O floor s':>11} "
+    head = (f"{'merge':<22} {'variant':<16} {'threads':>7} {'wall s':>7} {'merge s':>7} {'peak RSS MiB':>12} "
+            f"{'I/O floor s':>11} "
             f"{'x floor':>8} {'merge x floor':>13}")
     if a.mergekit:
         head += f" {'mergekit s':>10} {'mk RSS MiB':>10} {'sm/mk':>6}"
@@ -227,9 +248,9 @@ def main() -> None:
         if not r["runs"]:
             continue
         first = next(iter(r["runs"].values()))[1]
-        for v, (sm, hashes) in r["runs"].items():
+        for v, (sm, hashes, threads) in r["runs"].items():
             merge_s = merge_seconds(sm.stderr)
-            line = (f"{r['name']:<22} {v:<16} {sm.wall_s:>7.2f} {merge_s:>7.2f} {sm.peak_rss_mib:>12} "
+            line = (f"{r['name']:<22} {v:<16} {threads:>7} {sm.wall_s:>7.2f} {merge_s:>7.2f} {sm.peak_rss_mib:>12} "
                     f"{r['floor']:>11.2f} {sm.wall_s / r['floor']:>8.2f} {merge_s / r['floor']:>13.2f}")
             if "mk" in r:
                 mk = r["mk"]
