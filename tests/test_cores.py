@@ -4,6 +4,7 @@ process's own cgroup's and every one above it."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 from helpers import in_child_cgroup
@@ -190,3 +191,26 @@ def test_plan_shows_the_threads_a_run_takes(method, tiny_set, tmp_path) -> None:
                 assert f"threads: {shown['compute']} compute thread(s) of {cores()} core(s)" in text_out
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_benchmarks_threads_column(tiny_set, tmp_path) -> None:
+    """tools/bench_speed.py labels each variant's row with the compute threads (and reading
+    threads) its run takes here, as `plan` says: -j 1 one thread, reading ahead on a quarter of
+    the cores from 4 cores; a GPU variant '?' where torch sees no GPU."""
+    import importlib
+    import sys
+
+    import torch
+
+    from streammerge.executor import OVERLAP_MIN_CORES, cores, read_threads
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    bench = importlib.import_module("bench_speed")
+    cfg = tmp_path / "c.yml"
+    models = "".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for f in tiny_set[1:3])
+    cfg.write_text(f"merge_method: dare_ties\nbase_model: {tiny_set[0]}\nmodels:\n{models}dtype: float32\n")
+    ahead = f"+r{read_threads(cores())}" if cores() >= OVERLAP_MIN_CORES else ""
+    assert bench.threads_of(str(cfg), "j1") == "1" + ahead
+    assert bench.threads_of(str(cfg), "no-overlap") == str(min(cores(), 4, torch.get_num_threads()))
+    if not torch.cuda.is_available():
+        assert bench.threads_of(str(cfg), "cuda") == "?"
