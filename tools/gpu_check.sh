@@ -14,7 +14,9 @@
 #      did not start by their kernel names: on December 4 thirty of them took 3.8 s, unnamed);
 #   3b. where py-spy was carried (.whl/py_spy-*.whl, installed to /tmp/site: the device README's
 #      wheels), Python's lock held during the 4- and 16-thread runs (tools/gil_profile.py): the part
-#      of the merge no number of compute threads shares;
+#      of the merge no number of compute threads shares. To carry it (2.9 MB): `echo /.whl/ >>
+#      .git/info/exclude; pip download --no-deps --only-binary=:all: --python-version 3.12
+#      --platform manylinux1_x86_64 -d .whl py-spy==0.4.3`, and name .whl in the run's carry;
 #   4. tests/test_gpu.py (masks and fixed-order sums equal the CPU's, every method against the CPU,
 #      GPU bytes independent of GPU chunking and read-ahead, the CLI with --device cuda), with a
 #      per-method report of how many output bytes equal the CPU's;
