@@ -9,7 +9,8 @@
 #      set is made first, ~8.5 GB). Not 512 MiB: that machine's torch is a CUDA build, whose import
 #      alone holds ~500 MiB, and the merge asks for at least 616 MiB there (README, torch);
 #   2. the same merge on a loaded 16-core machine (32 processes spinning: two per core), the
-#      defaults against -j 1;
+#      defaults (at most 4 threads) against -j 1 and -j 16 (whether, beside other programs, more
+#      threads than the cap would take a larger share of the cores and win);
 #   3. the 4- and 16-thread runs' CPU seconds per thread role (tools/thread_cpu.py; threads Python
 #      did not start by their kernel names: on December 4 thirty of them took 3.8 s, unnamed);
 #   3b. where py-spy was carried (.whl/py_spy-*.whl, installed to /tmp/site: the device README's
@@ -47,8 +48,8 @@ print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU', 
 } 2>&1 | tee "$OUT/env.log"
 timeout 200 python3 tools/bench_speed.py --dir "$MEDIUM" --max-memory 1GiB --only dare_ties \
     --variants j1,j2,j4,j8,j16,cpu 2>&1 | tee "$OUT/cores.log"
-timeout 70 python3 tools/bench_speed.py --dir "$MEDIUM" --max-memory 1GiB --only dare_ties \
-    --variants cpu,j1 --busy 32 2>&1 | tee "$OUT/busy.log"
+timeout 90 python3 tools/bench_speed.py --dir "$MEDIUM" --max-memory 1GiB --only dare_ties \
+    --variants cpu,j1,j16 --busy 32 2>&1 | tee "$OUT/busy.log"
 # where the 4- and 16-thread runs' time went: CPU seconds per thread role (compute, reading, main)
 for j in 4 16; do
     rm -rf /tmp/thread-cpu-out
@@ -69,4 +70,4 @@ fi
 rm -f "$OUT/gpu_report.jsonl"
 STREAMMERGE_GPU_REPORT="$OUT/gpu_report.jsonl" timeout 60 python3 -m pytest -q -p no:cacheprovider \
     tests/test_gpu.py tests/test_overlap.py 2>&1 | tee "$OUT/pytest.log"
-timeout 120 python3 tools/bench_speed.py --dir "$MEDIUM" --variants cpu,no-overlap,cuda 2>&1 | tee "$OUT/bench.log"
+timeout 100 python3 tools/bench_speed.py --dir "$MEDIUM" --variants cpu,no-overlap,cuda 2>&1 | tee "$OUT/bench.log"
