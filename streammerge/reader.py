@@ -403,9 +403,11 @@ class ReadBlocks:
             self.reader.release(read)
 
     def close(self) -> None:
-        """Stop reading ahead; a read waiting for arena room gives up."""
+        """Stop reading ahead; a read waiting for arena room gives up; then, the reading thread
+        joined, a pinned arena is unpinned."""
         self.reader.arena.close()
         self._ahead.close()
+        self.reader.arena.unpin()
 
 
 def raw_bytes(task: Task, read: Read) -> int:

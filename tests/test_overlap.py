@@ -257,3 +257,92 @@ def test_ring_arena_holds_blocks_that_add_up_to_its_capacity(capacity, blocks) -
             held.append(arena.take(n, torch.uint8, (n,)))
         total += n
     assert held
+
+
+class _Cudart:
+    """torch.cuda.cudart()'s two calls the pinned arena makes, recorded; registering answers `code`."""
+
+    def __init__(self, code: int = 0) -> None:
+        self.code = code
+        self.calls: list[tuple[str, int, int]] = []
+
+    def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:  # noqa: N802 (CUDA's name)
+        self.calls.append(("register", ptr, size))
+        return self.code
+
+    def cudaHostUnregister(self, ptr: int) -> int:  # noqa: N802
+        self.calls.append(("unregister", ptr, 0))
+        return 0
+
+
+@pytest.mark.parametrize("pinned_seen", [True, False])
+def test_a_pinned_arena_pins_exactly_its_capacity_until_its_readers_are_done(monkeypatch, tiny_set,
+                                                                             pinned_seen) -> None:
+    """A GPU run's arena is torch.empty's pages registered with CUDA, exactly its capacity (torch's
+    pin_memory=True rounds up to a power of two: up to twice the budget's bytes pinned), kept
+    registered after close() (the reading thread may be copying from it) until unpin(), which
+    ReadBlocks.close calls once its reading thread is joined; unregistered once. Where torch does
+    not see the registered pages as pinned, they are unregistered at once and torch's own pinned
+    allocation serves, as where registering fails."""
+    from streammerge.config import parse_config
+    from streammerge.planner import make_plan
+    from streammerge.reader import InputReader, ReadBlocks
+    from streammerge.schedule import make_schedule
+
+    rt = _Cudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: rt)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: pinned_seen)
+    fallback: list[int] = []
+    monkeypatch.setattr(overlap, "_torch_pinned", lambda n: fallback.append(n) or torch.empty(n, dtype=torch.uint8))
+    arena = RingArena(1_000_000 + 3, pin=True)
+    x = arena.take(4096, torch.float32, (1024,))
+    ptr = x.data_ptr()
+    if not pinned_seen:
+        assert [c[0] for c in rt.calls] == ["register", "unregister"] and fallback == [arena.capacity]
+        return
+    assert rt.calls == [("register", ptr, arena.capacity)] and not fallback
+    assert arena._buf is not None and arena._buf.numel() == arena.capacity  # not rounded up to 2^20
+    arena.close()
+    assert len(rt.calls) == 1  # still registered: a reading thread may be copying from it
+    arena.unpin()
+    arena.unpin()
+    assert rt.calls[1:] == [("unregister", ptr, 0)]
+
+    # through ReadBlocks, with its reading thread: unpinned only after that thread was joined
+    text = (f"merge_method: linear\nmodels:\n  - model: {tiny_set[1]}\n    parameters: {{weight: 0.5}}\n"
+            f"  - model: {tiny_set[2]}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    plan = make_plan(parse_config(text))
+    sched = make_schedule(plan, 1 << 30, overlap=True)  # every tensor: the thread waits for room at close
+    rt.calls.clear()
+    reader = InputReader(plan, torch.device("cpu"), RingArena(sched.arena, pin=True))
+    source = ReadBlocks(reader, sched.reads(), sched.capacity, threaded=True)
+    seen: list[bool] = []
+    real_unpin = reader.arena.unpin
+    monkeypatch.setattr(reader.arena, "unpin", lambda: (seen.append(source._ahead._thread.is_alive()
+                                                                     if source._ahead._thread else False),
+                                                      real_unpin()))
+    source.take()
+    source.close()
+    assert seen == [False] and [c[0] for c in rt.calls] == ["register", "unregister"]
+
+
+def test_a_registered_buffer_dropped_uncalled_is_unregistered(monkeypatch) -> None:
+    """An _Unpin never called unregisters its buffer when it is dropped (before the buffer's pages
+    can be freed: it holds them); registering that fails pins as torch does, and nothing is
+    unregistered."""
+    import gc
+
+    rt = _Cudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: rt)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: True)
+    buf, unpin = overlap.pinned_buffer(4096)
+    ptr = buf.data_ptr()
+    del buf, unpin
+    gc.collect()
+    assert rt.calls == [("register", ptr, 4096), ("unregister", ptr, 0)]
+    failing = _Cudart(code=1)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: failing)
+    monkeypatch.setattr(overlap, "_torch_pinned", lambda n: torch.zeros(n, dtype=torch.uint8))
+    buf, unpin = overlap.pinned_buffer(4096)
+    unpin()
+    assert [c[0] for c in failing.calls] == ["register"] and buf.numel() == 4096
