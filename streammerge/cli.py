@@ -593,7 +593,7 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool,
         suggested_budget,
         widest_row,
     )
-    from .executor import IO_BOUND_THREADS_MAX, THREADS_MAX, planned_threads
+    from .executor import planned_threads
     from .planner import PlannedIndex
 
     budget = max_memory or default_max_memory()
@@ -635,8 +635,7 @@ def _show_plan(p: Plan, max_memory: int | None, out: str | None, as_json: bool,
     if p.device != "cpu":
         how = "1 thread queueing the GPU's kernels"
     else:
-        cap = f"at most {IO_BOUND_THREADS_MAX if p.method.io_bound else THREADS_MAX}"
-        why = f"-j {options.num_threads}" if options.num_threads else f"without -j a thread per core, {cap}"
+        why = f"-j {options.num_threads}" if options.num_threads else f"without -j a thread per core, at most {th.cap}"
         left = ", one core left to the reading" if th.reader_core else ""
         how = f"{th.compute} compute thread(s) of {th.cores} core(s) ({why}{left})"
     ahead = (f"reading ahead on {th.reading} thread(s), writing behind" if th.read_ahead else

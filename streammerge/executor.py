@@ -142,15 +142,25 @@ def default_threads(available: int, torch_threads: int) -> int:
     return max(1, min(torch_threads, available, THREADS_MAX))
 
 
+def threads_cap(io_bound: bool) -> int:
+    """The most compute threads a run takes without -j: THREADS_MAX, or IO_BOUND_THREADS_MAX for a
+    method that reads more than it computes."""
+    return IO_BOUND_THREADS_MAX if io_bound else THREADS_MAX
+
+
+def reader_core(torch_threads: int, available: int, overlap: bool) -> bool:
+    """Whether the compute threads leave a core to the read-ahead: reading ahead with torch's threads
+    on every core (the writer's work is light)."""
+    return overlap and torch_threads >= available > 1
+
+
 def compute_threads(torch_threads: int, available: int, overlap: bool, io_bound: bool, asked: bool) -> int:
     """A CPU run's compute threads: torch's thread count (-j when `asked`, else api's default), less
-    a core for the reader when reading ahead on every core, and without -j at most THREADS_MAX, or
-    IO_BOUND_THREADS_MAX for a method that reads more than it computes (`io_bound`)."""
-    threads = torch_threads
-    if overlap and threads >= available > 1:
-        threads = available - 1  # the writer's work is light
+    a core for the reader when reading ahead on every core (reader_core), and without -j at most
+    threads_cap(io_bound)."""
+    threads = available - 1 if reader_core(torch_threads, available, overlap) else torch_threads
     if not asked:
-        threads = min(threads, IO_BOUND_THREADS_MAX if io_bound else THREADS_MAX)
+        threads = min(threads, threads_cap(io_bound))
     return max(1, threads)
 
 
@@ -162,7 +172,8 @@ class Threads:
     cores: int  # the cores this process may use (cores())
     read_ahead: bool  # a read-ahead and a write-behind thread (default_overlap, or --overlap)
     reading: int  # threads reading each block with the read-ahead (read_threads), else 0
-    reader_core: bool  # one core left to the read-ahead (compute_threads)
+    reader_core: bool  # one core left to the read-ahead (reader_core)
+    cap: int  # the most compute threads without -j (threads_cap)
 
 
 def planned_threads(plan: Plan, options: RunOptions) -> Threads:
@@ -171,12 +182,13 @@ def planned_threads(plan: Plan, options: RunOptions) -> Threads:
     default_overlap decides."""
     available = cores()
     overlap = options.overlap if options.overlap is not None else default_overlap(plan, available)
-    torch_threads = options.num_threads or default_threads(available, torch.get_num_threads())
+    reading = read_threads(available) if overlap else 0
+    cap = threads_cap(plan.method.io_bound)
     if plan.device != "cpu":
-        return Threads(1, available, overlap, read_threads(available) if overlap else 0, False)
+        return Threads(1, available, overlap, reading, False, cap)
+    torch_threads = options.num_threads or default_threads(available, torch.get_num_threads())
     compute = compute_threads(torch_threads, available, overlap, plan.method.io_bound, bool(options.num_threads))
-    return Threads(compute, available, overlap, read_threads(available) if overlap else 0,
-                   overlap and torch_threads >= available > 1)
+    return Threads(compute, available, overlap, reading, reader_core(torch_threads, available, overlap), cap)
 
 
 # The kernel's read-ahead keeps up to two windows of each file it reads in order (the one being
