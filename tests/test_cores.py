@@ -10,6 +10,7 @@ import pytest
 from helpers import in_child_cgroup
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_all_methods import config_text
 
 from streammerge.limits import cgroup_cpus
 
@@ -108,10 +109,7 @@ def test_a_run_without_j_takes_the_capped_threads(method, tiny_set, tmp_path) ->
     from streammerge.options import RunOptions
     from streammerge.planner import make_plan
 
-    density = ", density: 0.5" if method != "linear" else ""
-    models = "".join(f"  - model: {f}\n    parameters: {{weight: 0.5{density}}}\n" for f in tiny_set[1:3])
-    base = f"base_model: {tiny_set[0]}\n" if method != "linear" else ""
-    plan = make_plan(parse_config(f"merge_method: {method}\n{base}models:\n{models}dtype: float32\n"))
+    plan = make_plan(parse_config(config_text(method, tiny_set)))
     before = torch.get_num_threads()
     torch.set_num_threads(8)
     try:
@@ -167,10 +165,7 @@ def test_plan_shows_the_threads_a_run_takes(method, tiny_set, tmp_path) -> None:
     from streammerge.options import RunOptions
     from streammerge.planner import make_plan
 
-    density = ", density: 0.5" if method != "linear" else ""
-    models = "".join(f"  - model: {f}\n    parameters: {{weight: 0.5{density}}}\n" for f in tiny_set[1:3])
-    base = f"base_model: {tiny_set[0]}\n" if method != "linear" else ""
-    text = f"merge_method: {method}\n{base}models:\n{models}dtype: float32\n"
+    text = config_text(method, tiny_set)
     cfg = tmp_path / "c.yml"
     cfg.write_text(text)
     plan = make_plan(parse_config(text))
@@ -207,8 +202,7 @@ def test_the_benchmarks_threads_column(tiny_set, tmp_path) -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
     bench = importlib.import_module("bench_speed")
     cfg = tmp_path / "c.yml"
-    models = "".join(f"  - model: {f}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for f in tiny_set[1:3])
-    cfg.write_text(f"merge_method: dare_ties\nbase_model: {tiny_set[0]}\nmodels:\n{models}dtype: float32\n")
+    cfg.write_text(config_text("dare_ties", tiny_set))
     ahead = f"+r{read_threads(cores())}" if cores() >= OVERLAP_MIN_CORES else ""
     assert bench.threads_of(str(cfg), "j1") == "1" + ahead
     assert bench.threads_of(str(cfg), "no-overlap") == str(min(cores(), 4, torch.get_num_threads()))
