@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import collections
 import itertools
+import queue
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Protocol, TypeVar
 
 import torch
@@ -71,19 +72,27 @@ class Workers:
             return
         ahead = live_pieces(min(self.n, most or self.n))
         futures: dict[Future[None], S] = {}
+        # each future puts itself here as it ends: one queue read a sub-chunk, where
+        # concurrent.futures.wait(FIRST_COMPLETED) hung a waiter on every live future and took it off again
+        # (the calling thread's CPU per sub-chunk, holding Python's lock, 5-13 us against 4-9)
+        ended: queue.SimpleQueue[Future[None]] = queue.SimpleQueue()
+        pool = self._pool
+
+        def submit(item: S) -> None:
+            f = pool.submit(fn, item)
+            futures[f] = item
+            f.add_done_callback(ended.put)
+
         todo = iter(items)
         try:
-            for item in todo:
-                futures[self._pool.submit(fn, item)] = item
-                if len(futures) >= ahead:
-                    break
+            for item in itertools.islice(todo, ahead):
+                submit(item)
             while futures:
-                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    f.result()
-                    done(futures.pop(f))
-                    for item in itertools.islice(todo, 1):  # the next, if any
-                        futures[self._pool.submit(fn, item)] = item
+                f = ended.get()
+                f.result()
+                done(futures.pop(f))
+                for item in itertools.islice(todo, 1):  # the next, if any
+                    submit(item)
         finally:
             _settle(futures, abort)
 

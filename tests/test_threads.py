@@ -154,16 +154,15 @@ class Failing(MergeOp):
         return x[0].clone()
 
 
-@pytest.mark.parametrize("bad", [0, 3, 29])
-def test_a_failing_sub_chunk_stops_the_others_without_a_hang(bad: int) -> None:
+def failure_of(method: MethodDef) -> BaseException | None:
+    """What merging a 30-row block in one-row sub-chunks on 4 threads with `method` raised (None:
+    nothing), failing the test if the runner has not returned within a minute."""
     ctx = context("linear", [{"weight": 1.0}], shape=(30, 4))
-    method = MethodDef("failing", (), "ignored", 1, 1, make=lambda c: Failing(c, bad))
-    x = torch.ones(1, 30, 4)
     result: list[BaseException | None] = []
 
     def run() -> None:
         try:
-            merged(method, ctx, x, 1, 4)
+            merged(method, ctx, torch.ones(1, 30, 4), 1, 4)
             result.append(None)
         except BaseException as e:  # noqa: BLE001 (the test looks at what it was)
             result.append(e)
@@ -172,7 +171,37 @@ def test_a_failing_sub_chunk_stops_the_others_without_a_hang(bad: int) -> None:
     t.start()
     t.join(timeout=60)
     assert not t.is_alive(), "the runner hung after a sub-chunk failed"
-    assert isinstance(result[0], ValueError) and str(result[0]) == f"row {bad} is bad"
+    return result[0]
+
+
+@pytest.mark.parametrize("bad", [0, 3, 29])
+def test_a_failing_sub_chunk_stops_the_others_without_a_hang(bad: int, monkeypatch) -> None:
+    monkeypatch.setattr(runner, "PARALLEL_MIN_ELEMENTS", 0)  # a tiny block, handed out all the same
+    ops: list[Failing] = []
+    got = failure_of(MethodDef("failing", (), "ignored", 1, 1, make=lambda c: ops.append(Failing(c, bad)) or ops[-1]))
+    assert isinstance(got, ValueError) and str(got) == f"row {bad} is bad"
+    assert len(ops) == 1
+
+
+class FailingObserve(Failing):
+    """The same in a statistics pass (sub-chunks in any order, Workers.each): turns are taken in
+    flat-index order, so a thread past the bad sub-chunk waits for a turn that never comes."""
+
+    def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
+        if row0 == self.bad:
+            raise ValueError(f"row {row0} is bad")
+        with self.order.turn(row0 * x.shape[2], x.shape[1] * x.shape[2]):
+            threading.Event().wait(0.01)
+
+
+@pytest.mark.parametrize("bad", [0, 3, 29])
+def test_a_failing_statistics_sub_chunk_stops_the_others_without_a_hang(bad: int, monkeypatch) -> None:
+    monkeypatch.setattr(runner, "PARALLEL_MIN_ELEMENTS", 0)
+    ops: list[FailingObserve] = []
+    got = failure_of(MethodDef("failing", (), "ignored", 1, 1, make=lambda c: ops.append(FailingObserve(c, bad))
+                               or ops[-1], cost=fixed_cost(1, 1.0)))
+    assert isinstance(got, ValueError) and str(got) == f"row {bad} is bad"
+    assert len(ops) == 1 and ops[0].aborted  # the threads waiting their turn were woken
 
 
 class Counting(MergeOp):
