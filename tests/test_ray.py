@@ -53,11 +53,15 @@ def two_nodes(head_cache: str, other_cache: str) -> Iterator[Cluster]:
     os.environ["HF_HUB_CACHE"] = head_cache
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": STORE,
                                                       "include_dashboard": False})
+    session = c.head_node.get_session_dir_path()
     try:
         c.add_node(num_cpus=1, object_store_memory=STORE, env_vars={"HF_HUB_CACHE": other_cache})
         yield c
     finally:
         c.shutdown()
+        # the cluster's logs and sockets under Ray's temporary folder (/tmp/ray/session_*): ~0.5 MB a
+        # cluster, two clusters a suite run, kept by Ray for ever; this test made it, so it goes
+        shutil.rmtree(session, ignore_errors=True)
         if before is None:
             os.environ.pop("HF_HUB_CACHE", None)
         else:
