@@ -208,3 +208,32 @@ def test_the_benchmarks_threads_column(tiny_set, tmp_path) -> None:
     assert bench.threads_of(str(cfg), "no-overlap") == str(min(cores(), 4, torch.get_num_threads()))
     if not torch.cuda.is_available():
         assert bench.threads_of(str(cfg), "cuda") == "?"
+
+
+def test_a_terminated_benchmark_stops_its_spinning_processes() -> None:
+    """tools/bench_common.busy's spinners (a loaded laptop) end with the benchmark when a timeout's
+    SIGTERM ends it, not only on a normal exit: by default SIGTERM ends Python before any `finally`."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    tools = os.path.join(os.path.dirname(__file__), "..", "tools")
+    code = (f"import sys, time; sys.path.insert(0, {tools!r}); import bench_common\n"
+            "with bench_common.busy(2):\n    print('spinning', flush=True); time.sleep(60)\n")
+    spinners: list[psutil.Process] = []
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as p:
+        try:
+            assert p.stdout is not None and p.stdout.readline().strip() == "spinning"
+            spinners = psutil.Process(p.pid).children()
+            assert len(spinners) == 2
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=30) == 128 + signal.SIGTERM
+            _gone, alive = psutil.wait_procs(spinners, timeout=10)
+            assert not alive, f"spinners left running: {[s.pid for s in alive]}"
+        finally:  # whatever failed, nothing of this test spins on
+            p.kill()
+            for s in spinners:
+                if s.is_running():
+                    s.kill()

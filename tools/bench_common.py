@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -112,14 +113,31 @@ def tensor_hashes(out: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def busy(n: int) -> Iterator[None]:
-    """`n` processes spinning on the CPU beside whatever runs inside (a laptop with a browser and a
-    build running); stopped on the way out."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+def sigterm_exits() -> Iterator[None]:
+    """Inside, SIGTERM (what `timeout` and a plain `kill` send) raises SystemExit in the main thread,
+    so the `finally` blocks and context managers around the work run: spinning processes stopped,
+    temporary model sets removed. By default it ends Python at once, skipping them: runs of
+    bench_ray.py that a `timeout` ended had left 13 temporary model sets (133 MB each) in /tmp."""
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait()
+        signal.signal(signal.SIGTERM, before)
+
+
+@contextlib.contextmanager
+def busy(n: int) -> Iterator[None]:
+    """`n` processes spinning on the CPU beside whatever runs inside (a laptop with a browser and a
+    build running); stopped on the way out, a SIGTERM's way included (sigterm_exits)."""
+    with sigterm_exits():
+        procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+        try:
+            yield
+        finally:
+            for p in procs:
+                p.kill()
+            for p in procs:
+                p.wait()

@@ -34,7 +34,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import make_models  # noqa: E402
-from bench_common import busy, measure, tensor_hashes, warm  # noqa: E402
+from bench_common import busy, measure, sigterm_exits, tensor_hashes, warm  # noqa: E402
 
 STAGE1 = os.path.join(HERE, "..", "examples", "mistral-7b-merge-14-v0.yml")
 
@@ -174,4 +174,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_exits():  # a timeout's SIGTERM still removes the temporary folders
+        main()

@@ -23,6 +23,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import sigterm_exits  # noqa: E402
+
 
 def held(raw: str, rate: float) -> tuple[collections.Counter[str], collections.Counter[str], collections.Counter[str]]:
     """(seconds by phase: import/merge, by thread, by function) from py-spy's raw (collapsed) output."""
@@ -74,4 +77,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_exits():  # a timeout's SIGTERM still removes the temporary folders
+        main()
