@@ -74,7 +74,8 @@ class Workers:
         futures: dict[Future[None], S] = {}
         # each future puts itself here as it ends: one queue read a sub-chunk, where
         # concurrent.futures.wait(FIRST_COMPLETED) hung a waiter on every live future and took it off again
-        # (the calling thread's CPU per sub-chunk, holding Python's lock, 5-13 us against 4-9)
+        # (the calling thread's CPU per sub-chunk, holding Python's lock: 3.8-9.3 us against 7.3-14.3
+        # with 4 to 32 sub-chunks live, 2 threads on 2 cores)
         ended: queue.SimpleQueue[Future[None]] = queue.SimpleQueue()
         pool = self._pool
 
