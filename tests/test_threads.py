@@ -154,9 +154,10 @@ class Failing(MergeOp):
         return x[0].clone()
 
 
-def failure_of(method: MethodDef) -> BaseException | None:
+def failure_of(method: MethodDef, monkeypatch: pytest.MonkeyPatch) -> BaseException | None:
     """What merging a 30-row block in one-row sub-chunks on 4 threads with `method` raised (None:
     nothing), failing the test if the runner has not returned within a minute."""
+    monkeypatch.setattr(runner, "PARALLEL_MIN_ELEMENTS", 0)  # a tiny block, handed out all the same
     ctx = context("linear", [{"weight": 1.0}], shape=(30, 4))
     result: list[BaseException | None] = []
 
@@ -176,9 +177,9 @@ def failure_of(method: MethodDef) -> BaseException | None:
 
 @pytest.mark.parametrize("bad", [0, 3, 29])
 def test_a_failing_sub_chunk_stops_the_others_without_a_hang(bad: int, monkeypatch) -> None:
-    monkeypatch.setattr(runner, "PARALLEL_MIN_ELEMENTS", 0)  # a tiny block, handed out all the same
     ops: list[Failing] = []
-    got = failure_of(MethodDef("failing", (), "ignored", 1, 1, make=lambda c: ops.append(Failing(c, bad)) or ops[-1]))
+    got = failure_of(MethodDef("failing", (), "ignored", 1, 1, make=lambda c: ops.append(Failing(c, bad)) or ops[-1]),
+                     monkeypatch)
     assert isinstance(got, ValueError) and str(got) == f"row {bad} is bad"
     assert len(ops) == 1
 
@@ -196,10 +197,9 @@ class FailingObserve(Failing):
 
 @pytest.mark.parametrize("bad", [0, 3, 29])
 def test_a_failing_statistics_sub_chunk_stops_the_others_without_a_hang(bad: int, monkeypatch) -> None:
-    monkeypatch.setattr(runner, "PARALLEL_MIN_ELEMENTS", 0)
     ops: list[FailingObserve] = []
     got = failure_of(MethodDef("failing", (), "ignored", 1, 1, make=lambda c: ops.append(FailingObserve(c, bad))
-                               or ops[-1], cost=fixed_cost(1, 1.0)))
+                               or ops[-1], cost=fixed_cost(1, 1.0)), monkeypatch)
     assert isinstance(got, ValueError) and str(got) == f"row {bad} is bad"
     assert len(ops) == 1 and ops[0].aborted  # the threads waiting their turn were woken
 
