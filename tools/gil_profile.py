@@ -51,7 +51,7 @@ def held(raw: str, rate: float) -> tuple[collections.Counter[str], collections.C
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rate", type=float, default=200, help="samples a second")
+    ap.add_argument("--rate", type=int, default=200, help="samples a second (a whole number: py-spy takes no other)")
     ap.add_argument("--top", type=int, default=25, help="functions listed")
     ap.add_argument("--py-spy", default=shutil.which("py-spy"), help="py-spy's path")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="-- then streammerge's arguments (run CONFIG OUT ...)")
