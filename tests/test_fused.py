@@ -89,28 +89,44 @@ def rows_of_values(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(x=rows_of_values(), base=rows_of_values(), rows=st.integers(1, 3), key=KEY,
-       start=st.one_of(st.integers(0, 2**34), st.integers(2**32 - 3000, 2**32 + 10)), probability=st.floats(0, 1),
-       pack=st.booleans())
-def test_dare_sums_are_the_torch_statistics_pass(x, base, rows, key, start, probability, pack) -> None:
-    """DARE's compiled statistics pass gives the row sums of |δ| and |δ|·keep that RandomDrop.observe's
-    float32 arrays give row_sums (and the plain-Python pairwise reference), bit for bit, and the same
-    mask's bits, np.packbits' order, on rows that cross a 2^32 block boundary too (a new key)."""
+@given(x=rows_of_values(), base=rows_of_values(), rows=st.integers(1, 3), keys=st.lists(KEY, min_size=1, max_size=3),
+       start=st.one_of(st.integers(0, 2**34), st.integers(2**32 - 3000, 2**32 + 10)),
+       probabilities=st.lists(st.floats(0, 1), min_size=3, max_size=3), pack=st.booleans(),
+       base_at=st.integers(0, 3), gap=st.sampled_from([0, 1, 7, 64]), bf16=st.booleans())
+def test_dare_sums_are_the_torch_statistics_pass(x, base, rows, keys, start, probabilities, pack, base_at, gap,
+                                                 bf16) -> None:
+    """DARE's compiled statistics pass, every other input of a chunk in one call, gives each input the
+    row sums of |δ| and |δ|·keep that RandomDrop.observe's float32 arrays give row_sums (and the
+    plain-Python pairwise reference), bit for bit, and the same mask's bits, np.packbits' order, on
+    rows that cross a 2^32 block boundary too (a new key); in a chunk whose inputs lie `gap`
+    elements apart (a block's rows), the base anywhere among them, float32 or bfloat16 as read."""
     base = base.repeat(1, x.shape[1] // base.shape[1] + 1)[:, :x.shape[1]]
-    x, base = x.repeat(rows, 1).contiguous(), base.repeat(rows, 1).contiguous()
-    total, kept, packed = fused.dare_sums(x, base, key, start, keep_threshold(probability), pack)
-    want_keep = bernoulli_mask(key, start, x.numel(), probability, x.device).view(x.shape)
-    want_mag = (x - base).abs()
-    want_kept = want_mag * want_keep
-    if pack:
-        assert packed is not None and np.array_equal(packed, np.packbits(want_keep.numpy().reshape(-1)))
-    else:
-        assert packed is None
-    for got, want in ((total, want_mag), (kept, want_kept)):
-        assert got.dtype == torch.float64 and got.shape == (rows,)
-        ref = torch.tensor([pairwise_sum([float(v) for v in r]) for r in want.double().tolist()], dtype=torch.float64)
-        for w in (tree_row_sums(want), ref):
-            assert torch.equal(got.isnan(), w.isnan()) and torch.equal(got[~w.isnan()], w[~w.isnan()])
+    x, base = x.repeat(rows, 1), base.repeat(rows, 1)
+    others = [x, x.flip(1), -base][:len(keys)]  # inputs that differ from each other
+    inputs = others[:base_at] + [base] + others[base_at:]
+    b = min(base_at, len(others))
+    count = x.numel()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    store = torch.zeros(len(inputs), count + gap, dtype=dtype)
+    for i, t in enumerate(inputs):
+        store[i, :count] = t.reshape(-1).to(dtype)
+    chunk = store[:, :count].view(len(inputs), rows, -1)
+    idx = [i for i in range(len(inputs)) if i != b]
+    thresholds = np.array([keep_threshold(p) for p in probabilities[:len(idx)]], dtype=np.int64)
+    total, kept, packed = fused.dare_sums(chunk, b, idx, tuple(keys), start, thresholds, pack)
+    assert total.shape == kept.shape == (len(idx), rows) and total.dtype == kept.dtype == np.float64
+    assert (packed is not None) is pack
+    for r, (i, key, p) in enumerate(zip(idx, keys, probabilities)):
+        want_keep = bernoulli_mask(key, start, count, p, x.device).view(x.shape)
+        want_mag = (chunk[i].float() - chunk[b].float()).abs()
+        want_kept = want_mag * want_keep
+        if packed is not None:
+            assert np.array_equal(packed[r], np.packbits(want_keep.numpy().reshape(-1)))
+        for got, want in ((torch.from_numpy(total[r]), want_mag), (torch.from_numpy(kept[r]), want_kept)):
+            ref = torch.tensor([pairwise_sum([float(v) for v in row]) for row in want.double().tolist()],
+                               dtype=torch.float64)
+            for w in (tree_row_sums(want), ref):
+                assert torch.equal(got.isnan(), w.isnan()) and torch.equal(got[~w.isnan()], w[~w.isnan()])
 
 
 @settings(max_examples=100, deadline=None)
@@ -521,10 +537,10 @@ def _assert_torch_form_agrees(method: str, ctx, x: torch.Tensor, chunk_rows: int
        density=st.sampled_from([0.1, 0.5, 0.9]), seed=st.integers(0, 2**31))
 def test_kept_masks_reach_the_compiled_apply_as_bits(method, n, rows, cols, chunk_rows, density, seed) -> None:
     """DARE's masks kept bit-packed between passes go to the compiled apply as those bits, unpacked
-    there a tile (512 elements) at a time, and the report counts the kept elements of its picked rows
-    from the bits: the same output and counts as the torch form, which unpacks each mask whole. Rows
+    there a tile (512 elements) at a time, where the report's kept elements of its picked rows are
+    counted too: the same output and counts as the torch form, which unpacks each mask whole. Rows
     of 520 put tiles across rows and a partial byte at a chunk's end; rows of 8 and 16 are whole
-    bytes, which the counts take without unpacking."""
+    bytes."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, rows, cols, generator=g)
     params = [{}] + [{"weight": 0.7, "density": density} for _ in range(n - 1)]

@@ -208,9 +208,9 @@ class CountDraws:
         monkeypatch.setattr(sparsify, "bernoulli_mask", counted)
         real_observe = fused.dare_sums
 
-        def counted_observe(x, base, key, start, threshold, pack):  # the compiled statistics pass draws too
-            self.n += x.numel()
-            return real_observe(x, base, key, start, threshold, pack)
+        def counted_observe(x, base, others, *args):  # the compiled statistics pass draws too, each other input's
+            self.n += len(others) * x.shape[1] * x.shape[2]
+            return real_observe(x, base, others, *args)
 
         monkeypatch.setattr(fused, "dare_sums", counted_observe)
         real_apply = fused.task_apply

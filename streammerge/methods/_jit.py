@@ -147,41 +147,52 @@ def _dare_run(xr: np.ndarray, br: np.ndarray, k: np.uint32, i0: int, tt: np.uint
 
 
 @numba.njit(nogil=True, cache=True)
-def dare_sums(x: np.ndarray, b: np.ndarray, keys: np.ndarray, start: int, t: int, total: np.ndarray,
-              kept: np.ndarray, packed: np.ndarray) -> None:
-    """DARE's statistics pass for one input over rows x, b (rows, cols; float32, or bfloat16's bits)
-    whose first flat index is `start`: per element keep ← draw < t, m ← |x − b| and m·keep (float32, as
-    RandomDrop.observe computes them), widened to float64 and summed per row in tree_rows' order
-    into total[r] and kept[r]; with packed (not empty) the keep bits too, in np.packbits' order
-    (element e at bit 7 − e % 8 of byte e // 8; packed zeroed by the caller). keys[k] is the key of
-    the 2^32 block start >> 32 + k (rng.block_key): a row may cross into the next block."""
-    rows, cols = x.shape
+def dare_sums(x: np.ndarray, stride: int, base: int, others: np.ndarray, keys: np.ndarray, start: int,
+              thresholds: np.ndarray, total: np.ndarray, kept: np.ndarray, packed: np.ndarray, cols: int) -> None:
+    """DARE's statistics pass for the other inputs others[j] of a chunk, in one call: input i's rows
+    (`rows` = total.shape[1] rows of `cols`; float32, or bfloat16's bits) at x[i·stride:] (x one flat
+    run, as task_apply's), their first flat index `start`. Per element of input others[j]: keep ←
+    draw < thresholds[j], m ← |x − base| and m·keep (float32, as RandomDrop.observe computes them),
+    widened to float64 and summed per row in tree_rows' order into total[j, r] and kept[j, r]; with
+    packed (not empty) the keep bits too, in np.packbits' order into packed[j] (element e at bit
+    7 − e % 8 of byte e // 8; packed zeroed by the caller). keys[j, k] is input others[j]'s key of
+    the 2^32 block start >> 32 + k (rng.block_key): a row may cross into the next block. One input
+    after another, as the per-input calls it replaces ran: their bits, without ~30 µs of Python per
+    input and sub-chunk (9,620 of them in the 14-model DARE-TIES, all holding Python's lock)."""
+    rows = total.shape[1]
+    count = rows * cols
     w = _width(cols)
     sm = np.empty(w, dtype=np.float64)
     sk = np.empty(w, dtype=np.float64)
     bits = np.empty(cols, dtype=np.uint8)
-    tt = np.uint64(t)
-    pack = packed.size > 0
+    pack = packed.shape[1] > 0
     first = start >> 32
-    for r in range(rows):
-        e0 = r * cols
-        i0 = start + e0
-        cut, k0, k1 = _block_cut(keys, first, i0, cols)
-        _dare_run(x[r, :cut], b[r, :cut], k0, i0, tt, sm, sk, bits)
-        if cut < cols:
-            _dare_run(x[r, cut:], b[r, cut:], k1, i0 + cut, tt, sm[cut:], sk[cut:], bits[cut:])
-        total[r] = _halve(sm, cols, w)
-        kept[r] = _halve(sk, cols, w)
-        if pack:  # apart from the loop above, which a branch would keep from being vectorized
-            if e0 % 8 == 0 and cols % 8 == 0:
-                for q in range(cols // 8):
-                    packed[(e0 >> 3) + q] = ((bits[8 * q] << 7) | (bits[8 * q + 1] << 6) | (bits[8 * q + 2] << 5)
-                                             | (bits[8 * q + 3] << 4) | (bits[8 * q + 4] << 3) | (bits[8 * q + 5] << 2)
-                                             | (bits[8 * q + 6] << 1) | bits[8 * q + 7])
-            else:
-                for j in range(cols):
-                    e = e0 + j
-                    packed[e >> 3] |= np.uint8(bits[j] << (7 - (e & 7)))
+    b = x[base * stride:base * stride + count]
+    for j in range(others.size):
+        xj = x[others[j] * stride:others[j] * stride + count]
+        kj = keys[j]
+        tt = np.uint64(thresholds[j])
+        pk = packed[j]
+        for r in range(rows):
+            e0 = r * cols
+            i0 = start + e0
+            cut, k0, k1 = _block_cut(kj, first, i0, cols)
+            _dare_run(xj[e0:e0 + cut], b[e0:e0 + cut], k0, i0, tt, sm, sk, bits)
+            if cut < cols:
+                _dare_run(xj[e0 + cut:e0 + cols], b[e0 + cut:e0 + cols], k1, i0 + cut, tt, sm[cut:], sk[cut:],
+                          bits[cut:])
+            total[j, r] = _halve(sm, cols, w)
+            kept[j, r] = _halve(sk, cols, w)
+            if pack:  # apart from the loop above, which a branch would keep from being vectorized
+                if e0 % 8 == 0 and cols % 8 == 0:
+                    for q in range(cols // 8):
+                        pk[(e0 >> 3) + q] = ((bits[8 * q] << 7) | (bits[8 * q + 1] << 6) | (bits[8 * q + 2] << 5)
+                                             | (bits[8 * q + 3] << 4) | (bits[8 * q + 4] << 3)
+                                             | (bits[8 * q + 5] << 2) | (bits[8 * q + 6] << 1) | bits[8 * q + 7])
+                else:
+                    for c in range(cols):
+                        e = e0 + c
+                        pk[e >> 3] |= np.uint8(bits[c] << (7 - (e & 7)))
 
 
 _TILE = 512  # elements per tile: every input's run of a tile stays in L1 beside the sums
@@ -254,8 +265,9 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
     tile at a time into L1, not into a bool array of the whole sub-chunk first, or (3) drawn here a
     tile at a time: bernoulli's draw < thresholds[slot[j]] of the flat indices from `start`, keyed
     by draw_keys[slot[j], b − (start >> 32)] in 2^32 block b, the very mask rng.bernoulli_mask
-    gives, never stored; with pick (step > 0) its set bits in the picked rows are added to
-    tallied[2, j] (the report's kept count, which the other kinds count from their arrays).
+    gives, never stored. With pick (step > 0) the set bits of a mask of kind 2 or 3 in the picked
+    rows are added to tallied[2, j] (the report's kept count; a bool row's is counted from its array),
+    while its tile is unpacked or drawn: no pass of Python over the bits of each input.
 
     Tile by tile, one input at a time within a tile: the inputs' rows lie a multiple of 4 KiB apart,
     so an element's 15 values fall in one L1 set, and a loop over inputs per element thrashed it.
@@ -289,6 +301,8 @@ def task_apply(x: np.ndarray, stride: int, base: int, others: np.ndarray, keep: 
                     for r in range(8):
                         bits[q * 8 + r] = (v >> (7 - r)) & 1 != 0
                 kt = bits[:m]
+                if pick[2] > 0:
+                    tallied[2, j] += _count_picked(bits, e0, m, cols, pick)
             elif masked[j] == 1:
                 kt = keep[slot[j], e0:e0 + m]
             elif masked[j] == 3:

@@ -135,17 +135,6 @@ class Tally:
         else:  # a strided view: index_select's copy of the rows was a tenth of a DARE-TIES merge
             self.add(counts, i, _count(x[pick]))
 
-    def count_packed(self, counts: list[int | None], i: int, bits: np.ndarray, rows: int, cols: int) -> None:
-        """count for the keep-mask of a (rows, cols) chunk given as np.packbits' bits."""
-        pick = self.pick
-        if pick is None:
-            return
-        if cols % 8 == 0:  # each row its own bytes: the picked rows' set bits
-            n = int(_SET_BITS[bits[:rows * cols // 8].reshape(rows, cols // 8)[pick]].sum())
-        else:
-            n = int(np.count_nonzero(np.unpackbits(bits, count=rows * cols).reshape(rows, cols)[pick]))
-        self.add(counts, i, n)
-
     def count_each(self, counts: list[int | None], inputs: list[int], x: torch.Tensor, positive: bool = False) -> None:
         """count for several inputs at once: x (len(inputs), picked rows, cols), its nonzero (or
         positive) elements counted per input in one call, where one call per input cost more."""
@@ -164,9 +153,6 @@ class Tally:
             self.used = True
             for i, n in zip(inputs, per):
                 counts[i] = (counts[i] or 0) + int(n)
-
-
-_SET_BITS = np.array([bin(v).count("1") for v in range(256)], dtype=np.int64)  # set bits of each byte
 
 
 def _count(x: torch.Tensor) -> int:
@@ -317,6 +303,10 @@ class RowSums:
             self._rows.append(np.array(row_sums.numpy(), copy=True))
         else:
             self._parts.extend(row_sums.tolist())
+
+    def add_rows(self, row_sums: np.ndarray) -> None:
+        """add for a float64 array (rows,) that is the caller's to give away: kept as it is, no copy."""
+        self._rows.append(row_sums)
 
     def total(self) -> float:
         """fsum of every row sum added; where the compiled loops are loaded, of a few exact partials

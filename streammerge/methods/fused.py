@@ -13,6 +13,7 @@ numba (or with STREAMMERGE_JIT=0) merges the same bytes, only slower.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import os
@@ -340,7 +341,7 @@ def _warm(group: str) -> None:
                 for d in (None, 2.0):
                     linear_sum(xs, np.ones(3, dtype=np.float32), d, dt)
         if group == "family":
-            dare_sums(xs[1], xs[0], 1, 0, 1 << 31, True)
+            dare_sums(xs, 0, [1, 2], (1, 2), 0, np.full(2, 1 << 31, dtype=np.int64), True)
             task_apply(xs, 0, [1, 2], [torch.ones(1, 8, dtype=torch.bool), None], [1.0, 1.0], [1.0, 1.0], False,
                        True, True, 1.0, 1.0)
             radix_count(xs[1], xs[0], -1)
@@ -385,27 +386,47 @@ def bernoulli(key: int, start: int, count: int, threshold: int) -> np.ndarray | 
 
 
 def _block_keys(key: int, start: int, count: int) -> np.ndarray:
-    """rng.block_key of every 2^32 block that elements start .. start + count − 1 touch, in order:
-    keys[k] is block (start >> 32) + k's (one placeholder where count is 0), as the loops index them."""
-    blocks = range(start >> 32, ((start + count - 1) >> 32) + 1) if count else range(0)
-    return np.array([block_key(key, blk) for blk in blocks] or [0], dtype=np.int64)
+    """keys_of for one key: (blocks,) int64."""
+    return keys_of((key,), start, count)[0]
 
 
-def dare_sums(x: torch.Tensor, base: torch.Tensor, key: int, start: int, threshold: int,
-              pack: bool) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
-    """DARE's L1 statistics of rows (rows, cols) of float32 whose first flat index is start: the
-    row_sums of |x − base| and of |x − base|·keep (keep: the bernoulli mask) as float64 (rows,),
-    and with `pack` the mask's bits as np.packbits packs them; in one compiled loop, without the
-    float64 arrays of every element."""
+def keys_of(keys: tuple[int, ...], start: int, count: int) -> np.ndarray:
+    """rng.block_key of every 2^32 block that elements start .. start + count − 1 touch, for each
+    stream key in `keys`: keys_of(...)[j, k] is keys[j]'s key of block (start >> 32) + k (one
+    placeholder where count is 0), as the loops index them; (len(keys), blocks) int64. Kept for
+    the next sub-chunk: a tensor's sub-chunks (below 2^32 elements: every tensor of a 7B model)
+    all touch block 0 alone. The caller must not write to it."""
+    first = start >> 32
+    last = ((start + count - 1) >> 32) if count else first - 1
+    return _keys_of(keys, first, last)
+
+
+@functools.lru_cache(maxsize=256)
+def _keys_of(keys: tuple[int, ...], first: int, last: int) -> np.ndarray:
+    blocks = range(first, last + 1)
+    return np.array([[block_key(key, blk) for blk in blocks] or [0] for key in keys], dtype=np.int64).reshape(
+        len(keys), max(1, len(blocks)))
+
+
+def dare_sums(x: torch.Tensor, base: int, others: list[int], keys: tuple[int, ...], start: int,
+              thresholds: np.ndarray, pack: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """DARE's L1 statistics of inputs `others` of chunk x (usable(x)) whose first flat index is
+    start, input others[j]'s mask drawn with stream key keys[j] and kept where the draw <
+    thresholds[j] (int64): the row_sums of |x_i − x_base| and of |x_i − x_base|·keep as float64
+    (len(others), rows), and with `pack` each mask's bits as np.packbits packs them ((len(others),
+    bytes) uint8); in one compiled call for every input, without the float64 arrays of every element."""
     jit = kernels()
     assert jit is not None
-    rows, cols = x.shape
+    n, rows, cols = x.shape
     count = rows * cols
-    keys = _block_keys(key, start, count)
-    total, kept = np.empty(rows, dtype=np.float64), np.empty(rows, dtype=np.float64)
-    packed = np.zeros((count + 7) // 8 if pack else 0, dtype=np.uint8)
-    jit.dare_sums(_np(x.contiguous()), _np(base.contiguous()), keys, start, threshold, total, kept, packed)
-    return torch.from_numpy(total), torch.from_numpy(kept), packed if pack else None
+    stride = x.stride(0)
+    xf = _np(torch.as_strided(x, ((n - 1) * stride + count,), (1,)))  # as task_apply's
+    k = len(others)
+    total, kept = np.empty((k, rows), dtype=np.float64), np.empty((k, rows), dtype=np.float64)
+    packed = np.zeros((k, (count + 7) // 8 if pack else 0), dtype=np.uint8)
+    jit.dare_sums(xf, stride, base, np.array(others, dtype=np.int64), keys_of(keys, start, count), start,
+                  thresholds, total, kept, packed, cols)
+    return total, kept, packed if pack else None
 
 
 def della_keep(d: torch.Tensor, key: int, start: int, cols: int, prob: np.ndarray, base: torch.Tensor | None = None,
@@ -461,7 +482,7 @@ def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.
     keep = np.empty((sum(isinstance(k, torch.Tensor) for k in keeps), count), dtype=np.bool_)
     packed = np.empty((sum(isinstance(k, np.ndarray) for k in keeps), (count + 7) // 8), dtype=np.uint8)
     draws = [k for k in keeps if isinstance(k, Draw)]
-    draw_keys = np.stack([_block_keys(d.key, start, count) for d in draws]) if draws else np.zeros((0, 1), np.int64)
+    draw_keys = keys_of(tuple(d.key for d in draws), start, count) if draws else np.zeros((0, 1), np.int64)
     thresholds = np.array([d.threshold for d in draws], dtype=np.int64)
     nb = nbits = ndraw = 0
     for j, k in enumerate(keeps):

@@ -22,7 +22,7 @@ import torch
 
 from . import fused
 from .base import InOrder, RowSums, row_sums
-from .rng import bernoulli_mask, draws32, keep_threshold
+from .rng import bernoulli_mask, draws32
 
 _BINS = 1 << 16
 _BATCH = 1 << 16  # chunks with fewer values than this are counted together
@@ -415,16 +415,15 @@ class RandomDrop(Sparsifier):
         """One statistics pass (the L1 sums) when rescaling a mask that drops anything."""
         return 1 if rescale and density < 1 else 0
 
-    def observe_inputs(self, pass_idx: int, x: torch.Tensor, base: torch.Tensor, flat0: int) -> None:
-        """With numba, δ, its draws and the row sums of |δ| and the kept |δ| in one compiled loop
-        (fused.dare_sums); the same sums and mask as observe's."""
-        if type(self) is not RandomDrop or not fused.usable(x.unsqueeze(0)):
-            return super().observe_inputs(pass_idx, x, base, flat0)
-        total, kept, packed = fused.dare_sums(x, base, self.key, flat0, keep_threshold(self.density), self.remember)
+    def add_sums(self, total: np.ndarray, kept: np.ndarray, packed: np.ndarray | None, flat0: int) -> None:
+        """What the compiled statistics pass (fused.dare_sums, all of a chunk's inputs in one call: the
+        caller's TaskArithmetic.observe) made of this input's rows from flat index flat0: the row sums
+        of |δ| and of the kept |δ| (float64, (rows,), now this sparsifier's) and, where it remembers
+        them, its mask's bits; observe's sums and mask."""
         if packed is not None:
             self._packed[flat0] = packed
-        self._total.add(total)
-        self._kept.add(kept)
+        self._total.add_rows(total)
+        self._kept.add_rows(kept)
 
     def observe(self, pass_idx: int, delta: torch.Tensor, flat0: int) -> None:
         """`delta` is the caller's to lose: |δ| is made in its place."""

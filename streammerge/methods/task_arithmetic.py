@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -96,6 +97,20 @@ def della_check(ctx: TaskContext) -> list[str]:
     return problems
 
 
+class _Drawn(NamedTuple):
+    """TaskArithmetic._drawn's inputs: their positions j among the other inputs, their sparsifiers,
+    their indices in a chunk, their stream keys and their keep thresholds."""
+
+    js: tuple[int, ...]
+    sparsifiers: tuple[RandomDrop, ...]
+    inputs: list[int]
+    keys: tuple[int, ...]
+    thresholds: np.ndarray
+
+
+_NONE_DRAWN = _Drawn((), (), [], (), np.zeros(0, dtype=np.int64))
+
+
 class TaskArithmetic(MergeOp):
     def __init__(self, ctx: TaskContext, sparsify: str, consensus: bool) -> None:
         self.base = ctx.base
@@ -119,6 +134,7 @@ class TaskArithmetic(MergeOp):
                 self.sparsifiers.append(RankedDrop(density, eps, key, rescale, _row_len(ctx), _whole_rows(ctx)))
             else:
                 self.sparsifiers.append(Sparsifier())
+        self._drawn_of: dict[int, _Drawn] = {}
 
     def hold_state(self) -> None:
         for sp in self.sparsifiers:
@@ -131,9 +147,30 @@ class TaskArithmetic(MergeOp):
 
     def observe(self, pass_idx: int, x: torch.Tensor, row0: int) -> None:
         flat0 = row0 * x.shape[2]
+        drawn = self._drawn(pass_idx) if fused.usable(x) else _NONE_DRAWN
+        if drawn.js:  # DARE's inputs: one compiled call for them all
+            assert self.base is not None  # the family requires a base
+            pack = any(dare.remember for dare in drawn.sparsifiers)
+            total, kept, packed = fused.dare_sums(x, self.base, drawn.inputs, drawn.keys, flat0, drawn.thresholds,
+                                                  pack)
+            for r, dare in enumerate(drawn.sparsifiers):
+                dare.add_sums(total[r], kept[r], packed[r] if packed is not None and dare.remember else None, flat0)
         for j, sp in enumerate(self.sparsifiers):
-            if pass_idx < sp.stat_passes:
+            if pass_idx < sp.stat_passes and j not in drawn.js:
                 sp.observe_inputs(pass_idx, x[self.others[j]], x[self.base], flat0)
+
+    def _drawn(self, pass_idx: int) -> _Drawn:
+        """The other inputs whose statistics pass `pass_idx` fused.dare_sums makes in one call where
+        the loops run: DARE's that rescale (RandomDrop's; not DELLA's ranked draws)."""
+        got = self._drawn_of.get(pass_idx)
+        if got is None:
+            pairs = [(j, sp) for j, sp in enumerate(self.sparsifiers)
+                     if isinstance(sp, RandomDrop) and type(sp) is RandomDrop and pass_idx < sp.stat_passes]
+            got = self._drawn_of[pass_idx] = _Drawn(
+                tuple(j for j, _ in pairs), tuple(sp for _, sp in pairs), [self.others[j] for j, _ in pairs],
+                tuple(sp.key for _, sp in pairs),
+                np.array([keep_threshold(sp.density) for _, sp in pairs], dtype=np.int64))
+        return got
 
     def needs_pass(self, pass_idx: int) -> bool:
         return any(pass_idx < sp.stat_passes and sp.needs_pass(pass_idx) for sp in self.sparsifiers)
@@ -190,13 +227,17 @@ class TaskArithmetic(MergeOp):
         out = fused.task_apply(x, self.base, self.others, [k for k, _ in masks], [s for _, s in masks],
                                self.weights, deltas_done, self.consensus, self.normalize, divisor, self.lam,
                                pick, tallied, start=flat0)
-        if tally is not None and tallied is not None:  # counts made in the loop
+        if tally is not None and tallied is not None and pick is not None:  # counts made in the loop
             if self.consensus:  # _count_agreement's
                 tally.add_each(tally.nonzero, self.others, tallied[0].tolist())
                 tally.add_each(tally.agree, self.others, tallied[1].tolist())
-            drawn = [(i, int(n)) for (k, _), i, n in zip(masks, self.others, tallied[2]) if isinstance(k, fused.Draw)]
-            if drawn:  # the kept elements of the masks the loop drew
-                tally.add_each(tally.kept, [i for i, _ in drawn], [n for _, n in drawn])
+            looped = [(i, int(n)) for (k, _), i, n in zip(masks, self.others, tallied[2])
+                      if isinstance(k, (fused.Draw, np.ndarray))]
+            if looped:  # the masks the loop drew or unpacked: the elements seen, and those kept
+                inputs = [i for i, _ in looped]
+                seen = len(range(*pick.indices(x.shape[1]))) * x.shape[2]
+                tally.add_each(tally.seen, inputs, [seen] * len(inputs))
+                tally.add_each(tally.kept, inputs, [n for _, n in looped])
         return out
 
     def _mask(self, j: int, d: torch.Tensor, flat0: int,
@@ -214,34 +255,25 @@ class TaskArithmetic(MergeOp):
         """_mask for fused.task_apply: a mask the statistics pass kept bit-packed comes as those bits,
         which the compiled loop unpacks a tile at a time, instead of np.unpackbits of the whole mask
         and its copy into the loop's array (14-model DARE-TIES at 512 MiB: 50.5 s against 54.5);
-        DARE's mask where none was kept as a Draw, drawn in the loop (the report's kept count made
-        there too), instead of a bool array per input copied into one more; a ranked mask is made
-        from the input rows d and base where base is given (δ not made)."""
+        DARE's mask where none was kept as a Draw, drawn in the loop, instead of a bool array per
+        input copied into one more; for both the loop makes the report's kept count too. A ranked
+        mask is made from the input rows d and base where base is given (δ not made)."""
         sp = self.sparsifiers[j]
         bits = sp.packed_mask(flat0) if isinstance(sp, RandomDrop) else None
-        if bits is None and type(sp) is RandomDrop and not sp.keep_all:
-            draw = fused.Draw(sp.key, keep_threshold(sp.density))
-            self._tally_kept(j, d, draw)
-            return draw, self._scale(j)
-        if bits is None:
-            return self._mask(j, d, flat0, base)
-        self._tally_kept(j, d, bits)
-        return bits, self._scale(j)
+        if bits is not None:
+            return bits, self._scale(j)
+        if type(sp) is RandomDrop and not sp.keep_all:
+            return fused.Draw(sp.key, keep_threshold(sp.density)), self._scale(j)
+        return self._mask(j, d, flat0, base)
 
-    def _tally_kept(self, j: int, d: torch.Tensor, keep: torch.Tensor | np.ndarray | fused.Draw | None) -> None:
+    def _tally_kept(self, j: int, d: torch.Tensor, keep: torch.Tensor | None) -> None:
         """The tally counts the elements of the j-th other input's rows d and those its sparsifier's
-        mask `keep` (a bool tensor, or np.packbits' bits) kept; a Draw's kept ones fused.task_apply
-        counts as it draws them."""
+        mask `keep` kept (a bool tensor; None: all)."""
         tally, sp = self.tally, self.sparsifiers[j]
         if tally is None or type(sp) is Sparsifier:  # not a sparsifier: nothing to say of δ kept
             return
         tally.count(tally.seen, self.others[j], None, d)
-        if isinstance(keep, fused.Draw):
-            return
-        if isinstance(keep, np.ndarray):
-            tally.count_packed(tally.kept, self.others[j], keep, *d.shape)
-        else:
-            tally.count(tally.kept, self.others[j], keep, d)
+        tally.count(tally.kept, self.others[j], keep, d)
 
     def _scale(self, j: int) -> float:
         """The scale of what the j-th other input's mask keeps: factor·weight."""
