@@ -202,20 +202,25 @@ _TILE = 512  # elements per tile: every input's run of a tile stays in L1 beside
 def _tally_tile(deltas: np.ndarray, sign: np.ndarray, e0: int, m: int, cols: int, pick: np.ndarray,
                 tallied: np.ndarray) -> None:
     """task_apply's tallies over the picked rows' elements in the tile of m elements from e0, whose
-    other inputs' weighted, sparsified δ are deltas[j, :m]."""
+    other inputs' weighted, sparsified δ are deltas[j, :m]. Each picked row's run is taken as slices
+    and counted in int32 (a tile's at most): indexed from k0 with int64 sums the loops did not
+    vectorize, and task_apply on a 410 x 1024 bfloat16 sub-chunk of 15 inputs (kept masks) took
+    6.9-7.2 ms with every row picked against 2.7-2.9 now, 1.98-2.25 with one row in 32 against
+    1.84-2.03 (one process, the two forms alternated, 3 runs)."""
     for r in range(e0 // cols, (e0 + m - 1) // cols + 1):
         if r < pick[0] or r >= pick[1] or (r - pick[0]) % pick[2] != 0:
             continue
         k0 = max(e0, r * cols) - e0
         k1 = min(e0 + m, (r + 1) * cols) - e0
+        st = sign[k0:k1]  # slices, and int32 counts (at most a tile's): loops that vectorize
         for j in range(deltas.shape[0]):
-            xt = deltas[j]
-            nonzero = 0
-            agree = 0
-            for k in range(k0, k1):
+            xt = deltas[j, k0:k1]
+            nonzero = np.int32(0)
+            agree = np.int32(0)
+            for k in range(xt.size):
                 d = xt[k]
-                nonzero += d != _ZERO
-                agree += d * sign[k] > _ZERO
+                nonzero += np.int32(1) if d != _ZERO else np.int32(0)
+                agree += np.int32(1) if d * st[k] > _ZERO else np.int32(0)
             tallied[0, j] += nonzero
             tallied[1, j] += agree
 
@@ -250,8 +255,11 @@ def _count_picked(bits: np.ndarray, e0: int, m: int, cols: int, pick: np.ndarray
     for r in range(e0 // cols, (e0 + m - 1) // cols + 1):
         if r < pick[0] or r >= pick[1] or (r - pick[0]) % pick[2] != 0:
             continue
-        for k in range(max(e0, r * cols) - e0, min(e0 + m, (r + 1) * cols) - e0):
-            n += bits[k]
+        bt = bits[max(e0, r * cols) - e0:min(e0 + m, (r + 1) * cols) - e0]  # as _tally_tile's
+        c = np.int32(0)
+        for k in range(bt.size):
+            c += np.int32(1) if bt[k] else np.int32(0)
+        n += c
     return n
 
 
