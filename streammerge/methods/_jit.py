@@ -259,7 +259,7 @@ def _count_picked(bits: np.ndarray, e0: int, m: int, cols: int, pick: np.ndarray
         c = np.int32(0)
         for k in range(bt.size):
             c += np.int32(1) if bt[k] else np.int32(0)
-        n += c
+        n += int(c)
     return n
 
 
