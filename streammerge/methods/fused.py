@@ -372,6 +372,14 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
+def _run(x: torch.Tensor) -> tuple[np.ndarray, int]:
+    """Chunk x (usable: each input's rows one contiguous run) as one flat numpy view from its first
+    input's first element to its last input's last, and the stride between inputs in it: input i's
+    rows at [i·stride, i·stride + rows·cols), as the loops that take every input at once index it."""
+    n, stride = x.shape[0], x.stride(0)
+    return _np(torch.as_strided(x, ((n - 1) * stride + x[0].numel(),), (1,))), stride
+
+
 def bernoulli(key: int, start: int, count: int, threshold: int) -> np.ndarray | None:
     """rng.bernoulli_mask's CPU keep-mask (draws < threshold) as a bool array, or None without numba."""
     jit = kernels()
@@ -417,10 +425,9 @@ def dare_sums(x: torch.Tensor, base: int, others: list[int], keys: tuple[int, ..
     bytes) uint8); in one compiled call for every input, without the float64 arrays of every element."""
     jit = kernels()
     assert jit is not None
-    n, rows, cols = x.shape
+    _, rows, cols = x.shape
     count = rows * cols
-    stride = x.stride(0)
-    xf = _np(torch.as_strided(x, ((n - 1) * stride + count,), (1,)))  # as task_apply's
+    xf, stride = _run(x)
     k = len(others)
     total, kept = np.empty((k, rows), dtype=np.float64), np.empty((k, rows), dtype=np.float64)
     packed = np.zeros((k, (count + 7) // 8 if pack else 0), dtype=np.uint8)
@@ -471,12 +478,9 @@ def task_apply(x: torch.Tensor, base: int, others: list[int], keeps: list[torch.
     agreeing with the sign (row 1); each Draw's kept elements (row 2)."""
     jit = kernels()
     assert jit is not None
-    n, rows, cols = x.shape
+    _, rows, cols = x.shape
     count = rows * cols
-    stride = x.stride(0)
-    # one flat run from the first input's first element to the last's last (usable: each input's
-    # rows are contiguous), a view
-    xf = _np(torch.as_strided(x, ((n - 1) * stride + count,), (1,)))
+    xf, stride = _run(x)
     masked = np.zeros(len(keeps), dtype=np.int8)  # 0 none, 1 a bool row of keep, 2 a row of packed, 3 a draw
     slot = np.zeros(len(keeps), dtype=np.int64)
     keep = np.empty((sum(isinstance(k, torch.Tensor) for k in keeps), count), dtype=np.bool_)
@@ -649,11 +653,10 @@ def linear_sum(x: torch.Tensor, weights: np.ndarray, divisor: float | None,
     jit = kernels()
     if jit is None or not usable(x) or dtype not in LOADED:
         return None
-    n, m, step = x.shape[0], x[0].numel(), x.stride(0)
-    assert weights.size == n  # (the loop takes one input per weight)
-    span = x.as_strided(((n - 1) * step + m,), (1,))  # each input's rows one run (usable), at `step` apart
+    assert weights.size == x.shape[0]  # (the loop takes one input per weight)
+    span, step = _run(x)
     out = torch.empty(x.shape[1:], dtype=dtype)
-    jit.linear_sum(_np(span), step, weights, np.float32(1.0 if divisor is None else divisor),
+    jit.linear_sum(span, step, weights, np.float32(1.0 if divisor is None else divisor),
                    divisor is not None, _flat(out))
     return out
 

@@ -165,7 +165,7 @@ class TaskArithmetic(MergeOp):
         got = self._drawn_of.get(pass_idx)
         if got is None:
             pairs = [(j, sp) for j, sp in enumerate(self.sparsifiers)
-                     if isinstance(sp, RandomDrop) and type(sp) is RandomDrop and pass_idx < sp.stat_passes]
+                     if type(sp) is RandomDrop and pass_idx < sp.stat_passes]
             got = self._drawn_of[pass_idx] = _Drawn(
                 tuple(j for j, _ in pairs), tuple(sp for _, sp in pairs), [self.others[j] for j, _ in pairs],
                 tuple(sp.key for _, sp in pairs),
