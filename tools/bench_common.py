@@ -17,7 +17,8 @@ sys.path.insert(0, HERE)
 import make_models  # noqa: E402
 
 _MEASURE = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc, file=sys.stderr)")
+            "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+            "print(u.ru_maxrss, rc, u.ru_utime, u.ru_stime, file=sys.stderr)")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class Measured:
     wall_s: float
     peak_rss_mib: int  # of the command's process tree's largest process
     stderr: str
+    # CPU seconds of the command's whole process tree (every process it waited for), start-up
+    # included: user and system time together, and the system (kernel) part of it
+    cpu_s: float = float("nan")
+    sys_s: float = float("nan")
 
 
 SETS = {  # name: (make_models preset, size of one model)
@@ -62,8 +67,8 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> Measured:
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, env=env)
     wall = time.monotonic() - t0
-    rss_kb, rc = p.stderr.strip().splitlines()[-1].split()
-    return Measured(int(rc), wall, int(rss_kb) // 1024, p.stderr)
+    rss_kb, rc, user, system = p.stderr.strip().splitlines()[-1].split()
+    return Measured(int(rc), wall, int(rss_kb) // 1024, p.stderr, float(user) + float(system), float(system))
 
 
 def shard_files(folder: str) -> list[str]:

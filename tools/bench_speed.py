@@ -6,9 +6,11 @@ For each of linear (3 models), the seed's gradient slerp, ties and della (3 mode
 dare_ties (and with --only soup, a linear average of all 15 models: a model soup, whose many inputs
 take linear's compiled loop) it prints the compute threads the run takes here (as `streammerge
 plan` says; +rN: reading ahead on N threads), wall time, the merge's own time (less Python's
-start-up and torch's import) and peak RSS, and the I/O floor measured in the same run: reading
-every input byte once from a warm page cache (--cold: from the disk) plus writing and syncing the
-output's size, the fastest of five tries; both times also as multiples of the floor.
+start-up and torch's import), the CPU seconds of the whole run (user and system, start-up
+included; over the wall time, the cores it kept busy) and the system (kernel) part of them, and
+peak RSS, and the I/O floor measured in the same run: reading every input byte once from a warm
+page cache (--cold: from the disk) plus writing and syncing the output's size, the fastest of
+five tries; both times also as multiples of the floor; and mergekit's wall and CPU seconds.
 
   python tools/bench_speed.py --dir /work/bench/medium [--set medium|7b] [--max-memory 1GiB] [--cap 512M]
                                [--mergekit /venv/bin/mergekit-yaml] [--variants cpu,j1,no-overlap,cuda] [--busy N]
@@ -27,7 +29,8 @@ compute thread), j2, j4, j8, j16 (-j N), no-overlap (--no-overlap: one thread do
 order), overlap (--overlap: the helper threads whatever the cores), cuda (--device cuda),
 cuda-no-overlap, nojit (STREAMMERGE_JIT=0: the torch forms instead of the compiled loops), jit
 (STREAMMERGE_JIT=1: the loops whatever the merge's size). The unbounded variant runs without
---max-memory (half the available memory).
+--max-memory (half the available memory). A variant named again runs again, alternating with the
+others in the order given (cpu,j1,cpu,j1), and has a row of its own (cpu#2).
 """
 
 from __future__ import annotations
@@ -199,7 +202,8 @@ def main() -> None:
         floor = None
         floors: list[float] = []
         runs = {}
-        for v in variants:
+        for k, v in enumerate(variants):
+            label = v if v not in variants[:k] else f"{v}#{variants[:k + 1].count(v)}"
             shutil.rmtree(out, ignore_errors=True)
             start(files)  # warm: the run before may have evicted inputs (7B: mergekit's 21 GiB)
             with busy(a.busy):
@@ -209,12 +213,12 @@ def main() -> None:
                     cmd = ["bash", MEMCAP, a.cap, "--", *cmd]
                 sm = measure(cmd, {**RUN_ENV, **ENV.get(v, {})})
             if sm.rc != 0:
-                print(f"streammerge ({v}) failed on {name}:\n{sm.stderr[-3000:]}", flush=True)
+                print(f"streammerge ({label}) failed on {name}:\n{sm.stderr[-3000:]}", flush=True)
                 continue
             for line in sm.stderr.splitlines():
                 if line.startswith("MEMCAP"):
-                    print(f"{name} ({v}): {line.split(' cmd=')[0]}", flush=True)
-            runs[v] = (sm, tensor_hashes(out), threads_of(cfg, v))
+                    print(f"{name} ({label}): {line.split(' cmd=')[0]}", flush=True)
+            runs[label] = (sm, tensor_hashes(out), threads_of(cfg, v))
             if floor is None:
                 out_bytes = sum(os.path.getsize(p) for p in shard_files(out))
                 floors = io_floors(files, start, os.path.join(root, "floor.tmp"), out_bytes)
@@ -238,11 +242,12 @@ def main() -> None:
     cache = "inputs dropped from the page cache before every run" if a.cold else "warm page cache"
     print(f"\n{a.set} set, {os.cpu_count()} cores{load}, {cache}, bytecode cached, "
           f"streammerge --max-memory {a.max_memory}{cap}")
-    head = (f"{'merge':<22} {'variant':<16} {'threads':>7} {'wall s':>7} {'merge s':>7} {'peak RSS MiB':>12} "
+    head = (f"{'merge':<22} {'variant':<16} {'threads':>7} {'wall s':>7} {'merge s':>7} {'CPU s':>6} {'sys s':>6} "
+            f"{'peak RSS MiB':>12} "
             f"{'I/O floor s':>11} "
             f"{'x floor':>8} {'merge x floor':>13}")
     if a.mergekit:
-        head += f" {'mergekit s':>10} {'mk RSS MiB':>10} {'sm/mk':>6}"
+        head += f" {'mergekit s':>10} {'mk CPU s':>8} {'mk RSS MiB':>10} {'sm/mk':>6}"
     print(head + "  same bytes as first variant")
     for r in rows:
         if not r["runs"]:
@@ -250,12 +255,13 @@ def main() -> None:
         first = next(iter(r["runs"].values()))[1]
         for v, (sm, hashes, threads) in r["runs"].items():
             merge_s = merge_seconds(sm.stderr)
-            line = (f"{r['name']:<22} {v:<16} {threads:>7} {sm.wall_s:>7.2f} {merge_s:>7.2f} {sm.peak_rss_mib:>12} "
+            line = (f"{r['name']:<22} {v:<16} {threads:>7} {sm.wall_s:>7.2f} {merge_s:>7.2f} {sm.cpu_s:>6.2f} "
+                    f"{sm.sys_s:>6.2f} {sm.peak_rss_mib:>12} "
                     f"{r['floor']:>11.2f} {sm.wall_s / r['floor']:>8.2f} {merge_s / r['floor']:>13.2f}")
             if "mk" in r:
                 mk = r["mk"]
                 ok = "" if mk.rc == 0 else " (failed)"
-                line += f" {mk.wall_s:>10.1f} {mk.peak_rss_mib:>10} {sm.wall_s / mk.wall_s:>6.2f}{ok}"
+                line += f" {mk.wall_s:>10.1f} {mk.cpu_s:>8.1f} {mk.peak_rss_mib:>10} {sm.wall_s / mk.wall_s:>6.2f}{ok}"
             print(line + f"  {'yes' if hashes == first else 'NO'}")
 
 
