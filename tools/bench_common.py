@@ -29,8 +29,8 @@ class Measured:
     stderr: str
     # CPU seconds of the command's whole process tree (every process it waited for), start-up
     # included: user and system time together, and the system (kernel) part of it
-    cpu_s: float = float("nan")
-    sys_s: float = float("nan")
+    cpu_s: float
+    sys_s: float
 
 
 SETS = {  # name: (make_models preset, size of one model)
